@@ -1,0 +1,68 @@
+"""Builds spark_kernels._C: the CPU kernels always, the CUDA kernels when nvcc and a CUDA build of
+torch are present. Build against the installed torch, without build isolation:
+
+    pip install -e . --no-build-isolation
+
+Environment: SPARK_KERNELS_NO_CUDA=1 skips the CUDA kernels; SPARK_KERNELS_PORTABLE=1 drops
+-march=native (for binaries that move to other CPUs); TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def extension_modules():
+    import torch
+    from torch.utils import cpp_extension
+
+    cpu_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    want_cuda = os.environ.get("SPARK_KERNELS_NO_CUDA", "0") != "1"
+    with_cuda = bool(want_cuda and cuda_sources and torch.version.cuda and cpp_extension.CUDA_HOME)
+    if want_cuda and not with_cuda:
+        print("spark_kernels: building without CUDA kernels (nvcc or a CUDA build of torch not found)",
+              file=sys.stderr)
+
+    cxx = ["-O3", "-fopenmp", "-std=c++20"]
+    if os.environ.get("SPARK_KERNELS_PORTABLE", "0") != "1":
+        cxx.append("-march=native")
+    include_dirs = [os.path.join(HERE, "csrc")]
+    if not with_cuda:
+        return [cpp_extension.CppExtension("spark_kernels._C", cpu_sources, include_dirs=include_dirs,
+                                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # torch's CUDA wheels ship the CUDA headers ATen needs (cusparse.h, ...) under nvidia/cu13/include.
+    import nvidia  # noqa: F401 - present with every CUDA build of torch from PyPI
+    for root in nvidia.__path__:
+        include_dirs += sorted(glob.glob(os.path.join(root, "cu*", "include")))
+    nvcc = ["-O3", "-std=c++20", "-DSPARK_KERNELS_WITH_CUDA", "--expt-relaxed-constexpr"]
+    return [cpp_extension.CUDAExtension("spark_kernels._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
+                                        extra_compile_args={"cxx": cxx + ["-DSPARK_KERNELS_WITH_CUDA"],
+                                                            "nvcc": nvcc},
+                                        extra_link_args=["-fopenmp"])]
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        name="spark-kernels",
+        version="0.1.0",
+        description="Fused sparse kernels and a model layer for SparK masked pretraining of convnets",
+        packages=find_packages(include=["spark_kernels", "spark_kernels.*", "spark", "spark.*"]),
+        package_data={"spark": ["data/*"]},
+        python_requires=">=3.10",
+        ext_modules=extension_modules(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        entry_points={"console_scripts": ["spark-pretrain=spark.pretrain:main"]},
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

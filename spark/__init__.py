@@ -1,0 +1,1 @@
+"""spark: the SparK model layer (sparse encoder, decoder, loss) and the spark-pretrain command."""

@@ -1,0 +1,27 @@
+"""spark_kernels: fused kernels that make SparK masked pretraining of convnets actually sparse.
+
+Public API (see DESIGN.md section 3): ActiveSites, sparse_depthwise_conv2d, masked_batch_norm,
+masked_layer_norm, available_backends, active, and the modules in spark_kernels.nn.
+"""
+import torch
+
+from . import _native
+from ._backends import (BACKEND_NAMES, Backend, available_backends, register_backend, select_backend,
+                        unavailable_reasons)
+from ._sites import ActiveSites, sites_cache
+from .batch_norm import masked_batch_norm
+from .depthwise_conv import sparse_depthwise_conv2d
+from .layer_norm import masked_layer_norm
+from . import nn
+from .nn import active, current_sites
+from .triton import load as _load_triton
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+register_backend(Backend("reference", ("cpu", "cuda", "meta"), _FLOATS, lambda: (None, None)))
+register_backend(Backend("cpu", ("cpu",), (torch.float32, torch.float64), _native.load_cpu))
+register_backend(Backend("cuda", ("cuda",), (torch.float32, torch.float16, torch.bfloat16), _native.load_cuda))
+register_backend(Backend("triton", ("cuda", "cpu"), (torch.float32, torch.float16, torch.bfloat16), _load_triton))
+
+__all__ = ["ActiveSites", "sparse_depthwise_conv2d", "masked_batch_norm", "masked_layer_norm",
+           "available_backends", "unavailable_reasons", "active", "current_sites", "nn", "BACKEND_NAMES"]
+__version__ = "0.1.0"

@@ -1,0 +1,120 @@
+"""Backend registry and dispatch.
+
+Each backend declares what it supports (devices, dtypes) and why it is unavailable when it is; the
+dispatcher picks the first backend in the device's preference order that supports the call, or raises
+with every backend's reason.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+BACKEND_NAMES: Tuple[str, ...] = ("reference", "cpu", "triton", "cuda")
+# Preference order per device type when the caller does not name a backend.
+DEFAULT_ORDER: Dict[str, Tuple[str, ...]] = {
+    "cuda": ("triton", "cuda", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+ENV_VAR = "SPARK_KERNELS_BACKEND"
+
+
+@dataclass
+class Backend:
+    """A backend: where it runs, which dtypes it takes, and its kernel primitives.
+
+    ``kernels`` is an object with the primitives the generic autograd functions call (see
+    ``depthwise_conv.py``, ``batch_norm.py``, ``layer_norm.py``); None for the reference backend.
+    ``load`` returns (kernels, None) or (None, reason) and runs once, on first use.
+    """
+
+    name: str
+    device_types: Tuple[str, ...]
+    dtypes: Tuple[torch.dtype, ...]
+    load: Callable[[], Tuple[object, Optional[str]]]
+    _loaded: Optional[Tuple[object, Optional[str]]] = field(default=None, repr=False)
+
+    def _ensure_loaded(self) -> Tuple[object, Optional[str]]:
+        if self._loaded is None:
+            self._loaded = self.load()
+        return self._loaded
+
+    @property
+    def kernels(self):
+        return self._ensure_loaded()[0]
+
+    def unavailable_reason(self) -> Optional[str]:
+        return self._ensure_loaded()[1]
+
+    def unsupported_reason(self, x: torch.Tensor) -> Optional[str]:
+        why = self.unavailable_reason()
+        if why:
+            return why
+        if x.device.type not in self.device_types:
+            return f"runs on {'/'.join(self.device_types)} tensors, not {x.device.type}"
+        if x.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"supports dtypes {names}, not {str(x.dtype).replace('torch.', '')}"
+        return None
+
+
+_REGISTRY: Dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    if backend.name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend name {backend.name!r}; expected one of {BACKEND_NAMES}")
+    _REGISTRY[backend.name] = backend
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {list(BACKEND_NAMES)} or None, got {name!r}")
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        raise RuntimeError(f"backend {name!r} is not registered in this build")
+    return backend
+
+
+def available_backends() -> List[str]:
+    """Names of the backends that can run in this process (on some device), in BACKEND_NAMES order."""
+    return [n for n in BACKEND_NAMES if n in _REGISTRY and _REGISTRY[n].unavailable_reason() is None]
+
+
+def unavailable_reasons() -> Dict[str, str]:
+    """For each registered backend that cannot run here, why."""
+    out = {}
+    for name in BACKEND_NAMES:
+        b = _REGISTRY.get(name)
+        why = "not registered in this build" if b is None else b.unavailable_reason()
+        if why:
+            out[name] = why
+    return out
+
+
+def select_backend(requested: Optional[str], x: torch.Tensor, op: str) -> Backend:
+    """The backend that runs `op` on x: the requested one, else $SPARK_KERNELS_BACKEND, else the first
+    supporting backend of the device's preference order."""
+    source = "backend"
+    if requested is None:
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            requested, source = env, f"${ENV_VAR}"
+    if requested is not None:
+        if not isinstance(requested, str) or requested not in BACKEND_NAMES:
+            raise ValueError(f"{source} must be one of {list(BACKEND_NAMES)} or None, got {requested!r}")
+        backend = get_backend(requested)
+        why = backend.unsupported_reason(x)
+        if why:
+            raise RuntimeError(f"{op}: backend {requested!r} (from {source}) cannot run this call: {why}")
+        return backend
+    reasons = []
+    for name in DEFAULT_ORDER.get(x.device.type, ("reference",)):
+        backend = _REGISTRY.get(name)
+        why = "not registered in this build" if backend is None else backend.unsupported_reason(x)
+        if why is None:
+            return backend
+        reasons.append(f"{name}: {why}")
+    raise RuntimeError(f"{op}: no backend supports this call: " + "; ".join(reasons))

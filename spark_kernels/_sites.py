@@ -1,0 +1,205 @@
+"""Active sites: the compact index of a mask, built once per mask and scale and shared by every op.
+
+Kernels never call ``nonzero()`` per layer; they read two int32 tables cached here:
+
+* ``index``: (M,) flat site numbers ``n*H*W + h*W + w`` of the active sites, ascending.
+* ``neighbors(k)``: (M, k*k) flat site number of the tap ``(dy, dx)`` neighbour of each active site
+  (taps row-major, ``dy, dx`` in ``-k//2 .. k//2``), or -1 where that neighbour is outside the image or
+  inactive. The table is symmetric (b is a's tap t iff a is b's mirrored tap), which lets the input
+  gradient of the conv be gathered instead of scattered with atomics.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import weakref
+from typing import Dict, Tuple
+
+import torch
+
+
+def _check_mask(mask: torch.Tensor, name: str = "mask") -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool (True = active), got {mask.dtype}")
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"{name} must have shape (N, 1, H, W), got {tuple(mask.shape)}")
+
+
+class ActiveSites:
+    """Compact index of the active sites of a bool mask of shape (N, 1, H, W) (True = active).
+
+    Instances are immutable: the mask is copied, so later in-place edits of the caller's tensor cannot
+    desynchronise the cached tables. Scales derived with :meth:`downsample` or :meth:`at` are cached
+    and shared, so one ``ActiveSites`` per batch serves every layer of a network.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        _check_mask(mask)
+        self.mask = mask.detach().clone().contiguous()
+        self.shape: Tuple[int, int, int] = (mask.shape[0], mask.shape[2], mask.shape[3])
+        self.index = torch.nonzero(self.mask.reshape(-1)).reshape(-1).to(torch.int32)
+        # One host sync per mask; every op later reads the count without syncing.
+        self.num_active = int(self.index.numel())
+        self._neighbors: Dict[int, torch.Tensor] = {}
+        # Scales derived from this one; all members of a pyramid share this dict.
+        self._scales: Dict[Tuple[int, int], ActiveSites] = {(self.shape[1], self.shape[2]): self}
+
+    # -- geometry -----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.mask.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.shape[0]
+
+    @property
+    def spatial_size(self) -> Tuple[int, int]:
+        return self.shape[1], self.shape[2]
+
+    @property
+    def num_sites(self) -> int:
+        n, h, w = self.shape
+        return n * h * w
+
+    @property
+    def active_fraction(self) -> float:
+        return self.num_active / max(self.num_sites, 1)
+
+    def __repr__(self) -> str:
+        n, h, w = self.shape
+        return f"ActiveSites(N={n}, H={h}, W={w}, active={self.num_active}/{self.num_sites}, device={self.device})"
+
+    # -- tables ---------------------------------------------------------------------------------------
+    def neighbors(self, kernel_size: int) -> torch.Tensor:
+        """(M, k*k) int32 neighbour table for a k x k stride-1 'same' conv; cached per k."""
+        table = self._neighbors.get(kernel_size)
+        if table is None:
+            table = self._build_neighbors(kernel_size)
+            self._neighbors[kernel_size] = table
+        return table
+
+    def _build_neighbors(self, k: int) -> torch.Tensor:
+        n, h, w = self.shape
+        site = self.index.to(torch.int64)
+        row = (site // w) % h
+        col = site % w
+        r = k // 2
+        offsets = torch.arange(-r, r + 1, device=site.device)
+        dy = offsets.repeat_interleave(k)  # taps row-major: (dy, dx) for dy, for dx
+        dx = offsets.repeat(k)
+        nrow = row[:, None] + dy[None, :]
+        ncol = col[:, None] + dx[None, :]
+        inside = (nrow >= 0) & (nrow < h) & (ncol >= 0) & (ncol < w)
+        nsite = site[:, None] + dy[None, :] * w + dx[None, :]
+        nsite = torch.where(inside, nsite, torch.zeros_like(nsite))
+        active = inside & self.mask.reshape(-1)[nsite]
+        return torch.where(active, nsite, torch.full_like(nsite, -1)).to(torch.int32).contiguous()
+
+    # -- scales ---------------------------------------------------------------------------------------
+    def _derive(self, mask: torch.Tensor) -> "ActiveSites":
+        key = (mask.shape[2], mask.shape[3])
+        sites = self._scales.get(key)
+        if sites is None:
+            sites = ActiveSites(mask)
+            sites._scales = self._scales
+            self._scales[key] = sites
+        return sites
+
+    def downsample(self, factor: int = 2) -> "ActiveSites":
+        """The next coarser scale: a site is active if any of its factor x factor children is."""
+        if not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be a positive int, got {factor!r}")
+        _, h, w = self.shape
+        if h % factor or w % factor:
+            raise ValueError(f"downsample factor {factor} does not divide the spatial size {h}x{w}")
+        key = (h // factor, w // factor)
+        if key in self._scales:
+            return self._scales[key]
+        pooled = torch.nn.functional.max_pool2d(self.mask.to(torch.uint8), factor).to(torch.bool)
+        return self._derive(pooled)
+
+    def at(self, height: int, width: int) -> "ActiveSites":
+        """The sites of this mask at another resolution: nearest-upsampled to an integer multiple,
+        or downsampled ("any child active") to an integer divisor of the spatial size."""
+        key = (height, width)
+        if key in self._scales:
+            return self._scales[key]
+        _, h, w = self.shape
+        if height % h == 0 and width % w == 0 and height // h == width // w:
+            s = height // h
+            up = self.mask.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
+            return self._derive(up)
+        if h % height == 0 and w % width == 0 and h // height == w // width:
+            return self.downsample(h // height)
+        raise ValueError(
+            f"active sites of spatial size {h}x{w} cannot be resampled to {height}x{width}: "
+            f"the sizes must differ by the same integer factor in both dimensions")
+
+    # -- consistency ----------------------------------------------------------------------------------
+    def check_matches(self, x: torch.Tensor, x_name: str = "x", name: str = "active",
+                      spatial_dims: Tuple[int, int] = (2, 3)) -> None:
+        n, h, w = self.shape
+        xs = (x.shape[0], x.shape[spatial_dims[0]], x.shape[spatial_dims[1]])
+        if xs != (n, h, w):
+            raise ValueError(f"{name} is for (N, H, W) = {(n, h, w)} but {x_name} has (N, H, W) = {xs}")
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {self.device} but {x_name} is on {x.device}")
+
+
+class _SitesCache:
+    """Bounded LRU cache from mask tensors to their ActiveSites, for callers that pass raw masks.
+
+    Keyed by the mask object (through a weak reference, so a freed tensor whose id is reused cannot
+    hit) together with its storage pointer, shape and version counter, so an in-place edit misses.
+    """
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self._entries: "collections.OrderedDict[tuple, Tuple[weakref.ref, ActiveSites]]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def get(self, mask: torch.Tensor) -> ActiveSites:
+        key = (id(mask), mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), mask.device, mask._version)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0]() is mask:
+                self._entries.move_to_end(key)
+                return hit[1]
+        sites = ActiveSites(mask)
+        with self._lock:
+            self._entries[key] = (weakref.ref(mask), sites)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return sites
+
+
+sites_cache = _SitesCache()
+
+
+def as_sites(active, name: str = "active") -> ActiveSites:
+    """An ActiveSites from an ActiveSites or a bool (N, 1, H, W) mask."""
+    if isinstance(active, ActiveSites):
+        return active
+    if isinstance(active, torch.Tensor):
+        _check_mask(active, name)
+        return sites_cache.get(active)
+    raise TypeError(f"{name} must be a bool mask tensor of shape (N, 1, H, W) or an ActiveSites, "
+                    f"got {type(active).__name__}")
+
+
+def resolve_sites(active, x: torch.Tensor, name: str = "active", x_name: str = "x",
+                  spatial_dims: Tuple[int, int] = (2, 3)) -> ActiveSites:
+    """ActiveSites for x, which must match x's batch, spatial size and device exactly."""
+    sites = as_sites(active, name)
+    sites.check_matches(x, x_name, name, spatial_dims)
+    return sites

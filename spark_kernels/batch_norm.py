@@ -1,0 +1,122 @@
+"""Masked BatchNorm: statistics over active (n, h, w) sites only, exact zeros elsewhere.
+
+The fused path is staged like PyTorch's SyncBatchNorm, so one autograd function serves every backend
+and the synchronized variant: per-channel sums over local active sites (a backend primitive), an
+optional all-reduce of (count, sums) over a process group, then a per-channel affine map at active
+sites (another primitive). Per-channel arithmetic between the stages is done here in float64.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+from ._backends import select_backend
+from ._layout import accumulation_dtype
+from ._sites import resolve_sites
+from ._validation import check_input, check_param
+
+
+def _all_reduce(t: torch.Tensor, process_group) -> torch.Tensor:
+    if process_group is None:
+        return t
+    import torch.distributed as dist
+    t = t.clone()
+    dist.all_reduce(t, group=process_group)
+    return t
+
+
+class _MaskedBatchNorm(torch.autograd.Function):
+    """Backend primitives used (all take the (M,) int32 site index):
+
+    bn_stats(x, index) -> (2, C) [sum x, sum x^2] over active sites
+    bn_elemt(x, index, scale, shift) -> x * scale + shift at active sites, 0 elsewhere
+    bn_backward_stats(grad_out, x, index, mean) -> (2, C) [sum dy, sum dy * (x - mean)]
+    bn_backward_elemt(grad_out, x, index, a, b, d) -> grad_out * a + x * b + d at active sites, 0 elsewhere
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, index, count, training, momentum, eps,
+                process_group, kernels):
+        c = x.shape[1]
+        acc = accumulation_dtype(x.dtype)
+        if training:
+            local = torch.cat([torch.full((1,), float(count), dtype=torch.float64, device=x.device),
+                               kernels.bn_stats(x, index).to(torch.float64).reshape(-1)])
+            total = _all_reduce(local, process_group)
+            # One host read per BN call, only when a process group makes the count unknown locally.
+            n = count if process_group is None else int(round(total[0].item()))
+            mean = total[1:1 + c] / max(n, 1)
+            var = (total[1 + c:] / max(n, 1) - mean * mean).clamp_min(0)
+            reference._update_running_stats(running_mean, running_var, mean, var, n, momentum)
+        else:
+            n = count
+            mean, var = running_mean.to(torch.float64), running_var.to(torch.float64)
+        invstd = torch.rsqrt(var + eps)
+        w = weight.to(torch.float64) if weight is not None else torch.ones_like(invstd)
+        b = bias.to(torch.float64) if bias is not None else torch.zeros_like(invstd)
+        scale = w * invstd
+        shift = b - mean * scale
+        y = kernels.bn_elemt(x, index, scale.to(acc), shift.to(acc))
+        ctx.save_for_backward(x, index, mean, invstd, w)
+        ctx.training, ctx.count, ctx.process_group, ctx.kernels = training, n, process_group, kernels
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, index, mean, invstd, w = ctx.saved_tensors
+        acc = accumulation_dtype(x.dtype)
+        c = x.shape[1]
+        local = ctx.kernels.bn_backward_stats(grad_out, x, index, mean.to(acc)).to(torch.float64)
+        sum_dy, sum_dy_xmu = local[0], local[1]
+        # Parameter gradients stay local (data-parallel training averages them across processes).
+        grad_w = sum_dy_xmu * invstd
+        grad_b = sum_dy
+        a = w * invstd
+        if ctx.training:
+            total = _all_reduce(local.reshape(-1), ctx.process_group).reshape(2, c)
+            n = max(ctx.count, 1)
+            b = -a * invstd * invstd * total[1] / n
+            d = -a * total[0] / n - mean * b
+        else:
+            b = torch.zeros_like(a)
+            d = torch.zeros_like(a)
+        grad_x = ctx.kernels.bn_backward_elemt(grad_out, x, index, a.to(acc), b.to(acc), d.to(acc))
+        wd, bd = ctx.param_dtypes
+        return (grad_x if ctx.needs_input_grad[0] else None,
+                grad_w.to(wd) if ctx.needs_input_grad[1] else None,
+                grad_b.to(bd) if ctx.needs_input_grad[2] else None) + (None,) * 9
+
+
+def masked_batch_norm(x: torch.Tensor, active, running_mean: Optional[torch.Tensor],
+                      running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
+                      bias: Optional[torch.Tensor] = None, training: bool = True, momentum: float = 0.1,
+                      eps: float = 1e-5, process_group=None, backend: Optional[str] = None) -> torch.Tensor:
+    """BatchNorm of x (N, C, H, W) over its active sites (bool mask (N, 1, H, W) or ActiveSites).
+
+    In training, mean and biased variance over active (n, h, w) (reduced over process_group when
+    given) normalize x and update the running statistics in place (unbiased variance, like
+    nn.BatchNorm2d; left unchanged when no site is active). In eval, the running statistics are used.
+    """
+    check_input(x, "x")
+    c = x.shape[1]
+    check_param(running_mean, "running_mean", (c,), x, optional=training)
+    check_param(running_var, "running_var", (c,), x, optional=training)
+    check_param(weight, "weight", (c,), x)
+    check_param(bias, "bias", (c,), x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    sites = resolve_sites(active, x)
+    chosen = select_backend(backend, x, "masked_batch_norm")
+    if chosen.name == "reference":
+        return reference.masked_batch_norm(x, sites.mask, running_mean, running_var, weight, bias,
+                                           bool(training), float(momentum), float(eps), process_group)
+    return _MaskedBatchNorm.apply(x, weight, bias, running_mean, running_var, sites.index, sites.num_active,
+                                  bool(training), float(momentum), float(eps), process_group, chosen.kernels)

@@ -1,0 +1,68 @@
+"""Submanifold depthwise conv (k = 3 or 7, stride 1, 'same' padding, groups = channels).
+
+Output at active sites only, from active neighbours only, bias at active sites only, exact zeros
+elsewhere; the input gradient is zero at inactive sites.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+from ._backends import select_backend
+from ._sites import resolve_sites
+from ._validation import check_input, check_param
+
+KERNEL_SIZES = (3, 7)
+
+
+class _SparseDepthwiseConv(torch.autograd.Function):
+    """Autograd over a backend's primitives ``dwconv_forward`` and ``dwconv_backward``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, neighbors, kernels):
+        ctx.save_for_backward(x, weight, index, neighbors)
+        ctx.kernels = kernels
+        return kernels.dwconv_forward(x, weight, bias, index, neighbors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, index, neighbors = ctx.saved_tensors
+        grad_x, grad_w, grad_b = ctx.kernels.dwconv_backward(grad_out, x, weight, index, neighbors)
+        return (grad_x if ctx.needs_input_grad[0] else None,
+                grad_w if ctx.needs_input_grad[1] else None,
+                grad_b if ctx.needs_input_grad[2] else None, None, None, None)
+
+
+def check_conv_args(x, weight, bias) -> int:
+    """Validate the conv's tensors; returns the kernel size."""
+    check_input(x, "x")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    c = x.shape[1]
+    if weight.dim() != 4 or weight.shape[0] != c or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must have shape (C, 1, k, k) = ({c}, 1, k, k) for a depthwise conv of x with "
+                         f"C = {c}, got {tuple(weight.shape)}")
+    k = weight.shape[-1]
+    if k not in KERNEL_SIZES:
+        raise ValueError(f"weight: kernel size must be 3 or 7, got {k}")
+    check_param(weight, "weight", (c, 1, k, k), x, optional=False, same_dtype=True)
+    check_param(bias, "bias", (c,), x, same_dtype=True)
+    return k
+
+
+def sparse_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], active,
+                            backend: Optional[str] = None) -> torch.Tensor:
+    """Submanifold depthwise conv of x (N, C, H, W), any memory format, with weight (C, 1, k, k), k in {3, 7}.
+
+    active: bool mask (N, 1, H, W) (True = active) or an ActiveSites. Returns a dense tensor with
+    exact zeros at inactive sites.
+    """
+    k = check_conv_args(x, weight, bias)
+    sites = resolve_sites(active, x)
+    chosen = select_backend(backend, x, "sparse_depthwise_conv2d")
+    if chosen.name == "reference":
+        return reference.sparse_depthwise_conv2d(x, weight, bias, sites.mask)
+    return _SparseDepthwiseConv.apply(x, weight, bias, sites.index, sites.neighbors(k), chosen.kernels)

@@ -1,0 +1,80 @@
+"""Masked LayerNorm: normalization over channels at each active site, exact zeros elsewhere."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+from ._backends import select_backend
+from ._layout import accumulation_dtype
+from ._sites import ActiveSites, as_sites
+from ._validation import check_input, check_param
+
+DATA_FORMATS = ("channels_first", "channels_last")
+
+
+class _MaskedLayerNorm(torch.autograd.Function):
+    """Autograd over a backend's primitives ``ln_forward`` and ``ln_backward``.
+
+    x is logically (N, C, H, W) (a channels_last input arrives as a permuted view); weight and bias
+    are passed to the kernels in the accumulation dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, eps, kernels):
+        acc = accumulation_dtype(x.dtype)
+        w = None if weight is None else weight.to(acc)
+        b = None if bias is None else bias.to(acc)
+        y, mean, rstd = kernels.ln_forward(x, index, w, b, eps)
+        ctx.save_for_backward(x, w, index, mean, rstd)
+        ctx.kernels = kernels
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, w, index, mean, rstd = ctx.saved_tensors
+        grad_x, grad_w, grad_b = ctx.kernels.ln_backward(grad_out, x, index, w, mean, rstd)
+        wd, bd = ctx.param_dtypes
+        return (grad_x if ctx.needs_input_grad[0] else None,
+                grad_w.to(wd) if ctx.needs_input_grad[1] else None,
+                grad_b.to(bd) if ctx.needs_input_grad[2] else None, None, None, None)
+
+
+def _sites_for_layer_norm(active, x: torch.Tensor, channels_last: bool) -> ActiveSites:
+    n, h, w = (x.shape[0], x.shape[1], x.shape[2]) if channels_last else (x.shape[0], x.shape[2], x.shape[3])
+    if channels_last and isinstance(active, torch.Tensor) and active.dim() == 3:
+        active = active.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
+    sites = as_sites(active, "active")
+    if sites.shape != (n, h, w):
+        raise ValueError(f"active is for (N, H, W) = {sites.shape} but x has (N, H, W) = {(n, h, w)} "
+                         f"(data_format={'channels_last' if channels_last else 'channels_first'!r})")
+    if sites.device != x.device:
+        raise ValueError(f"active is on {sites.device} but x is on {x.device}")
+    return sites
+
+
+def masked_layer_norm(x: torch.Tensor, active, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      eps: float = 1e-6, data_format: str = "channels_first",
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """LayerNorm over channels at active sites. x is (N, C, H, W) for data_format="channels_first" and
+    (N, H, W, C) for "channels_last"; active is a bool mask ((N, 1, H, W), or (N, H, W) for
+    channels_last) or an ActiveSites."""
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+    channels_last = data_format == "channels_last"
+    check_input(x, "x")
+    c = x.shape[-1] if channels_last else x.shape[1]
+    check_param(weight, "weight", (c,), x)
+    check_param(bias, "bias", (c,), x)
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    sites = _sites_for_layer_norm(active, x, channels_last)
+    chosen = select_backend(backend, x, "masked_layer_norm")
+    if chosen.name == "reference":
+        return reference.masked_layer_norm(x, sites.mask, weight, bias, float(eps), channels_last)
+    x_nchw = x.permute(0, 3, 1, 2) if channels_last else x
+    y = _MaskedLayerNorm.apply(x_nchw, weight, bias, sites.index, float(eps), chosen.kernels)
+    return y.permute(0, 2, 3, 1) if channels_last else y

@@ -1,0 +1,90 @@
+"""Backend "reference": masked-dense PyTorch that mirrors the official SparK code.
+
+It is the oracle of every test. The conv runs densely and masks (the official SparK approach); the
+norms gather the active rows, normalize them with the stock PyTorch op and scatter them back
+(the official SparseBatchNorm2d / SparseConvNeXtLayerNorm approach). Masking uses ``torch.where``
+rather than a multiply so that non-finite values at inactive sites cannot leak into active ones,
+which makes the result "computed from active sites only" for any input.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _zero(x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(())
+
+
+def sparse_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            mask: torch.Tensor) -> torch.Tensor:
+    """mask: bool (N, 1, H, W)."""
+    k = weight.shape[-1]
+    masked = torch.where(mask, x, _zero(x))
+    y = F.conv2d(masked, weight, bias, padding=k // 2, groups=x.shape[1])
+    return torch.where(mask, y, _zero(y))
+
+
+def _scatter_rows(rows: torch.Tensor, mask_nhw: torch.Tensor, like_nhwc: torch.Tensor) -> torch.Tensor:
+    out = like_nhwc.new_zeros(like_nhwc.shape, dtype=rows.dtype)
+    return out.index_put((mask_nhw,), rows)
+
+
+def _update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    if count == 0:
+        return  # nothing was observed: keep the running statistics
+    with torch.no_grad():
+        unbiased = var * (count / max(count - 1, 1))
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, running_mean, running_var, weight, bias,
+                      training: bool, momentum: float, eps: float, process_group=None) -> torch.Tensor:
+    """Gather active (n, h, w) rows -> BatchNorm over them -> scatter into zeros. mask: bool (N, 1, H, W)."""
+    nhwc = x.permute(0, 2, 3, 1)
+    mask_nhw = mask[:, 0]
+    rows = nhwc[mask_nhw]  # (M, C)
+    count = rows.shape[0]
+    if process_group is None and (not training or count > 1):
+        out_rows = F.batch_norm(rows, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _scatter_rows(out_rows, mask_nhw, nhwc).permute(0, 3, 1, 2)
+    # Statistics by hand: a single active row (stock BN refuses it) or a process group to reduce over.
+    if training:
+        acc = rows.to(torch.float64) if rows.dtype == torch.float64 else rows.float()
+        local = torch.cat([acc.new_tensor([float(count)]), acc.sum(0), (acc * acc).sum(0)])
+        if process_group is not None:
+            import torch.distributed.nn.functional as dist_fn
+            local = dist_fn.all_reduce(local, group=process_group)
+        c = local.shape[0] // 2
+        total = int(round(local[0].item()))
+        sums, sumsq = local[1:1 + c], local[1 + c:]
+        denom = max(total, 1)
+        mean = sums / denom
+        var = (sumsq / denom - mean * mean).clamp_min(0)
+        _update_running_stats(running_mean, running_var, mean.detach(), var.detach(), total, momentum)
+    else:
+        mean, var = running_mean.float(), running_var.float()
+    out_rows = (rows - mean.to(rows.dtype)) * torch.rsqrt(var + eps).to(rows.dtype)
+    if weight is not None:
+        out_rows = out_rows * weight.to(rows.dtype)
+    if bias is not None:
+        out_rows = out_rows + bias.to(rows.dtype)
+    return _scatter_rows(out_rows, mask_nhw, nhwc).permute(0, 3, 1, 2)
+
+
+def masked_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight, bias, eps: float,
+                      channels_last: bool) -> torch.Tensor:
+    """Gather active rows -> LayerNorm over channels -> scatter into zeros.
+
+    channels_last: x is (N, H, W, C); else (N, C, H, W). mask: bool (N, 1, H, W)."""
+    nhwc = x if channels_last else x.permute(0, 2, 3, 1)
+    mask_nhw = mask[:, 0]
+    rows = nhwc[mask_nhw]
+    out_rows = F.layer_norm(rows, (rows.shape[-1],), weight, bias, eps)
+    out = _scatter_rows(out_rows, mask_nhw, nhwc)
+    return out if channels_last else out.permute(0, 3, 1, 2)

@@ -1,0 +1,56 @@
+"""Shared test fixtures: masks, shapes and the tolerances of every comparison (one place)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spark_kernels.masks import patch_mask, upsample_mask
+
+# Error of a backend against a float64 evaluation of the reference must be within
+# ERROR_MULTIPLE x (error of the reference itself in the same dtype) + ABS_FLOOR[dtype]
+# (flash-attention's rule); float64 runs compare directly with these absolute/relative tolerances.
+ERROR_MULTIPLE = 4.0
+ABS_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+ATOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+GRADCHECK = dict(eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def random_mask(n: int, h: int, w: int, ratio: float, seed: int = 0) -> torch.Tensor:
+    """Bool (n, 1, h, w) mask with each site masked (False) with probability `ratio`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, h, w, generator=g) >= ratio
+
+
+def spark_mask(n: int, h: int, w: int, ratio: float, patch: int, seed: int = 0) -> torch.Tensor:
+    """SparK patch mask at resolution h x w with patch x patch blocks (h, w rounded up to a multiple)."""
+    g = torch.Generator().manual_seed(seed)
+    gh, gw = math.ceil(h / patch), math.ceil(w / patch)
+    m = upsample_mask(patch_mask(n, (gh, gw), ratio, generator=g), gh * patch, gw * patch)
+    return m[:, :, :h, :w].contiguous()
+
+
+def make_mask(kind: str, n: int, h: int, w: int, ratio: float, seed: int = 0) -> torch.Tensor:
+    if kind == "random":
+        return random_mask(n, h, w, ratio, seed)
+    if kind == "spark":
+        return spark_mask(n, h, w, ratio, patch=4, seed=seed)
+    raise ValueError(kind)
+
+
+def assert_close_to_reference(out: torch.Tensor, ref_lowp: torch.Tensor, ref_f64: torch.Tensor, what: str) -> None:
+    """out (a backend in dtype d) vs the reference in float64, allowed ERROR_MULTIPLE x the reference's own
+    error in dtype d (ref_lowp) plus a floor."""
+    dtype = out.dtype
+    out64, ref64 = out.double(), ref_f64.double()
+    assert out.shape == ref_f64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref_f64.shape)}"
+    assert torch.equal(torch.isnan(out64), torch.isnan(ref64)), f"{what}: NaN pattern differs"
+    if dtype == torch.float64:
+        torch.testing.assert_close(out64, ref64, rtol=RTOL[dtype], atol=ATOL[dtype], msg=lambda m: f"{what}: {m}")
+        return
+    ref_err = (ref_lowp.double() - ref64).abs().max().item() if ref64.numel() else 0.0
+    err = (out64 - ref64).abs().max().item() if ref64.numel() else 0.0
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    bound = ERROR_MULTIPLE * ref_err + ABS_FLOOR[dtype] * max(1.0, scale)
+    assert err <= bound, f"{what}: max error {err:.3g} exceeds {bound:.3g} (reference's own {dtype} error {ref_err:.3g})"
