@@ -1,0 +1,144 @@
+import gc
+
+import pytest
+import torch
+
+import spark_kernels as sk
+from spark_kernels._sites import _SitesCache, as_sites
+from spark_kernels.masks import num_visible, patch_mask, upsample_mask
+
+from helpers import random_mask, spark_mask
+
+
+def brute_force_neighbors(mask: torch.Tensor, k: int) -> torch.Tensor:
+    n, _, h, w = mask.shape
+    rows = []
+    r = k // 2
+    for b in range(n):
+        for y in range(h):
+            for x in range(w):
+                if not mask[b, 0, y, x]:
+                    continue
+                row = []
+                for dy in range(-r, r + 1):
+                    for dx in range(-r, r + 1):
+                        yy, xx = y + dy, x + dx
+                        ok = 0 <= yy < h and 0 <= xx < w and bool(mask[b, 0, yy, xx])
+                        row.append(b * h * w + yy * w + xx if ok else -1)
+                rows.append(row)
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, k * k)
+
+
+@pytest.mark.parametrize("k", [3, 7])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 7), (3, 9, 4)])
+def test_neighbor_table_matches_brute_force(k, shape):
+    n, h, w = shape
+    mask = random_mask(n, h, w, 0.5, seed=h * w)
+    sites = sk.ActiveSites(mask)
+    assert sites.num_active == int(mask.sum())
+    assert sites.index.dtype == torch.int32
+    assert torch.equal(sites.index.long(), torch.nonzero(mask.reshape(-1)).reshape(-1))
+    assert torch.equal(sites.neighbors(k), brute_force_neighbors(mask, k))
+    assert sites.neighbors(k) is sites.neighbors(k)  # cached
+
+
+def test_neighbor_table_is_symmetric():
+    mask = spark_mask(2, 12, 12, 0.6, patch=4, seed=1)
+    sites = sk.ActiveSites(mask)
+    table = sites.neighbors(7)
+    row_of = {int(s): i for i, s in enumerate(sites.index)}
+    for i, site in enumerate(sites.index.tolist()):
+        for t, nb in enumerate(table[i].tolist()):
+            if nb >= 0:
+                assert table[row_of[nb], 48 - t].item() == site
+
+
+def test_empty_and_full_masks():
+    empty = sk.ActiveSites(torch.zeros(2, 1, 4, 4, dtype=torch.bool))
+    assert empty.num_active == 0 and empty.neighbors(3).shape == (0, 9)
+    full = sk.ActiveSites(torch.ones(1, 1, 3, 3, dtype=torch.bool))
+    assert full.num_active == 9 and full.active_fraction == 1.0
+    assert int((full.neighbors(3) >= 0).sum()) == 4 * 4 + 4 * 6 + 9  # corner 4, edge 6, centre 9
+
+
+def test_mask_is_copied():
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    sites = sk.ActiveSites(mask)
+    mask.zero_()
+    assert sites.num_active == 4 and bool(sites.mask.all())
+
+
+def test_downsample_and_at():
+    patch = patch_mask(2, (3, 4), 0.5, generator=torch.Generator().manual_seed(0))
+    fine = sk.ActiveSites(upsample_mask(patch, 24, 32))
+    coarse = fine.downsample(8)
+    assert torch.equal(coarse.mask, patch)
+    assert fine.downsample(2) is fine.downsample(2)
+    assert fine.at(6, 8) is fine.downsample(4)
+    assert coarse.at(24, 32) is fine  # the pyramid shares its scales
+    half = fine.downsample(2)
+    assert torch.equal(half.mask, torch.nn.functional.max_pool2d(fine.mask.float(), 2).bool())
+    with pytest.raises(ValueError, match="factor"):
+        fine.downsample(5)
+    with pytest.raises(ValueError, match="cannot be resampled"):
+        fine.at(10, 10)
+
+
+def test_downsample_is_any_child():
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[0, 0, 1, 2] = True
+    assert sk.ActiveSites(mask).downsample(2).mask[0, 0].tolist() == [[False, True], [False, False]]
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (torch.ones(1, 1, 2, 2), TypeError, "torch.bool"),
+    (torch.ones(1, 2, 2, 2, dtype=torch.bool), ValueError, r"\(N, 1, H, W\)"),
+    (torch.ones(2, 2, dtype=torch.bool), ValueError, r"\(N, 1, H, W\)"),
+    ([[True]], TypeError, "torch.Tensor"),
+])
+def test_bad_masks(bad, err, match):
+    with pytest.raises(err, match=match):
+        sk.ActiveSites(bad)
+
+
+def test_patch_mask_counts():
+    for ratio in (0.0, 0.6, 0.75, 1.0):
+        m = patch_mask(5, 7, ratio, generator=torch.Generator().manual_seed(3))
+        assert m.shape == (5, 1, 7, 7) and m.dtype == torch.bool
+        assert m.reshape(5, -1).sum(1).tolist() == [num_visible(49, ratio)] * 5
+    assert num_visible(49, 0.6) == 20  # round(49 * 0.4) = round(19.6)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        patch_mask(1, 7, 1.5)
+
+
+class TestSitesCache:
+    def test_hit_miss_and_version(self):
+        cache = _SitesCache(capacity=2)
+        mask = random_mask(1, 4, 4, 0.5)
+        a = cache.get(mask)
+        assert cache.get(mask) is a
+        mask[0, 0, 0, 0] = ~mask[0, 0, 0, 0]  # in-place edit bumps the version: must miss
+        b = cache.get(mask)
+        assert b is not a and b.num_active != a.num_active
+
+    def test_bounded(self):
+        cache = _SitesCache(capacity=3)
+        masks = [random_mask(1, 4, 4, 0.5, seed=i) for i in range(10)]
+        for m in masks:
+            cache.get(m)
+        assert len(cache) == 3
+
+    def test_freed_mask_with_reused_id_cannot_hit(self):
+        cache = _SitesCache(capacity=4)
+        m1 = torch.zeros(1, 1, 2, 2, dtype=torch.bool)
+        s1 = cache.get(m1)
+        del m1
+        gc.collect()
+        m2 = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+        assert cache.get(m2).num_active == 4 and s1.num_active == 0
+
+    def test_as_sites(self):
+        sites = sk.ActiveSites(random_mask(1, 3, 3, 0.5))
+        assert as_sites(sites) is sites
+        with pytest.raises(TypeError, match="active"):
+            as_sites(3)
