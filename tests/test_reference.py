@@ -64,10 +64,10 @@ def test_batch_norm_statistics_over_active_sites_only():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     mask = make_mask("spark", 2, 8, 8, 0.5)
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
-    y = reference.masked_batch_norm(x, mask, rm, rv, None, None, True, 0.5, 0.0)
+    y = reference.masked_batch_norm(x, mask, rm, rv, None, None, True, 0.5, 1e-5)
     rows = x.permute(0, 2, 3, 1)[mask[:, 0]]
     mean, var = rows.mean(0), rows.var(0, unbiased=False)
-    expected = ((x - mean[:, None, None]) / var.sqrt()[:, None, None]) * mask
+    expected = ((x - mean[:, None, None]) / (var + 1e-5).sqrt()[:, None, None]) * mask
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(rm, 0.5 * mean)
     torch.testing.assert_close(rv, 0.5 + 0.5 * rows.var(0, unbiased=True))
