@@ -12,12 +12,17 @@ import torch
 # (channels, spatial size, SparK patch size in pixels at that scale) per stage, batch 32, ratio 0.6.
 CONVNEXT_T_STAGES = [(96, 56, 8), (192, 28, 4), (384, 14, 2), (768, 7, 1)]
 RESNET50_STAGES = [(256, 56, 8), (512, 28, 4), (1024, 14, 2), (2048, 7, 1)]
+# The shape sets by network name (the timm names the model benchmark uses).
+STAGES = {"convnext_tiny": CONVNEXT_T_STAGES, "resnet50": RESNET50_STAGES}
 BATCH = 32
 MASK_RATIO = 0.6
 THREADS = 2
 
 # DESIGN.md section 6: minimum speedup of the fused op over the reference, forward + backward.
 TARGETS = {"dwconv7": 3.0, "dwconv3": 2.0, "batch_norm": 2.0, "layer_norm_cf": 2.0, "layer_norm_cl": 2.0}
+# DESIGN.md section 6: minimum images/s ratio of the fused SparK training step over the reference model,
+# with peak memory no higher (ResNet-50: "faster, never slower").
+MODEL_TARGETS = {"convnext_tiny": 1.5, "resnet50": 1.0}
 
 
 def allocator() -> str:
@@ -39,7 +44,8 @@ def environment() -> Dict[str, object]:
         "machine": platform.machine(), "cpu": _cpu_name(), "cores": os.cpu_count(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "triton": getattr(__import__("triton"), "__version__", "?"), "python": platform.python_version(),
-        "allocator": allocator(),
+        "allocator": allocator(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "load_average": list(os.getloadavg()),
     }
 
 
@@ -54,6 +60,10 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+def _summary(times: List[float]) -> Dict[str, float]:
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": len(times)}
+
+
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> Dict[str, float]:
     """Median and spread (seconds) of fn over `repeats` timed calls after `warmup` untimed ones."""
     for _ in range(warmup):
@@ -63,4 +73,36 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> Dict
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
+    return _summary(times)
+
+
+def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                      budget_s: float = float("inf")) -> Dict[str, Dict[str, object]]:
+    """Median and spread (seconds) of each fn, timed in alternation so that a change in machine load
+    hits every contender alike.
+
+    Every fn gets `warmup` untimed calls (the first one's duration is kept as "first_call_s": it
+    includes torch.compile's compilation), then up to `repeats` timed calls; a fn stops early once its
+    timed calls add up to `budget_s` (at least one timed call). A fn that raises is recorded as
+    {"error": ...} and dropped.
+    """
+    out: Dict[str, Dict[str, object]] = {}
+    times: Dict[str, List[float]] = {}
+    for name, fn in fns.items():
+        try:
+            for i in range(max(warmup, 1)):
+                t0 = time.perf_counter()
+                fn()
+                if i == 0:
+                    out[name] = {"first_call_s": time.perf_counter() - t0}
+            times[name] = []
+        except Exception as e:  # noqa: BLE001 - recorded per contender, the run goes on
+            out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    for _ in range(repeats):
+        for name in [n for n in times if len(times[n]) < repeats and (not times[n] or sum(times[n]) < budget_s)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        out[name].update(_summary(ts))
+    return out

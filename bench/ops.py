@@ -13,54 +13,103 @@ import argparse
 import json
 import sys
 
+from typing import Callable, Dict
+
 import torch
 
 import spark_kernels as sk
+from spark_kernels import reference
 from spark_kernels.masks import patch_mask, upsample_mask
 
 from .common import BATCH, CONVNEXT_T_STAGES, MASK_RATIO, TARGETS, THREADS, environment, median_time
 
 OPS = tuple(TARGETS)
+REFERENCE = "reference"
+COMPILED = "reference+compile"  # the reference under torch.compile (inductor): what a user would try instead
+
+# One torch.compile'd reference function per op, reused across shapes as in a user's model (torch.compile
+# recompiles on a new shape, then goes dynamic); built on first use.
+_compiled: Dict[str, Callable] = {}
 
 
-def make_case(op: str, channels: int, size: int, patch: int, batch: int, seed: int = 0):
-    """Inputs and a `run(backend)` closure doing forward + backward of `op` once."""
-    g = torch.Generator().manual_seed(seed)
-    mask = upsample_mask(patch_mask(batch, size // patch, MASK_RATIO, generator=g), size, size)
-    sites = sk.ActiveSites(mask)
-    x = torch.randn(batch, channels, size, size, generator=g)
-    x = torch.where(mask, x, 0).contiguous(memory_format=torch.channels_last)
-    if op == "layer_norm_cl":
-        x = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C)
-    x.requires_grad_()
-    grad = torch.randn(x.shape, generator=g).contiguous(memory_format=torch.channels_last) \
-        if x.dim() == 4 and op != "layer_norm_cl" else torch.randn(x.shape, generator=g)
-    w1 = torch.randn(channels, requires_grad=True)
-    b1 = torch.randn(channels, requires_grad=True)
+def _reference_fn(op: str) -> Callable:
+    """The plain masked-dense reference of `op` taking (x, mask, weight, bias, running stats)."""
     if op.startswith("dwconv"):
-        k = int(op[-1])
-        weight = torch.randn(channels, 1, k, k, generator=g).requires_grad_()
-        sites.neighbors(k)  # built once per mask and scale in real use
+        return lambda x, mask, w, b, rm, rv: reference.sparse_depthwise_conv2d(x, w, b, mask)
+    if op == "batch_norm":
+        return lambda x, mask, w, b, rm, rv: reference.masked_batch_norm(x, mask, rm, rv, w, b, True, 0.1, 1e-5)
+    channels_last = op == "layer_norm_cl"
+    return lambda x, mask, w, b, rm, rv: reference.masked_layer_norm(x, mask, w, b, 1e-6, channels_last)
 
-        def fn(backend):
-            return sk.sparse_depthwise_conv2d(x, weight, b1, sites if backend != "reference" else mask, backend)
-    elif op == "batch_norm":
-        rm, rv = torch.zeros(channels), torch.ones(channels)
 
-        def fn(backend):
-            return sk.masked_batch_norm(x, sites if backend != "reference" else mask, rm, rv, w1, b1,
-                                        training=True, backend=backend)
-    else:
-        fmt = "channels_last" if op == "layer_norm_cl" else "channels_first"
+def compiled_reference(op: str) -> Callable:
+    if op not in _compiled:
+        import torch._dynamo.config as dynamo_config
+        for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+        _compiled[op] = torch.compile(_reference_fn(op))
+    return _compiled[op]
 
-        def fn(backend):
-            return sk.masked_layer_norm(x, sites if backend != "reference" else mask, w1, b1, 1e-6, fmt, backend)
 
-    def run(backend):
-        x.grad = None
-        fn(backend).backward(grad)
+class Case:
+    """Inputs of one op at one shape and mask, and runners doing its forward (training mode, autograd
+    recording) or forward + backward once, with the fused backends, the reference or the compiled one."""
 
-    return run
+    def __init__(self, op: str, channels: int, size: int, patch: int, batch: int, mask_ratio: float = MASK_RATIO,
+                 seed: int = 0):
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        self.op, self.channels, self.size, self.patch, self.batch = op, channels, size, patch, batch
+        g = torch.Generator().manual_seed(seed)
+        self.mask = upsample_mask(patch_mask(batch, size // patch, mask_ratio, generator=g), size, size)
+        self.sites = sk.ActiveSites(self.mask)
+        self.active_fraction = self.sites.active_fraction
+        x = torch.randn(batch, channels, size, size, generator=g)
+        x = torch.where(self.mask, x, 0).contiguous(memory_format=torch.channels_last)
+        self.grad = torch.randn(x.shape, generator=g).contiguous(memory_format=torch.channels_last)
+        if op == "layer_norm_cl":
+            x, self.grad = x.permute(0, 2, 3, 1).contiguous(), self.grad.permute(0, 2, 3, 1).contiguous()
+        self.x = x.requires_grad_()
+        if op.startswith("dwconv"):
+            k = int(op[-1])
+            self.weight = torch.randn(channels, 1, k, k, generator=g).requires_grad_()
+            self.sites.neighbors(k)  # built once per mask and scale in real use
+        else:
+            self.weight = torch.randn(channels, generator=g).requires_grad_()
+        self.bias = torch.randn(channels, generator=g).requires_grad_()
+        self.running_mean, self.running_var = torch.zeros(channels), torch.ones(channels)
+
+    def _forward(self, impl: str) -> Callable[[], torch.Tensor]:
+        x, w, b, rm, rv = self.x, self.weight, self.bias, self.running_mean, self.running_var
+        if impl == COMPILED:
+            fn = compiled_reference(self.op)
+            return lambda: fn(x, self.mask, w, b, rm, rv)
+        active = self.mask if impl == REFERENCE else self.sites
+        if self.op.startswith("dwconv"):
+            return lambda: sk.sparse_depthwise_conv2d(x, w, b, active, impl)
+        if self.op == "batch_norm":
+            return lambda: sk.masked_batch_norm(x, active, rm, rv, w, b, training=True, backend=impl)
+        fmt = "channels_last" if self.op == "layer_norm_cl" else "channels_first"
+        return lambda: sk.masked_layer_norm(x, active, w, b, 1e-6, fmt, impl)
+
+    def runner(self, impl: str, backward: bool = True) -> Callable[[], None]:
+        forward = self._forward(impl)
+        params = (self.x, self.weight, self.bias)
+
+        def run():
+            for p in params:
+                p.grad = None
+            y = forward()
+            if backward:
+                y.backward(self.grad)
+
+        return run
+
+
+def make_case(op: str, channels: int, size: int, patch: int, batch: int, seed: int = 0,
+              mask_ratio: float = MASK_RATIO) -> Case:
+    return Case(op, channels, size, patch, batch, mask_ratio, seed)
 
 
 def main(argv=None) -> int:
@@ -84,9 +133,9 @@ def main(argv=None) -> int:
     rows = []
     for op in args.ops:
         for channels, size, patch in CONVNEXT_T_STAGES:
-            run = make_case(op, channels, size, patch, args.batch)
-            ref = median_time(lambda: run("reference"), args.repeats)
-            fused = median_time(lambda: run(args.backend), args.repeats)
+            case = make_case(op, channels, size, patch, args.batch)
+            ref = median_time(case.runner(REFERENCE), args.repeats)
+            fused = median_time(case.runner(args.backend), args.repeats)
             speedup = ref["median"] / fused["median"]
             rows.append({"op": op, "channels": channels, "size": size, "batch": args.batch,
                          "reference_s": ref, "fused_s": fused, "speedup": speedup, "target": TARGETS[op],

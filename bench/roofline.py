@@ -1,0 +1,66 @@
+"""Physical limits: this machine's compute and memory-bandwidth bounds, and each op's roofline time.
+
+The roofline time of an op is max(FLOPs / peak FLOP/s, bytes / peak bytes/s) for the least work and
+traffic any implementation of the contract needs: inputs are read at active sites only, dense outputs
+are written in full (the contract returns dense tensors with exact zeros at inactive sites),
+per-channel parameters and index tables are neglected. fp32: 4 bytes per element.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from .common import median_time
+
+BYTES = 4  # fp32
+
+# Per active element (site x channel): FLOPs of the forward and of the backward pass, and how many
+# tensors of the input's size are read at active sites and written densely. Norm FLOPs count the
+# statistics and the affine map (mean, variance, normalize, scale, shift and their gradients).
+# dwconv k: forward 2k² per element; backward 2k² for grad_x and 2k² for grad_weight.
+_COSTS = {
+    "dwconv": {"forward": {"flops_per_tap": 2, "reads": 1, "writes": 1},
+               "backward": {"flops_per_tap": 4, "reads": 2, "writes": 1}},
+    "norm": {"forward": {"flops": 7, "reads": 1, "writes": 1},
+             "backward": {"flops": 10, "reads": 2, "writes": 1}},
+}
+
+
+def op_cost(op: str, channels: int, size: int, batch: int, active_fraction: float,
+            backward: bool) -> Dict[str, float]:
+    """FLOPs and bytes of the least work `op` (a key of TARGETS) needs, forward or forward + backward."""
+    sites = batch * size * size
+    active = channels * sites * active_fraction  # active elements
+    dense = channels * sites
+    kind = "dwconv" if op.startswith("dwconv") else "norm"
+    flops = bytes_ = 0.0
+    for pass_ in ("forward", "backward") if backward else ("forward",):
+        c = _COSTS[kind][pass_]
+        per_element = c["flops_per_tap"] * int(op[-1]) ** 2 if kind == "dwconv" else c["flops"]
+        flops += per_element * active
+        bytes_ += BYTES * (c["reads"] * active + c["writes"] * dense)
+    return {"flops": flops, "bytes": bytes_}
+
+
+def roofline_time(cost: Dict[str, float], bounds: Dict[str, float]) -> float:
+    return max(cost["flops"] / bounds["flops_per_s"], cost["bytes"] / bounds["bytes_per_s"])
+
+
+def measure_machine(repeats: int = 5, gemm_size: int = 2048, stream_elements: int = 1 << 25) -> Dict[str, float]:
+    """Peak fp32 FLOP/s (a square GEMM) and memory bandwidth (STREAM copy and triad on arrays well
+    beyond the last-level cache), with the threads torch runs on."""
+    a = torch.randn(gemm_size, gemm_size)
+    b = torch.randn(gemm_size, gemm_size)
+    c = torch.empty(gemm_size, gemm_size)
+    gemm = median_time(lambda: torch.mm(a, b, out=c), repeats)
+    flops = 2 * gemm_size ** 3 / gemm["median"]
+    x = torch.randn(stream_elements)
+    y = torch.randn(stream_elements)
+    z = torch.empty(stream_elements)
+    copy = median_time(lambda: z.copy_(x), repeats)
+    triad = median_time(lambda: torch.add(x, y, alpha=3.0, out=z), repeats)
+    copy_bw = 2 * BYTES * stream_elements / copy["median"]
+    triad_bw = 3 * BYTES * stream_elements / triad["median"]
+    return {"flops_per_s": flops, "copy_bytes_per_s": copy_bw, "triad_bytes_per_s": triad_bw,
+            "bytes_per_s": max(copy_bw, triad_bw), "gemm_size": gemm_size, "stream_bytes": BYTES * stream_elements}

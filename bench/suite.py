@@ -1,0 +1,191 @@
+"""The benchmark suite behind `python -m bench`: ops at the stage shapes, mask-ratio and batch sweeps,
+whole SparK training steps, and this machine's bounds, measured in one process into one results dict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import spark_kernels as sk
+
+from . import roofline
+from .common import BATCH, MASK_RATIO, MODEL_TARGETS, STAGES, TARGETS, THREADS, environment, interleaved_times
+from .ops import COMPILED, OPS, REFERENCE, Case
+
+SCHEMA = 1
+PASSES = {"forward": False, "forward_backward": True}  # pass name -> with backward
+
+
+@dataclasses.dataclass
+class Settings:
+    """What one run measures. The defaults are the full run; QUICK overrides some of them."""
+
+    batch: int = BATCH
+    repeats: int = 7
+    warmup: int = 2
+    budget_s: float = 20.0  # at most this much timed work per contender and case (long compiled cases)
+    threads: int = THREADS
+    ops: Sequence[str] = OPS
+    stages: Dict[str, List[Tuple[int, int, int]]] = dataclasses.field(default_factory=lambda: dict(STAGES))
+    # Ops measured at each network's stages (default: every op at every network's stages).
+    net_ops: Optional[Dict[str, Sequence[str]]] = None
+    passes: Sequence[str] = tuple(PASSES)
+    backends: Optional[Sequence[str]] = None  # fused backends; None = every available one but the interpreter
+    compile: str = "all"  # "all" cases, "first" stage of each net and op, or "none"
+    compile_ops: Optional[Sequence[str]] = None  # None = every op
+    sweep_ops: Sequence[str] = OPS
+    sweep_shape: Tuple[int, int, int] = STAGES["convnext_tiny"][0]
+    mask_ratios: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)
+    sweep_repeats: int = 5
+    models: Sequence[str] = tuple(MODEL_TARGETS)
+    model_batch: int = BATCH
+    model_steps: int = 5
+    machine_repeats: int = 5
+    quick: bool = False
+
+
+QUICK = dict(repeats=3, warmup=1, budget_s=5.0, passes=("forward_backward",),
+             net_ops={"convnext_tiny": OPS, "resnet50": ("batch_norm",)},
+             compile="first", compile_ops=("dwconv7", "batch_norm"),
+             sweep_ops=("dwconv7", "batch_norm"), mask_ratios=(0.0, 0.3, 0.6, 0.9), batch_sizes=(1, 8, 32),
+             sweep_repeats=3, model_batch=8, model_steps=2, machine_repeats=3, quick=True)
+
+
+def fused_backends(requested: Optional[Sequence[str]] = None) -> List[str]:
+    """The fused backends to measure on CPU tensors: the requested ones, else every available one except
+    the reference and Triton (on CPU tensors Triton runs in its interpreter, a test tool, not a backend to time)."""
+    if requested is not None:
+        return list(requested)
+    return [b for b in sk.available_backends() if b not in (REFERENCE, "triton", "cuda")]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _ms(entry: Dict[str, object]) -> str:
+    return f"{entry['median'] * 1e3:9.2f}" if "median" in entry else "        -"
+
+
+def _ratio(times: Dict[str, Dict[str, object]], slow: str, fast: str) -> Optional[float]:
+    if "median" in times.get(slow, {}) and "median" in times.get(fast, {}):
+        return times[slow]["median"] / times[fast]["median"]
+    return None
+
+
+def measure_case(case: Case, impls: Sequence[str], backward: bool, settings: Settings,
+                 bounds: Optional[Dict[str, float]]) -> Dict[str, object]:
+    """Times of every contender on one case, speedups over the reference, roofline time."""
+    times = interleaved_times({impl: case.runner(impl, backward) for impl in impls}, settings.repeats,
+                              settings.warmup, settings.budget_s)
+    row: Dict[str, object] = {
+        "op": case.op, "channels": case.channels, "size": case.size, "batch": case.batch,
+        "active_fraction": case.active_fraction, "pass": "forward_backward" if backward else "forward",
+        "times": times,
+        "speedup": {impl: _ratio(times, REFERENCE, impl) for impl in impls if impl != REFERENCE},
+    }
+    cost = roofline.op_cost(case.op, case.channels, case.size, case.batch, case.active_fraction, backward)
+    row.update(cost)
+    if bounds:
+        row["roofline_s"] = roofline.roofline_time(cost, bounds)
+    return row
+
+
+def run_ops(settings: Settings, backends: List[str], bounds) -> List[Dict[str, object]]:
+    rows = []
+    for net, stages in settings.stages.items():
+        ops = [op for op in settings.ops if settings.net_ops is None or op in settings.net_ops.get(net, ())]
+        for op in ops:
+            for stage, (channels, size, patch) in enumerate(stages):
+                compile_here = (settings.compile == "all" or (settings.compile == "first" and stage == 0)) and \
+                    (settings.compile_ops is None or op in settings.compile_ops)
+                impls = [REFERENCE] + backends + ([COMPILED] if compile_here else [])
+                case = Case(op, channels, size, patch, settings.batch)
+                for pass_ in settings.passes:
+                    row = measure_case(case, impls, PASSES[pass_], settings, bounds)
+                    row.update(net=net, stage=stage + 1, mask_ratio=MASK_RATIO,
+                               target=TARGETS[op] if pass_ == "forward_backward" else None)
+                    rows.append(row)
+                    t = row["times"]
+                    _log(f"{net:<14}{op:<14}{channels:>5}@{size:<3}{pass_:<17}" + "".join(
+                        f" {impl}{_ms(t[impl])}" for impl in impls) +
+                        "".join(f"  {impl} x{s:.2f}" for impl, s in row["speedup"].items() if s))
+                del case
+    return rows
+
+
+def run_sweeps(settings: Settings, backends: List[str], bounds) -> Dict[str, List[Dict[str, object]]]:
+    channels, size, patch = settings.sweep_shape
+    impls = [REFERENCE] + backends
+    sweep = dataclasses.replace(settings, repeats=settings.sweep_repeats)
+    out: Dict[str, List[Dict[str, object]]] = {"mask_ratio": [], "batch": []}
+    for op in settings.sweep_ops:
+        for ratio in settings.mask_ratios:
+            row = measure_case(Case(op, channels, size, patch, settings.batch, ratio), impls, True, sweep, bounds)
+            row["mask_ratio"] = ratio
+            out["mask_ratio"].append(row)
+            _log(f"sweep mask {op:<14}ratio {ratio:.1f} active {row['active_fraction']:.2f}" +
+                 "".join(f" {i}{_ms(row['times'][i])}" for i in impls))
+        for batch in settings.batch_sizes:
+            row = measure_case(Case(op, channels, size, patch, batch), impls, True, sweep, bounds)
+            row["mask_ratio"] = MASK_RATIO
+            out["batch"].append(row)
+            _log(f"sweep batch {op:<14}batch {batch:<4}" + "".join(f" {i}{_ms(row['times'][i])}" for i in impls))
+    return out
+
+
+def run_models(settings: Settings, backends: List[str]) -> Dict[str, object]:
+    """Whole SparK training steps through bench/model_step.py (written with the model layer)."""
+    try:
+        from . import model_step
+    except ImportError as e:
+        return {"status": f"not measured: bench/model_step.py is not available ({e})", "rows": []}
+    rows = []
+    for model in settings.models:
+        for backend in [REFERENCE] + backends:
+            try:
+                r = model_step.measure(model, backend=backend, batch=settings.model_batch,
+                                       steps=settings.model_steps, warmup=1)
+                rows.append({"model": model, "backend": backend, "batch": settings.model_batch, **r})
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                rows.append({"model": model, "backend": backend, "batch": settings.model_batch,
+                             "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"})
+            _log(f"model {model:<14}{backend:<12}{rows[-1]}")
+    return {"status": "measured", "rows": rows}
+
+
+def run(settings: Settings, sections: Sequence[str] = ("machine", "ops", "sweeps", "models")) -> Dict[str, object]:
+    torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    backends = fused_backends(settings.backends)
+    results: Dict[str, object] = {
+        "schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "bench"] + sys.argv[1:]),
+        "settings": {k: v for k, v in dataclasses.asdict(settings).items()},
+        "environment": environment(), "backends": backends, "unavailable": sk.unavailable_reasons(),
+        "mask_ratio": MASK_RATIO, "targets": {"ops": TARGETS, "models": MODEL_TARGETS},
+        "sparsity_limit": 1 / (1 - MASK_RATIO),
+    }
+    _log(f"# {results['environment']['cpu']}, {settings.threads} threads, allocator "
+         f"{results['environment']['allocator']}, fused backends {backends}, load {os.getloadavg()}")
+    bounds = None
+    if "machine" in sections:
+        bounds = roofline.measure_machine(settings.machine_repeats)
+        _log(f"machine: {bounds['flops_per_s'] / 1e9:.1f} GFLOP/s fp32 GEMM, "
+             f"{bounds['bytes_per_s'] / 1e9:.1f} GB/s (copy {bounds['copy_bytes_per_s'] / 1e9:.1f}, "
+             f"triad {bounds['triad_bytes_per_s'] / 1e9:.1f})")
+    results["machine"] = bounds
+    results["ops"] = run_ops(settings, backends, bounds) if "ops" in sections else []
+    results["sweeps"] = run_sweeps(settings, backends, bounds) if "sweeps" in sections else \
+        {"mask_ratio": [], "batch": []}
+    results["models"] = run_models(settings, backends) if "models" in sections else {"status": "not run", "rows": []}
+    results["environment"]["load_average_end"] = list(os.getloadavg())
+    results["duration_s"] = time.perf_counter() - started
+    return results
