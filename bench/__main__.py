@@ -41,7 +41,7 @@ def run_main(argv) -> int:
     overrides = {"backends": args.backends, "threads": args.threads, "repeats": args.repeats}
     settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     if args.no_compile:
-        settings = dataclasses.replace(settings, compile="none")
+        settings = dataclasses.replace(settings, compile_stages=())
 
     results = suite.run(settings, args.sections)
     out = args.out or os.path.join(RESULTS_DIR, datetime.datetime.now().strftime("%Y%m%d-%H%M%S") +

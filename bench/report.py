@@ -15,11 +15,48 @@ from typing import Dict, List, Optional, Sequence
 from .ops import COMPILED, REFERENCE
 
 GB = 1e9
+SCHEMA = 1
+
+
+# Keys of a results file (schema 1) and of each op measurement row.
+TOP_KEYS = {"schema": int, "created": str, "command": str, "settings": dict, "environment": dict, "backends": list,
+            "mask_ratio": float, "targets": dict, "sparsity_limit": float, "machine": (dict, type(None)),
+            "ops": list, "sweeps": dict, "models": dict, "duration_s": float}
+ROW_KEYS = {"op": str, "channels": int, "size": int, "batch": int, "active_fraction": float, "pass": str,
+            "times": dict, "speedup": dict, "flops": float, "bytes": float}
+ENVIRONMENT_KEYS = ("cpu", "cores", "threads", "torch", "triton", "allocator", "load_average")
+
+
+def check_schema(results: Dict[str, object]) -> None:
+    """Raise ValueError naming the first missing or mistyped field of a results file."""
+    def check(obj, keys, where):
+        for key, kind in keys.items():
+            if key not in obj:
+                raise ValueError(f"results file: {where} lacks {key!r}")
+            if not isinstance(obj[key], kind):
+                raise ValueError(f"results file: {where}[{key!r}] is a {type(obj[key]).__name__}")
+
+    check(results, TOP_KEYS, "the top level")
+    if results["schema"] != SCHEMA:
+        raise ValueError(f"results file: schema {results['schema']}, this code reads schema {SCHEMA}")
+    for key in ENVIRONMENT_KEYS:
+        if key not in results["environment"]:
+            raise ValueError(f"results file: environment lacks {key!r}")
+    rows = results["ops"] + results["sweeps"]["mask_ratio"] + results["sweeps"]["batch"]
+    for i, row in enumerate(rows):
+        check(row, ROW_KEYS, f"measurement {i}")
+        for impl, t in row["times"].items():
+            if "error" not in t and not {"median", "min", "max", "repeats", "first_call_s"} <= t.keys():
+                raise ValueError(f"results file: measurement {i} {impl} has neither times nor an error: {t}")
+    if not isinstance(results["models"].get("rows"), list):
+        raise ValueError("results file: models lacks its 'rows' list")
 
 
 def load(path: str) -> Dict[str, object]:
     with open(path) as f:
-        return json.load(f)
+        results = json.load(f)
+    check_schema(results)
+    return results
 
 
 def _ms(times: Dict[str, Dict[str, object]], impl: str) -> str:
@@ -252,7 +289,8 @@ def write_plots(results: Dict[str, object], out_dir: str, link_base: Optional[st
             ax.set_ylabel("speedup over the reference (fwd+bwd)")
             ax.set_title(f"{net} stages, batch {results['settings']['batch']}"
                          + (" (dotted: targets)" if net == "convnext_tiny" else ""))
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         save(fig, "speedup.png")
 
     sweep = results["sweeps"]["mask_ratio"]

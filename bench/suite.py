@@ -17,8 +17,7 @@ import spark_kernels as sk
 from . import roofline
 from .common import BATCH, MASK_RATIO, MODEL_TARGETS, STAGES, TARGETS, THREADS, environment, interleaved_times
 from .ops import COMPILED, OPS, REFERENCE, Case
-
-SCHEMA = 1
+from .report import SCHEMA
 PASSES = {"forward": False, "forward_backward": True}  # pass name -> with backward
 
 
@@ -37,7 +36,8 @@ class Settings:
     net_ops: Optional[Dict[str, Sequence[str]]] = None
     passes: Sequence[str] = tuple(PASSES)
     backends: Optional[Sequence[str]] = None  # fused backends; None = every available one but the interpreter
-    compile: str = "all"  # "all" cases, "first" stage of each net and op, or "none"
+    # The reference under torch.compile at these stages (1-based; None = every stage, () = none) and ops.
+    compile_stages: Optional[Sequence[int]] = None
     compile_ops: Optional[Sequence[str]] = None  # None = every op
     sweep_ops: Sequence[str] = OPS
     sweep_shape: Tuple[int, int, int] = STAGES["convnext_tiny"][0]
@@ -48,12 +48,14 @@ class Settings:
     model_batch: int = BATCH
     model_steps: int = 5
     machine_repeats: int = 5
+    machine_gemm_size: int = 2048
+    machine_stream_elements: int = 1 << 25  # 128 MB per array, 4x the last-level cache here
     quick: bool = False
 
 
 QUICK = dict(repeats=3, warmup=1, budget_s=5.0, passes=("forward_backward",),
              net_ops={"convnext_tiny": OPS, "resnet50": ("batch_norm",)},
-             compile="first", compile_ops=("dwconv7", "batch_norm"),
+             compile_stages=(4,), compile_ops=("dwconv7", "batch_norm"),
              sweep_ops=("dwconv7", "batch_norm"), mask_ratios=(0.0, 0.3, 0.6, 0.9), batch_sizes=(1, 8, 32),
              sweep_repeats=3, model_batch=8, model_steps=2, machine_repeats=3, quick=True)
 
@@ -103,14 +105,14 @@ def run_ops(settings: Settings, backends: List[str], bounds) -> List[Dict[str, o
     for net, stages in settings.stages.items():
         ops = [op for op in settings.ops if settings.net_ops is None or op in settings.net_ops.get(net, ())]
         for op in ops:
-            for stage, (channels, size, patch) in enumerate(stages):
-                compile_here = (settings.compile == "all" or (settings.compile == "first" and stage == 0)) and \
+            for stage, (channels, size, patch) in enumerate(stages, 1):
+                compile_here = (settings.compile_stages is None or stage in settings.compile_stages) and \
                     (settings.compile_ops is None or op in settings.compile_ops)
                 impls = [REFERENCE] + backends + ([COMPILED] if compile_here else [])
                 case = Case(op, channels, size, patch, settings.batch)
                 for pass_ in settings.passes:
                     row = measure_case(case, impls, PASSES[pass_], settings, bounds)
-                    row.update(net=net, stage=stage + 1, mask_ratio=MASK_RATIO,
+                    row.update(net=net, stage=stage, mask_ratio=MASK_RATIO,
                                target=TARGETS[op] if pass_ == "forward_backward" else None)
                     rows.append(row)
                     t = row["times"]
@@ -177,7 +179,8 @@ def run(settings: Settings, sections: Sequence[str] = ("machine", "ops", "sweeps
          f"{results['environment']['allocator']}, fused backends {backends}, load {os.getloadavg()}")
     bounds = None
     if "machine" in sections:
-        bounds = roofline.measure_machine(settings.machine_repeats)
+        bounds = roofline.measure_machine(settings.machine_repeats, settings.machine_gemm_size,
+                                          settings.machine_stream_elements)
         _log(f"machine: {bounds['flops_per_s'] / 1e9:.1f} GFLOP/s fp32 GEMM, "
              f"{bounds['bytes_per_s'] / 1e9:.1f} GB/s (copy {bounds['copy_bytes_per_s'] / 1e9:.1f}, "
              f"triad {bounds['triad_bytes_per_s'] / 1e9:.1f})")

@@ -1,0 +1,91 @@
+"""The benchmark harness end to end at tiny sizes: results schema, report, compare mode. No timing is asserted."""
+import copy
+import json
+
+import pytest
+
+from bench import compare, report, suite
+from bench.__main__ import main as bench_main
+from bench.ops import REFERENCE
+
+TINY = suite.Settings(batch=2, repeats=1, warmup=1, passes=("forward_backward",), stages={"convnext_tiny": [(8, 8, 2)]}, compile_stages=(),
+                      sweep_shape=(8, 8, 2), mask_ratios=(0.0, 0.5), batch_sizes=(1, 2), sweep_ops=("dwconv3",),
+                      sweep_repeats=1, models=(), machine_repeats=1, machine_gemm_size=64,
+                      machine_stream_elements=1 << 12)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    r = suite.run(TINY)
+    path = tmp_path_factory.mktemp("bench") / "results.json"
+    path.write_text(json.dumps(r))
+    return {"dict": r, "path": str(path)}
+
+
+def test_results_schema(results):
+    r = report.load(results["path"])  # json round trip + schema check
+    assert r["backends"] == suite.fused_backends()
+    ops = {row["op"] for row in r["ops"]}
+    assert ops == set(TINY.ops)
+    assert {row["pass"] for row in r["ops"]} == set(TINY.passes)
+    for row in r["ops"] + r["sweeps"]["mask_ratio"] + r["sweeps"]["batch"]:
+        assert set(row["times"]) == {REFERENCE, *r["backends"]}
+        assert row["times"][REFERENCE]["median"] > 0, "the reference always runs"
+        assert row["roofline_s"] > 0 and row["flops"] > 0 and row["bytes"] > 0
+    ratios = sorted(row["mask_ratio"] for row in r["sweeps"]["mask_ratio"])
+    assert ratios == sorted(TINY.mask_ratios)
+    fractions = {row["mask_ratio"]: row["active_fraction"] for row in r["sweeps"]["mask_ratio"]}
+    assert fractions[0.0] == 1.0 and fractions[0.5] == pytest.approx(0.5)
+    assert sorted(row["batch"] for row in r["sweeps"]["batch"]) == sorted(TINY.batch_sizes)
+    assert r["machine"]["flops_per_s"] > 0 and r["machine"]["bytes_per_s"] > 0
+    assert r["environment"]["allocator"]
+
+
+def test_schema_check_names_the_missing_field(results):
+    broken = copy.deepcopy(results["dict"])
+    del broken["ops"][0]["times"]
+    with pytest.raises(ValueError, match="times"):
+        report.check_schema(broken)
+
+
+def test_report_renders_every_case(results, tmp_path):
+    r = results["dict"]
+    text = report.render_markdown(r)
+    for op in TINY.ops:
+        assert f"| convnext_tiny | {op} | 8@8² |" in text
+    assert "Sparsity limit" in text and "GFLOP/s" in text and r["environment"]["allocator"] in text
+    assert "Linearity in the active fraction" in text
+    pytest.importorskip("matplotlib")
+    plots = report.write_plots(r, str(tmp_path))
+    assert sorted(p.rsplit("/", 1)[-1] for p in plots) == ["batch_sweep.png", "mask_sweep.png", "speedup.png"]
+    for p in plots:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_linear_fit_overhead():
+    fit = report.linear_fit([(0.25, 1.0), (0.5, 2.0), (1.0, 4.0)])
+    assert fit["overhead_at_zero"] == pytest.approx(0.0, abs=1e-12) and fit["r2"] == pytest.approx(1.0)
+    flat = report.linear_fit([(0.25, 3.0), (1.0, 3.0)])
+    assert flat["overhead_at_zero"] == pytest.approx(1.0)
+
+
+def test_compare_detects_a_planted_regression(results, tmp_path, capsys):
+    old = results["dict"]
+    new = copy.deepcopy(old)
+    row = new["ops"][0]
+    row["times"][REFERENCE]["median"] *= 1.5  # 50% slower
+    name = compare._case_key("ops", row) + f" {REFERENCE} median s"
+    diff = compare.compare(old, new, tolerance=0.1)
+    assert [d[0] for d in diff["worse"]] == [name]
+    assert diff["better"] == [] and diff["only_old"] == [] and diff["only_new"] == []
+    assert compare.compare(old, new, tolerance=0.6)["worse"] == []  # within tolerance
+    faster = copy.deepcopy(old)
+    faster["ops"][0]["times"][REFERENCE]["median"] /= 2
+    assert [d[0] for d in compare.compare(old, faster, 0.1)["better"]] == [name]
+
+    new_path = tmp_path / "new.json"
+    new_path.write_text(json.dumps(new))
+    assert bench_main(["compare", results["path"], str(new_path), "--tolerance", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "WORSE (1)" in out and name in out and "+50.0%" in out
