@@ -11,6 +11,7 @@ Kernels never call ``nonzero()`` per layer; they read two int32 tables cached he
 from __future__ import annotations
 
 import collections
+import operator
 import threading
 import weakref
 from typing import Dict, Tuple
@@ -25,6 +26,19 @@ def _check_mask(mask: torch.Tensor, name: str = "mask") -> None:
         raise TypeError(f"{name} must have dtype torch.bool (True = active), got {mask.dtype}")
     if mask.dim() != 4 or mask.shape[1] != 1:
         raise ValueError(f"{name} must have shape (N, 1, H, W), got {tuple(mask.shape)}")
+    if mask.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: active sites are built from the mask's values, "
+                         f"which a meta tensor does not have")
+
+
+def _positive_int(value, name: str) -> int:
+    try:
+        number = operator.index(value)  # ints, numpy and torch integers, SymInts; not floats
+    except TypeError:
+        number = None
+    if isinstance(value, bool) or number is None or number < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return number
 
 
 class ActiveSites:
@@ -110,9 +124,9 @@ class ActiveSites:
 
     def downsample(self, factor: int = 2) -> "ActiveSites":
         """The next coarser scale: a site is active if any of its factor x factor children is."""
-        if not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be a positive int, got {factor!r}")
+        factor = _positive_int(factor, "factor")
         _, h, w = self.shape
+        self._check_resamplable()
         if h % factor or w % factor:
             raise ValueError(f"downsample factor {factor} does not divide the spatial size {h}x{w}")
         key = (h // factor, w // factor)
@@ -124,10 +138,12 @@ class ActiveSites:
     def at(self, height: int, width: int) -> "ActiveSites":
         """The sites of this mask at another resolution: nearest-upsampled to an integer multiple,
         or downsampled ("any child active") to an integer divisor of the spatial size."""
+        height, width = _positive_int(height, "height"), _positive_int(width, "width")
         key = (height, width)
         if key in self._scales:
             return self._scales[key]
         _, h, w = self.shape
+        self._check_resamplable()
         if height % h == 0 and width % w == 0 and height // h == width // w:
             s = height // h
             up = self.mask.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
@@ -137,6 +153,11 @@ class ActiveSites:
         raise ValueError(
             f"active sites of spatial size {h}x{w} cannot be resampled to {height}x{width}: "
             f"the sizes must differ by the same integer factor in both dimensions")
+
+    def _check_resamplable(self) -> None:
+        if min(self.spatial_size) == 0:
+            raise ValueError(f"active sites of spatial size {self.spatial_size[0]}x{self.spatial_size[1]} "
+                             f"(no sites) cannot be resampled")
 
     # -- consistency ----------------------------------------------------------------------------------
     def check_matches(self, x: torch.Tensor, x_name: str = "x", name: str = "active",

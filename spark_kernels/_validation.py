@@ -35,3 +35,17 @@ def check_param(t, name: str, shape: Sequence[int], like: torch.Tensor, optional
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but x is on {like.device}; all tensors must be on one device")
+
+
+def check_param_dtypes(x: torch.Tensor, **params) -> None:
+    """A norm's parameters and buffers share one dtype: x's, or float32 for a float16/bfloat16 x
+    (PyTorch's mixed-precision rule for batch_norm and layer_norm, which the reference calls)."""
+    allowed = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
+    dtypes = {name: t.dtype for name, t in params.items() if t is not None}
+    for name, dtype in dtypes.items():
+        if dtype not in allowed:
+            names = " or ".join(str(d) for d in allowed)
+            raise TypeError(f"{name} must have dtype {names} for x of dtype {x.dtype}, got {dtype}")
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name}: {dtype}" for name, dtype in dtypes.items())
+        raise TypeError(f"the parameters and running statistics must share one dtype, got {listed}")

@@ -15,7 +15,7 @@ from . import reference
 from ._backends import select_backend
 from ._layout import accumulation_dtype
 from ._sites import resolve_sites
-from ._validation import check_input, check_param
+from ._validation import check_input, check_param, check_param_dtypes
 
 
 def _all_reduce(t: torch.Tensor, process_group) -> torch.Tensor:
@@ -107,6 +107,7 @@ def masked_batch_norm(x: torch.Tensor, active, running_mean: Optional[torch.Tens
     check_param(running_var, "running_var", (c,), x, optional=training)
     check_param(weight, "weight", (c,), x)
     check_param(bias, "bias", (c,), x)
+    check_param_dtypes(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
@@ -115,7 +116,7 @@ def masked_batch_norm(x: torch.Tensor, active, running_mean: Optional[torch.Tens
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     sites = resolve_sites(active, x)
     chosen = select_backend(backend, x, "masked_batch_norm")
-    if chosen.name == "reference":
+    if chosen.name == "reference" or x.numel() == 0:  # an empty x: nothing for a kernel to do
         return reference.masked_batch_norm(x, sites.mask, running_mean, running_var, weight, bias,
                                            bool(training), float(momentum), float(eps), process_group)
     return _MaskedBatchNorm.apply(x, weight, bias, running_mean, running_var, sites.index, sites.num_active,

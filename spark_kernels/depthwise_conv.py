@@ -63,6 +63,6 @@ def sparse_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     k = check_conv_args(x, weight, bias)
     sites = resolve_sites(active, x)
     chosen = select_backend(backend, x, "sparse_depthwise_conv2d")
-    if chosen.name == "reference":
+    if chosen.name == "reference" or x.numel() == 0:  # an empty x: nothing for a kernel to do
         return reference.sparse_depthwise_conv2d(x, weight, bias, sites.mask)
     return _SparseDepthwiseConv.apply(x, weight, bias, sites.index, sites.neighbors(k), chosen.kernels)

@@ -9,7 +9,7 @@ from . import reference
 from ._backends import select_backend
 from ._layout import accumulation_dtype
 from ._sites import ActiveSites, as_sites
-from ._validation import check_input, check_param
+from ._validation import check_input, check_param, check_param_dtypes
 
 DATA_FORMATS = ("channels_first", "channels_last")
 
@@ -69,11 +69,12 @@ def masked_layer_norm(x: torch.Tensor, active, weight: Optional[torch.Tensor], b
     c = x.shape[-1] if channels_last else x.shape[1]
     check_param(weight, "weight", (c,), x)
     check_param(bias, "bias", (c,), x)
+    check_param_dtypes(x, weight=weight, bias=bias)
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     sites = _sites_for_layer_norm(active, x, channels_last)
     chosen = select_backend(backend, x, "masked_layer_norm")
-    if chosen.name == "reference":
+    if chosen.name == "reference" or x.numel() == 0:  # an empty x: nothing for a kernel to do
         return reference.masked_layer_norm(x, sites.mask, weight, bias, float(eps), channels_last)
     x_nchw = x.permute(0, 3, 1, 2) if channels_last else x
     y = _MaskedLayerNorm.apply(x_nchw, weight, bias, sites.index, float(eps), chosen.kernels)

@@ -21,6 +21,11 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
 def sparse_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                             mask: torch.Tensor) -> torch.Tensor:
     """mask: bool (N, 1, H, W)."""
+    if x.numel() == 0:
+        # F.conv2d refuses C = 0 and images smaller than the kernel. The empty result, connected to
+        # every input so that their gradients are zeros as for N = 0.
+        y = x * weight.sum()
+        return y if bias is None else y + bias.sum()
     k = weight.shape[-1]
     masked = torch.where(mask, x, _zero(x))
     y = F.conv2d(masked, weight, bias, padding=k // 2, groups=x.shape[1])

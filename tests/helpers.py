@@ -54,3 +54,41 @@ def assert_close_to_reference(out: torch.Tensor, ref_lowp: torch.Tensor, ref_f64
     scale = ref64.abs().max().item() if ref64.numel() else 0.0
     bound = ERROR_MULTIPLE * ref_err + ABS_FLOOR[dtype] * max(1.0, scale)
     assert err <= bound, f"{what}: max error {err:.3g} exceeds {bound:.3g} (reference's own {dtype} error {ref_err:.3g})"
+
+
+# -- backends under test ------------------------------------------------------------------------------
+# The native primitives each op needs (csrc/ops.cpp); a backend whose kernels for an op are not built
+# yet is reported as an expected failure with that reason (never skipped, never counted as passing).
+OP_PRIMITIVES = {
+    "conv": ("dwconv_forward", "dwconv_backward"),
+    "batch_norm": ("masked_bn_stats", "masked_bn_elemt", "masked_bn_backward_stats", "masked_bn_backward_elemt"),
+    "layer_norm": ("masked_ln_forward", "masked_ln_backward"),
+}
+
+
+def cpu_tensor_backends() -> list:
+    """Every available backend that runs CPU tensors without the Triton interpreter (tested elsewhere)."""
+    import spark_kernels as sk
+    from spark_kernels._backends import get_backend
+    return [name for name in sk.available_backends()
+            if name != "triton" and "cpu" in get_backend(name).device_types]
+
+
+def missing_kernels(backend: str, op: str) -> list:
+    if backend != "cpu":
+        return []
+    return [p for p in OP_PRIMITIVES[op]
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"spark_kernels::{p}", "CPU")]
+
+
+def kernel_backends(op: str) -> list:
+    """pytest params over cpu_tensor_backends() for a test that runs `op`'s kernels: a backend whose
+    kernels are missing must fail with NotImplementedError (strict xfail, reason named)."""
+    import pytest
+    params = []
+    for name in cpu_tensor_backends():
+        missing = missing_kernels(name, op)
+        marks = [pytest.mark.xfail(raises=NotImplementedError, strict=True,
+                                   reason=f"{name} kernels not built yet: {', '.join(missing)}")] if missing else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
