@@ -108,6 +108,9 @@ def masked_batch_norm(x: torch.Tensor, active, running_mean: Optional[torch.Tens
     check_param(weight, "weight", (c,), x)
     check_param(bias, "bias", (c,), x)
     check_param_dtypes(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if training and t is not None and t.numel() > 1 and t.stride(0) == 0:
+            raise ValueError(f"{name} is updated in place and must not be an expanded view (stride 0)")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:

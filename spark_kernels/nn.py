@@ -40,6 +40,9 @@ def current_sites() -> Optional[ActiveSites]:
 
 
 def sites_for(x: torch.Tensor, module: nn.Module, spatial_dims=(2, 3)) -> ActiveSites:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{type(module).__name__} expects a 4-D input tensor, got {shape}")
     sites = _ACTIVE.get()
     if sites is None:
         raise RuntimeError(f"{type(module).__name__} needs active sites: run it inside "
@@ -130,8 +133,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         return masked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"MaskedBatchNorm2d expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        sites = sites_for(x, self)  # first: a call that cannot run must not count as a tracked batch
         # The momentum / num_batches_tracked logic of nn.BatchNorm2d.
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -140,7 +142,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
         return masked_batch_norm(
-            x, sites_for(x, self), self.running_mean if track else None, self.running_var if track else None,
+            x, sites, self.running_mean if track else None, self.running_var if track else None,
             self.weight, self.bias, training=use_batch_stats, momentum=factor, eps=self.eps,
             process_group=self.process_group if self.training else None, backend=self.backend)
 
@@ -172,8 +174,6 @@ class MaskedLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = (1, 2) if self.data_format == "channels_last" else (2, 3)
-        if x.dim() != 4:
-            raise ValueError(f"MaskedLayerNorm expects a 4-D input, got shape {tuple(x.shape)}")
         return masked_layer_norm(x, sites_for(x, self, dims), self.weight, self.bias, self.eps,
                                  self.data_format, backend=self.backend)
 

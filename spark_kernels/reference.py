@@ -18,14 +18,21 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(())
 
 
+def _empty_result(x: torch.Tensor, *params) -> torch.Tensor:
+    """The result for an x without elements: empty, connected to x and the parameters so that their
+    gradients are zeros as for any other input."""
+    y = x * 0
+    for p in params:
+        if p is not None:
+            y = y + p.sum() * 0  # a 0-dim term: y keeps x's dtype
+    return y
+
+
 def sparse_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                             mask: torch.Tensor) -> torch.Tensor:
     """mask: bool (N, 1, H, W)."""
-    if x.numel() == 0:
-        # F.conv2d refuses C = 0 and images smaller than the kernel. The empty result, connected to
-        # every input so that their gradients are zeros as for N = 0.
-        y = x * weight.sum()
-        return y if bias is None else y + bias.sum()
+    if x.numel() == 0:  # F.conv2d refuses C = 0 and images smaller than the kernel
+        return _empty_result(x, weight, bias)
     k = weight.shape[-1]
     masked = torch.where(mask, x, _zero(x))
     y = F.conv2d(masked, weight, bias, padding=k // 2, groups=x.shape[1])
@@ -51,6 +58,14 @@ def _update_running_stats(running_mean, running_var, mean, var, count: int, mome
 def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, running_mean, running_var, weight, bias,
                       training: bool, momentum: float, eps: float, process_group=None) -> torch.Tensor:
     """Gather active (n, h, w) rows -> BatchNorm over them -> scatter into zeros. mask: bool (N, 1, H, W)."""
+    if x.numel() == 0:  # nothing observed, nothing to update; F.batch_norm refuses C = 0 with weights
+        return _empty_result(x, weight, bias)
+    # torch 2.14's CPU batch_norm backward reads a non-contiguous weight, and in eval non-contiguous
+    # running statistics, as if they were contiguous (wrong gradients): give it contiguous ones.
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if not training and running_mean is not None:  # not written in eval, so copies are fine
+        running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
     nhwc = x.permute(0, 2, 3, 1)
     mask_nhw = mask[:, 0]
     rows = nhwc[mask_nhw]  # (M, C)

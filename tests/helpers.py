@@ -46,6 +46,10 @@ def assert_close_to_reference(out: torch.Tensor, ref_lowp: torch.Tensor, ref_f64
     out64, ref64 = out.double(), ref_f64.double()
     assert out.shape == ref_f64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref_f64.shape)}"
     assert torch.equal(torch.isnan(out64), torch.isnan(ref64)), f"{what}: NaN pattern differs"
+    assert torch.equal(ref64.isinf(), out64.isinf()) and torch.equal(out64[out64.isinf()], ref64[ref64.isinf()]), \
+        f"{what}: infinities differ"
+    finite = ref64.isfinite()  # non-finite values are equal by now; compare the rest
+    out64, ref64, ref_lowp = out64[finite], ref64[finite], ref_lowp[finite]
     if dtype == torch.float64:
         torch.testing.assert_close(out64, ref64, rtol=RTOL[dtype], atol=ATOL[dtype], msg=lambda m: f"{what}: {m}")
         return
