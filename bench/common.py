@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -45,6 +46,7 @@ def environment() -> Dict[str, object]:
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "triton": getattr(__import__("triton"), "__version__", "?"), "python": platform.python_version(),
         "allocator": allocator(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "malloc_conf": os.environ.get("MALLOC_CONF", ""),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""), "load_average": list(os.getloadavg()),
     }
 
@@ -62,6 +64,11 @@ def _cpu_name() -> str:
 
 def _summary(times: List[float]) -> Dict[str, float]:
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": len(times)}
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far: first touches of freshly mapped memory (see docs/bench.md)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> Dict[str, float]:
@@ -84,10 +91,11 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup
     Every fn gets `warmup` untimed calls (the first one's duration is kept as "first_call_s": it
     includes torch.compile's compilation), then up to `repeats` timed calls; a fn stops early once its
     timed calls add up to `budget_s` (at least one timed call). A fn that raises is recorded as
-    {"error": ...} and dropped.
+    {"error": ...} and dropped. "minor_faults" is the median count of page faults per timed call.
     """
     out: Dict[str, Dict[str, object]] = {}
     times: Dict[str, List[float]] = {}
+    faults: Dict[str, List[int]] = {}
     for name, fn in fns.items():
         try:
             for i in range(max(warmup, 1)):
@@ -95,14 +103,15 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup
                 fn()
                 if i == 0:
                     out[name] = {"first_call_s": time.perf_counter() - t0}
-            times[name] = []
+            times[name], faults[name] = [], []
         except Exception as e:  # noqa: BLE001 - recorded per contender, the run goes on
             out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     for _ in range(repeats):
         for name in [n for n in times if len(times[n]) < repeats and (not times[n] or sum(times[n]) < budget_s)]:
-            t0 = time.perf_counter()
+            f0, t0 = _minor_faults(), time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
+            faults[name].append(_minor_faults() - f0)
     for name, ts in times.items():
-        out[name].update(_summary(ts))
+        out[name].update(_summary(ts), minor_faults=statistics.median(faults[name]))
     return out

@@ -110,6 +110,16 @@ def _header(results: Dict[str, object]) -> List[str]:
                      f"{bounds['copy_bytes_per_s'] / GB:.1f}, triad {bounds['triad_bytes_per_s'] / GB:.1f}). "
                      f"Sparsity limit at mask ratio {results['mask_ratio']}: "
                      f"{results['sparsity_limit']:.2f}x = 1/(1 - ratio).")
+    faults = {}
+    for r in results["ops"]:
+        if r["pass"] == "forward_backward":
+            for impl, t in r["times"].items():
+                if "minor_faults" in t:
+                    faults.setdefault(impl, []).append(t["minor_faults"])
+    if faults:
+        lines.append("Page faults per forward + backward call (median per case, mean over the ops table; "
+                     "see the allocator note): " + ", ".join(f"{impl} {sum(v) / len(v):.0f}"
+                                                             for impl, v in faults.items()) + ".")
     return lines
 
 
@@ -120,7 +130,7 @@ def ops_table(results: Dict[str, object], pass_: str = "forward_backward") -> Li
         return []
     cols = ["net", "op", "C@HxW", "reference ms", "compiled ms"] + [f"{b} ms" for b in backends] + \
         [f"{b} vs ref" for b in backends] + [f"{b} vs compiled" for b in backends] + \
-        ["target", "met", "roofline ms", "ref/roofline", "compile s"]
+        ["target", "met", "roofline ms", "ref/roofline"] + [f"{b} at roofline" for b in backends] + ["compile s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         t = r["times"]
@@ -137,8 +147,53 @@ def ops_table(results: Dict[str, object], pass_: str = "forward_backward") -> Li
         compiled = t.get(COMPILED, {})
         compile_s = compiled["first_call_s"] - compiled["median"] if "median" in compiled else None
         cells += [_x(target), met, f"{roof * 1e3:.2f}" if roof else "—",
-                  _x(ref / roof) if roof and ref else "—", f"{compile_s:.1f}" if compile_s is not None else "—"]
+                  _x(ref / roof) if roof and ref else "—"]
+        cells += [f"{roof / _median(t, b):.0%}" if roof and _median(t, b) else "—" for b in backends]
+        cells += [f"{compile_s:.1f}" if compile_s is not None else "—"]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _geomean(values: Sequence[float]) -> float:
+    import math
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def targets_table(results: Dict[str, object]) -> List[str]:
+    """DESIGN.md section 6 targets next to the measured figures and the physical limits."""
+    lines = ["| target (DESIGN.md §6) | required | measured: min / geomean over the ConvNeXt-T stages | met | "
+             "sparsity limit | roofline limit (geomean ref/roofline) |", "|---|---|---|---|---|---|"]
+    backends = results["backends"]
+    for op, target in results["targets"]["ops"].items():
+        rows = [r for r in results["ops"] if r["op"] == op and r["net"] == "convnext_tiny"
+                and r["pass"] == "forward_backward"]
+        best = [max((r["speedup"].get(b) or 0) for b in backends) if backends else 0 for r in rows]
+        measured = [b for b in best if b > 0]
+        limits = [_median(r["times"], REFERENCE) / r["roofline_s"] for r in rows if r.get("roofline_s")]
+        if measured and len(measured) == len(rows):
+            shown = f"{min(measured):.2f}x / {_geomean(measured):.2f}x"
+            met = "yes" if min(measured) >= target else f"no ({sum(m >= target for m in measured)}/{len(rows)} stages)"
+        else:
+            shown, met = "not measured", "n/a"
+        lines.append(f"| {op} fwd+bwd vs reference | {target:.1f}x | {shown} | {met} | "
+                     f"{results['sparsity_limit']:.2f}x | {_x(_geomean(limits)) if limits else '—'} |")
+    model_rows = results["models"]["rows"]
+    for model, target in results["targets"]["models"].items():
+        ref = next((r for r in model_rows if r["model"] == model and r["backend"] == REFERENCE
+                    and "images_per_s" in r), None)
+        fused = [r for r in model_rows if r["model"] == model and r["backend"] != REFERENCE and "images_per_s" in r]
+        if ref and fused:
+            best = max(fused, key=lambda r: r["images_per_s"])
+            ratio = best["images_per_s"] / ref["images_per_s"]
+            mem_ok = None if best.get("peak_memory_bytes") is None or ref.get("peak_memory_bytes") is None else \
+                best["peak_memory_bytes"] <= ref["peak_memory_bytes"]
+            mem = "" if mem_ok is None else f", peak memory {best['peak_memory_bytes'] / ref['peak_memory_bytes']:.2f}x"
+            shown = f"{ratio:.2f}x images/s{mem}"
+            met = "yes" if ratio >= target and mem_ok is not False else "no"
+        else:
+            shown, met = "not measured", "n/a"
+        lines.append(f"| SparK step {model}, images/s vs reference, memory no higher | {target:.1f}x | {shown} | "
+                     f"{met} | — | — |")
     return lines
 
 
@@ -218,7 +273,7 @@ def failures(results: Dict[str, object]) -> Dict[tuple, int]:
 
 
 def render_markdown(results: Dict[str, object], plots: Sequence[str] = ()) -> str:
-    out = ["## Performance", ""] + _header(results) + [""]
+    out = ["## Performance", ""] + _header(results) + [""] + targets_table(results) + [""]
     out += ["### Ops, forward + backward, batch {} (targets of DESIGN.md section 6 at the ConvNeXt-T stages)"
             .format(results["settings"]["batch"]), ""]
     out += ops_table(results) or ["(not measured)"]
@@ -227,7 +282,8 @@ def render_markdown(results: Dict[str, object], plots: Sequence[str] = ()) -> st
         out += ["", "### Ops, forward only (training mode)", ""] + fwd
     out += ["", "`compiled` is the reference under `torch.compile` (inductor); `ref/roofline` is the most any "
             "implementation could gain over the reference on this machine (roofline time from the op's least "
-            "FLOPs and bytes at the active fraction)."]
+            "FLOPs and bytes at the active fraction); `<backend> at roofline` is roofline time / fused time "
+            "(100% = at the machine's bound)."]
     sweep = sweep_table(results)
     if sweep:
         out += ["", "### Time vs active fraction (forward + backward, {}@{}²)".format(
