@@ -1,0 +1,68 @@
+"""SparK's light hierarchical decoder (paper, appendix A), written from the paper's description."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+
+class UpsampleBlock(nn.Sequential):
+    """One decoder step: transposed conv (kernel 4, stride 2, padding 1) doubling the resolution, then
+    conv3x3 -> BN -> ReLU6 -> conv3x3 -> BN, going from `in_channels` to `out_channels`."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.ConvTranspose2d(in_channels, in_channels, kernel_size=4, stride=2, padding=1, bias=True),
+            nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+
+
+class LightDecoder(nn.Module):
+    """Widths halve from `width` at every upsampling step; `log2(upsample_ratio)` steps bring the
+    deepest feature map back to the input resolution, and a 1x1 conv maps to `out_channels` pixels.
+
+    forward(features) takes the skip features deepest first; features[i] (width // 2**i channels) is
+    added before step i. Fewer features than steps is fine; None entries are skipped."""
+
+    def __init__(self, width: int = 768, upsample_ratio: int = 32, out_channels: int = 3):
+        super().__init__()
+        steps = int(round(math.log2(upsample_ratio)))
+        if 2 ** steps != upsample_ratio:
+            raise ValueError(f"upsample_ratio must be a power of 2, got {upsample_ratio}")
+        if width % 2 ** steps:
+            raise ValueError(f"width {width} must be divisible by 2**{steps} for {steps} halving steps")
+        self.width = width
+        self.upsample_ratio = upsample_ratio
+        widths = [width >> i for i in range(steps + 1)]
+        self.steps = nn.ModuleList(UpsampleBlock(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.head = nn.Conv2d(widths[-1], out_channels, kernel_size=1, bias=True)
+        self.reset_parameters()
+
+    def widths(self) -> List[int]:
+        """Channels expected of the skip feature added before each step."""
+        return [self.width >> i for i in range(len(self.steps))]
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+
+    def forward(self, features: List[Optional[torch.Tensor]]) -> torch.Tensor:
+        x = 0
+        for i, step in enumerate(self.steps):
+            if i < len(features) and features[i] is not None:
+                x = x + features[i]
+            x = step(x)
+        return self.head(x)
