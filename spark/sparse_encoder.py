@@ -105,13 +105,21 @@ class MaskedBatchNormAct2d(MaskedBatchNorm2d):
 
 
 class MaskedDenseMlp(Mlp):
-    """timm Mlp over every position (N, H, W, C), then zeros at inactive sites: the official SparK
-    ConvNeXt block, which masks the MLP branch before the residual add."""
+    """timm Mlp over every position, then zeros at inactive sites: the official SparK ConvNeXt block, which
+    masks the MLP branch before the residual add. Input (N, H, W, C), or (N, C, H, W) for a 1x1-conv MLP."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
-        mask = _current_mask(y.permute(0, 3, 1, 2), self)
-        return torch.where(mask.permute(0, 2, 3, 1), y, y.new_zeros(()))
+        channels_first = type(self.fc1) is nn.Conv2d
+        mask = _current_mask(y if channels_first else y.permute(0, 3, 1, 2), self)
+        return torch.where(mask if channels_first else mask.permute(0, 2, 3, 1), y, y.new_zeros(()))
+
+
+def _mlp_on_rows(mlp: Mlp, rows: torch.Tensor) -> torch.Tensor:
+    """timm Mlp applied to (M, C) rows; 1x1-conv layers act as the linear layers they are."""
+    x = F.linear(rows, mlp.fc1.weight.flatten(1), mlp.fc1.bias)
+    x = mlp.norm(mlp.drop1(mlp.act(x)))
+    return mlp.drop2(F.linear(x, mlp.fc2.weight.flatten(1), mlp.fc2.bias))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +144,7 @@ class SparseConvNeXtBlock(ConvNeXtBlock):
         rows = _rows(y).index_select(0, index)
         norm = self.norm
         rows = F.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        rows = self.mlp(rows)
+        rows = _mlp_on_rows(self.mlp, rows)
         if self.gamma is not None:
             rows = rows * self.gamma
         if isinstance(self.drop_path, DropPath) and self.training and self.drop_path.drop_prob > 0:
@@ -144,7 +152,7 @@ class SparseConvNeXtBlock(ConvNeXtBlock):
             keep = rows.new_empty((n,)).bernoulli_(keep_prob)  # one draw per image, as timm's drop_path
             if self.drop_path.scale_by_keep:
                 keep.div_(keep_prob)
-            rows = rows * keep.index_select(0, torch.div(index, h * w, rounding_mode="floor"))
+            rows = rows * keep.index_select(0, torch.div(index, h * w, rounding_mode="floor"))[:, None]
         out = _rows(self.shortcut(x)).index_add(0, index, rows)
         return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
@@ -244,13 +252,14 @@ class _Converter:
         self.fail(module, path)
 
     def convert_convnext_block(self, block: ConvNeXtBlock, path: str) -> nn.Module:
-        if block.use_conv_mlp:
-            self.fail(block, path, "conv_mlp=True (1x1-conv MLP) is not supported")
         mlp = block.mlp
         if type(mlp) is not Mlp:
             self.fail(mlp, f"{path}.mlp", "the MLP of a ConvNeXt block must be a timm Mlp")
-        if not (type(mlp.fc1) is nn.Linear and type(mlp.fc2) is nn.Linear):
-            self.fail(mlp, f"{path}.mlp", "fc1 and fc2 must be nn.Linear")
+        fc = (nn.Conv2d,) if block.use_conv_mlp else (nn.Linear,)
+        if not (type(mlp.fc1) in fc and type(mlp.fc2) in fc):
+            self.fail(mlp, f"{path}.mlp", f"fc1 and fc2 must be {fc[0].__name__}")
+        if block.use_conv_mlp and any(fc.kernel_size != (1, 1) or fc.groups != 1 for fc in (mlp.fc1, mlp.fc2)):
+            self.fail(mlp, f"{path}.mlp", "the 1x1-conv MLP must have 1x1 kernels and groups=1")
         for part in ("act", "drop1", "norm", "drop2"):  # per-row ops: applying them to compact rows is exact
             if type(getattr(mlp, part)) not in ZERO_PRESERVING:
                 self.fail(getattr(mlp, part), f"{path}.mlp.{part}", "is not a per-element layer the converter knows")

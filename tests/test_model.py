@@ -1,0 +1,311 @@
+"""The SparK model layer: fused vs masked-dense reference parity, conversion, reconstruction, bad input."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import spark_kernels as sk
+from spark import SparK, UnsupportedLayerError, sparse_encoder_
+from spark_kernels.masks import upsample_mask
+
+from helpers import MODEL_GRAD_RTOL, RTOL, ATOL
+
+MODELS = ["resnet18", "resnet50", "convnext_tiny", "mobilenetv2_100"]
+DTYPE = torch.float64
+BATCH = 2
+
+
+def _cpu_kernels_ready() -> str:
+    """Why the "cpu" backend cannot run the model's ops in float64, or "" when it can."""
+    try:
+        x = torch.randn(1, 4, 5, 5, dtype=DTYPE)
+        mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+        for k in (3, 7):
+            sk.sparse_depthwise_conv2d(x, torch.randn(4, 1, k, k, dtype=DTYPE), None, mask, backend="cpu")
+        sk.masked_batch_norm(x, mask, torch.zeros(4, dtype=DTYPE), torch.ones(4, dtype=DTYPE), backend="cpu")
+        sk.masked_layer_norm(x, mask, None, None, backend="cpu")
+    except Exception as e:  # noqa: BLE001 - any failure means the kernels are not there yet
+        return f"cpu kernels unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return ""
+
+
+CPU_NOT_READY = _cpu_kernels_ready()
+
+# Fused model variants: the fused model layer on the C++ "cpu" kernels, and the same model layer with every
+# kernel op forced to the reference (isolates the model layer's own fused code: compact MLP rows, skipped masks).
+FUSED_OPS = [pytest.param("cpu", marks=pytest.mark.skipif(bool(CPU_NOT_READY), reason=CPU_NOT_READY or "ready")),
+             "reference"]
+
+
+@pytest.fixture
+def ops_backend(request, monkeypatch):
+    if request.param == "reference":
+        monkeypatch.setenv("SPARK_KERNELS_BACKEND", "reference")
+    else:
+        monkeypatch.delenv("SPARK_KERNELS_BACKEND", raising=False)
+    return request.param
+
+
+def dense_encoder(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, features_only=True, pretrained=False, **kwargs).to(DTYPE)
+
+
+def model_pair(name: str, input_size: int = 64, **kwargs):
+    """(fused, reference) SparK models with identical weights."""
+    dense = dense_encoder(name, **kwargs)
+    reference = SparK(copy.deepcopy(dense), input_size=input_size, backend="reference").to(DTYPE)
+    fused = SparK(dense, input_size=input_size).to(DTYPE)
+    fused.load_state_dict(reference.state_dict())
+    return fused, reference
+
+
+def patch_mask_for(h: int, w: int, seed: int = 1) -> torch.Tensor:
+    """A fixed (BATCH, 1, h/32, w/32) patch mask with visible and masked patches in every image."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        mask = torch.rand(BATCH, 1, h // 32, w // 32, generator=g) < 0.5
+        per_image = mask.flatten(1).sum(1)
+        if bool((per_image > 0).all() and (per_image < mask[0].numel()).all()):
+            return mask
+
+
+def images_for(h: int, w: int, seed: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, 3, h, w, generator=g, dtype=DTYPE)
+
+
+def assert_grads_match(fused: nn.Module, reference: nn.Module) -> None:
+    ref_params = dict(reference.named_parameters())
+    names = [n for n, _ in fused.named_parameters()]
+    assert names == list(ref_params), "fused and reference models have different parameters"
+    for name, p in fused.named_parameters():
+        q = ref_params[name]
+        assert q.grad is not None and p.grad is not None, f"{name}: missing gradient"
+        scale = q.grad.abs().max().item()
+        err = (p.grad - q.grad).abs().max().item()
+        assert err <= MODEL_GRAD_RTOL[DTYPE] * max(scale, 1e-12), \
+            f"{name}: gradient differs by {err:.3g} (max |reference grad| {scale:.3g})"
+
+
+SHAPES = {"resnet18": (64, 64), "resnet50": (32, 64), "convnext_tiny": (64, 64), "mobilenetv2_100": (32, 64)}
+
+
+@pytest.mark.parametrize("ops_backend", FUSED_OPS, indirect=True)
+@pytest.mark.parametrize("name", MODELS)
+def test_fused_matches_reference_loss_and_gradients(name, ops_backend):
+    h, w = SHAPES[name]
+    fused, reference = model_pair(name)
+    images, mask = images_for(h, w), patch_mask_for(h, w)
+    loss_ref = reference(images, mask)
+    loss_fused = fused(images, mask)
+    torch.testing.assert_close(loss_fused, loss_ref, rtol=RTOL[DTYPE], atol=ATOL[DTYPE])
+    loss_ref.backward()
+    loss_fused.backward()
+    assert_grads_match(fused, reference)
+    for (n, a), (_, b) in zip(fused.named_buffers(), reference.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=RTOL[DTYPE], atol=ATOL[DTYPE], msg=lambda m: f"buffer {n}: {m}")
+
+
+@pytest.mark.parametrize("ops_backend", FUSED_OPS, indirect=True)
+def test_fused_convnext_drop_path_matches_reference(ops_backend):
+    """Drop path on compact rows draws one keep flag per image, like timm's drop_path on the dense map."""
+    fused, reference = model_pair("convnext_atto", drop_path_rate=0.5)
+    images, mask = images_for(64, 64), patch_mask_for(64, 64)
+    torch.manual_seed(3)
+    loss_ref = reference(images, mask)
+    torch.manual_seed(3)
+    loss_fused = fused(images, mask)
+    torch.testing.assert_close(loss_fused, loss_ref, rtol=RTOL[DTYPE], atol=ATOL[DTYPE])
+    loss_ref.backward()
+    loss_fused.backward()
+    assert_grads_match(fused, reference)
+
+
+def _encoder_features(model: SparK, images: torch.Tensor, mask: torch.Tensor):
+    with sk.active(sk.ActiveSites(mask)):
+        return model.encoder(images * upsample_mask(mask, *images.shape[-2:]).to(images.dtype))
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("name", MODELS)
+def test_all_visible_features_equal_dense_encoder(name, backend, monkeypatch):
+    if backend is None and CPU_NOT_READY:
+        monkeypatch.setenv("SPARK_KERNELS_BACKEND", "reference")
+    dense = dense_encoder(name)
+    model = SparK(copy.deepcopy(dense), input_size=64, backend=backend).to(DTYPE)
+    images = images_for(64, 64)
+    expected = dense(images)
+    got = _encoder_features(model, images, torch.ones(BATCH, 1, 2, 2, dtype=torch.bool))
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"feature {i}: {m}")
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_features_are_zero_at_masked_sites(backend, monkeypatch):
+    if backend is None and CPU_NOT_READY:
+        monkeypatch.setenv("SPARK_KERNELS_BACKEND", "reference")
+    for name in ("resnet18", "convnext_atto"):
+        model = SparK(dense_encoder(name), input_size=64, backend=backend).to(DTYPE)
+        mask = patch_mask_for(64, 64)
+        for f in _encoder_features(model, images_for(64, 64), mask):
+            inactive = ~upsample_mask(mask, *f.shape[-2:]).expand_as(f)
+            assert f.shape[-1] < 64 and bool((f[inactive] == 0).all()), f"{name}: nonzero feature at masked site"
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("name", MODELS + ["convnext_atto"])
+def test_converted_encoder_keeps_state_dict_keys(name, backend):
+    dense = timm.create_model(name, features_only=True, pretrained=False)
+    keys = list(dense.state_dict())
+    shapes = {k: v.shape for k, v in dense.state_dict().items()}
+    converted = sparse_encoder_(copy.deepcopy(dense), backend)
+    assert list(converted.state_dict()) == keys
+    assert {k: v.shape for k, v in converted.state_dict().items()} == shapes
+    dense.load_state_dict(converted.state_dict())  # exports back into the dense timm model
+
+
+def test_reconstruct_shapes_and_visible_patches_pasted_back():
+    model = SparK("resnet18", input_size=64, backend="reference").to(DTYPE).eval()
+    images, mask = images_for(64, 96), patch_mask_for(64, 96)
+    inp, masked, rec = model.reconstruct(images, mask)
+    assert inp.shape == masked.shape == rec.shape == images.shape
+    visible = upsample_mask(mask, 64, 96).expand_as(images)
+    assert torch.equal(inp, images)
+    assert torch.equal(masked[visible], images[visible]) and bool((masked[~visible] == 0).all())
+    assert torch.equal(rec[visible], images[visible])
+    assert not torch.equal(rec[~visible], images[~visible])
+    assert not rec.requires_grad
+
+
+def test_loss_only_counts_masked_patches():
+    """The gradient of the loss reaches the decoder output only inside masked patches, and the loss is the
+    mean over masked patches of the per-patch MSE against normalized pixels."""
+    model = SparK("resnet18", input_size=64, backend="reference").to(DTYPE)
+    images, mask = images_for(64, 64), patch_mask_for(64, 64)
+    captured = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        captured["out"] = out
+
+    model.decoder.register_forward_hook(keep)
+    loss = model(images, mask)
+    loss.backward()
+    out = captured["out"]
+    visible = upsample_mask(mask, 64, 64).expand_as(out)
+    assert bool((out.grad[visible] == 0).all()) and bool((out.grad[~visible] != 0).any())
+    # Independent evaluation of the loss, patch by patch.
+    total, count = 0.0, 0
+    for b in range(BATCH):
+        for i in range(2):
+            for j in range(2):
+                if mask[b, 0, i, j]:
+                    continue
+                patch = images[b, :, 32 * i:32 * i + 32, 32 * j:32 * j + 32]
+                target = (patch - patch.mean()) / (patch.var() + 1e-6).sqrt()
+                total += ((out[b, :, 32 * i:32 * i + 32, 32 * j:32 * j + 32] - target) ** 2).mean().item()
+                count += 1
+    assert abs(loss.item() - total / (count + 1e-8)) <= 1e-12 * max(1.0, abs(loss.item()))
+
+
+def test_random_mask_keeps_the_visible_count():
+    model = SparK("resnet18", input_size=64, mask_ratio=0.6, backend="reference").to(DTYPE)
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    model(images_for(128, 128))
+    patches = seen[0].reshape(BATCH, 3, 4, 32, 4, 32)
+    visible = (patches != 0).any(dim=5).any(dim=3).any(dim=1)  # (B, 4, 4)
+    assert visible.flatten(1).sum(1).tolist() == [round(16 * 0.4)] * BATCH
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_model():
+    return SparK("resnet18", input_size=64, backend="reference")
+
+
+@pytest.mark.parametrize("images, message", [
+    (torch.randn(3, 64, 64), "images"),
+    (torch.randn(2, 1, 64, 64), "images"),
+    (torch.randn(2, 3, 48, 64), "images"),
+    (torch.randn(2, 3, 64, 80), "images"),
+    (torch.randint(0, 255, (2, 3, 64, 64)), "images"),
+    ("not a tensor", "images"),
+])
+def test_bad_images_raise_naming_the_argument(small_model, images, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        small_model(images)
+
+
+@pytest.mark.parametrize("mask, error", [
+    (torch.ones(2, 1, 3, 2, dtype=torch.bool), ValueError),
+    (torch.ones(2, 2, 2, dtype=torch.bool), ValueError),
+    (torch.ones(1, 1, 2, 2, dtype=torch.bool), ValueError),
+    (torch.ones(2, 1, 2, 2), TypeError),
+    (torch.ones(2, 1, 2, 2, dtype=torch.uint8), TypeError),
+    ([[True]], TypeError),
+])
+def test_bad_mask_raises_naming_the_argument(small_model, mask, error):
+    with pytest.raises(error, match="mask"):
+        small_model(torch.randn(2, 3, 64, 64), mask)
+    with pytest.raises(error, match="mask"):
+        small_model.reconstruct(torch.randn(2, 3, 64, 64), mask)
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5, "0.6", True, float("nan")])
+def test_bad_mask_ratio_raises(ratio):
+    with pytest.raises(ValueError, match="mask_ratio"):
+        SparK(nn.Identity(), mask_ratio=ratio)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(input_size=100), "input_size"),
+    (dict(input_size=0), "input_size"),
+    (dict(backend="gpu"), "backend"),
+])
+def test_bad_constructor_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SparK("resnet18", **kwargs)
+
+
+class TinyEncoder(nn.Module):
+    """A user encoder in timm features_only style: two maps at reductions 16 and 32."""
+
+    def __init__(self, extra: nn.Module = None):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.BatchNorm2d(8), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(8, 16, 4, stride=4), nn.BatchNorm2d(16), extra or nn.Identity(),
+                                 nn.Conv2d(16, 16, 3, padding=1, groups=16))
+        self.last = nn.Sequential(nn.Conv2d(16, 32, 2, stride=2), nn.BatchNorm2d(32))
+        self.feature_info = [dict(num_chs=16, reduction=16), dict(num_chs=32, reduction=32)]
+
+    def forward(self, x):
+        a = self.mid(self.stem(x))
+        return [a, self.last(a)]
+
+
+@pytest.mark.parametrize("layer, type_name", [(nn.GroupNorm(4, 16), "GroupNorm"), (nn.Sigmoid(), "Sigmoid"),
+                                              (nn.Upsample(scale_factor=1), "Upsample")])
+def test_unknown_layer_raises_naming_type_and_path(layer, type_name):
+    with pytest.raises(UnsupportedLayerError, match=rf"mid\.2.*{type_name}"):
+        SparK(TinyEncoder(layer), input_size=64)
+
+
+def test_user_encoder_with_feature_info_trains():
+    model = SparK(TinyEncoder(), input_size=64, backend="reference").to(DTYPE)
+    assert model.feature_indices == [1, 0, None, None, None]
+    loss = model(images_for(64, 64), patch_mask_for(64, 64))
+    loss.backward()
+    assert torch.isfinite(loss) and model.mask_tokens[1].grad is not None
+
+
+def test_encoder_without_feature_info_raises():
+    with pytest.raises(ValueError, match="feature_info"):
+        SparK(nn.Sequential(nn.Conv2d(3, 8, 3)))
