@@ -1,9 +1,11 @@
 """Microbenchmark of the three ops: fused backend vs the masked-dense reference, in one process.
 
-    python -m bench.ops [--backend cpu] [--batch 32] [--repeats 7] [--ops dwconv7 dwconv3 ...] [--json FILE]
+    python -m bench.ops [--backend cpu] [--batch 32] [--repeats 7] [--ops dwconv7 dwconv3 ...] [--compile]
+                        [--json FILE]
 
 Forward + backward per ConvNeXt-T stage shape (DESIGN.md section 6), fp32, channels_last inputs, SparK
-patch masks at ratio 0.6; prints the median times and the speedup per shape next to the target.
+patch masks at ratio 0.6; prints the median times and the speedup per shape next to the target. The
+full suite (`python -m bench`) builds on the cases defined here.
 The reference is the official SparK formulation: dense conv then mask (its best layout,
 channels_last), and gather -> BatchNorm/LayerNorm -> scatter for the norms.
 """
@@ -21,7 +23,7 @@ import spark_kernels as sk
 from spark_kernels import reference
 from spark_kernels.masks import patch_mask, upsample_mask
 
-from .common import BATCH, CONVNEXT_T_STAGES, MASK_RATIO, TARGETS, THREADS, environment, median_time
+from .common import BATCH, CONVNEXT_T_STAGES, MASK_RATIO, TARGETS, THREADS
 
 OPS = tuple(TARGETS)
 REFERENCE = "reference"
@@ -113,40 +115,29 @@ def make_case(op: str, channels: int, size: int, patch: int, batch: int, seed: i
 
 
 def main(argv=None) -> int:
+    """The op table alone: `python -m bench --sections ops` at the ConvNeXt-T stages, forward + backward."""
+    from . import report, suite  # the suite builds on this module
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="cpu")
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--compile", action="store_true", help="also time the reference under torch.compile")
+    parser.add_argument("--json", help="write the results (the suite's format) to this file")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     if args.backend not in sk.available_backends():
         print(f"backend {args.backend!r} unavailable: {sk.unavailable_reasons().get(args.backend)}", file=sys.stderr)
         return 1
-    env = environment()
-    print(f"# {env['cpu']}, {env['threads']} threads, torch {env['torch']}, allocator: {env['allocator']}")
-    print(f"# forward+backward, fp32, batch {args.batch}, SparK masks at ratio {MASK_RATIO}, medians of "
-          f"{args.repeats}")
-    print(f"{'op':<14}{'shape':<12}{'reference ms':>14}{args.backend + ' ms':>12}{'speedup':>9}{'target':>8}")
-    rows = []
-    for op in args.ops:
-        for channels, size, patch in CONVNEXT_T_STAGES:
-            case = make_case(op, channels, size, patch, args.batch)
-            ref = median_time(case.runner(REFERENCE), args.repeats)
-            fused = median_time(case.runner(args.backend), args.repeats)
-            speedup = ref["median"] / fused["median"]
-            rows.append({"op": op, "channels": channels, "size": size, "batch": args.batch,
-                         "reference_s": ref, "fused_s": fused, "speedup": speedup, "target": TARGETS[op],
-                         "met": speedup >= TARGETS[op]})
-            print(f"{op:<14}{f'{channels}@{size}²':<12}{ref['median'] * 1e3:>14.2f}{fused['median'] * 1e3:>12.2f}"
-                  f"{speedup:>8.2f}x{TARGETS[op]:>7.1f}x{'' if speedup >= TARGETS[op] else '  (missed)'}",
-                  flush=True)
+    settings = suite.Settings(batch=args.batch, repeats=args.repeats, threads=args.threads, ops=tuple(args.ops),
+                              stages={"convnext_tiny": CONVNEXT_T_STAGES}, passes=("forward_backward",),
+                              backends=[args.backend], compile_stages=None if args.compile else ())
+    results = suite.run(settings, ("ops",))
+    print("\n".join(report.ops_table(results)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "backend": args.backend, "mask_ratio": MASK_RATIO, "results": rows}, f,
-                      indent=1)
+            json.dump(results, f, indent=1)
     return 0
 
 

@@ -103,6 +103,10 @@ def _header(results: Dict[str, object]) -> List[str]:
              f"**{env['allocator']}**, load average {env['load_average'][0]:.1f} at the start and "
              f"{env.get('load_average_end', [float('nan')])[0]:.1f} at the end. Fused backends: "
              f"{', '.join(results['backends']) or 'none'}."]
+    busiest = max(env["load_average"][0], env.get("load_average_end", [0])[0])
+    if busiest > env["cores"]:
+        lines.append(f"**The machine was busy (load average up to {busiest:.1f} on {env['cores']} cores): "
+                     f"timings with {env['threads']} threads are unreliable, re-run on a quiet machine.**")
     bounds = results.get("machine")
     if bounds:
         lines.append(f"Machine bounds (measured): {bounds['flops_per_s'] / 1e9:.1f} GFLOP/s fp32 "

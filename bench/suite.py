@@ -177,6 +177,9 @@ def run(settings: Settings, sections: Sequence[str] = ("machine", "ops", "sweeps
     }
     _log(f"# {results['environment']['cpu']}, {settings.threads} threads, allocator "
          f"{results['environment']['allocator']}, fused backends {backends}, load {os.getloadavg()}")
+    if os.getloadavg()[0] > (os.cpu_count() or 1):
+        _log(f"warning: the machine is busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores); "
+             f"timings with {settings.threads} threads will be unreliable")
     bounds = None
     if "machine" in sections:
         bounds = roofline.measure_machine(settings.machine_repeats, settings.machine_gemm_size,
