@@ -64,7 +64,7 @@ def _ms(times: Dict[str, Dict[str, object]], impl: str) -> str:
     if entry is None:
         return "—"
     if "error" in entry:
-        return "failed"
+        return "skipped" if entry["error"].startswith("skipped") else "failed"
     return f"{entry['median'] * 1e3:.2f}"
 
 

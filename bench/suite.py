@@ -39,6 +39,7 @@ class Settings:
     # The reference under torch.compile at these stages (1-based; None = every stage, () = none) and ops.
     compile_stages: Optional[Sequence[int]] = None
     compile_ops: Optional[Sequence[str]] = None  # None = every op
+    compile_budget_s: float = 1800.0  # compiled cases after this much compiling are recorded as skipped
     sweep_ops: Sequence[str] = OPS
     sweep_shape: Tuple[int, int, int] = STAGES["convnext_tiny"][0]
     mask_ratios: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -55,7 +56,7 @@ class Settings:
 
 QUICK = dict(repeats=3, warmup=1, budget_s=5.0, passes=("forward_backward",),
              net_ops={"convnext_tiny": OPS, "resnet50": ("batch_norm",)},
-             compile_stages=(4,), compile_ops=("dwconv7", "batch_norm"),
+             compile_stages=(4,), compile_ops=("dwconv7", "batch_norm"), compile_budget_s=120.0,
              sweep_ops=("dwconv7", "batch_norm"), mask_ratios=(0.0, 0.3, 0.6, 0.9), batch_sizes=(1, 8, 32),
              sweep_repeats=3, model_batch=8, model_steps=2, machine_repeats=3, quick=True)
 
@@ -102,16 +103,24 @@ def measure_case(case: Case, impls: Sequence[str], backward: bool, settings: Set
 
 def run_ops(settings: Settings, backends: List[str], bounds) -> List[Dict[str, object]]:
     rows = []
+    compile_spent = 0.0  # seconds spent compiling (first calls beyond a normal call)
     for net, stages in settings.stages.items():
         ops = [op for op in settings.ops if settings.net_ops is None or op in settings.net_ops.get(net, ())]
         for op in ops:
             for stage, (channels, size, patch) in enumerate(stages, 1):
                 compile_here = (settings.compile_stages is None or stage in settings.compile_stages) and \
                     (settings.compile_ops is None or op in settings.compile_ops)
-                impls = [REFERENCE] + backends + ([COMPILED] if compile_here else [])
+                over_budget = compile_here and compile_spent >= settings.compile_budget_s
+                impls = [REFERENCE] + backends + ([COMPILED] if compile_here and not over_budget else [])
                 case = Case(op, channels, size, patch, settings.batch)
                 for pass_ in settings.passes:
                     row = measure_case(case, impls, PASSES[pass_], settings, bounds)
+                    compiled = row["times"].get(COMPILED, {})
+                    if "median" in compiled:
+                        compile_spent += compiled["first_call_s"] - compiled["median"]
+                    if over_budget:
+                        row["times"][COMPILED] = {"error": f"skipped: the run's torch.compile budget of "
+                                                           f"{settings.compile_budget_s:.0f} s was used up"}
                     row.update(net=net, stage=stage, mask_ratio=MASK_RATIO,
                                target=TARGETS[op] if pass_ == "forward_backward" else None)
                     rows.append(row)

@@ -6,9 +6,10 @@ import pytest
 
 from bench import compare, report, suite
 from bench.__main__ import main as bench_main
-from bench.ops import REFERENCE
+from bench.ops import COMPILED, REFERENCE
 
-TINY = suite.Settings(batch=2, repeats=1, warmup=1, passes=("forward_backward",), stages={"convnext_tiny": [(8, 8, 2)]}, compile_stages=(),
+# compile_budget_s=0: every compiled case is recorded as skipped, without compiling (seconds each here).
+TINY = suite.Settings(batch=2, repeats=1, warmup=1, passes=("forward_backward",), stages={"convnext_tiny": [(8, 8, 2)]}, compile_stages=None, compile_budget_s=0,
                       sweep_shape=(8, 8, 2), mask_ratios=(0.0, 0.5), batch_sizes=(1, 2), sweep_ops=("dwconv3",),
                       sweep_repeats=1, models=(), machine_repeats=1, machine_gemm_size=64,
                       machine_stream_elements=1 << 12)
@@ -28,8 +29,12 @@ def test_results_schema(results):
     ops = {row["op"] for row in r["ops"]}
     assert ops == set(TINY.ops)
     assert {row["pass"] for row in r["ops"]} == set(TINY.passes)
-    for row in r["ops"] + r["sweeps"]["mask_ratio"] + r["sweeps"]["batch"]:
+    for row in r["ops"]:
+        assert set(row["times"]) == {REFERENCE, COMPILED, *r["backends"]}
+        assert row["times"][COMPILED]["error"].startswith("skipped: the run's torch.compile budget")
+    for row in r["sweeps"]["mask_ratio"] + r["sweeps"]["batch"]:
         assert set(row["times"]) == {REFERENCE, *r["backends"]}
+    for row in r["ops"] + r["sweeps"]["mask_ratio"] + r["sweeps"]["batch"]:
         assert row["times"][REFERENCE]["median"] > 0, "the reference always runs"
         assert row["roofline_s"] > 0 and row["flops"] > 0 and row["bytes"] > 0
     ratios = sorted(row["mask_ratio"] for row in r["sweeps"]["mask_ratio"])
@@ -52,7 +57,8 @@ def test_report_renders_every_case(results, tmp_path):
     r = results["dict"]
     text = report.render_markdown(r)
     for op in TINY.ops:
-        assert f"| convnext_tiny | {op} | 8@8² |" in text
+        assert f"| convnext_tiny | {op} | 8@8² | " in text
+    assert "| skipped |" in text
     assert "Sparsity limit" in text and "GFLOP/s" in text and r["environment"]["allocator"] in text
     assert "Linearity in the active fraction" in text
     pytest.importorskip("matplotlib")
