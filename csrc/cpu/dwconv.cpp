@@ -1,0 +1,363 @@
+// CPU kernels of the submanifold depthwise conv (schemas in csrc/ops.cpp): dwconv_forward, dwconv_backward.
+//
+// Work is proportional to the active sites (plus zero-filling the dense outputs). The per-site math is
+// csrc/common/dwconv_site.h. Two layouts (csrc/common/layout.h):
+//  * rows (channels_last): sites in parallel, channels in blocks of kBlock values per site, which the
+//    compiler vectorizes; weights are transposed to (k*k, C) so each tap's block is contiguous too.
+//  * planes (NCHW): one (image, channel) plane per task, one channel per site.
+// Weight/bias gradients are summed per chunk of a FIXED partition of the sites (kChunkSites active sites
+// per chunk in rows, one image per chunk in planes) and the chunk partials reduced in chunk order, so
+// every result is bit-identical from run to run and for any number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <vector>
+
+#include "common/dwconv_site.h"
+#include "common/layout.h"
+
+namespace spark_kernels {
+namespace {
+
+constexpr int64_t kChunkSites = 256;
+
+// Channels per vector in the rows layout: 64 bytes x 2 (two AVX-512 or four AVX2 registers of accumulators).
+template <typename T>
+constexpr int kBlock = 128 / sizeof(T);
+
+struct Geometry {
+  int64_t n, c, h, w, m;
+  int k;
+  bool rows;
+  int64_t sites() const { return n * h * w; }
+  int64_t plane() const { return h * w; }
+};
+
+Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                    const at::Tensor& index, const at::Tensor& neighbors) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be a 4-D tensor (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64 on the cpu backend, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got device ", x.device());
+  const int64_t c = x.size(1);
+  TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be a CPU tensor, got device ", weight.device());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ", x.scalar_type(),
+              ", got ", weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == c && weight.size(1) == 1 && weight.size(2) == weight.size(3),
+              op, ": weight must have shape (C, 1, k, k) with C = ", c, ", got ", weight.sizes());
+  const int64_t k = weight.size(2);
+  TORCH_CHECK(k == 3 || k == 7, op, ": weight: kernel size must be 3 or 7, got ", k);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be a CPU tensor, got device ", bias->device());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype ", x.scalar_type(), ", got ",
+                bias->scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == c, op, ": bias must have shape (", c, ",), got ", bias->sizes());
+  }
+  TORCH_CHECK(index.device().is_cpu() && neighbors.device().is_cpu(), op,
+              ": index and neighbors must be CPU tensors, got devices ", index.device(), " and ", neighbors.device());
+  TORCH_CHECK(index.scalar_type() == at::kInt && index.dim() == 1, op, ": index must be a 1-D int32 tensor, got ",
+              index.scalar_type(), " of shape ", index.sizes());
+  TORCH_CHECK(neighbors.scalar_type() == at::kInt && neighbors.dim() == 2, op,
+              ": neighbors must be a 2-D int32 tensor, got ", neighbors.scalar_type(), " of shape ", neighbors.sizes());
+  TORCH_CHECK(neighbors.size(0) == index.size(0) && neighbors.size(1) == k * k, op,
+              ": neighbors must have shape (M, k*k) = (", index.size(0), ", ", k * k, ") for index of length ",
+              index.size(0), " and kernel size ", k, ", got ", neighbors.sizes());
+  const int64_t sites = x.size(0) * x.size(2) * x.size(3);
+  TORCH_CHECK(sites <= std::numeric_limits<int32_t>::max(), op, ": x has ", sites,
+              " sites (N*H*W), more than int32 site numbers can address");
+  TORCH_CHECK(index.size(0) <= sites, op, ": index has ", index.size(0), " entries but x has only ", sites, " sites");
+  return Geometry{x.size(0), c, x.size(2), x.size(3), index.size(0), static_cast<int>(k),
+                  uses_rows(x.sizes().data(), x.strides().data())};
+}
+
+at::MemoryFormat memory_format(const Geometry& g) {
+  return g.rows ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+void check_tables(const char* op, bool valid) {
+  TORCH_CHECK(valid, op, ": index/neighbors hold site numbers outside x (or taps across images); "
+              "build them with spark_kernels.ActiveSites for x's (N, H, W)");
+}
+
+// First position in the (ascending) index of each image's sites: image n owns [start[n], start[n+1]).
+std::vector<int64_t> image_starts(const int32_t* index, const Geometry& g) {
+  std::vector<int64_t> start(g.n + 1);
+  for (int64_t n = 0; n <= g.n; ++n)
+    start[n] = std::lower_bound(index, index + g.m, static_cast<int64_t>(n) * g.plane(),
+                                [](int32_t a, int64_t b) { return a < b; }) - index;
+  return start;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// rows layout
+
+template <int K, int V, typename T>
+inline bool forward_site_rows(const int32_t* taps, const T* x, const T* wt, const T* bias, T* y, int64_t c0,
+                              const Geometry& g) {
+  T acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = bias ? bias[c0 + v] : T(0);
+  const SiteView<T> xv{x + c0, 0, g.sites(), g.c};
+  const bool valid = dwconv_site_gather<K, false, V>(taps, xv, wt + c0, g.c, acc);
+  for (int v = 0; v < V; ++v) y[c0 + v] = acc[v];
+  return valid;
+}
+
+template <int K, typename T>
+void forward_rows(const T* x, const T* wt, const T* bias, const int32_t* index, const int32_t* nbr, T* y,
+                  const Geometry& g, std::atomic<bool>& valid) {
+  constexpr int B = kBlock<T>;
+  const int64_t full = g.c / B * B;
+  at::parallel_for(0, g.m, 64, [&](int64_t begin, int64_t end) {
+    bool ok = true;
+    for (int64_t i = begin; i < end; ++i) {
+      const int32_t site = index[i];
+      if (site < 0 || site >= g.sites()) {
+        ok = false;
+        continue;
+      }
+      const int32_t* taps = nbr + i * K * K;
+      T* yr = y + static_cast<int64_t>(site) * g.c;
+      for (int64_t c0 = 0; c0 < full; c0 += B) ok &= forward_site_rows<K, B>(taps, x, wt, bias, yr, c0, g);
+      for (int64_t c = full; c < g.c; ++c) ok &= forward_site_rows<K, 1>(taps, x, wt, bias, yr, c, g);
+    }
+    if (!ok) valid = false;
+  });
+}
+
+// One chunk of sites x one block of V channels: grad_x by mirrored gather, weight/bias gradient partials
+// of the chunk into gw_part (k*k, C) and gb_part (C,).
+template <int K, int V, typename T>
+bool backward_block_rows(const T* gy, const T* x, const T* wt, const int32_t* index, const int32_t* nbr, T* gx,
+                         T* gw_part, T* gb_part, int64_t c0, int64_t begin, int64_t end, const Geometry& g) {
+  bool valid = true;
+  T gw[K * K * V] = {};
+  T gb[V] = {};
+  const SiteView<T> gv{gy + c0, 0, g.sites(), g.c};
+  const SiteView<T> xv{x + c0, 0, g.sites(), g.c};
+  for (int64_t i = begin; i < end; ++i) {
+    const int32_t site = index[i];
+    if (site < 0 || site >= g.sites()) {
+      valid = false;
+      continue;
+    }
+    const int32_t* taps = nbr + i * K * K;
+    const int64_t row = static_cast<int64_t>(site) * g.c + c0;
+    T gs[V];
+    T acc[V] = {};
+    for (int v = 0; v < V; ++v) gs[v] = gy[row + v];
+    valid &= dwconv_site_gather<K, true, V>(taps, gv, wt + c0, g.c, acc);
+    for (int v = 0; v < V; ++v) gx[row + v] = acc[v];
+    valid &= dwconv_site_weight_grad<K, V>(taps, gs, xv, gw, V);
+    for (int v = 0; v < V; ++v) gb[v] += gs[v];
+  }
+  for (int t = 0; t < K * K; ++t)
+    for (int v = 0; v < V; ++v) gw_part[t * g.c + c0 + v] = gw[t * V + v];
+  for (int v = 0; v < V; ++v) gb_part[c0 + v] = gb[v];
+  return valid;
+}
+
+template <int K, typename T>
+void backward_rows(const T* gy, const T* x, const T* wt, const int32_t* index, const int32_t* nbr, T* gx,
+                   T* gw_parts, T* gb_parts, int64_t chunks, const Geometry& g, std::atomic<bool>& valid) {
+  constexpr int B = kBlock<T>;
+  const int64_t blocks = (g.c + B - 1) / B;
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t task_begin, int64_t task_end) {
+    bool ok = true;
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t chunk = task / blocks, c0 = task % blocks * B;
+      const int64_t begin = chunk * kChunkSites, end = std::min(g.m, begin + kChunkSites);
+      T* gw_part = gw_parts + chunk * K * K * g.c;
+      T* gb_part = gb_parts + chunk * g.c;
+      if (c0 + B <= g.c) {
+        ok &= backward_block_rows<K, B>(gy, x, wt, index, nbr, gx, gw_part, gb_part, c0, begin, end, g);
+      } else {
+        for (int64_t c = c0; c < g.c; ++c)
+          ok &= backward_block_rows<K, 1>(gy, x, wt, index, nbr, gx, gw_part, gb_part, c, begin, end, g);
+      }
+    }
+    if (!ok) valid = false;
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// planes layout: task (n, c) covers the active sites of image n in channel c.
+
+template <int K, typename T>
+void forward_planes(const T* x, const T* w, const T* bias, const int32_t* index, const int32_t* nbr, T* y,
+                    const Geometry& g, const std::vector<int64_t>& start, std::atomic<bool>& valid) {
+  const int64_t hw = g.plane();
+  at::parallel_for(0, g.n * g.c, 1, [&](int64_t task_begin, int64_t task_end) {
+    bool ok = true;
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t n = task / g.c, c = task % g.c;
+      const SiteView<T> xv{x + task * hw, n * hw, hw, 1};
+      T* yp = y + task * hw;
+      for (int64_t i = start[n]; i < start[n + 1]; ++i) {
+        const int64_t s = index[i] - n * hw;
+        if (static_cast<uint64_t>(s) >= static_cast<uint64_t>(hw)) {  // an unsorted index
+          ok = false;
+          continue;
+        }
+        T acc[1] = {bias ? bias[c] : T(0)};
+        ok &= dwconv_site_gather<K, false, 1>(nbr + i * K * K, xv, w + c * K * K, 1, acc);
+        yp[s] = acc[0];
+      }
+    }
+    if (!ok) valid = false;
+  });
+}
+
+template <int K, typename T>
+void backward_planes(const T* gy, const T* x, const T* w, const int32_t* index, const int32_t* nbr, T* gx,
+                     T* gw_parts, T* gb_parts, const Geometry& g, const std::vector<int64_t>& start,
+                     std::atomic<bool>& valid) {
+  const int64_t hw = g.plane();
+  at::parallel_for(0, g.n * g.c, 1, [&](int64_t task_begin, int64_t task_end) {
+    bool ok = true;
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t n = task / g.c, c = task % g.c;
+      const SiteView<T> gv{gy + task * hw, n * hw, hw, 1};
+      const SiteView<T> xv{x + task * hw, n * hw, hw, 1};
+      T* gxp = gx + task * hw;
+      T gw[K * K] = {};
+      T gb = 0;
+      for (int64_t i = start[n]; i < start[n + 1]; ++i) {
+        const int32_t* taps = nbr + i * K * K;
+        const int64_t s = index[i] - n * hw;
+        if (static_cast<uint64_t>(s) >= static_cast<uint64_t>(hw)) {  // an unsorted index
+          ok = false;
+          continue;
+        }
+        const T gs[1] = {gy[task * hw + s]};
+        T acc[1] = {0};
+        ok &= dwconv_site_gather<K, true, 1>(taps, gv, w + c * K * K, 1, acc);
+        gxp[s] = acc[0];
+        ok &= dwconv_site_weight_grad<K, 1>(taps, gs, xv, gw, 1);
+        gb += gs[0];
+      }
+      // Partials of image n, in (n, C, k*k) and (n, C).
+      std::copy(gw, gw + K * K, gw_parts + task * K * K);
+      gb_parts[task] = gb;
+    }
+    if (!ok) valid = false;
+  });
+}
+
+// Sum the chunk partials in chunk order: parts (chunks, C * taps) -> out (C * taps) with out[c * taps + t]
+// = sum parts[chunk][t * C + c] (rows: tap-major partials) or parts[chunk][c * taps + t] (planes).
+template <typename T>
+void reduce_chunks(const T* parts, int64_t chunks, int64_t c, int64_t taps, bool tap_major, T* out) {
+  at::parallel_for(0, c, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch)
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t pos = tap_major ? t * c + ch : ch * taps + t;
+        T sum = 0;
+        for (int64_t k = 0; k < chunks; ++k) sum += parts[k * c * taps + pos];
+        out[ch * taps + t] = sum;
+      }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+template <typename T, int K>
+at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        const at::Tensor& index, const at::Tensor& neighbors, const Geometry& g) {
+  const at::Tensor xk = x.contiguous(memory_format(g));
+  at::Tensor y = at::empty(x.sizes(), x.options(), memory_format(g)).zero_();
+  if (g.m == 0 || g.c == 0) return y;
+  const at::Tensor idx = index.contiguous(), nbr = neighbors.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+  std::atomic<bool> valid{true};
+  if (g.rows) {
+    const at::Tensor wt = weight.reshape({g.c, K * K}).t().contiguous();
+    forward_rows<K, T>(xk.const_data_ptr<T>(), wt.const_data_ptr<T>(), bp, idx.const_data_ptr<int32_t>(),
+                       nbr.const_data_ptr<int32_t>(), y.mutable_data_ptr<T>(), g, valid);
+  } else {
+    const at::Tensor w = weight.contiguous();
+    const auto start = image_starts(idx.const_data_ptr<int32_t>(), g);
+    valid = valid && start[g.n] == g.m;
+    forward_planes<K, T>(xk.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, idx.const_data_ptr<int32_t>(),
+                         nbr.const_data_ptr<int32_t>(), y.mutable_data_ptr<T>(), g, start, valid);
+  }
+  check_tables("dwconv_forward", valid);
+  return y;
+}
+
+template <typename T, int K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
+                                                            const at::Tensor& weight, const at::Tensor& index,
+                                                            const at::Tensor& neighbors, const Geometry& g) {
+  const at::Tensor xk = x.contiguous(memory_format(g));
+  const at::Tensor gy = grad_out.contiguous(memory_format(g));
+  at::Tensor gx = at::empty(x.sizes(), x.options(), memory_format(g)).zero_();
+  at::Tensor gw = at::zeros(weight.sizes(), weight.options());
+  at::Tensor gb = at::zeros({g.c}, weight.options());
+  if (g.m == 0 || g.c == 0) return {gx, gw, gb};
+  const at::Tensor idx = index.contiguous(), nbr = neighbors.contiguous();
+  std::atomic<bool> valid{true};
+  int64_t chunks;
+  at::Tensor gw_parts, gb_parts;
+  if (g.rows) {
+    chunks = (g.m + kChunkSites - 1) / kChunkSites;
+    gw_parts = at::empty({chunks, K * K, g.c}, x.options());
+    gb_parts = at::empty({chunks, g.c}, x.options());
+    const at::Tensor wt = weight.reshape({g.c, K * K}).t().contiguous();
+    backward_rows<K, T>(gy.const_data_ptr<T>(), xk.const_data_ptr<T>(), wt.const_data_ptr<T>(),
+                        idx.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(), gx.mutable_data_ptr<T>(),
+                        gw_parts.mutable_data_ptr<T>(), gb_parts.mutable_data_ptr<T>(), chunks, g, valid);
+  } else {
+    chunks = g.n;
+    gw_parts = at::empty({chunks, g.c, K * K}, x.options());
+    gb_parts = at::empty({chunks, g.c}, x.options());
+    const at::Tensor w = weight.contiguous();
+    const auto start = image_starts(idx.const_data_ptr<int32_t>(), g);
+    valid = valid && start[g.n] == g.m;
+    backward_planes<K, T>(gy.const_data_ptr<T>(), xk.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                          idx.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(), gx.mutable_data_ptr<T>(),
+                          gw_parts.mutable_data_ptr<T>(), gb_parts.mutable_data_ptr<T>(), g, start, valid);
+  }
+  check_tables("dwconv_backward", valid);
+  reduce_chunks<T>(gw_parts.const_data_ptr<T>(), chunks, g.c, K * K, g.rows, gw.mutable_data_ptr<T>());
+  reduce_chunks<T>(gb_parts.const_data_ptr<T>(), chunks, g.c, 1, false, gb.mutable_data_ptr<T>());
+  return {gx, gw, gb};
+}
+
+at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          const at::Tensor& index, const at::Tensor& neighbors) {
+  const Geometry g = check_args("dwconv_forward", x, weight, bias, index, neighbors);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_forward", [&] {
+    return g.k == 3 ? forward_impl<scalar_t, 3>(x, weight, bias, index, neighbors, g)
+                    : forward_impl<scalar_t, 7>(x, weight, bias, index, neighbors, g);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                               const at::Tensor& weight, const at::Tensor& index,
+                                                               const at::Tensor& neighbors) {
+  const Geometry g = check_args("dwconv_backward", x, weight, c10::nullopt, index, neighbors);
+  TORCH_CHECK(grad_out.device().is_cpu(), "dwconv_backward: grad_out must be a CPU tensor, got device ",
+              grad_out.device());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "dwconv_backward: grad_out must have x's dtype ",
+              x.scalar_type(), ", got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "dwconv_backward: grad_out must have x's shape ", x.sizes(), ", got ",
+              grad_out.sizes());
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_backward", [&] {
+    return g.k == 3 ? backward_impl<scalar_t, 3>(grad_out, x, weight, index, neighbors, g)
+                    : backward_impl<scalar_t, 7>(grad_out, x, weight, index, neighbors, g);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spark_kernels, CPU, m) {
+  m.impl("dwconv_forward", &dwconv_forward);
+  m.impl("dwconv_backward", &dwconv_backward);
+}
+
+}  // namespace spark_kernels
