@@ -221,6 +221,10 @@ def as_sites(active, name: str = "active") -> ActiveSites:
 def resolve_sites(active, x: torch.Tensor, name: str = "active", x_name: str = "x",
                   spatial_dims: Tuple[int, int] = (2, 3)) -> ActiveSites:
     """ActiveSites for x, which must match x's batch, spatial size and device exactly."""
+    if isinstance(active, torch.Tensor):  # before building tables on a device x is not on
+        _check_mask(active, name)
+        if active.device != x.device:
+            raise ValueError(f"{name} is on {active.device} but {x_name} is on {x.device}")
     sites = as_sites(active, name)
     sites.check_matches(x, x_name, name, spatial_dims)
     return sites

@@ -1,0 +1,333 @@
+"""Sparse depthwise conv: every CPU-capable backend against the reference evaluated in float64 (and against
+plain F.conv2d when every site is visible), gradients, determinism, the custom-op contract, argument errors
+and the nn module. (The "triton" backend is tested in the Triton tests; the reference itself in
+test_reference.py.)"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import spark_kernels as sk
+from spark_kernels import reference
+from spark_kernels._backends import get_backend
+
+from helpers import GRADCHECK, assert_close_to_reference, make_mask
+
+BACKENDS = [b for b in sk.available_backends() if b != "triton" and "cpu" in get_backend(b).device_types]
+NATIVE = [b for b in BACKENDS if b == "cpu"]
+needs_cpu_backend = pytest.mark.skipif("cpu" not in BACKENDS, reason="the 'cpu' backend is unavailable: "
+                                       + sk.unavailable_reasons().get("cpu", ""))
+DTYPES = (torch.float32, torch.float64)
+LAYOUTS = ("contiguous", "channels_last", "strided_view")
+# (mask kind, ratio): ratio 0 = all visible, 1 = all masked.
+MASKS = (("random", 0.0), ("spark", 0.6), ("random", 0.6), ("random", 1.0))
+# (N, C, with bias)
+SHAPES = ((1, 1, True), (8, 3, False), (1, 96, True), (8, 97, True))
+H, W = 13, 11
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These cases are tiny: one thread avoids OpenMP start-up and contention costs on a shared machine.
+    The multi-threaded paths run in test_two_threads_bit_identical_and_correct."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t (a leaf) as a tensor of the given memory layout, differentiable back to t."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    # A view that is neither contiguous nor channels_last: every other column of a bigger tensor.
+    view = t.repeat_interleave(2, dim=3)[..., ::2]
+    assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last)
+    return view
+
+
+def conv_and_grads(fn, x, weight, bias, grad_out):
+    """fn(x, weight, bias) and the gradients of <fn, grad_out> w.r.t. x, weight and bias (None if bias is)."""
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    y = fn(x, weight, bias)
+    grads = list(torch.autograd.grad(y, inputs, grad_out))
+    if bias is None:
+        grads.append(None)
+    return y.detach(), grads
+
+
+def make_inputs(n, c, k, dtype, with_bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, H, W, generator=g, dtype=torch.float64)
+    weight = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
+    bias = torch.randn(c, generator=g, dtype=torch.float64) if with_bias else None
+    grad_out = torch.randn(n, c, H, W, generator=g, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return (x, weight, bias, grad_out), (cast(x), cast(weight), cast(bias), cast(grad_out))
+
+
+@pytest.mark.parametrize("mask_kind,ratio", MASKS, ids=[f"{kind}{r}" for kind, r in MASKS])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", (3, 7))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, k, dtype, layout, mask_kind, ratio):
+    for n, c, with_bias in SHAPES:
+        mask = make_mask(mask_kind, n, H, W, ratio, seed=c)
+        sites = sk.ActiveSites(mask)
+        (x64, w64, b64, g64), (x, w, b, g) = make_inputs(n, c, k, dtype, with_bias, seed=c)
+        leaves = [t.requires_grad_() if t is not None else None for t in (x, w, b)]
+        y, grads = conv_and_grads(
+            lambda xx, ww, bb: sk.sparse_depthwise_conv2d(in_layout(xx, layout), ww, bb, sites, backend=backend),
+            *leaves, g)
+        if ratio == 0.0:  # all visible: plain dense conv
+            dense = lambda xx, ww, bb: F.conv2d(xx, ww, bb, padding=k // 2, groups=c)  # noqa: E731
+            ref_lowp, ref_lowp_grads = conv_and_grads(dense, *leaves, g)
+            ref64, ref64_grads = conv_and_grads(dense, *[t.requires_grad_() if t is not None else None
+                                                         for t in (x64, w64, b64)], g64)
+        else:
+            ref_lowp, ref_lowp_grads = conv_and_grads(
+                lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask), *leaves, g)
+            ref64, ref64_grads = conv_and_grads(
+                lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask),
+                *[t.requires_grad_() if t is not None else None for t in (x64, w64, b64)], g64)
+        what = f"{backend} k={k} N={n} C={c} {layout} {mask_kind}{ratio} {dtype}"
+        assert y.dtype == dtype and y.shape == x.shape
+        assert_close_to_reference(y, ref_lowp, ref64, what + ": output")
+        for name, got, lowp, exact in zip(("grad x", "grad weight", "grad bias"), grads, ref_lowp_grads, ref64_grads):
+            if exact is None:
+                assert got is None
+                continue
+            assert_close_to_reference(got, lowp, exact, f"{what}: {name}")
+        if ratio == 1.0:  # all masked: exact zeros everywhere, no NaN
+            assert torch.equal(y, torch.zeros_like(y)), what
+            for got in grads:
+                assert got is None or torch.equal(got, torch.zeros_like(got)), what
+        if ratio > 0.0:
+            assert torch.all(y[~mask.expand_as(y)] == 0), f"{what}: non-zero output at inactive sites"
+            assert torch.all(grads[0][~mask.expand_as(y)] == 0), f"{what}: non-zero grad x at inactive sites"
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_garbage_at_inactive_sites_does_not_leak(backend, layout):
+    n, c, k = 2, 5, 7
+    mask = make_mask("spark", n, H, W, 0.6, seed=3)
+    (x64, w64, b64, g64), _ = make_inputs(n, c, k, torch.float64, True, seed=3)
+    inactive = ~mask.expand(n, c, H, W)
+    garbage = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e300], dtype=torch.float64)
+    fill = garbage[torch.arange(int(inactive.sum())) % 4]
+    dirty_x = x64.masked_scatter(inactive, fill)
+    dirty_g = g64.masked_scatter(inactive, fill)
+    clean = conv_and_grads(lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask),
+                           *[t.clone().requires_grad_() for t in (x64, w64, b64)], g64)
+    dirty = conv_and_grads(
+        lambda xx, ww, bb: sk.sparse_depthwise_conv2d(in_layout(xx, layout), ww, bb, mask, backend=backend),
+        *[t.clone().requires_grad_() for t in (dirty_x, w64, b64)], dirty_g)
+    for name, got, want in zip(("output", "grad x", "grad weight", "grad bias"), [dirty[0]] + dirty[1],
+                               [clean[0]] + clean[1]):
+        assert torch.isfinite(got).all(), f"{backend} {layout}: garbage leaked into {name}"
+        torch.testing.assert_close(got, want, msg=lambda m: f"{backend} {layout} {name}: {m}")
+
+
+@pytest.mark.parametrize("k", (3, 7))
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("backend", NATIVE)
+def test_two_threads_bit_identical_and_correct(backend, layout, k):
+    # Enough active sites for several weight-gradient chunks.
+    n, c, h, w = 8, 37, 28, 28
+    mask = make_mask("spark", n, h, w, 0.6, seed=5)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, c, h, w, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    weight, bias = torch.randn(c, 1, k, k, generator=g), torch.randn(c, generator=g)
+    grad_out = torch.randn(n, c, h, w, generator=g)
+    sites = sk.ActiveSites(mask)
+
+    def run(fn, dtype=torch.float32):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
+        y, grads = conv_and_grads(fn, *leaves, grad_out.to(dtype))
+        return [y] + grads
+
+    fused = lambda xx, ww, bb: sk.sparse_depthwise_conv2d(xx, ww, bb, sites, backend=backend)  # noqa: E731
+    torch.set_num_threads(2)
+    first, second = run(fused), run(fused)
+    torch.set_num_threads(1)
+    single = run(fused)
+    masked_dense = lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask)  # noqa: E731
+    ref, ref64 = run(masked_dense), run(masked_dense, torch.float64)
+    for name, a, b, s, r, r64 in zip(("output", "grad x", "grad weight", "grad bias"), first, second, single, ref,
+                                     ref64):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+        assert torch.equal(a, s), f"{name} differs between 2 threads and 1 thread"
+        assert_close_to_reference(a, r, r64, f"{backend} {layout} k={k} 2 threads: {name}")
+
+
+@pytest.mark.parametrize("k", (3, 7))
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])
+def test_gradcheck_float64(backend, layout, k):
+    n, c, h, w = 2, 2, 6, 5
+    mask = make_mask("spark", n, h, w, 0.5, seed=7)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    weight = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
+    bias = torch.randn(c, generator=g, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda *a: sk.sparse_depthwise_conv2d(*a, mask, backend=backend), inputs,
+                                    **GRADCHECK)
+
+
+def op_args(layout, with_bias, k, dtype=torch.float32):
+    n, c, h, w = 2, 5, 9, 8
+    sites = sk.ActiveSites(make_mask("spark", n, h, w, 0.6, seed=11))
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(n, c, h, w, generator=g, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    weight = torch.randn(c, 1, k, k, generator=g, dtype=dtype)
+    bias = torch.randn(c, generator=g, dtype=dtype) if with_bias else None
+    return x, weight, bias, sites.index, sites.neighbors(k)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("k", (3, 7))
+@pytest.mark.parametrize("with_bias", (True, False))
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_opcheck(layout, with_bias, k):
+    x, weight, bias, index, neighbors = op_args(layout, with_bias, k)
+    torch.library.opcheck(torch.ops.spark_kernels.dwconv_forward, (x, weight, bias, index, neighbors))
+    grad_out = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.spark_kernels.dwconv_backward, (grad_out, x, weight, index, neighbors))
+
+
+def bad_calls():
+    """(description, thunk(backend), exception type, words the message must contain)."""
+    n, c = 2, 4
+    mask = make_mask("spark", n, H, W, 0.6)
+    x = torch.randn(n, c, H, W)
+    w3, b = torch.randn(c, 1, 3, 3), torch.randn(c)
+    conv = sk.sparse_depthwise_conv2d
+    return [
+        ("int x", lambda be: conv(x.to(torch.int32), w3, b, mask, backend=be), TypeError, ["x", "int32"]),
+        ("bool x", lambda be: conv(x > 0, w3, b, mask, backend=be), TypeError, ["x", "bool"]),
+        ("complex x", lambda be: conv(x.to(torch.complex64), w3, b, mask, backend=be), TypeError, ["x", "complex"]),
+        ("x/weight dtype mismatch", lambda be: conv(x, w3.double(), b, mask, backend=be), TypeError,
+         ["weight", "dtype"]),
+        ("weight on another device", lambda be: conv(x, w3.to("meta"), b, mask, backend=be), ValueError,
+         ["weight", "meta"]),
+        ("bias on another device", lambda be: conv(x, w3, b.to("meta"), mask, backend=be), ValueError,
+         ["bias", "meta"]),
+        ("mask on another device", lambda be: conv(x, w3, b, mask.to("meta"), backend=be), ValueError,
+         ["active", "meta"]),
+        ("mask of wrong shape", lambda be: conv(x, w3, b, mask[:, 0], backend=be), ValueError, ["active", "shape"]),
+        ("mask of other spatial size", lambda be: conv(x, w3, b, mask[:, :, :-1], backend=be), ValueError,
+         ["active", "(N, H, W)"]),
+        ("non-bool mask", lambda be: conv(x, w3, b, mask.float(), backend=be), TypeError, ["active", "bool"]),
+        ("kernel size 5", lambda be: conv(x, torch.randn(c, 1, 5, 5), b, mask, backend=be), ValueError,
+         ["weight", "3 or 7"]),
+        ("weight not (C, 1, k, k)", lambda be: conv(x, torch.randn(c, 2, 3, 3), b, mask, backend=be), ValueError,
+         ["weight", "(C, 1, k, k)"]),
+        ("weight for other C", lambda be: conv(x, torch.randn(c + 1, 1, 3, 3), b, mask, backend=be), ValueError,
+         ["weight", "(C, 1, k, k)"]),
+        ("bias of wrong shape", lambda be: conv(x, w3, torch.randn(c + 1), mask, backend=be), ValueError,
+         ["bias", "shape"]),
+        ("ActiveSites for another batch", lambda be: conv(x, w3, b, sk.ActiveSites(mask[:1]), backend=be),
+         ValueError, ["active", "(N, H, W)"]),
+        ("ActiveSites for another size",
+         lambda be: conv(x, w3, b, sk.ActiveSites(make_mask("spark", n, H + 1, W, 0.6)), backend=be),
+         ValueError, ["active", "(N, H, W)"]),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(bad_calls())))
+def test_bad_input_raises_naming_the_argument(backend, case):
+    what, thunk, exc, words = bad_calls()[case]
+    with pytest.raises(exc) as info:
+        thunk(backend)
+    for word in words:
+        assert word in str(info.value), f"{what}: message {str(info.value)!r} does not mention {word!r}"
+
+
+@needs_cpu_backend
+def test_native_op_checks_its_arguments():
+    """The C++ ops validate on their own (they are callable without the Python wrapper)."""
+    x, weight, bias, index, neighbors = op_args("channels_last", True, 3)
+    fwd, bwd = torch.ops.spark_kernels.dwconv_forward, torch.ops.spark_kernels.dwconv_backward
+    corrupt = neighbors.clone()
+    corrupt[0, 0] = x.shape[0] * x.shape[2] * x.shape[3] + 5
+    unsorted = index.flip(0).contiguous()
+    cases = [
+        (lambda: fwd(x.half(), weight.half(), None, index, neighbors), "x must be float32 or float64"),
+        (lambda: fwd(x, weight.double(), bias, index, neighbors), "weight must have x's dtype"),
+        (lambda: fwd(x, weight, bias.double(), index, neighbors), "bias must have x's dtype"),
+        (lambda: fwd(x, weight[:, :, :2, :2], bias, index, neighbors), "kernel size must be 3 or 7"),
+        (lambda: fwd(x, weight, bias[:-1], index, neighbors), "bias must have shape"),
+        (lambda: fwd(x, weight, bias, index.long(), neighbors), "index must be a 1-D int32 tensor"),
+        (lambda: fwd(x, weight, bias, index, neighbors.long()), "neighbors must be a 2-D int32 tensor"),
+        (lambda: fwd(x, weight, bias, index, neighbors[:, :4]), "neighbors must have shape (M, k*k)"),
+        (lambda: fwd(x, weight, bias, index[:-1], neighbors), "neighbors must have shape (M, k*k)"),
+        (lambda: fwd(x, weight, bias, index, corrupt), "site numbers outside x"),
+        (lambda: fwd(x.contiguous(), weight, bias, unsorted, neighbors.flip(0).contiguous()),
+         "site numbers outside x"),
+        (lambda: bwd(x[:1], x, weight, index, neighbors), "grad_out must have x's shape"),
+        (lambda: bwd(x.double(), x, weight, index, neighbors), "grad_out must have x's dtype"),
+        (lambda: bwd(x, x, weight, index, corrupt), "site numbers outside x"),
+    ]
+    for thunk, words in cases:
+        with pytest.raises(RuntimeError, match=words.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+            thunk()
+
+
+@pytest.mark.parametrize("k", (3, 7))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_from_dense_equals_functional(backend, k):
+    n, c = 2, 6
+    dense = nn.Conv2d(c, c, k, padding=k // 2, groups=c)
+    module = sk.nn.SparseDepthwiseConv2d.from_dense(dense, backend=backend)
+    assert torch.equal(module.weight, dense.weight) and torch.equal(module.bias, dense.bias)
+    mask = make_mask("spark", n, 16, 16, 0.6, seed=13)
+    sites = sk.ActiveSites(mask)
+    x = torch.randn(n, c, 16, 16)
+    with sk.active(sites):
+        y = module(x)
+    assert torch.equal(y, sk.sparse_depthwise_conv2d(x, dense.weight, dense.bias, sites, backend=backend))
+    # One context serves every scale: a half-resolution input reads the downsampled sites.
+    half = torch.randn(n, c, 8, 8)
+    with sk.active(sites):
+        y_half = module(half)
+    assert torch.equal(y_half, sk.sparse_depthwise_conv2d(half, dense.weight, dense.bias, sites.downsample(2),
+                                                          backend=backend))
+
+
+@pytest.mark.parametrize("conv,words", [
+    (nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), "stride"),
+    (nn.Conv2d(4, 4, 3, padding=1), "not depthwise"),
+    (nn.Conv2d(4, 8, 3, padding=1, groups=4), "not depthwise"),
+    (nn.Conv2d(4, 4, 5, padding=2, groups=4), "kernel size"),
+], ids=["stride2", "dense", "multiplier2", "k5"])
+def test_from_dense_refuses_unsupported_convs(conv, words):
+    with pytest.raises(ValueError, match=words):
+        sk.nn.SparseDepthwiseConv2d.from_dense(conv)
+
+
+def test_module_needs_active_sites():
+    module = sk.nn.SparseDepthwiseConv2d(3, 3)
+    with pytest.raises(RuntimeError, match="active sites"):
+        module(torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("backend", NATIVE)
+def test_outputs_in_kernel_layout(backend, layout):
+    """Outputs and input gradients come back in the layout the kernels processed the input in."""
+    x, weight, bias, index, neighbors = op_args(layout, True, 3)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    y = sk.sparse_depthwise_conv2d(x, weight, bias, sk.ActiveSites(make_mask("spark", 2, 9, 8, 0.6, seed=11)),
+                                   backend=backend)
+    assert y.is_contiguous(memory_format=fmt)
+    gx, _, _ = torch.ops.spark_kernels.dwconv_backward(torch.randn_like(x), x, weight, index, neighbors)
+    assert gx.is_contiguous(memory_format=fmt)
