@@ -14,13 +14,14 @@ from .depthwise_conv import sparse_depthwise_conv2d
 from .layer_norm import masked_layer_norm
 from . import nn
 from .nn import active, current_sites
-from .triton import load as _load_triton
+from .triton import device_unsupported_reason as _triton_device_check, load as _load_triton
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 register_backend(Backend("reference", ("cpu", "cuda", "meta"), _FLOATS, lambda: (None, None)))
 register_backend(Backend("cpu", ("cpu",), (torch.float32, torch.float64), _native.load_cpu))
 register_backend(Backend("cuda", ("cuda",), (torch.float32, torch.float16, torch.bfloat16), _native.load_cuda))
-register_backend(Backend("triton", ("cuda", "cpu"), (torch.float32, torch.float16, torch.bfloat16), _load_triton))
+register_backend(Backend("triton", ("cuda", "cpu"), (torch.float32, torch.float16, torch.bfloat16), _load_triton,
+                         device_check=_triton_device_check))
 
 __all__ = ["ActiveSites", "sparse_depthwise_conv2d", "masked_batch_norm", "masked_layer_norm",
            "available_backends", "unavailable_reasons", "active", "current_sites", "nn", "BACKEND_NAMES"]

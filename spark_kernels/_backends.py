@@ -28,12 +28,15 @@ class Backend:
     ``kernels`` is an object with the primitives the generic autograd functions call (see
     ``depthwise_conv.py``, ``batch_norm.py``, ``layer_norm.py``); None for the reference backend.
     ``load`` returns (kernels, None) or (None, reason) and runs once, on first use.
+    ``device_check`` (optional) further restricts the device types after loading: it returns why a
+    device type is unsupported, or None.
     """
 
     name: str
     device_types: Tuple[str, ...]
     dtypes: Tuple[torch.dtype, ...]
     load: Callable[[], Tuple[object, Optional[str]]]
+    device_check: Optional[Callable[[str], Optional[str]]] = None
     _loaded: Optional[Tuple[object, Optional[str]]] = field(default=None, repr=False)
 
     def _ensure_loaded(self) -> Tuple[object, Optional[str]]:
@@ -54,6 +57,10 @@ class Backend:
             return why
         if x.device.type not in self.device_types:
             return f"runs on {'/'.join(self.device_types)} tensors, not {x.device.type}"
+        if self.device_check is not None:
+            why = self.device_check(x.device.type)
+            if why:
+                return why
         if x.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"supports dtypes {names}, not {str(x.dtype).replace('torch.', '')}"

@@ -1,0 +1,176 @@
+"""Pieces shared by the Triton kernels: tile addressing in both layouts, the partial-sum reduce kernel,
+launch helpers and op registration.
+
+Tiles are 2-D: [sites, channels] in the "rows" layout (channels fastest, the contiguous direction) and
+[channels, sites] in the "planes" layout (sites fastest); the helpers below hide the orientation, so
+each kernel is written once for both layouts with a ``ROWS`` constexpr.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .._layout import uses_rows
+from .config import MAX_SITE_PROGRAMS, REDUCE_CONFIG
+
+# Decided once, when the kernels are first loaded (triton.jit reads it at decoration time too).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                   torch.int32: "i32"}
+
+
+# -- tile addressing ---------------------------------------------------------------------------------
+@triton.jit
+def site_offsets(sites, C, HW, ROWS: tl.constexpr):
+    """Element offset of channel 0 of each flat site number n*HW + hw (int64)."""
+    s = sites.to(tl.int64)
+    if ROWS:
+        off = s * C
+    else:
+        off = s + (s // HW) * HW * (C - 1)  # n*C*HW + hw
+    return off
+
+
+@triton.jit
+def channel_offsets(channels, HW, ROWS: tl.constexpr):
+    if ROWS:
+        off = channels.to(tl.int64)
+    else:
+        off = channels.to(tl.int64) * HW
+    return off
+
+
+@triton.jit
+def tile_sum(per_site, per_channel, ROWS: tl.constexpr):
+    """Outer sum of a per-site and a per-channel vector, in the layout's tile orientation."""
+    if ROWS:
+        t = per_site[:, None] + per_channel[None, :]
+    else:
+        t = per_channel[:, None] + per_site[None, :]
+    return t
+
+
+@triton.jit
+def tile_and(site_ok, channel_ok, ROWS: tl.constexpr):
+    if ROWS:
+        t = site_ok[:, None] & channel_ok[None, :]
+    else:
+        t = channel_ok[:, None] & site_ok[None, :]
+    return t
+
+
+@triton.jit
+def per_channel(v, ROWS: tl.constexpr):
+    """A per-channel vector broadcastable against a tile."""
+    if ROWS:
+        t = v[None, :]
+    else:
+        t = v[:, None]
+    return t
+
+
+@triton.jit
+def per_site(v, ROWS: tl.constexpr):
+    if ROWS:
+        t = v[:, None]
+    else:
+        t = v[None, :]
+    return t
+
+
+@triton.jit
+def sum_over_sites(t, ROWS: tl.constexpr):
+    if ROWS:
+        s = tl.sum(t, axis=0)
+    else:
+        s = tl.sum(t, axis=1)
+    return s
+
+
+@triton.jit
+def sum_over_channels(t, ROWS: tl.constexpr):
+    if ROWS:
+        s = tl.sum(t, axis=1)
+    else:
+        s = tl.sum(t, axis=0)
+    return s
+
+
+@triton.jit
+def zero_tile(BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+    if ROWS:
+        t = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    else:
+        t = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
+    return t
+
+
+# -- second stage of every reduction -------------------------------------------------------------------
+@triton.jit
+def reduce_partials_kernel(partials_ptr, out_ptr, P, L, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):
+    """out[l] = sum over p of partials[p, l] (partials float32, (P, L) contiguous), accumulated in out's
+    dtype (float32 or float64)."""
+    cols = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols_ok = cols < L
+    acc = tl.zeros([BLOCK_P, BLOCK_L], dtype=out_ptr.dtype.element_ty)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        ptrs = partials_ptr + rows.to(tl.int64)[:, None] * L + cols[None, :]
+        acc += tl.load(ptrs, mask=(rows < P)[:, None] & cols_ok[None, :], other=0.0).to(acc.dtype)
+    tl.store(out_ptr + cols, tl.sum(acc, axis=0), mask=cols_ok)
+
+
+REDUCE_OUT_DTYPES = (torch.float32, torch.float64)
+
+
+def reduce_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """(P, *shape) float32 partial sums -> shape, summed over P in out_dtype."""
+    p = partials.shape[0]
+    out = partials.new_empty(partials.shape[1:], dtype=out_dtype)
+    length = out.numel()
+    cfg = REDUCE_CONFIG
+    wrap_triton(reduce_partials_kernel)[(triton.cdiv(length, cfg.block_c),)](
+        partials, out, p, length, BLOCK_P=cfg.block_m, BLOCK_L=cfg.block_c, num_warps=cfg.num_warps)
+    return out
+
+
+# -- launch helpers -------------------------------------------------------------------------------------
+def site_programs(num_sites: int, block_m: int):
+    """(programs, site blocks per program) for a two-stage reduction over num_sites >= 1 sites."""
+    blocks = triton.cdiv(num_sites, block_m)
+    per_program = triton.cdiv(blocks, min(blocks, MAX_SITE_PROGRAMS))
+    return triton.cdiv(blocks, per_program), per_program
+
+
+def layout_name(x: torch.Tensor) -> str:
+    return "rows" if uses_rows(x) else "planes"
+
+
+def spatial(x: torch.Tensor):
+    """(C, H*W) of a logically NCHW tensor."""
+    return x.shape[1], x.shape[2] * x.shape[3]
+
+
+def register_op(name: str, fake: Callable) -> Callable:
+    """Register fn as the custom op spark_kernels::triton_<name>.
+
+    On GPUs it is a ``triton_op`` (torch.compile sees and schedules the Triton kernels inside it). The
+    interpreter's kernels are plain Python that torch.compile cannot trace, so there it is an opaque
+    ``custom_op`` with the given fake implementation.
+    """
+    qualname = f"spark_kernels::triton_{name}"
+
+    def decorate(fn: Callable):
+        if INTERPRET:
+            op = torch.library.custom_op(qualname, mutates_args=())(fn)
+            op.register_fake(fake)
+            return op
+        return triton_op(qualname, mutates_args=())(fn)
+
+    return decorate

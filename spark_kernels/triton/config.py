@@ -1,0 +1,76 @@
+"""Launch parameters of every Triton kernel: the one table the dispatcher reads.
+
+No autotuning: a kernel's block sizes and warp count are picked from this table by (kernel family,
+layout, channel count). The compile check (tests/test_triton_compile.py) compiles every entry for
+sm_80 and sm_90, so nothing can be dispatched that was not checked for register spills and shared
+memory. The values are starting points chosen for memory coalescing and register budget; tuning them
+needs a GPU (docs/triton.md).
+
+Layouts (spark_kernels/_layout.py): "rows" = channels_last, C contiguous values per site, so a tile
+spans many channels (lanes along channels, coalesced); "planes" = NCHW, consecutive active sites of a
+channel are contiguous, so a tile spans many sites (lanes along sites) and few channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, Tuple
+
+LAYOUTS = ("rows", "planes")
+# Reductions (conv weight gradient, BN sums, LN parameter gradients) run in two stages: at most this
+# many programs along the sites each write one partial row, then one reduce kernel sums the rows.
+MAX_SITE_PROGRAMS = 512
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int    # active sites per tile
+    block_c: int    # channels per tile
+    num_warps: int
+
+
+# family -> layout -> ((largest channel count served, config), ...), ascending; the last row serves
+# every larger C (the kernels loop over channel blocks through the grid), except for "ln", which
+# holds a whole site's channels in one tile and so has a hard upper bound on C.
+_TABLE: Dict[str, Dict[str, Tuple[Tuple[int, LaunchConfig], ...]]] = {
+    # depthwise conv forward and input gradient: one tile of sites x channels, K*K gathered taps.
+    "dwconv": {
+        "rows": ((32, LaunchConfig(64, 32, 4)), (64, LaunchConfig(32, 64, 4)), (1 << 30, LaunchConfig(16, 128, 4))),
+        "planes": ((1 << 30, LaunchConfig(128, 4, 4)),),
+    },
+    # depthwise conv weight/bias gradient: per program a chunk of sites, one partial per tap.
+    "dwconv_wgrad": {
+        "rows": ((32, LaunchConfig(64, 32, 4)), (64, LaunchConfig(32, 64, 4)), (1 << 30, LaunchConfig(32, 128, 8))),
+        "planes": ((1 << 30, LaunchConfig(128, 4, 4)),),
+    },
+    # BN sums (forward and backward) and BN per-channel affine maps.
+    "bn": {
+        "rows": ((32, LaunchConfig(64, 32, 4)), (64, LaunchConfig(32, 64, 4)), (1 << 30, LaunchConfig(16, 128, 4))),
+        "planes": ((1 << 30, LaunchConfig(128, 4, 4)),),
+    },
+    # LN forward and backward: a tile holds whole sites (block_c >= C).
+    "ln": {
+        "rows": ((64, LaunchConfig(32, 64, 4)), (128, LaunchConfig(16, 128, 4)), (256, LaunchConfig(8, 256, 4)),
+                 (512, LaunchConfig(4, 512, 4)), (1024, LaunchConfig(2, 1024, 8)), (2048, LaunchConfig(1, 2048, 8)),
+                 (4096, LaunchConfig(1, 4096, 16))),
+        "planes": ((64, LaunchConfig(32, 64, 4)), (128, LaunchConfig(16, 128, 4)), (256, LaunchConfig(8, 256, 4)),
+                   (512, LaunchConfig(4, 512, 4)), (1024, LaunchConfig(2, 1024, 8)), (2048, LaunchConfig(1, 2048, 8)),
+                   (4096, LaunchConfig(1, 4096, 16))),
+    },
+}
+# Sums per-program partial rows into the final per-channel result (layout-independent).
+REDUCE_CONFIG = LaunchConfig(32, 128, 4)
+LN_MAX_CHANNELS = _TABLE["ln"]["rows"][-1][0]
+
+
+def config_for(family: str, layout: str, channels: int) -> LaunchConfig:
+    for bound, config in _TABLE[family][layout]:
+        if channels <= bound:
+            return config
+    raise ValueError(f"the Triton {family} kernels support at most {LN_MAX_CHANNELS} channels, got {channels}")
+
+
+def table_entries(family: str) -> Iterator[Tuple[str, LaunchConfig]]:
+    """Every (layout, config) the dispatcher can pick for a family (for the compile check)."""
+    for layout in LAYOUTS:
+        for _, config in _TABLE[family][layout]:
+            yield layout, config
