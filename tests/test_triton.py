@@ -1,0 +1,223 @@
+"""Backend "triton" against the masked-dense reference, forward and backward.
+
+Here (no GPU) the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set in
+conftest.py before triton is imported); on a GPU machine run with TRITON_INTERPRET=0 and the same tests
+run the compiled kernels on CUDA tensors. Shapes are small because the interpreter costs ~ms per program.
+bfloat16 is not tested here: the interpreter (numpy) has no bfloat16 arithmetic; tests/test_triton_compile.py
+compiles every kernel for it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spark_kernels as sk
+from helpers import assert_close_to_reference, make_mask
+
+if "triton" not in sk.available_backends():
+    pytest.skip(f"triton backend unavailable: {sk.unavailable_reasons().get('triton')}", allow_module_level=True)
+
+from spark_kernels.triton import common  # noqa: E402  (only importable when triton is)
+
+DEVICE = "cpu" if common.INTERPRET else "cuda"
+DTYPES = (torch.float32, torch.float16) if common.INTERPRET else (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = ("planes", "rows")
+# (mask kind, ratio): SparK patch masks and random masks at 0.6, plus nothing masked and everything masked.
+MASKS = (("spark", 0.6), ("random", 0.6), ("spark", 0.0), ("spark", 1.0))
+
+
+def _input(shape, dtype, layout, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = x.to(DEVICE, dtype)
+    return x.to(memory_format=torch.channels_last) if layout == "rows" else x
+
+
+def _param(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+
+
+def _run(fn, tensors, grad_out):
+    """(output, grads of tensors) of fn(*tensors) with tensors as fresh leaves."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _check(fn_backend, fn_reference, tensors, what):
+    """Backend in dtype d vs the reference in float64 and in d (flash-attention rule, tests/helpers.py)."""
+    out, grads = _run(fn_backend, tensors, _grad(tensors[0]))
+    ref64, grads64 = _run(fn_reference, [t.double() for t in tensors], _grad(tensors[0]))
+    ref_lp, grads_lp = _run(fn_reference, tensors, _grad(tensors[0]))
+    assert out.dtype == tensors[0].dtype
+    assert_close_to_reference(out, ref_lp, ref64, f"{what}: output")
+    for i, (g, g64, g_lp) in enumerate(zip(grads, grads64, grads_lp)):
+        assert g.dtype == tensors[i].dtype
+        assert_close_to_reference(g, g_lp, g64, f"{what}: grad of input {i}")
+    return out, grads
+
+
+def _grad(x):
+    return _param(x.shape, torch.float64, 99).to(x.dtype)
+
+
+def _mask(kind, ratio, n, h, w):
+    return make_mask(kind, n, h, w, ratio, seed=1).to(DEVICE)
+
+
+# -- depthwise conv -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", (3, 7))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dwconv_spark_mask(k, layout, dtype):
+    n, c, h, w = 2, 10, 11, 9  # odd H/W, C not a multiple of any channel block
+    mask = _mask("spark", 0.6, n, h, w)
+    tensors = [_input((n, c, h, w), dtype, layout, 0), _param((c, 1, k, k), dtype, 1), _param((c,), dtype, 2)]
+    out, grads = _check(lambda x, wt, b: sk.sparse_depthwise_conv2d(x, wt, b, mask, backend="triton"),
+                        lambda x, wt, b: sk.sparse_depthwise_conv2d(x, wt, b, mask, backend="reference"),
+                        tensors, f"dwconv k={k} {layout} {dtype}")
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "rows" else torch.contiguous_format)
+    assert torch.all(out[~mask.expand_as(out)] == 0) and torch.all(grads[0][~mask.expand_as(out)] == 0)
+
+
+@pytest.mark.parametrize("kind,ratio", MASKS[1:])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dwconv_masks(kind, ratio, layout):
+    n, c, h, w = 1, 5, 9, 7
+    mask = _mask(kind, ratio, n, h, w)
+    tensors = [_input((n, c, h, w), torch.float32, layout, 3), _param((c, 1, 3, 3), torch.float32, 4),
+               _param((c,), torch.float32, 5)]
+    out, _ = _check(lambda x, wt, b: sk.sparse_depthwise_conv2d(x, wt, b, mask, backend="triton"),
+                    lambda x, wt, b: sk.sparse_depthwise_conv2d(x, wt, b, mask, backend="reference"),
+                    tensors, f"dwconv {kind} {ratio} {layout}")
+    if ratio == 1.0:
+        assert torch.all(out == 0)
+
+
+def test_dwconv_many_programs_and_channel_blocks(monkeypatch):
+    """Several site programs, several site blocks per reduction program, two channel blocks, no bias."""
+    monkeypatch.setattr(common, "MAX_SITE_PROGRAMS", 2)
+    n, c, h, w = 2, 130, 9, 11
+    mask = _mask("random", 0.3, n, h, w)
+    tensors = [_input((n, c, h, w), torch.float32, "rows", 6), _param((c, 1, 3, 3), torch.float32, 7)]
+    _check(lambda x, wt: sk.sparse_depthwise_conv2d(x, wt, None, mask, backend="triton"),
+           lambda x, wt: sk.sparse_depthwise_conv2d(x, wt, None, mask, backend="reference"),
+           tensors, "dwconv multi-block")
+
+
+# -- batch norm -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,ratio", MASKS)
+def test_batch_norm(layout, dtype, kind, ratio):
+    n, c, h, w = 2, 10, 9, 7
+    mask = _mask(kind, ratio, n, h, w)
+    tensors = [_input((n, c, h, w), dtype, layout, 10), _param((c,), dtype, 11), _param((c,), dtype, 12)]
+    running = {}
+
+    def fn(backend):
+        def run(x, wt, b):
+            key = (backend, x.dtype)
+            # Stock BatchNorm on CPU wants running statistics in the input's dtype.
+            running[key] = (torch.zeros(c, device=DEVICE, dtype=x.dtype), torch.ones(c, device=DEVICE, dtype=x.dtype))
+            return sk.masked_batch_norm(x, mask, *running[key], wt, b, training=True, backend=backend)
+        return run
+
+    _check(fn("triton"), fn("reference"), tensors, f"bn {layout} {dtype} {kind} {ratio}")
+    for got, want in zip(running[("triton", dtype)], running[("reference", torch.float64)]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
+def _stats_for(x, *stats):
+    """Copies of running statistics in the dtype stock BatchNorm on CPU wants next to x."""
+    return [s.clone().to(x.dtype) for s in stats]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batch_norm_eval_many_programs(layout, monkeypatch):
+    monkeypatch.setattr(common, "MAX_SITE_PROGRAMS", 2)
+    n, c, h, w = 2, 37, 13, 11
+    mask = _mask("random", 0.6, n, h, w)
+    rm, rv = _param((c,), torch.float32, 13), _param((c,), torch.float32, 14).abs() + 0.5
+    tensors = [_input((n, c, h, w), torch.float32, layout, 15), _param((c,), torch.float32, 16),
+               _param((c,), torch.float32, 17)]
+    for training in (False, True):
+        _check(lambda x, wt, b: sk.masked_batch_norm(x, mask, rm.clone(), rv.clone(), wt, b, training=training,
+                                                     backend="triton"),
+               lambda x, wt, b: sk.masked_batch_norm(x, mask, *_stats_for(x, rm, rv), wt, b,
+                                                     training=training, backend="reference"),
+               tensors, f"bn training={training} {layout}")
+
+
+# -- layer norm -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("data_format", ("channels_first", "channels_last"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,ratio", MASKS)
+def test_layer_norm(data_format, dtype, kind, ratio):
+    n, c, h, w = 2, 10, 9, 7
+    mask = _mask(kind, ratio, n, h, w)
+    shape = (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
+    tensors = [_input(shape, dtype, "planes", 20), _param((c,), dtype, 21), _param((c,), dtype, 22)]
+    _check(lambda x, wt, b: sk.masked_layer_norm(x, mask, wt, b, data_format=data_format, backend="triton"),
+           lambda x, wt, b: sk.masked_layer_norm(x, mask, wt, b, data_format=data_format, backend="reference"),
+           tensors, f"ln {data_format} {dtype} {kind} {ratio}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layer_norm_wide_many_programs(layout, monkeypatch):
+    """C = 130 (a 256-wide tile), several site blocks per program, no affine parameters."""
+    monkeypatch.setattr(common, "MAX_SITE_PROGRAMS", 3)
+    n, c, h, w = 2, 130, 7, 9
+    mask = _mask("random", 0.5, n, h, w)
+    tensors = [_input((n, c, h, w), torch.float32, layout, 23)]
+    _check(lambda x: sk.masked_layer_norm(x, mask, None, None, backend="triton"),
+           lambda x: sk.masked_layer_norm(x, mask, None, None, backend="reference"),
+           tensors, f"ln wide {layout}")
+
+
+# -- registration -----------------------------------------------------------------------------------------
+def _op_samples():
+    n, c, h, w = 1, 6, 5, 7
+    sites = sk.ActiveSites(_mask("spark", 0.6, n, h, w))
+    x = _input((n, c, h, w), torch.float32, "rows", 30)
+    g = _input((n, c, h, w), torch.float32, "rows", 31)
+    wt, b = _param((c, 1, 3, 3), torch.float32, 32), _param((c,), torch.float32, 33)
+    vec = _param((c,), torch.float32, 34)
+    m = sites.num_active
+    mean, rstd = _param((m,), torch.float32, 35), _param((m,), torch.float32, 36).abs() + 0.5
+    ops = torch.ops.spark_kernels
+    return [
+        (ops.triton_dwconv_forward, (x, wt, b, sites.index, sites.neighbors(3))),
+        (ops.triton_dwconv_backward, (g, x, wt, sites.index, sites.neighbors(3))),
+        (ops.triton_bn_stats, (x, sites.index)),
+        (ops.triton_bn_backward_stats, (g, x, sites.index, vec)),
+        (ops.triton_bn_elemt, (x, sites.index, vec, vec + 1)),
+        (ops.triton_bn_backward_elemt, (g, x, sites.index, vec, vec + 1, vec - 1)),
+        (ops.triton_ln_forward, (x, sites.index, vec, None, 1e-6)),
+        (ops.triton_ln_backward, (g, x, sites.index, vec, mean, rstd)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_ops_pass_opcheck(case):
+    op, args = _op_samples()[case]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    """The public functions on the triton backend trace into one graph and match eager."""
+    n, c, h, w = 1, 6, 7, 5
+    sites = sk.ActiveSites(_mask("spark", 0.6, n, h, w))
+    x = _input((n, c, h, w), torch.float32, "rows", 40)
+    wt, b = _param((c, 1, 3, 3), torch.float32, 41), _param((c,), torch.float32, 42)
+
+    def block(x):
+        y = sk.sparse_depthwise_conv2d(x, wt, b, sites, backend="triton")
+        y = sk.masked_layer_norm(y, sites, b, b, backend="triton")
+        return sk.masked_batch_norm(y, sites, None, None, wt[:, 0, 0, 0], b, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), block(x))
