@@ -8,9 +8,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .._layout import kernel_memory_format, to_kernel_layout
-from .common import (channel_offsets, layout_name, per_channel, reduce_partials, register_op, site_offsets,
+from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, layout_name, per_channel, reduce_partials, register_op, site_offsets,
                      site_programs, spatial, sum_over_sites, tile_and, tile_sum, zero_tile)
-from .config import config_for
+from .config import config_for, table_entries
 
 
 @triton.jit
@@ -144,3 +144,19 @@ def bn_backward_elemt(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tens
     grad_out = to_kernel_layout(grad_out.to(x.dtype), x)
     # grad_out * a + x * b + d
     return _elemt(x, grad_out, index, _per_channel_f32(b), _per_channel_f32(d), _per_channel_f32(a), backward=True)
+
+
+def compile_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launch code above can pick (compile check)."""
+    for dtype in KERNEL_DTYPES:
+        t = f"*{TRITON_TYPE[dtype]}"
+        sums = {"x_ptr": t, "grad_ptr": t, "mean_ptr": "*fp32", "index_ptr": "*i32", "partials_ptr": "*fp32",
+                "M": "i32", "C": "i32", "HW": "i32", "blocks_per_program": "i32"}
+        elemt = {"x_ptr": t, "grad_ptr": t, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "grad_scale_ptr": "*fp32",
+                 "out_ptr": t, "index_ptr": "*i32", "M": "i32", "C": "i32", "HW": "i32"}
+        for kernel, signature in ((bn_sums_kernel, sums), (bn_elemt_kernel, elemt)):
+            for layout, cfg in table_entries("bn"):
+                for backward in (False, True):
+                    constexprs = {"BACKWARD": backward, "ROWS": layout == "rows", "BLOCK_M": cfg.block_m,
+                                  "BLOCK_C": cfg.block_c}
+                    yield kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs, cfg.num_warps

@@ -21,8 +21,9 @@ from .config import MAX_SITE_PROGRAMS, REDUCE_CONFIG
 # Decided once, when the kernels are first loaded (triton.jit reads it at decoration time too).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-                   torch.int32: "i32"}
+# Input dtypes the kernels take (statistics and accumulation are float32).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
 # -- tile addressing ---------------------------------------------------------------------------------
@@ -127,6 +128,14 @@ def reduce_partials_kernel(partials_ptr, out_ptr, P, L, BLOCK_P: tl.constexpr, B
 
 
 REDUCE_OUT_DTYPES = (torch.float32, torch.float64)
+
+
+def reduce_compile_configs():
+    cfg = REDUCE_CONFIG
+    for dtype in REDUCE_OUT_DTYPES:
+        signature = {"partials_ptr": "*fp32", "out_ptr": f"*{TRITON_TYPE[dtype]}", "P": "i32", "L": "i32",
+                     "BLOCK_P": "constexpr", "BLOCK_L": "constexpr"}
+        yield reduce_partials_kernel, signature, {"BLOCK_P": cfg.block_m, "BLOCK_L": cfg.block_c}, cfg.num_warps
 
 
 def reduce_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -34,31 +34,31 @@ class LaunchConfig:
 _TABLE: Dict[str, Dict[str, Tuple[Tuple[int, LaunchConfig], ...]]] = {
     # depthwise conv forward and input gradient: one tile of sites x channels, K*K gathered taps.
     "dwconv": {
-        "rows": ((32, LaunchConfig(64, 32, 4)), (64, LaunchConfig(32, 64, 4)), (1 << 30, LaunchConfig(16, 128, 4))),
+        "rows": ((32, LaunchConfig(32, 32, 4)), (64, LaunchConfig(16, 64, 4)), (1 << 30, LaunchConfig(8, 128, 4))),
         "planes": ((1 << 30, LaunchConfig(128, 4, 4)),),
     },
     # depthwise conv weight/bias gradient: per program a chunk of sites, one partial per tap.
     "dwconv_wgrad": {
-        "rows": ((32, LaunchConfig(64, 32, 4)), (64, LaunchConfig(32, 64, 4)), (1 << 30, LaunchConfig(32, 128, 8))),
+        "rows": ((32, LaunchConfig(32, 32, 4)), (64, LaunchConfig(16, 64, 4)), (1 << 30, LaunchConfig(16, 128, 4))),
         "planes": ((1 << 30, LaunchConfig(128, 4, 4)),),
     },
     # BN sums (forward and backward) and BN per-channel affine maps.
     "bn": {
-        "rows": ((32, LaunchConfig(64, 32, 4)), (64, LaunchConfig(32, 64, 4)), (1 << 30, LaunchConfig(16, 128, 4))),
+        "rows": ((32, LaunchConfig(32, 32, 4)), (64, LaunchConfig(16, 64, 4)), (1 << 30, LaunchConfig(8, 128, 4))),
         "planes": ((1 << 30, LaunchConfig(128, 4, 4)),),
     },
     # LN forward and backward: a tile holds whole sites (block_c >= C).
     "ln": {
-        "rows": ((64, LaunchConfig(32, 64, 4)), (128, LaunchConfig(16, 128, 4)), (256, LaunchConfig(8, 256, 4)),
-                 (512, LaunchConfig(4, 512, 4)), (1024, LaunchConfig(2, 1024, 8)), (2048, LaunchConfig(1, 2048, 8)),
+        "rows": ((64, LaunchConfig(16, 64, 4)), (128, LaunchConfig(8, 128, 4)), (256, LaunchConfig(4, 256, 4)),
+                 (512, LaunchConfig(2, 512, 4)), (1024, LaunchConfig(1, 1024, 4)), (2048, LaunchConfig(1, 2048, 8)),
                  (4096, LaunchConfig(1, 4096, 16))),
-        "planes": ((64, LaunchConfig(32, 64, 4)), (128, LaunchConfig(16, 128, 4)), (256, LaunchConfig(8, 256, 4)),
-                   (512, LaunchConfig(4, 512, 4)), (1024, LaunchConfig(2, 1024, 8)), (2048, LaunchConfig(1, 2048, 8)),
+        "planes": ((64, LaunchConfig(8, 64, 4)), (128, LaunchConfig(4, 128, 4)), (256, LaunchConfig(2, 256, 4)),
+                   (512, LaunchConfig(1, 512, 4)), (1024, LaunchConfig(1, 1024, 8)), (2048, LaunchConfig(1, 2048, 8)),
                    (4096, LaunchConfig(1, 4096, 16))),
     },
 }
 # Sums per-program partial rows into the final per-channel result (layout-independent).
-REDUCE_CONFIG = LaunchConfig(32, 128, 4)
+REDUCE_CONFIG = LaunchConfig(8, 128, 4)
 LN_MAX_CHANNELS = _TABLE["ln"]["rows"][-1][0]
 
 

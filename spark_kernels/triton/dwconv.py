@@ -10,9 +10,10 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .._layout import kernel_memory_format, to_kernel_layout
-from .common import (channel_offsets, layout_name, per_channel, reduce_partials, register_op, site_offsets,
+from ..depthwise_conv import KERNEL_SIZES
+from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, layout_name, per_channel, reduce_partials, register_op, site_offsets,
                      site_programs, spatial, sum_over_sites, tile_and, tile_sum, zero_tile)
-from .config import config_for
+from .config import config_for, table_entries
 
 
 @triton.jit
@@ -29,7 +30,8 @@ def dwconv_taps_kernel(src_ptr, weight_ptr, bias_ptr, out_ptr, index_ptr, neighb
     c_off = channel_offsets(c, HW, ROWS)
     row_ptrs = neighbors_ptr + m.to(tl.int64) * KK
     acc = zero_tile(BLOCK_M, BLOCK_C, ROWS)
-    for t in tl.static_range(KK):
+    # A loop, not unrolled: 49 unrolled taps hoist all their loads and run out of registers.
+    for t in range(0, KK):
         nb = tl.load(row_ptrs + t, mask=m_ok, other=-1)
         nb_ok = nb >= 0
         src = tl.load(src_ptr + tile_sum(site_offsets(tl.where(nb_ok, nb, 0), C, HW, ROWS), c_off, ROWS),
@@ -56,7 +58,7 @@ def dwconv_wgrad_kernel(grad_ptr, x_ptr, index_ptr, neighbors_ptr, partials_ptr,
     c_off = channel_offsets(c, HW, ROWS)
     first = p * blocks_per_program * BLOCK_M
     out_ptrs = partials_ptr + p.to(tl.int64) * C * (KK + 1) + c * (KK + 1)
-    for t in tl.static_range(KK + 1):
+    for t in range(0, KK + 1):
         acc = zero_tile(BLOCK_M, BLOCK_C, ROWS)
         for b in range(0, blocks_per_program):
             m = first + b * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -64,14 +66,12 @@ def dwconv_wgrad_kernel(grad_ptr, x_ptr, index_ptr, neighbors_ptr, partials_ptr,
             sites = tl.load(index_ptr + m, mask=m_ok, other=0)
             g = tl.load(grad_ptr + tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS),
                         mask=tile_and(m_ok, c_ok, ROWS), other=0.0).to(tl.float32)
-            if t < KK:
-                nb = tl.load(neighbors_ptr + m.to(tl.int64) * KK + t, mask=m_ok, other=-1)
-                nb_ok = nb >= 0
-                xv = tl.load(x_ptr + tile_sum(site_offsets(tl.where(nb_ok, nb, 0), C, HW, ROWS), c_off, ROWS),
-                             mask=tile_and(nb_ok, c_ok, ROWS), other=0.0)
-                acc += g * xv.to(tl.float32)
-            else:
-                acc += g
+            # Tap KK is the bias: no neighbour is read and x counts as 1.
+            nb = tl.load(neighbors_ptr + m.to(tl.int64) * KK + t, mask=m_ok & (t < KK), other=-1)
+            nb_ok = nb >= 0
+            xv = tl.load(x_ptr + tile_sum(site_offsets(tl.where(nb_ok, nb, 0), C, HW, ROWS), c_off, ROWS),
+                         mask=tile_and(nb_ok, c_ok, ROWS), other=0.0).to(tl.float32)
+            acc += g * tl.where(t < KK, xv, 1.0)
         tl.store(out_ptrs + t, sum_over_sites(acc, ROWS), mask=c_ok)
 
 
@@ -134,3 +134,19 @@ def dwconv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     grad_w = sums[:, :kk].reshape(weight.shape).to(weight.dtype, copy=True)
     grad_b = sums[:, kk].to(weight.dtype, copy=True)
     return grad_x, grad_w, grad_b
+
+
+def compile_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launch code above can pick (compile check)."""
+    for dtype in KERNEL_DTYPES:
+        t = f"*{TRITON_TYPE[dtype]}"
+        taps = {"src_ptr": t, "weight_ptr": t, "bias_ptr": t, "out_ptr": t, "index_ptr": "*i32",
+                "neighbors_ptr": "*i32", "M": "i32", "C": "i32", "HW": "i32", "mirror": "i32"}
+        wgrad = {"grad_ptr": t, "x_ptr": t, "index_ptr": "*i32", "neighbors_ptr": "*i32", "partials_ptr": "*fp32",
+                 "M": "i32", "C": "i32", "HW": "i32", "blocks_per_program": "i32"}
+        for kernel, family, signature in ((dwconv_taps_kernel, "dwconv", taps),
+                                          (dwconv_wgrad_kernel, "dwconv_wgrad", wgrad)):
+            for layout, cfg in table_entries(family):
+                for k in KERNEL_SIZES:
+                    constexprs = {"K": k, "ROWS": layout == "rows", "BLOCK_M": cfg.block_m, "BLOCK_C": cfg.block_c}
+                    yield kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs, cfg.num_warps

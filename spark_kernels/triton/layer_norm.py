@@ -10,10 +10,10 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .._layout import kernel_memory_format, to_kernel_layout
-from .common import (channel_offsets, layout_name, per_channel, per_site, reduce_partials, register_op,
+from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, layout_name, per_channel, per_site, reduce_partials, register_op,
                      site_offsets, site_programs, spatial, sum_over_channels, sum_over_sites, tile_and, tile_sum,
                      zero_tile)
-from .config import config_for
+from .config import config_for, table_entries
 
 
 @triton.jit
@@ -135,3 +135,18 @@ def ln_backward(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, we
         num_warps=cfg.num_warps)
     sums = reduce_partials(partials, torch.float32)
     return grad_x, sums[0].clone(), sums[1].clone()
+
+
+def compile_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launch code above can pick (compile check)."""
+    for dtype in KERNEL_DTYPES:
+        t = f"*{TRITON_TYPE[dtype]}"
+        forward = {"x_ptr": t, "weight_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": t, "mean_ptr": "*fp32",
+                   "rstd_ptr": "*fp32", "index_ptr": "*i32", "M": "i32", "C": "i32", "HW": "i32", "eps": "fp32"}
+        backward = {"grad_ptr": t, "x_ptr": t, "weight_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                    "grad_x_ptr": t, "partials_ptr": "*fp32", "index_ptr": "*i32", "M": "i32", "C": "i32", "HW": "i32",
+                    "blocks_per_program": "i32"}
+        for kernel, signature in ((ln_forward_kernel, forward), (ln_backward_kernel, backward)):
+            for layout, cfg in table_entries("ln"):
+                constexprs = {"ROWS": layout == "rows", "BLOCK_M": cfg.block_m, "BLOCK_C": cfg.block_c}
+                yield kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs, cfg.num_warps

@@ -1,0 +1,52 @@
+"""Every Triton kernel, at every configuration the dispatcher can pick (every launch-table entry x dtype x
+kernel size x flag), compiles for sm_80 and sm_90 without a GPU, without register spills, and within the
+target's shared memory.
+
+Compilation runs in a subprocess without TRITON_INTERPRET (tests/triton_compile_worker.py). Spills are read
+from the cubin with `cuobjdump -res-usage`: ptxas puts spilled registers in the stack frame (STACK) or in
+local memory (LOCAL); both must be 0. Triton's on-disk cache (~/.triton/cache) makes reruns fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from spark_kernels.triton import batch_norm, common, dwconv, layer_norm  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Shared memory per block (opt-in maximum) of the targets, bytes.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+KERNELS = {"dwconv_taps_kernel", "dwconv_wgrad_kernel", "bn_sums_kernel", "bn_elemt_kernel", "ln_forward_kernel",
+           "ln_backward_kernel", "reduce_partials_kernel"}
+
+
+def _expected_count() -> int:
+    configs = [*dwconv.compile_configs(), *batch_norm.compile_configs(), *layer_norm.compile_configs(),
+               *common.reduce_compile_configs()]
+    assert {k.__name__ for k, *_ in configs} == KERNELS
+    return len(configs)
+
+
+@pytest.mark.parametrize("capability", sorted(SHARED_LIMIT))
+def test_every_kernel_configuration_compiles_without_spills(capability):
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_compile_worker.py"), str(capability)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"compilation for sm_{capability} failed:\n{proc.stderr[-4000:]}"
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    probe, results = rows[0], rows[1:]
+    assert probe.get("probe") and probe["stack"] + probe["local"] > 0, \
+        f"the spill measurement did not see the spills of a register-starved kernel: {probe}"
+    assert len(results) == _expected_count()
+    spills = [r for r in results if r["stack"] or r["local"]]
+    assert not spills, f"sm_{capability}: kernels spill registers:\n" + "\n".join(map(str, spills))
+    too_big = [r for r in results if r["shared"] > SHARED_LIMIT[capability]]
+    assert not too_big, f"sm_{capability}: kernels need too much shared memory:\n" + "\n".join(map(str, too_big))
+    assert all(0 < r["reg"] <= 255 for r in results)
