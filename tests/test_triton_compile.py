@@ -33,12 +33,16 @@ def _expected_count() -> int:
     return len(configs)
 
 
-@pytest.mark.parametrize("capability", sorted(SHARED_LIMIT))
-def test_every_kernel_configuration_compiles_without_spills(capability):
+def _worker(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="0",
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_compile_worker.py"), str(capability)],
+    return subprocess.run([sys.executable, os.path.join(HERE, "triton_compile_worker.py"), *args],
                           env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("capability", sorted(SHARED_LIMIT))
+def test_every_kernel_configuration_compiles_without_spills(capability):
+    proc = _worker(str(capability))
     assert proc.returncode == 0, f"compilation for sm_{capability} failed:\n{proc.stderr[-4000:]}"
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     probe, results = rows[0], rows[1:]
@@ -50,3 +54,9 @@ def test_every_kernel_configuration_compiles_without_spills(capability):
     too_big = [r for r in results if r["shared"] > SHARED_LIMIT[capability]]
     assert not too_big, f"sm_{capability}: kernels need too much shared memory:\n" + "\n".join(map(str, too_big))
     assert all(0 < r["reg"] <= 255 for r in results)
+
+
+def test_gpu_ops_trace_on_fake_cuda_tensors():
+    """The GPU registration (triton_op) runs its host code on fake CUDA tensors, as torch.compile does."""
+    proc = _worker("trace")
+    assert proc.returncode == 0 and proc.stdout.strip() == "traced", proc.stderr[-4000:]
