@@ -221,3 +221,18 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), block(x))
+
+
+def test_bad_tables_and_unsupported_width_raise_clear_errors():
+    x = _input((1, 4, 3, 3), torch.float32, "planes", 50)
+    sites = sk.ActiveSites(_mask("spark", 0.0, 1, 3, 3))
+    wt = _param((4, 1, 3, 3), torch.float32, 51)
+    ops = torch.ops.spark_kernels
+    with pytest.raises(ValueError, match="index must be"):
+        ops.triton_dwconv_forward(x, wt, None, sites.index.long(), sites.neighbors(3))
+    with pytest.raises(ValueError, match="neighbors must be"):
+        ops.triton_dwconv_forward(x, wt, None, sites.index, sites.neighbors(3)[:, :4].contiguous())
+    wide = _input((1, 4097, 1, 1), torch.float32, "planes", 52)
+    with pytest.raises(ValueError, match="at most 4096 channels"):
+        sk.masked_layer_norm(wide, torch.ones(1, 1, 1, 1, dtype=torch.bool, device=DEVICE), None, None,
+                             backend="triton")

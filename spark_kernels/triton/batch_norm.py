@@ -8,7 +8,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .._layout import kernel_memory_format, to_kernel_layout
-from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, layout_name, per_channel, reduce_partials, register_op, site_offsets,
+from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, layout_name, per_channel, reduce_partials, register_op, site_offsets,
                      site_programs, spatial, sum_over_sites, tile_and, tile_sum, zero_tile)
 from .config import config_for, table_entries
 
@@ -119,12 +119,14 @@ def _per_channel_f32(t: torch.Tensor) -> torch.Tensor:
 
 @register_op("bn_stats", _fake_stats)
 def bn_stats(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    check_tables(x, index)
     x = to_kernel_layout(x, x)
     return _sums(x, x, x, index, backward=False)
 
 
 @register_op("bn_backward_stats", _fake_backward_stats)
 def bn_backward_stats(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    check_tables(x, index)
     x = to_kernel_layout(x, x)
     grad_out = to_kernel_layout(grad_out.to(x.dtype), x)
     return _sums(x, grad_out, _per_channel_f32(mean), index, backward=True)
@@ -132,6 +134,7 @@ def bn_backward_stats(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tens
 
 @register_op("bn_elemt", _fake_elemt)
 def bn_elemt(x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    check_tables(x, index)
     x = to_kernel_layout(x, x)
     scale = _per_channel_f32(scale)
     return _elemt(x, x, index, scale, _per_channel_f32(shift), scale, backward=False)
@@ -140,6 +143,7 @@ def bn_elemt(x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, shift: t
 @register_op("bn_backward_elemt", _fake_backward_elemt)
 def bn_backward_elemt(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, a: torch.Tensor,
                       b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    check_tables(x, index)
     x = to_kernel_layout(x, x)
     grad_out = to_kernel_layout(grad_out.to(x.dtype), x)
     # grad_out * a + x * b + d

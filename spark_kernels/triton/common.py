@@ -8,7 +8,7 @@ each kernel is written once for both layouts with a ``ROWS`` constexpr.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -164,6 +164,25 @@ def layout_name(x: torch.Tensor) -> str:
 def spatial(x: torch.Tensor):
     """(C, H*W) of a logically NCHW tensor."""
     return x.shape[1], x.shape[2] * x.shape[3]
+
+
+def check_tables(x: torch.Tensor, index: torch.Tensor, neighbors: Optional[torch.Tensor] = None,
+                 kernel_size: int = 0) -> None:
+    """The site tables must be the int32 tables of spark_kernels._sites for x (values are trusted: they
+    come from ActiveSites; checking them would cost a device sync)."""
+    if x.dim() != 4 or x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"x must be a 4-D float32/float16/bfloat16 tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    if index.dtype != torch.int32 or index.dim() != 1 or not index.is_contiguous() or index.device != x.device:
+        raise ValueError(f"index must be a contiguous 1-D int32 tensor on {x.device}, got {index.dtype} "
+                         f"{tuple(index.shape)} on {index.device}")
+    if index.shape[0] > x.shape[0] * x.shape[2] * x.shape[3]:
+        raise ValueError(f"index has {index.shape[0]} sites but x has only {x.shape[0] * x.shape[2] * x.shape[3]}")
+    if neighbors is not None:
+        want = (index.shape[0], kernel_size * kernel_size)
+        if (neighbors.dtype != torch.int32 or tuple(neighbors.shape) != want or not neighbors.is_contiguous()
+                or neighbors.device != x.device):
+            raise ValueError(f"neighbors must be a contiguous int32 tensor of shape {want} on {x.device}, got "
+                             f"{neighbors.dtype} {tuple(neighbors.shape)} on {neighbors.device}")
 
 
 def register_op(name: str, fake: Callable) -> Callable:

@@ -11,7 +11,7 @@ from torch.library import wrap_triton
 
 from .._layout import kernel_memory_format, to_kernel_layout
 from ..depthwise_conv import KERNEL_SIZES
-from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, layout_name, per_channel, reduce_partials, register_op, site_offsets,
+from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, layout_name, per_channel, reduce_partials, register_op, site_offsets,
                      site_programs, spatial, sum_over_sites, tile_and, tile_sum, zero_tile)
 from .config import config_for, table_entries
 
@@ -98,6 +98,7 @@ def _launch_taps(src, weight, bias, out, index, neighbors, mirror: int) -> None:
 @register_op("dwconv_forward", _fake_forward)
 def dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], index: torch.Tensor,
                    neighbors: torch.Tensor) -> torch.Tensor:
+    check_tables(x, index, neighbors, weight.shape[-1])
     x = to_kernel_layout(x, x)
     y = torch.zeros_like(x, memory_format=kernel_memory_format(x))
     if index.shape[0] == 0:
@@ -111,6 +112,7 @@ def dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 @register_op("dwconv_backward", _fake_backward)
 def dwconv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
                     neighbors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_tables(x, index, neighbors, weight.shape[-1])
     x = to_kernel_layout(x, x)
     grad_out = to_kernel_layout(grad_out.to(x.dtype), x)
     weight = weight.contiguous()

@@ -10,7 +10,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .._layout import kernel_memory_format, to_kernel_layout
-from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, layout_name, per_channel, per_site, reduce_partials, register_op,
+from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, layout_name, per_channel, per_site, reduce_partials, register_op,
                      site_offsets, site_programs, spatial, sum_over_channels, sum_over_sites, tile_and, tile_sum,
                      zero_tile)
 from .config import config_for, table_entries
@@ -99,6 +99,7 @@ def _param_f32(t: Optional[torch.Tensor], c: int, fill: float, like: torch.Tenso
 @register_op("ln_forward", _fake_forward)
 def ln_forward(x: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_tables(x, index)
     x = to_kernel_layout(x, x)
     c, hw = spatial(x)
     m = index.shape[0]
@@ -118,6 +119,7 @@ def ln_forward(x: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tens
 @register_op("ln_backward", _fake_backward)
 def ln_backward(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor],
                 mean: torch.Tensor, rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_tables(x, index)
     x = to_kernel_layout(x, x)
     grad_out = to_kernel_layout(grad_out.to(x.dtype), x)
     c, hw = spatial(x)
