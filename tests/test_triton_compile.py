@@ -33,16 +33,30 @@ def _expected_count() -> int:
     return len(configs)
 
 
-def _worker(*args: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def workers():
+    """The worker subprocesses (one per target, and the trace), started together so they run in parallel."""
     env = dict(os.environ, TRITON_INTERPRET="0",
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, os.path.join(HERE, "triton_compile_worker.py"), *args],
-                          env=env, capture_output=True, text=True, timeout=900)
+    procs = {arg: subprocess.Popen([sys.executable, os.path.join(HERE, "triton_compile_worker.py"), arg], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for arg in [*map(str, sorted(SHARED_LIMIT)), "trace"]}
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _result(workers, arg: str) -> subprocess.CompletedProcess:
+    proc = workers[arg]
+    stdout, stderr = proc.communicate(timeout=900)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @pytest.mark.parametrize("capability", sorted(SHARED_LIMIT))
-def test_every_kernel_configuration_compiles_without_spills(capability):
-    proc = _worker(str(capability))
+def test_every_kernel_configuration_compiles_without_spills(workers, capability):
+    proc = _result(workers, str(capability))
     assert proc.returncode == 0, f"compilation for sm_{capability} failed:\n{proc.stderr[-4000:]}"
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     probe, results = rows[0], rows[1:]
@@ -56,7 +70,7 @@ def test_every_kernel_configuration_compiles_without_spills(capability):
     assert all(0 < r["reg"] <= 255 for r in results)
 
 
-def test_gpu_ops_trace_on_fake_cuda_tensors():
+def test_gpu_ops_trace_on_fake_cuda_tensors(workers):
     """The GPU registration (triton_op) runs its host code on fake CUDA tensors, as torch.compile does."""
-    proc = _worker("trace")
+    proc = _result(workers, "trace")
     assert proc.returncode == 0 and proc.stdout.strip() == "traced", proc.stderr[-4000:]
