@@ -1,0 +1,87 @@
+// Argument checks and layout preparation shared by the CPU and CUDA masked-norm ops (host code).
+// Every failure names the op and the argument.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+
+#include "common/layout.h"
+
+namespace spark_kernels {
+
+// The layout rule of common/layout.h applied to a tensor, and the memory format it implies.
+inline bool uses_rows(const at::Tensor& x) {
+  return uses_rows(x.sizes().data(), x.strides().data());
+}
+
+inline at::MemoryFormat kernel_memory_format(const at::Tensor& x) {
+  return uses_rows(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// t (same shape as like) in the layout the kernels use for like.
+inline at::Tensor to_kernel_layout(const at::Tensor& t, const at::Tensor& like) {
+  return t.contiguous(kernel_memory_format(like));
+}
+
+inline at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// x: a 4-D (N, C, H, W) tensor of one of `dtypes` on `device_type`.
+inline void check_norm_input(const at::Tensor& x, const char* op, c10::DeviceType device_type,
+                             std::initializer_list<at::ScalarType> dtypes) {
+  TORCH_CHECK(x.device().type() == device_type, op, ": x must be a ", c10::DeviceTypeName(device_type),
+              " tensor, got one on ", x.device());
+  bool supported = false;
+  for (auto t : dtypes) supported = supported || x.scalar_type() == t;
+  TORCH_CHECK(supported, op, ": x has unsupported dtype ", x.scalar_type(), " for the ",
+              c10::DeviceTypeName(device_type), " kernels");
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
+}
+
+// index: (M,) int32 site numbers on x's device, at most one per site of x.
+inline void check_index(const at::Tensor& index, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(index.scalar_type() == at::kInt, op, ": index must be int32, got ", index.scalar_type());
+  TORCH_CHECK(index.dim() == 1, op, ": index must be 1-D (M,), got shape ", index.sizes());
+  TORCH_CHECK(index.device() == x.device(), op, ": index is on ", index.device(), " but x is on ", x.device());
+  TORCH_CHECK(index.numel() <= x.size(0) * x.size(2) * x.size(3), op, ": index has ", index.numel(),
+              " entries but x has only ", x.size(0) * x.size(2) * x.size(3), " sites");
+}
+
+// t must match x in shape, dtype and device (e.g. grad_out).
+inline void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+// A per-channel or per-site vector of length `length` in x's accumulation dtype on x's device.
+inline void check_vector(const at::Tensor& t, const char* name, int64_t length, const at::Tensor& x,
+                         const char* op) {
+  const auto acc = accumulation_type(x.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == length, op, ": ", name, " must have shape (", length, "), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " must have dtype ", acc, " (the accumulation dtype of ",
+              x.scalar_type(), " inputs), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+// Geometry of x as the kernels see it: element (site, c) is at base(site) + c * channel_stride.
+struct NormGeometry {
+  int64_t batch, channels, plane;  // plane = H * W
+  bool rows;
+
+  static NormGeometry of(const at::Tensor& x_kernel_layout) {
+    const auto& x = x_kernel_layout;
+    return {x.size(0), x.size(1), x.size(2) * x.size(3), uses_rows(x)};
+  }
+  int64_t sites() const { return batch * plane; }
+  int64_t channel_stride() const { return rows ? 1 : plane; }
+  int64_t base(int64_t site) const {
+    return rows ? site * channels : (site / plane) * channels * plane + site % plane;
+  }
+};
+
+}  // namespace spark_kernels

@@ -1,0 +1,148 @@
+// Per-site math of masked LayerNorm and the per-channel terms of masked BatchNorm, shared by the CPU
+// kernels (csrc/cpu) and the CUDA kernels (csrc/cuda): compiled as host code and as device code, no
+// torch includes, so csrc/tests/test_norm_row.cpp checks on the CPU what the GPU kernels compute.
+//
+// A "row" is the C values of one site, x[c * stride]: stride 1 for channels_last rows, H*W for NCHW
+// planes. Acc is the accumulation type (float, or double for double inputs); T the storage type.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/host_device.h"
+
+// Lets the CPU compiler vectorize a sum (it reassociates it in a fixed order chosen at build time, so
+// results stay run-to-run identical). Empty in device code and in builds without OpenMP.
+#if defined(_OPENMP) && !defined(__CUDA_ARCH__)
+#define SK_PRAGMA(text) _Pragma(#text)
+#define SK_SIMD_SUM(...) SK_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#else
+#define SK_SIMD_SUM(...)
+#endif
+
+namespace spark_kernels::norm {
+
+SK_HOST_DEVICE inline float inv_sqrt(float v) { return 1.0f / sqrtf(v); }
+SK_HOST_DEVICE inline double inv_sqrt(double v) { return 1.0 / sqrt(v); }
+
+// ---- LayerNorm of one row ------------------------------------------------------------------------
+
+template <typename Acc>
+struct RowStats {
+  Acc mean;
+  Acc rstd;  // 1 / sqrt(biased variance + eps)
+};
+
+// Two-pass mean and biased variance over the row (no cancellation from E[x^2] - E[x]^2).
+template <typename Acc, typename T>
+SK_HOST_DEVICE inline RowStats<Acc> row_stats(const T* x, int64_t stride, int64_t channels, Acc eps) {
+  Acc sum = 0;
+  SK_SIMD_SUM(sum)
+  for (int64_t c = 0; c < channels; ++c) sum += static_cast<Acc>(x[c * stride]);
+  const Acc mean = sum / static_cast<Acc>(channels);
+  Acc squares = 0;
+  SK_SIMD_SUM(squares)
+  for (int64_t c = 0; c < channels; ++c) {
+    const Acc d = static_cast<Acc>(x[c * stride]) - mean;
+    squares += d * d;
+  }
+  return {mean, inv_sqrt(squares / static_cast<Acc>(channels) + eps)};
+}
+
+// y = (x - mean) * rstd * weight + bias; weight and bias may be null (identity).
+template <typename Acc, typename T>
+SK_HOST_DEVICE inline void row_forward(const T* x, int64_t x_stride, T* y, int64_t y_stride, int64_t channels,
+                                       RowStats<Acc> s, const Acc* weight, const Acc* bias) {
+  for (int64_t c = 0; c < channels; ++c) {
+    Acc v = (static_cast<Acc>(x[c * x_stride]) - s.mean) * s.rstd;
+    if (weight != nullptr) v *= weight[c];
+    if (bias != nullptr) v += bias[c];
+    y[c * y_stride] = static_cast<T>(v);
+  }
+}
+
+// Input gradient of one row: with g = dy * weight and xhat = (x - mean) * rstd,
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)). dx may alias dy (element c reads only element c).
+template <typename Acc, typename T>
+SK_HOST_DEVICE inline void row_backward(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, T* dx,
+                                        int64_t dx_stride, int64_t channels, RowStats<Acc> s, const Acc* weight) {
+  Acc sum_g = 0, sum_g_xhat = 0;
+  SK_SIMD_SUM(sum_g, sum_g_xhat)
+  for (int64_t c = 0; c < channels; ++c) {
+    const Acc g = static_cast<Acc>(dy[c * dy_stride]) * (weight != nullptr ? weight[c] : Acc(1));
+    const Acc xhat = (static_cast<Acc>(x[c * x_stride]) - s.mean) * s.rstd;
+    sum_g += g;
+    sum_g_xhat += g * xhat;
+  }
+  const Acc mean_g = sum_g / static_cast<Acc>(channels);
+  const Acc mean_g_xhat = sum_g_xhat / static_cast<Acc>(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    const Acc g = static_cast<Acc>(dy[c * dy_stride]) * (weight != nullptr ? weight[c] : Acc(1));
+    const Acc xhat = (static_cast<Acc>(x[c * x_stride]) - s.mean) * s.rstd;
+    dx[c * dx_stride] = static_cast<T>(s.rstd * (g - mean_g - xhat * mean_g_xhat));
+  }
+}
+
+// ---- Per-channel terms summed over active sites (each op sums a pair of terms per channel) -------
+
+// masked_bn_stats: (x, x^2).
+template <typename P>
+struct BnStatsTerms {
+  SK_HOST_DEVICE void operator()(P x, P& first, P& second) const {
+    first = x;
+    second = x * x;
+  }
+};
+
+// masked_bn_backward_stats: (dy, dy * (x - mean[c])).
+template <typename P>
+struct BnBackwardTerms {
+  SK_HOST_DEVICE void operator()(P dy, P x, P mean, P& first, P& second) const {
+    first = dy;
+    second = dy * (x - mean);
+  }
+};
+
+// masked_ln_backward's parameter gradients: (dy * xhat, dy) for grad_weight and grad_bias.
+template <typename P>
+struct LnParamGradTerms {
+  SK_HOST_DEVICE void operator()(P dy, P x, P mean, P rstd, P& first, P& second) const {
+    first = dy * ((x - mean) * rstd);
+    second = dy;
+  }
+};
+
+// masked_bn_elemt: x * scale[c] + shift[c].
+template <typename Acc>
+SK_HOST_DEVICE inline Acc bn_affine(Acc x, Acc scale, Acc shift) {
+  return x * scale + shift;
+}
+
+// masked_bn_backward_elemt: dy * a[c] + x * b[c] + d[c].
+template <typename Acc>
+SK_HOST_DEVICE inline Acc bn_backward_elem(Acc dy, Acc x, Acc a, Acc b, Acc d) {
+  return dy * a + x * b + d;
+}
+
+// ---- Deterministic reductions over sites ---------------------------------------------------------
+// Sites are cut into fixed chunks (a function of the channel count only, never of the thread count);
+// each chunk's per-channel partial sums are computed by one worker, then added in chunk order.
+
+constexpr int64_t kChunkElements = 16384;
+
+SK_HOST_DEVICE inline int64_t sites_per_chunk(int64_t channels) {
+  return channels >= kChunkElements ? 1 : kChunkElements / (channels > 0 ? channels : 1);
+}
+
+SK_HOST_DEVICE inline int64_t num_chunks(int64_t sites, int64_t per_chunk) {
+  return (sites + per_chunk - 1) / per_chunk;
+}
+
+// Sum of column `col` of a row-major (chunks, width) table of partials, in chunk order, in double.
+template <typename P>
+SK_HOST_DEVICE inline double combine_column(const P* partials, int64_t chunks, int64_t width, int64_t col) {
+  double total = 0;
+  for (int64_t k = 0; k < chunks; ++k) total += static_cast<double>(partials[k * width + col]);
+  return total;
+}
+
+}  // namespace spark_kernels::norm

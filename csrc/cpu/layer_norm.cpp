@@ -1,0 +1,167 @@
+// Masked LayerNorm primitives on the CPU (schemas and conventions: csrc/ops.cpp): normalization over the
+// C channels of each active site, with the row math of csrc/common/norm_row.h.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "cpu/norm_cpu.h"
+
+namespace spark_kernels::cpu {
+namespace {
+
+// Pointer to an optional (C,) parameter in the accumulation dtype, or null.
+template <typename acc_t>
+const acc_t* optional_param(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<acc_t>() : nullptr;
+}
+
+std::optional<at::Tensor> checked_param(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x,
+                                        const char* op) {
+  if (!t.has_value()) return std::nullopt;
+  check_vector(*t, name, x.size(1), x, op);
+  return t->contiguous();
+}
+
+void prepare(const at::Tensor& x, const at::Tensor& index, const char* op) {
+  check_norm_input(x, op, c10::DeviceType::CPU, {at::kFloat, at::kDouble});
+  TORCH_CHECK(x.size(1) > 0, op, ": x must have at least one channel");
+  check_index(index, x, op);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_forward(const at::Tensor& x_in, const at::Tensor& index_in,
+                                                                 const std::optional<at::Tensor>& weight_in,
+                                                                 const std::optional<at::Tensor>& bias_in,
+                                                                 double eps) {
+  constexpr const char* op = "masked_ln_forward";
+  prepare(x_in, index_in, op);
+  const auto weight_t = checked_param(weight_in, "weight", x_in, op);
+  const auto bias_t = checked_param(bias_in, "bias", x_in, op);
+  const at::Tensor x_t = to_kernel_layout(x_in, x_in);
+  const at::Tensor index_t = index_in.contiguous();
+  const NormGeometry g = NormGeometry::of(x_t);
+  const int64_t count = index_t.numel();
+  const int32_t* index = index_t.const_data_ptr<int32_t>();
+  check_index_values(index, count, g.sites(), op);
+
+  const auto acc_type = accumulation_type(x_t.scalar_type());
+  at::Tensor y_t = empty_dense(x_t);
+  at::Tensor mean_t = at::empty({count}, x_t.options().dtype(acc_type));
+  at::Tensor rstd_t = at::empty({count}, x_t.options().dtype(acc_type));
+  if (count == 0) return {y_t.zero_(), mean_t, rstd_t};
+  AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = x_t.const_data_ptr<scalar_t>();
+    scalar_t* y = y_t.data_ptr<scalar_t>();
+    acc_t* mean = mean_t.data_ptr<acc_t>();
+    acc_t* rstd = rstd_t.data_ptr<acc_t>();
+    const acc_t* weight = optional_param<acc_t>(weight_t);
+    const acc_t* bias = optional_param<acc_t>(bias_t);
+    const acc_t eps_acc = static_cast<acc_t>(eps);
+    const int64_t stride = g.channel_stride();
+    for_each_chunk(count, norm::sites_per_chunk(g.channels), [&](int64_t, int64_t j0, int64_t j1) {
+      zero_inactive(g, index, count, j0, j1, y);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t base = g.base(index[j]);
+        norm::RowStats<acc_t> s;
+        if (g.rows) {  // stride 1 spelled out so the compiler vectorizes over channels
+          s = norm::row_stats<acc_t>(x + base, 1, g.channels, eps_acc);
+          norm::row_forward<acc_t>(x + base, 1, y + base, 1, g.channels, s, weight, bias);
+        } else {
+          s = norm::row_stats<acc_t>(x + base, stride, g.channels, eps_acc);
+          norm::row_forward<acc_t>(x + base, stride, y + base, stride, g.channels, s, weight, bias);
+        }
+        mean[j] = s.mean;
+        rstd[j] = s.rstd;
+      }
+    });
+  });
+  return {y_t, mean_t, rstd_t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                                                  const at::Tensor& index_in,
+                                                                  const std::optional<at::Tensor>& weight_in,
+                                                                  const at::Tensor& mean_in, const at::Tensor& rstd_in) {
+  constexpr const char* op = "masked_ln_backward";
+  prepare(x_in, index_in, op);
+  check_like_x(grad_out_in, "grad_out", x_in, op);
+  const auto weight_t = checked_param(weight_in, "weight", x_in, op);
+  check_vector(mean_in, "mean", index_in.numel(), x_in, op);
+  check_vector(rstd_in, "rstd", index_in.numel(), x_in, op);
+  const at::Tensor x_t = to_kernel_layout(x_in, x_in);
+  const at::Tensor dy_t = to_kernel_layout(grad_out_in, x_t);
+  const at::Tensor index_t = index_in.contiguous();
+  const at::Tensor mean_c = mean_in.contiguous(), rstd_c = rstd_in.contiguous();
+  const NormGeometry g = NormGeometry::of(x_t);
+  const int64_t count = index_t.numel();
+  const int32_t* index = index_t.const_data_ptr<int32_t>();
+  check_index_values(index, count, g.sites(), op);
+
+  const int64_t channels = g.channels;
+  const auto acc_type = accumulation_type(x_t.scalar_type());
+  at::Tensor dx_t = empty_dense(x_t);
+  at::Tensor grad_weight = at::empty({channels}, x_t.options().dtype(acc_type));
+  at::Tensor grad_bias = at::empty({channels}, x_t.options().dtype(acc_type));
+  if (count == 0) return {dx_t.zero_(), grad_weight.zero_(), grad_bias.zero_()};
+
+  const int64_t per_chunk = norm::sites_per_chunk(channels);
+  const int64_t chunks = norm::num_chunks(count, per_chunk);
+  // Per-chunk partial sums of (dy * xhat, dy) per channel, added in chunk order below.
+  std::vector<double> partials(chunks * 2 * channels, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = x_t.const_data_ptr<scalar_t>();
+    const scalar_t* dy = dy_t.const_data_ptr<scalar_t>();
+    scalar_t* dx = dx_t.data_ptr<scalar_t>();
+    const acc_t* mean = mean_c.const_data_ptr<acc_t>();
+    const acc_t* rstd = rstd_c.const_data_ptr<acc_t>();
+    const acc_t* weight = optional_param<acc_t>(weight_t);
+    const int64_t stride = g.channel_stride();
+    const norm::LnParamGradTerms<double> terms;
+    for_each_chunk(count, per_chunk, [&](int64_t k, int64_t j0, int64_t j1) {
+      zero_inactive(g, index, count, j0, j1, dx);
+      double* __restrict sum_dy_xhat = partials.data() + k * 2 * channels;
+      double* __restrict sum_dy = sum_dy_xhat + channels;
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t base = g.base(index[j]);
+        const norm::RowStats<acc_t> s{mean[j], rstd[j]};
+        if (g.rows) {  // stride 1 spelled out so the compiler vectorizes over channels
+          norm::row_backward<acc_t>(dy + base, 1, x + base, 1, dx + base, 1, channels, s, weight);
+          for (int64_t c = 0; c < channels; ++c) {
+            double a, b;
+            terms(dy[base + c], x[base + c], s.mean, s.rstd, a, b);
+            sum_dy_xhat[c] += a;
+            sum_dy[c] += b;
+          }
+        } else {
+          norm::row_backward<acc_t>(dy + base, stride, x + base, stride, dx + base, stride, channels, s, weight);
+          for (int64_t c = 0; c < channels; ++c) {
+            double a, b;
+            terms(dy[base + c * stride], x[base + c * stride], s.mean, s.rstd, a, b);
+            sum_dy_xhat[c] += a;
+            sum_dy[c] += b;
+          }
+        }
+      }
+    });
+    acc_t* gw = grad_weight.data_ptr<acc_t>();
+    acc_t* gb = grad_bias.data_ptr<acc_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      gw[c] = static_cast<acc_t>(norm::combine_column(partials.data(), chunks, 2 * channels, c));
+      gb[c] = static_cast<acc_t>(norm::combine_column(partials.data(), chunks, 2 * channels, channels + c));
+    }
+  });
+  return {dx_t, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spark_kernels, CPU, m) {
+  m.impl("masked_ln_forward", &masked_ln_forward);
+  m.impl("masked_ln_backward", &masked_ln_backward);
+}
+
+}  // namespace spark_kernels::cpu

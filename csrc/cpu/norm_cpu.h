@@ -1,0 +1,109 @@
+// CPU building blocks of the masked-norm kernels: the fixed chunking of the active sites, deterministic
+// per-channel reductions over them, and zeroing of the inactive sites of a dense output.
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/norm_checks.h"
+#include "common/norm_row.h"
+
+namespace spark_kernels::cpu {
+
+// Validates index values (sites in range, strictly ascending) before any kernel dereferences them.
+inline void check_index_values(const int32_t* index, int64_t count, int64_t sites, const char* op) {
+  bool ok = true;
+  for (int64_t j = 0; j < count; ++j) {
+    ok &= index[j] >= 0 && index[j] < sites && (j == 0 || index[j] > index[j - 1]);
+  }
+  TORCH_CHECK(ok, op, ": index must hold strictly ascending site numbers in [0, ", sites, ")");
+}
+
+// Runs fn(chunk, first_site, end_site) for each chunk of the fixed partition of [0, count), in parallel.
+template <typename Fn>
+inline void for_each_chunk(int64_t count, int64_t per_chunk, const Fn& fn) {
+  const int64_t chunks = norm::num_chunks(count, per_chunk);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) fn(k, k * per_chunk, std::min(count, (k + 1) * per_chunk));
+  });
+}
+
+// Per-channel sums of two terms over the active sites, in float64: out[0][c], out[1][c].
+// term(j, offset, c, first, second) computes the terms of active site j (index[j]) at element offset.
+template <bool kRows, typename Term>
+void channel_sums(const NormGeometry& g, const int32_t* index, int64_t count, const Term& term, double* out) {
+  const int64_t c_count = g.channels;
+  const int64_t per_chunk = norm::sites_per_chunk(c_count);
+  const int64_t chunks = norm::num_chunks(count, per_chunk);
+  std::vector<double> partials(chunks * 2 * c_count, 0.0);
+  for_each_chunk(count, per_chunk, [&](int64_t k, int64_t j0, int64_t j1) {
+    double* __restrict first = partials.data() + k * 2 * c_count;
+    double* __restrict second = first + c_count;
+    if constexpr (kRows) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t base = static_cast<int64_t>(index[j]) * c_count;
+        for (int64_t c = 0; c < c_count; ++c) {
+          double a, b;
+          term(j, base + c, c, a, b);
+          first[c] += a;
+          second[c] += b;
+        }
+      }
+    } else {
+      std::vector<int64_t> bases(j1 - j0);
+      for (int64_t j = j0; j < j1; ++j) bases[j - j0] = g.base(index[j]);
+      for (int64_t c = 0; c < c_count; ++c) {
+        double a_sum = 0, b_sum = 0;
+        for (int64_t j = j0; j < j1; ++j) {
+          double a, b;
+          term(j, bases[j - j0] + c * g.plane, c, a, b);
+          a_sum += a;
+          b_sum += b;
+        }
+        first[c] = a_sum;
+        second[c] = b_sum;
+      }
+    }
+  });
+  for (int64_t col = 0; col < 2 * c_count; ++col) {
+    out[col] = norm::combine_column(partials.data(), chunks, 2 * c_count, col);
+  }
+}
+
+// Zeros the inactive sites owned by chunk [j0, j1): the sites from its first active site (0 for the
+// first chunk) up to the next chunk's first active site (the end for the last chunk). The chunks thus
+// own disjoint ranges that cover every site, so with the active writes each element is written once.
+template <typename T>
+void zero_inactive(const NormGeometry& g, const int32_t* index, int64_t count, int64_t j0, int64_t j1, T* out) {
+  auto zero_range = [&](int64_t from, int64_t to) {  // sites [from, to)
+    if (from >= to) return;
+    if (g.rows) {
+      std::memset(out + from * g.channels, 0, sizeof(T) * (to - from) * g.channels);
+      return;
+    }
+    while (from < to) {  // one image's part of the range per step
+      const int64_t n = from / g.plane;
+      const int64_t stop = std::min(to, (n + 1) * g.plane);
+      T* first = out + n * g.channels * g.plane + (from - n * g.plane);
+      for (int64_t c = 0; c < g.channels; ++c) std::memset(first + c * g.plane, 0, sizeof(T) * (stop - from));
+      from = stop;
+    }
+  };
+  int64_t cursor = j0 == 0 ? 0 : index[j0];
+  for (int64_t j = j0; j < j1; ++j) {
+    zero_range(cursor, index[j]);
+    cursor = static_cast<int64_t>(index[j]) + 1;
+  }
+  zero_range(cursor, j1 == count ? g.sites() : index[j1]);
+}
+
+// A dense output in x's kernel layout whose every element is written by the caller or zero_inactive.
+inline at::Tensor empty_dense(const at::Tensor& x_kernel_layout) {
+  return at::empty_like(x_kernel_layout, kernel_memory_format(x_kernel_layout));
+}
+
+}  // namespace spark_kernels::cpu
