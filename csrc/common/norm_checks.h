@@ -6,6 +6,7 @@
 
 #include <initializer_list>
 
+#include "common/host_device.h"
 #include "common/layout.h"
 
 namespace spark_kernels {
@@ -77,9 +78,9 @@ struct NormGeometry {
     const auto& x = x_kernel_layout;
     return {x.size(0), x.size(1), x.size(2) * x.size(3), uses_rows(x)};
   }
-  int64_t sites() const { return batch * plane; }
-  int64_t channel_stride() const { return rows ? 1 : plane; }
-  int64_t base(int64_t site) const {
+  SK_HOST_DEVICE int64_t sites() const { return batch * plane; }
+  SK_HOST_DEVICE int64_t channel_stride() const { return rows ? 1 : plane; }
+  SK_HOST_DEVICE int64_t base(int64_t site) const {
     return rows ? site * channels : (site / plane) * channels * plane + site % plane;
   }
 };

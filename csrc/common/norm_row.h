@@ -48,16 +48,27 @@ SK_HOST_DEVICE inline RowStats<Acc> row_stats(const T* x, int64_t stride, int64_
   return {mean, inv_sqrt(squares / static_cast<Acc>(channels) + eps)};
 }
 
-// y = (x - mean) * rstd * weight + bias; weight and bias may be null (identity).
+// Output of channel c: (x - mean) * rstd * weight[c] + bias[c]; weight and bias may be null (identity).
+template <typename Acc>
+SK_HOST_DEVICE inline Acc normalize(Acc x, RowStats<Acc> s, const Acc* weight, const Acc* bias, int64_t c) {
+  Acc v = (x - s.mean) * s.rstd;
+  if (weight != nullptr) v *= weight[c];
+  if (bias != nullptr) v += bias[c];
+  return v;
+}
+
 template <typename Acc, typename T>
 SK_HOST_DEVICE inline void row_forward(const T* x, int64_t x_stride, T* y, int64_t y_stride, int64_t channels,
                                        RowStats<Acc> s, const Acc* weight, const Acc* bias) {
   for (int64_t c = 0; c < channels; ++c) {
-    Acc v = (static_cast<Acc>(x[c * x_stride]) - s.mean) * s.rstd;
-    if (weight != nullptr) v *= weight[c];
-    if (bias != nullptr) v += bias[c];
-    y[c * y_stride] = static_cast<T>(v);
+    y[c * y_stride] = static_cast<T>(normalize(static_cast<Acc>(x[c * x_stride]), s, weight, bias, c));
   }
+}
+
+// The input gradient of one element, given the row means of g = dy * weight and of g * xhat.
+template <typename Acc>
+SK_HOST_DEVICE inline Acc input_grad(Acc g, Acc xhat, Acc mean_g, Acc mean_g_xhat, Acc rstd) {
+  return rstd * (g - mean_g - xhat * mean_g_xhat);
 }
 
 // Input gradient of one row: with g = dy * weight and xhat = (x - mean) * rstd,
@@ -78,7 +89,7 @@ SK_HOST_DEVICE inline void row_backward(const T* dy, int64_t dy_stride, const T*
   for (int64_t c = 0; c < channels; ++c) {
     const Acc g = static_cast<Acc>(dy[c * dy_stride]) * (weight != nullptr ? weight[c] : Acc(1));
     const Acc xhat = (static_cast<Acc>(x[c * x_stride]) - s.mean) * s.rstd;
-    dx[c * dx_stride] = static_cast<T>(s.rstd * (g - mean_g - xhat * mean_g_xhat));
+    dx[c * dx_stride] = static_cast<T>(input_grad(g, xhat, mean_g, mean_g_xhat, s.rstd));
   }
 }
 
