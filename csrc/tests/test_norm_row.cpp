@@ -1,0 +1,154 @@
+// Checks the shared per-site norm math (common/norm_row.h) against naive double-precision formulas:
+// LayerNorm row statistics, forward and input gradient (the latter against central finite
+// differences of the naive forward), the per-channel BN/LN terms and the chunked reduction helpers.
+// Returns non-zero on failure.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "common/norm_row.h"
+
+namespace {
+
+namespace norm = spark_kernels::norm;
+
+int failures = 0;
+
+void expect_close(double got, double want, double tol, const char* what, long long c) {
+  if (!(std::fabs(got - want) <= tol * (1.0 + std::fabs(want)))) {
+    std::printf("FAIL %s [%lld]: got %.17g, want %.17g\n", what, c, got, want);
+    ++failures;
+  }
+}
+
+// Naive LayerNorm of one row in double: y = (x - mean) / sqrt(var + eps) * w + b.
+std::vector<double> naive_forward(const std::vector<double>& x, const std::vector<double>& w,
+                                  const std::vector<double>& b, double eps) {
+  const double n = static_cast<double>(x.size());
+  double mean = 0;
+  for (double v : x) mean += v;
+  mean /= n;
+  double var = 0;
+  for (double v : x) var += (v - mean) * (v - mean);
+  var /= n;
+  std::vector<double> y(x.size());
+  for (size_t c = 0; c < x.size(); ++c) y[c] = (x[c] - mean) / std::sqrt(var + eps) * w[c] + b[c];
+  return y;
+}
+
+// Row math for `channels` values laid out with `stride`, storage type T, accumulation Acc.
+template <typename T, typename Acc>
+void check_row(long long channels, long long stride, double tol, bool affine, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const double eps = 1e-5;
+  std::vector<double> x(channels), dy(channels), w(channels, 1.0), b(channels, 0.0);
+  for (auto& v : x) v = 3.0 + 2.0 * normal(rng);  // an offset mean exercises the centering
+  for (auto& v : dy) v = normal(rng);
+  if (affine) {
+    for (auto& v : w) v = normal(rng);
+    for (auto& v : b) v = normal(rng);
+  }
+  std::vector<T> xs(channels * stride, T(0)), dys(channels * stride, T(0)), ys(channels * stride, T(0)),
+      dxs(channels * stride, T(0));
+  std::vector<Acc> wa(w.begin(), w.end()), ba(b.begin(), b.end());
+  for (long long c = 0; c < channels; ++c) {
+    xs[c * stride] = static_cast<T>(x[c]);
+    dys[c * stride] = static_cast<T>(dy[c]);
+  }
+  for (long long c = 0; c < channels; ++c) {  // the naive formulas see the rounded inputs
+    x[c] = static_cast<double>(xs[c * stride]);
+    dy[c] = static_cast<double>(dys[c * stride]);
+  }
+  const Acc* wp = affine ? wa.data() : nullptr;
+  const Acc* bp = affine ? ba.data() : nullptr;
+
+  const auto s = norm::row_stats<Acc>(xs.data(), stride, channels, static_cast<Acc>(eps));
+  double mean = 0, var = 0;
+  for (double v : x) mean += v;
+  mean /= channels;
+  for (double v : x) var += (v - mean) * (v - mean);
+  var /= channels;
+  expect_close(s.mean, mean, tol, "row_stats mean", channels);
+  expect_close(s.rstd, 1.0 / std::sqrt(var + eps), tol, "row_stats rstd", channels);
+
+  norm::row_forward<Acc>(xs.data(), stride, ys.data(), stride, channels, s, wp, bp);
+  const auto want = naive_forward(x, w, b, eps);
+  for (long long c = 0; c < channels; ++c) expect_close(ys[c * stride], want[c], tol, "row_forward", c);
+
+  // dx_c = d/dx_c sum_k dy_k * y_k, by central differences of the naive forward.
+  norm::row_backward<Acc>(dys.data(), stride, xs.data(), stride, dxs.data(), stride, channels, s, wp);
+  const double h = 1e-5;
+  for (long long c = 0; c < channels; ++c) {
+    auto xp = x, xm = x;
+    xp[c] += h;
+    xm[c] -= h;
+    const auto yp = naive_forward(xp, w, b, eps), ym = naive_forward(xm, w, b, eps);
+    double numeric = 0;
+    for (long long k = 0; k < channels; ++k) numeric += dy[k] * (yp[k] - ym[k]) / (2 * h);
+    expect_close(dxs[c * stride], numeric, std::max(tol, 1e-6), "row_backward", c);
+  }
+  // In place (dx aliasing dy) gives the same result.
+  std::vector<T> inplace = dys;
+  norm::row_backward<Acc>(inplace.data(), stride, xs.data(), stride, inplace.data(), stride, channels, s, wp);
+  for (long long c = 0; c < channels; ++c) expect_close(inplace[c * stride], dxs[c * stride], 0, "in place", c);
+}
+
+void check_terms_and_reductions() {
+  double a, b;
+  norm::BnStatsTerms<double>()(-3.0, a, b);
+  expect_close(a, -3.0, 0, "bn stats term x", 0);
+  expect_close(b, 9.0, 0, "bn stats term x^2", 0);
+  norm::BnBackwardTerms<double>()(2.0, 5.0, 1.5, a, b);
+  expect_close(a, 2.0, 0, "bn backward term dy", 0);
+  expect_close(b, 7.0, 0, "bn backward term dy*(x-mean)", 0);
+  norm::LnParamGradTerms<double>()(2.0, 5.0, 1.0, 0.5, a, b);
+  expect_close(a, 4.0, 0, "ln param term dy*xhat", 0);
+  expect_close(b, 2.0, 0, "ln param term dy", 0);
+  expect_close(norm::bn_affine(2.0, 3.0, -1.0), 5.0, 0, "bn_affine", 0);
+  expect_close(norm::bn_backward_elem(1.0, 2.0, 3.0, 4.0, 5.0), 16.0, 0, "bn_backward_elem", 0);
+
+  // The chunking depends on the channel count only and covers every site exactly once.
+  for (long long channels : {1LL, 3LL, 96LL, 97LL, 768LL, 20000LL}) {
+    const long long per = norm::sites_per_chunk(channels);
+    if (per < 1 || (channels < norm::kChunkElements && per * channels > norm::kChunkElements)) {
+      std::printf("FAIL sites_per_chunk(%lld) = %lld\n", channels, per);
+      ++failures;
+    }
+    for (long long sites : {0LL, 1LL, per, per + 1, 10 * per - 1}) {
+      const long long chunks = norm::num_chunks(sites, per);
+      if (chunks * per < sites || (chunks > 0 && (chunks - 1) * per >= sites)) {
+        std::printf("FAIL num_chunks(%lld, %lld) = %lld\n", sites, per, chunks);
+        ++failures;
+      }
+    }
+  }
+  // combine_column adds a column of a (chunks, width) table in chunk order.
+  const float partials[] = {1.f, 10.f, 2.f, 20.f, 3.f, 30.f};
+  expect_close(norm::combine_column(partials, 3, 2, 0), 6.0, 0, "combine_column", 0);
+  expect_close(norm::combine_column(partials, 3, 2, 1), 60.0, 0, "combine_column", 1);
+  expect_close(norm::combine_column(partials, 0, 2, 1), 0.0, 0, "combine_column empty", 1);
+}
+
+}  // namespace
+
+int main() {
+  unsigned seed = 1;
+  for (long long channels : {1LL, 2LL, 3LL, 8LL, 96LL, 97LL, 768LL}) {
+    for (bool affine : {false, true}) {
+      for (long long stride : {1LL, 5LL}) {
+        check_row<double, double>(channels, stride, 1e-9, affine, seed++);
+        check_row<float, float>(channels, stride, 2e-4, affine, seed++);
+      }
+    }
+  }
+  check_terms_and_reductions();
+  if (failures) {
+    std::printf("%d failure(s)\n", failures);
+    return 1;
+  }
+  std::printf("norm_row: all checks passed\n");
+  return 0;
+}

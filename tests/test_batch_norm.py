@@ -1,0 +1,397 @@
+"""Masked BatchNorm: every backend that runs on CPU tensors (except "triton", tested with the Triton
+kernels) against the masked-dense reference, forward and backward, plus gradcheck, opcheck, running
+statistics, determinism, input validation, the module and the synchronized variant."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import spark_kernels as sk
+from spark_kernels._backends import get_backend
+from helpers import GRADCHECK, assert_close_to_reference, make_mask
+
+H, W = 13, 11
+FUSED = [b for b in sk.available_backends()
+         if b not in ("reference", "triton") and get_backend(b).unsupported_reason(torch.zeros(1, 1, 1, 1)) is None]
+CPU_BACKENDS = ["reference"] + FUSED
+ops = torch.ops.spark_kernels
+
+
+def make_active(kind: str, n: int, h: int = H, w: int = W, seed: int = 0) -> torch.Tensor:
+    if kind == "visible":
+        return torch.ones(n, 1, h, w, dtype=torch.bool)
+    if kind == "masked":
+        return torch.zeros(n, 1, h, w, dtype=torch.bool)
+    if kind == "single":
+        m = torch.zeros(n, 1, h, w, dtype=torch.bool)
+        m[n - 1, 0, h // 2, w // 3] = True
+        return m
+    return make_mask(kind, n, h, w, 0.6, seed=seed)
+
+
+def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x's values in a given memory layout: plain, channels_last, or a non-contiguous strided view."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    big = x.new_full(x.shape[:-1] + (2 * x.shape[-1],), float("nan"))
+    big[..., ::2] = x
+    return big[..., ::2]
+
+
+def run(backend, x, active, weight, bias, running, grad_out, training=True, momentum=0.1, eps=1e-5,
+        dtype=None, layout="contiguous"):
+    """Forward + backward of masked_batch_norm in `dtype`; returns outputs, gradients, running stats."""
+    dtype = dtype or x.dtype
+    xd = with_layout(x.detach().to(dtype, copy=True), layout).requires_grad_()
+    wd = None if weight is None else weight.detach().to(dtype, copy=True).requires_grad_()
+    bd = None if bias is None else bias.detach().to(dtype, copy=True).requires_grad_()
+    rm, rv = (None, None) if running is None else (running[0].to(dtype, copy=True), running[1].to(dtype, copy=True))
+    y = sk.masked_batch_norm(xd, active, rm, rv, wd, bd, training=training, momentum=momentum, eps=eps,
+                             backend=backend)
+    y.backward(grad_out.to(dtype))
+    out = {"y": y, "grad_x": xd.grad}
+    if wd is not None:
+        out["grad_weight"] = wd.grad
+    if bd is not None:
+        out["grad_bias"] = bd.grad
+    if rm is not None:
+        out["running_mean"], out["running_var"] = rm, rv
+    return out
+
+
+def inputs(n, c, seed=0, h=H, w=W):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * 2 + 0.5
+    weight = torch.randn(c, generator=g, dtype=torch.float64)
+    bias = torch.randn(c, generator=g, dtype=torch.float64)
+    running = (torch.randn(c, generator=g, dtype=torch.float64), torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+    grad_out = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    return x, weight, bias, running, grad_out
+
+
+def check_against_reference(backend, x, active, weight, bias, running, grad_out, dtype, layout="contiguous",
+                            **kw):
+    out = run(backend, x, active, weight, bias, running, grad_out, dtype=dtype, layout=layout, **kw)
+    ref64 = run("reference", x, active, weight, bias, running, grad_out, dtype=torch.float64, **kw)
+    reflow = run("reference", x, active, weight, bias, running, grad_out, dtype=dtype, **kw)
+    assert out.keys() == ref64.keys()
+    for key in out:
+        assert out[key].dtype == dtype, key
+        assert_close_to_reference(out[key], reflow[key], ref64[key], f"{backend} {key}")
+    return out
+
+
+DTYPE_LAYOUTS = [(torch.float32, "contiguous"), (torch.float32, "channels_last"), (torch.float32, "strided"),
+                 (torch.float64, "channels_last")]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS)
+@pytest.mark.parametrize("kind", ["visible", "spark", "random", "masked"])
+@pytest.mark.parametrize("n,c", [(1, 3), (8, 1), (8, 96), (1, 97)])
+def test_matches_reference_training(backend, dtype, layout, kind, n, c):
+    x, weight, bias, running, grad_out = inputs(n, c)
+    check_against_reference(backend, x, make_active(kind, n), weight, bias, running, grad_out, dtype, layout)
+
+
+# A single active site has zero variance, so its output b = x * scale + shift cancels two terms of
+# size |mean| * w / sqrt(eps): the (x, scale, shift) contract of masked_bn_elemt cannot be accurate
+# there in float32 (the reference computes (x - mean) * ... exactly); it is checked in float64.
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("kind,dtype", [("spark", torch.float32), ("spark", torch.float64),
+                                        ("single", torch.float64)])
+def test_matches_reference_modes(backend, dtype, training, affine, kind):
+    x, weight, bias, running, grad_out = inputs(8, 97, seed=1)
+    if not affine:
+        weight = bias = None
+    check_against_reference(backend, x, make_active(kind, 8), weight, bias, running, grad_out, dtype,
+                            "channels_last", training=training, momentum=0.3)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_no_running_stats(backend):
+    x, weight, bias, _, grad_out = inputs(2, 5)
+    check_against_reference(backend, x, make_active("random", 2), weight, bias, None, grad_out, torch.float64)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_all_visible_equals_batch_norm(backend, training):
+    x, weight, bias, running, grad_out = inputs(8, 96)
+    out = run(backend, x, make_active("visible", 8), weight, bias, running, grad_out, training=training,
+              momentum=0.2)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, weight, bias))
+    rm, rv = running[0].clone(), running[1].clone()
+    y = F.batch_norm(xr, rm, rv, wr, br, training, 0.2, 1e-5)
+    y.backward(grad_out)
+    for key, want in [("y", y), ("grad_x", xr.grad), ("grad_weight", wr.grad), ("grad_bias", br.grad),
+                      ("running_mean", rm), ("running_var", rv)]:
+        torch.testing.assert_close(out[key], want, rtol=1e-9, atol=1e-9, msg=key)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_masked(backend, dtype):
+    x, weight, bias, running, grad_out = inputs(2, 7)
+    out = run(backend, x, make_active("masked", 2), weight, bias, running, grad_out, dtype=dtype)
+    for key in ("y", "grad_x", "grad_weight", "grad_bias"):
+        assert torch.equal(out[key], torch.zeros_like(out[key])), key
+    assert torch.equal(out["running_mean"], running[0].to(dtype))
+    assert torch.equal(out["running_var"], running[1].to(dtype))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_inactive_garbage_does_not_leak(backend, layout):
+    x, weight, bias, running, grad_out = inputs(4, 9)
+    active = make_active("spark", 4)
+    clean = run(backend, x, active, weight, bias, running, grad_out, layout=layout)
+    garbage = torch.where(torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < 0.5,
+                          float("nan"), 1e30).to(x.dtype)
+    dirty_x = torch.where(active, x, garbage)
+    dirty_g = torch.where(active, grad_out, torch.full_like(grad_out, float("inf")))
+    dirty = run(backend, dirty_x, active, weight, bias, running, dirty_g, layout=layout)
+    for key in clean:
+        assert torch.isfinite(dirty[key]).all(), key
+        assert torch.equal(dirty[key], clean[key]), key
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_deterministic_across_runs_and_threads(backend, layout):
+    # Enough sites for several reduction chunks.
+    x, weight, bias, running, grad_out = inputs(2, 96, h=32, w=32)
+    active = make_active("spark", 2, 32, 32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n_threads in (1, 2, 2):
+            torch.set_num_threads(n_threads)
+            results.append(run(backend, x, active, weight, bias, running, grad_out, dtype=torch.float32,
+                               layout=layout))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for key in results[0]:
+            assert torch.equal(results[0][key], other[key]), key
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck(backend, training, layout):
+    g = torch.Generator().manual_seed(3)
+    x = with_layout(torch.randn(3, 4, 5, 4, generator=g, dtype=torch.float64), layout).requires_grad_()
+    weight = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    running = (torch.randn(4, generator=g, dtype=torch.float64), torch.rand(4, generator=g, dtype=torch.float64) + 1)
+    active = make_active("random", 3, 5, 4, seed=1)
+
+    def fn(x, weight, bias):
+        # Fresh running statistics: they are updated in place at every call in training.
+        return sk.masked_batch_norm(x, active, running[0].clone(), running[1].clone(), weight, bias,
+                                    training=training, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias), **GRADCHECK)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_opcheck(layout):
+    if "cpu" not in FUSED:
+        pytest.skip("the cpu backend is not available: " + sk.unavailable_reasons().get("cpu", ""))
+    g = torch.Generator().manual_seed(0)
+    x = with_layout(torch.randn(2, 5, 4, 3, generator=g), layout)
+    dy = with_layout(torch.randn(2, 5, 4, 3, generator=g), "contiguous")
+    index = sk.ActiveSites(make_active("random", 2, 4, 3)).index
+    vec = [torch.randn(5, generator=g) for _ in range(3)]
+    for op, args in [(ops.masked_bn_stats, (x, index)),
+                     (ops.masked_bn_backward_stats, (dy, x, index, vec[0])),
+                     (ops.masked_bn_elemt, (x, index, vec[0], vec[1])),
+                     (ops.masked_bn_backward_elemt, (dy, x, index, *vec))]:
+        torch.library.opcheck(op, args)
+
+
+def test_bad_inputs():
+    x, weight, bias, running, _ = inputs(2, 4)
+    x = x.float()
+    weight, bias = weight.float(), bias.float()
+    rm, rv = running[0].float(), running[1].float()
+    active = make_active("random", 2)
+
+    def call(**kw):
+        args = dict(x=x, active=active, running_mean=rm, running_var=rv, weight=weight, bias=bias)
+        args.update(kw)
+        return sk.masked_batch_norm(**args)
+
+    for bad in (x.int(), x.bool(), x.to(torch.complex64)):
+        with pytest.raises(TypeError, match="x must be a floating-point"):
+            call(x=bad)
+    with pytest.raises(ValueError, match="x must be a 4-D"):
+        call(x=x[0])
+    with pytest.raises(ValueError, match="weight is on meta"):
+        call(weight=weight.to("meta"))
+    with pytest.raises(ValueError, match="running_mean is on meta"):
+        call(running_mean=rm.to("meta"))
+    with pytest.raises(ValueError, match="active is on meta"):
+        call(active=active.to("meta"))
+    with pytest.raises(TypeError, match="active must have dtype torch.bool"):
+        call(active=active.float())
+    with pytest.raises(ValueError, match=r"active must have shape \(N, 1, H, W\)"):
+        call(active=active[:, 0])
+    with pytest.raises(ValueError, match="active is for"):
+        call(active=active[:1])
+    with pytest.raises(ValueError, match="weight must have shape"):
+        call(weight=weight[:3])
+    with pytest.raises(ValueError, match="running_var must have shape"):
+        call(running_var=torch.ones(5))
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        call(running_var=None)
+    for momentum in (-0.1, 1.5, "0.1"):
+        with pytest.raises(ValueError, match="momentum"):
+            call(momentum=momentum)
+    with pytest.raises(ValueError, match="eps"):
+        call(eps=-1.0)
+    with pytest.raises(ValueError, match="backend"):
+        call(backend="nope")
+
+
+def test_kernel_argument_checks():
+    if "cpu" not in FUSED:
+        pytest.skip("the cpu backend is not available: " + sk.unavailable_reasons().get("cpu", ""))
+    x = torch.randn(2, 4, 3, 3)
+    index = sk.ActiveSites(make_active("random", 2, 3, 3)).index
+    vec = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="index must be int32"):
+        ops.masked_bn_stats(x, index.long())
+    with pytest.raises(RuntimeError, match="index must hold strictly ascending"):
+        ops.masked_bn_stats(x, torch.tensor([0, 99], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="index must hold strictly ascending"):
+        ops.masked_bn_stats(x, torch.tensor([3, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        ops.masked_bn_stats(x.half(), index)
+    with pytest.raises(RuntimeError, match="scale must have dtype Float"):
+        ops.masked_bn_elemt(x, index, vec.double(), vec)
+    with pytest.raises(RuntimeError, match=r"shift must have shape \(4\)"):
+        ops.masked_bn_elemt(x, index, vec, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="grad_out must have x's shape"):
+        ops.masked_bn_backward_elemt(x[:1], x, index, vec, vec, vec)
+    with pytest.raises(RuntimeError, match="x must be 4-D"):
+        ops.masked_bn_stats(x[0], index)
+
+
+# ---- modules ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dense_type", [nn.BatchNorm2d, nn.SyncBatchNorm])
+def test_module_matches_functional(backend, dense_type):
+    torch.manual_seed(0)
+    dense = dense_type(6, momentum=0.25)
+    with torch.no_grad():
+        dense.weight.normal_()
+        dense.bias.normal_()
+        dense.running_mean.normal_()
+    module = sk.nn.MaskedBatchNorm2d.from_dense(dense, backend=backend)
+    x, _, _, _, grad_out = inputs(4, 6)
+    x, grad_out = x.float(), grad_out.float()
+    active = make_active("spark", 4)
+    rm, rv = dense.running_mean.clone(), dense.running_var.clone()
+    want = sk.masked_batch_norm(x, active, rm, rv, dense.weight, dense.bias, True, 0.25, dense.eps,
+                                backend="reference")
+    with sk.active(active):
+        y = module(x)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.running_mean, rm)
+    torch.testing.assert_close(module.running_var, rv)
+    assert module.num_batches_tracked.item() == 1
+    module.eval()
+    with sk.active(active):
+        y_eval = module(x)
+    dense_eval = dense.eval()
+    dense_eval.load_state_dict(module.state_dict())
+    torch.testing.assert_close(y_eval, torch.where(active, nn.BatchNorm2d.forward(dense_eval, x), 0.0),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_module_cumulative_average(backend):
+    """momentum=None: running stats are the cumulative average, as nn.BatchNorm2d (all sites visible)."""
+    dense = nn.BatchNorm2d(5, momentum=None)
+    module = sk.nn.MaskedBatchNorm2d.from_dense(dense, backend=backend)
+    active = make_active("visible", 3)
+    for seed in range(3):
+        x = inputs(3, 5, seed=seed)[0].float()
+        with sk.active(active):
+            y = module(x)
+        torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.running_mean, dense.running_mean)
+    torch.testing.assert_close(module.running_var, dense.running_var)
+
+
+# ---- synchronized BatchNorm ------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sync_case(seed: int = 5):
+    x, weight, bias, running, grad_out = inputs(4, 6, seed=seed, h=6, w=5)
+    return x, weight, bias, running, grad_out, make_active("spark", 4, 6, 5)
+
+
+def _sync_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=__import__("datetime").timedelta(seconds=30))
+    try:
+        x, weight, bias, running, grad_out, active = _sync_case()
+        half = slice(2 * rank, 2 * rank + 2)
+        results = {}
+        for backend in ["reference"] + FUSED:
+            rm, rv = running[0].clone(), running[1].clone()
+            xr, wr, br = x[half].clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
+            y = sk.masked_batch_norm(xr, active[half].clone(), rm, rv, wr, br, training=True, momentum=0.3,
+                                     process_group=dist.group.WORLD, backend=backend)
+            y.backward(grad_out[half])
+            results[backend] = dict(y=y.detach(), grad_x=xr.grad, grad_weight=wr.grad, grad_bias=br.grad,
+                                    running_mean=rm, running_var=rv)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synchronized_equals_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(_sync_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    import time
+    deadline = time.monotonic() + 60
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("synchronized BatchNorm workers timed out")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    x, weight, bias, running, grad_out, active = _sync_case()
+    for backend in ["reference"] + FUSED:
+        whole = run(backend, x, active, weight, bias, running, grad_out, momentum=0.3)
+        for key in ("y", "grad_x"):
+            torch.testing.assert_close(torch.cat([r[backend][key] for r in ranks]), whole[key].detach(),
+                                       rtol=1e-10, atol=1e-10, msg=f"{backend} {key}")
+        for key in ("running_mean", "running_var"):
+            for r in ranks:
+                torch.testing.assert_close(r[backend][key], whole[key], rtol=1e-10, atol=1e-10,
+                                           msg=f"{backend} {key}")
+        for key in ("grad_weight", "grad_bias"):
+            torch.testing.assert_close(ranks[0][backend][key] + ranks[1][backend][key], whole[key],
+                                       rtol=1e-10, atol=1e-10, msg=f"{backend} {key}")
