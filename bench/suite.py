@@ -47,7 +47,10 @@ class Settings:
     sweep_repeats: int = 5
     models: Sequence[str] = tuple(MODEL_TARGETS)
     model_batch: int = BATCH
+    model_input_size: int = 224
     model_steps: int = 5
+    model_warmup: int = 1
+    model_memory: bool = True  # peak memory from a subprocess per configuration (bench/model_step.py)
     machine_repeats: int = 5
     machine_gemm_size: int = 2048
     machine_stream_elements: int = 1 << 25  # 128 MB per array, 4x the last-level cache here
@@ -152,23 +155,33 @@ def run_sweeps(settings: Settings, backends: List[str], bounds) -> Dict[str, Lis
     return out
 
 
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
 def run_models(settings: Settings, backends: List[str]) -> Dict[str, object]:
-    """Whole SparK training steps through bench/model_step.py (written with the model layer)."""
+    """Whole SparK training steps through bench/model_step.py (the model layer's benchmark): per network,
+    the reference model and each fused backend's model with the same weights, steps interleaved."""
     try:
         from . import model_step
     except ImportError as e:
         return {"status": f"not measured: bench/model_step.py is not available ({e})", "rows": []}
-    rows = []
+    rows: List[Dict[str, object]] = []
     for model in settings.models:
-        for backend in [REFERENCE] + backends:
+        base = {"model": model, "batch": settings.model_batch, "input_size": settings.model_input_size}
+        for backend in backends:
             try:
-                r = model_step.measure(model, backend=backend, batch=settings.model_batch,
-                                       steps=settings.model_steps, warmup=1)
-                rows.append({"model": model, "backend": backend, "batch": settings.model_batch, **r})
+                r = model_step.compare(model, backend, settings.model_batch, settings.model_steps,
+                                       settings.model_warmup, settings.model_input_size, memory=settings.model_memory)
+                measured = [(REFERENCE, r["rows"][REFERENCE]), (backend, r["rows"][backend])]
             except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-                rows.append({"model": model, "backend": backend, "batch": settings.model_batch,
-                             "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"})
-            _log(f"model {model:<14}{backend:<12}{rows[-1]}")
+                measured = [(backend, {"error": _error(e)})]
+            for name, row in measured:
+                if name == REFERENCE and any(x["model"] == model and x["backend"] == REFERENCE for x in rows):
+                    continue  # one reference row per network
+                rows.append({**base, "backend": name, **row})
+                _log(f"model {model:<14}{name:<12}" + (f"{row['images_per_s']:.2f} images/s, peak memory "
+                     f"{row.get('peak_memory_bytes', 0) / 2 ** 20:.0f} MB" if "images_per_s" in row else row["error"]))
     return {"status": "measured", "rows": rows}
 
 
