@@ -14,11 +14,11 @@
 
 #include <algorithm>
 #include <atomic>
-#include <limits>
 #include <vector>
 
 #include "common/dwconv_site.h"
 #include "common/layout.h"
+#include "dwconv_args.h"
 
 namespace spark_kernels {
 namespace {
@@ -29,53 +29,12 @@ constexpr int64_t kChunkSites = 256;
 template <typename T>
 constexpr int kBlock = 128 / sizeof(T);
 
-struct Geometry {
-  int64_t n, c, h, w, m;
-  int k;
-  bool rows;
-  int64_t sites() const { return n * h * w; }
-  int64_t plane() const { return h * w; }
-};
+using Geometry = DwconvGeometry;
 
 Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                     const at::Tensor& index, const at::Tensor& neighbors) {
-  TORCH_CHECK(x.dim() == 4, op, ": x must be a 4-D tensor (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64 on the cpu backend, got ", x.scalar_type());
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got device ", x.device());
-  const int64_t c = x.size(1);
-  TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be a CPU tensor, got device ", weight.device());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ", x.scalar_type(),
-              ", got ", weight.scalar_type());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == c && weight.size(1) == 1 && weight.size(2) == weight.size(3),
-              op, ": weight must have shape (C, 1, k, k) with C = ", c, ", got ", weight.sizes());
-  const int64_t k = weight.size(2);
-  TORCH_CHECK(k == 3 || k == 7, op, ": weight: kernel size must be 3 or 7, got ", k);
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be a CPU tensor, got device ", bias->device());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype ", x.scalar_type(), ", got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == c, op, ": bias must have shape (", c, ",), got ", bias->sizes());
-  }
-  TORCH_CHECK(index.device().is_cpu() && neighbors.device().is_cpu(), op,
-              ": index and neighbors must be CPU tensors, got devices ", index.device(), " and ", neighbors.device());
-  TORCH_CHECK(index.scalar_type() == at::kInt && index.dim() == 1, op, ": index must be a 1-D int32 tensor, got ",
-              index.scalar_type(), " of shape ", index.sizes());
-  TORCH_CHECK(neighbors.scalar_type() == at::kInt && neighbors.dim() == 2, op,
-              ": neighbors must be a 2-D int32 tensor, got ", neighbors.scalar_type(), " of shape ", neighbors.sizes());
-  TORCH_CHECK(neighbors.size(0) == index.size(0) && neighbors.size(1) == k * k, op,
-              ": neighbors must have shape (M, k*k) = (", index.size(0), ", ", k * k, ") for index of length ",
-              index.size(0), " and kernel size ", k, ", got ", neighbors.sizes());
-  const int64_t sites = x.size(0) * x.size(2) * x.size(3);
-  TORCH_CHECK(sites <= std::numeric_limits<int32_t>::max(), op, ": x has ", sites,
-              " sites (N*H*W), more than int32 site numbers can address");
-  TORCH_CHECK(index.size(0) <= sites, op, ": index has ", index.size(0), " entries but x has only ", sites, " sites");
-  return Geometry{x.size(0), c, x.size(2), x.size(3), index.size(0), static_cast<int>(k),
-                  uses_rows(x.sizes().data(), x.strides().data())};
-}
-
-at::MemoryFormat memory_format(const Geometry& g) {
-  return g.rows ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return check_dwconv_args(op, "cpu", {at::kFloat, at::kDouble}, "float32 or float64", at::kCPU, x, weight, bias, index,
+                           neighbors);
 }
 
 void check_tables(const char* op, bool valid) {
@@ -267,8 +226,8 @@ void reduce_chunks(const T* parts, int64_t chunks, int64_t c, int64_t taps, bool
 template <typename T, int K>
 at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const at::Tensor& index, const at::Tensor& neighbors, const Geometry& g) {
-  const at::Tensor xk = x.contiguous(memory_format(g));
-  at::Tensor y = at::empty(x.sizes(), x.options(), memory_format(g)).zero_();
+  const at::Tensor xk = x.contiguous(g.memory_format());
+  at::Tensor y = at::empty(x.sizes(), x.options(), g.memory_format()).zero_();
   if (g.m == 0 || g.c == 0) return y;
   const at::Tensor idx = index.contiguous(), nbr = neighbors.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -293,9 +252,9 @@ template <typename T, int K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                                                             const at::Tensor& weight, const at::Tensor& index,
                                                             const at::Tensor& neighbors, const Geometry& g) {
-  const at::Tensor xk = x.contiguous(memory_format(g));
-  const at::Tensor gy = grad_out.contiguous(memory_format(g));
-  at::Tensor gx = at::empty(x.sizes(), x.options(), memory_format(g)).zero_();
+  const at::Tensor xk = x.contiguous(g.memory_format());
+  const at::Tensor gy = grad_out.contiguous(g.memory_format());
+  at::Tensor gx = at::empty(x.sizes(), x.options(), g.memory_format()).zero_();
   at::Tensor gw = at::zeros(weight.sizes(), weight.options());
   at::Tensor gb = at::zeros({g.c}, weight.options());
   if (g.m == 0 || g.c == 0) return {gx, gw, gb};
@@ -341,12 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward(const at::Tensor&
                                                                const at::Tensor& weight, const at::Tensor& index,
                                                                const at::Tensor& neighbors) {
   const Geometry g = check_args("dwconv_backward", x, weight, c10::nullopt, index, neighbors);
-  TORCH_CHECK(grad_out.device().is_cpu(), "dwconv_backward: grad_out must be a CPU tensor, got device ",
-              grad_out.device());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "dwconv_backward: grad_out must have x's dtype ",
-              x.scalar_type(), ", got ", grad_out.scalar_type());
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "dwconv_backward: grad_out must have x's shape ", x.sizes(), ", got ",
-              grad_out.sizes());
+  check_dwconv_grad_out("cpu", grad_out, x);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_backward", [&] {
     return g.k == 3 ? backward_impl<scalar_t, 3>(grad_out, x, weight, index, neighbors, g)
                     : backward_impl<scalar_t, 7>(grad_out, x, weight, index, neighbors, g);

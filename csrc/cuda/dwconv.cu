@@ -1,0 +1,276 @@
+// CUDA kernels of the submanifold depthwise conv (schemas in csrc/ops.cpp): dwconv_forward, dwconv_backward.
+// float32, float16 and bfloat16 with float32 accumulation; the per-site math is csrc/common/dwconv_site.h,
+// the same code the CPU kernels run (and the CPU tests exercise).
+//
+// One thread block per tile of kTileSites active sites x kChannelLanes channels; each thread owns one
+// channel and every kSiteLanes-th site of the tile. Threads are laid out so a warp reads contiguous memory:
+// along channels in the channels_last "rows" layout, along sites in the NCHW "planes" layout.
+// grad_x is the forward's gather with mirrored taps over grad_out (no atomics); grad_weight/grad_bias are
+// summed per block in a fixed order into per-tile partials, which a second kernel reduces in tile order,
+// so every result is deterministic. (The input- and weight-gradient loops are separate kernels: fused, the
+// 7x7 kernel needs 220 registers per thread.)
+// Table entries that are not readable sites are skipped (never read); the CPU backend reports them, here
+// that would cost a device synchronization per call.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/dwconv_site.h"
+#include "dwconv_args.h"
+
+namespace spark_kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kTileSites = 128;
+// Lanes along the contiguous dimension (one warp) and along the other one.
+constexpr int kWarp = 32;
+constexpr int kOtherLanes = kThreads / kWarp;
+
+template <bool kRows>
+struct Lanes {
+  static constexpr int channels = kRows ? kWarp : kOtherLanes;
+  static constexpr int sites = kRows ? kOtherLanes : kWarp;
+  __device__ static int channel() { return kRows ? threadIdx.x : threadIdx.y; }
+  __device__ static int site() { return kRows ? threadIdx.y : threadIdx.x; }
+};
+
+// Where channel ch of `site` lives, and the view of its image's sites for the taps.
+template <bool kRows, typename T>
+__device__ inline SiteView<T> channel_view(const T* data, int32_t site, int64_t ch, int64_t c, int64_t hw,
+                                           int64_t sites, int64_t& at) {
+  if (kRows) {
+    at = static_cast<int64_t>(site) * c + ch;
+    return SiteView<T>{data + ch, 0, sites, c};
+  }
+  const int64_t n = site / static_cast<int32_t>(hw);  // 32-bit division: site numbers are int32
+  const int64_t plane = (n * c + ch) * hw;
+  at = plane + site - n * hw;
+  return SiteView<T>{data + plane, n * hw, hw, 1};
+}
+
+// Weights are (k*k, C) in the rows layout (a warp reads one tap of 32 channels) and (C, k*k) in planes.
+template <bool kRows>
+__device__ inline int64_t weight_offset(int64_t ch, int64_t c, int taps) {
+  return kRows ? ch : ch * taps;
+}
+template <bool kRows>
+__device__ inline int64_t weight_tap_stride(int64_t c, int taps) {
+  return kRows ? c : 1;
+}
+
+// y = the gather at every site of the tile: the conv (kMirrored = false, x = input) or its input
+// gradient (kMirrored = true, x = grad_out, no bias).
+template <int K, bool kMirrored, bool kRows, typename T>
+__global__ void __launch_bounds__(kThreads) gather_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                                          const T* __restrict__ bias, const int32_t* __restrict__ index,
+                                                          const int32_t* __restrict__ nbr, T* __restrict__ y, int64_t m,
+                                                          int64_t c, int64_t hw, int64_t sites) {
+  using L = Lanes<kRows>;
+  const int64_t ch = static_cast<int64_t>(blockIdx.y) * L::channels + L::channel();
+  if (ch >= c) return;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kTileSites;
+  const int64_t end = min(m, begin + kTileSites);
+  const T* wc = w + weight_offset<kRows>(ch, c, K * K);
+  const float b = bias ? static_cast<float>(bias[ch]) : 0.f;
+  for (int64_t i = begin + L::site(); i < end; i += L::sites) {
+    const int32_t site = index[i];
+    if (site < 0 || site >= sites) continue;
+    int64_t at;
+    const SiteView<T> xv = channel_view<kRows>(x, site, ch, c, hw, sites, at);
+    float acc[1] = {b};
+    dwconv_site_gather<K, kMirrored, 1>(nbr + i * K * K, xv, wc, weight_tap_stride<kRows>(c, K * K), acc);
+    y[at] = static_cast<T>(acc[0]);
+  }
+}
+
+// The tile's partial sums of grad_weight (taps 0..k*k-1) and grad_bias (slot k*k) into partials
+// (tiles, k*k + 1, C), summed over the block's site lanes in lane order.
+template <int K, bool kRows, typename T>
+__global__ void __launch_bounds__(kThreads) weight_grad_kernel(const T* __restrict__ gy, const T* __restrict__ x,
+                                                              const int32_t* __restrict__ index,
+                                                              const int32_t* __restrict__ nbr,
+                                                              float* __restrict__ partials, int64_t m, int64_t c,
+                                                              int64_t hw, int64_t sites) {
+  using L = Lanes<kRows>;
+  constexpr int kSlots = K * K + 1;
+  __shared__ float lanes[L::sites][L::channels];
+  const int64_t ch = static_cast<int64_t>(blockIdx.y) * L::channels + L::channel();
+  const bool has_channel = ch < c;  // no early return: every thread takes part in the block reduction
+  float gw[K * K] = {};
+  float gb = 0.f;
+  if (has_channel) {
+    const int64_t begin = static_cast<int64_t>(blockIdx.x) * kTileSites;
+    const int64_t end = min(m, begin + kTileSites);
+    for (int64_t i = begin + L::site(); i < end; i += L::sites) {
+      const int32_t site = index[i];
+      if (site < 0 || site >= sites) continue;
+      int64_t at;
+      const SiteView<T> xv = channel_view<kRows>(x, site, ch, c, hw, sites, at);
+      const float g[1] = {static_cast<float>(gy[at])};
+      dwconv_site_weight_grad<K, 1>(nbr + i * K * K, g, xv, gw, 1);
+      gb += g[0];
+    }
+  }
+  float* tile_partials = partials + static_cast<int64_t>(blockIdx.x) * kSlots * c;
+  SK_UNROLL
+  for (int slot = 0; slot < kSlots; ++slot) {
+    lanes[L::site()][L::channel()] = slot < K * K ? gw[slot] : gb;
+    __syncthreads();
+    if (L::site() == 0 && has_channel) {
+      float sum = 0.f;
+      for (int s = 0; s < L::sites; ++s) sum += lanes[s][L::channel()];
+      tile_partials[slot * c + ch] = sum;
+    }
+    __syncthreads();
+  }
+}
+
+// grad_weight (C, k*k) and grad_bias (C,) from the per-tile partials, summed in tile order.
+template <typename T>
+__global__ void reduce_partials_kernel(const float* __restrict__ partials, int64_t tiles, int64_t c, int taps,
+                                       T* __restrict__ gw, T* __restrict__ gb) {
+  const int64_t slots = static_cast<int64_t>(taps + 1) * c;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < slots;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0.f;
+    for (int64_t t = 0; t < tiles; ++t) sum += partials[t * slots + j];
+    const int64_t slot = j / c, ch = j % c;
+    if (slot < taps)
+      gw[ch * taps + slot] = static_cast<T>(sum);
+    else
+      gb[ch] = static_cast<T>(sum);
+  }
+}
+
+template <bool kRows>
+dim3 grid(const DwconvGeometry& g) {
+  return dim3(static_cast<unsigned>((g.m + kTileSites - 1) / kTileSites),
+              static_cast<unsigned>((g.c + Lanes<kRows>::channels - 1) / Lanes<kRows>::channels));
+}
+
+at::Tensor kernel_weight(const at::Tensor& weight, const DwconvGeometry& g) {
+  const at::Tensor flat = weight.reshape({g.c, g.k * g.k});
+  return g.rows ? flat.t().contiguous() : flat.contiguous();
+}
+
+void check_grid(const DwconvGeometry& g) {
+  TORCH_CHECK((g.m + kTileSites - 1) / kTileSites <= std::numeric_limits<int32_t>::max() &&
+                  (g.c + kOtherLanes - 1) / kOtherLanes <= 65535,
+              "dwconv (cuda backend): too many active sites or channels for one launch");
+}
+
+template <typename T, int K, bool kMirrored, bool kRows>
+void launch_gather(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& index,
+                   const at::Tensor& nbr, at::Tensor& y, const DwconvGeometry& g) {
+  gather_kernel<K, kMirrored, kRows, T><<<grid<kRows>(g), dim3(kWarp, kOtherLanes), 0,
+                                          at::cuda::getCurrentCUDAStream()>>>(
+      x.const_data_ptr<T>(), w.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr,
+      index.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(), y.mutable_data_ptr<T>(), g.m, g.c, g.plane(),
+      g.sites());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int K, bool kRows>
+void launch_weight_grad(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& index, const at::Tensor& nbr,
+                        at::Tensor& partials, const DwconvGeometry& g) {
+  weight_grad_kernel<K, kRows, T><<<grid<kRows>(g), dim3(kWarp, kOtherLanes), 0, at::cuda::getCurrentCUDAStream()>>>(
+      gy.const_data_ptr<T>(), x.const_data_ptr<T>(), index.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(),
+      partials.mutable_data_ptr<float>(), g.m, g.c, g.plane(), g.sites());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int K>
+at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        const at::Tensor& index, const at::Tensor& neighbors, const DwconvGeometry& g) {
+  at::Tensor y = at::empty(x.sizes(), x.options(), g.memory_format()).zero_();
+  if (g.m == 0 || g.c == 0) return y;
+  check_grid(g);
+  const at::Tensor xk = x.contiguous(g.memory_format()), w = kernel_weight(weight, g);
+  const at::Tensor idx = index.contiguous(), nbr = neighbors.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (g.rows)
+    launch_gather<T, K, false, true>(xk, w, b, idx, nbr, y, g);
+  else
+    launch_gather<T, K, false, false>(xk, w, b, idx, nbr, y, g);
+  return y;
+}
+
+template <typename T, int K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
+                                                            const at::Tensor& weight, const at::Tensor& index,
+                                                            const at::Tensor& neighbors, const DwconvGeometry& g) {
+  at::Tensor gx = at::empty(x.sizes(), x.options(), g.memory_format()).zero_();
+  at::Tensor gw = at::zeros(weight.sizes(), weight.options());
+  at::Tensor gb = at::zeros({g.c}, weight.options());
+  if (g.m == 0 || g.c == 0) return {gx, gw, gb};
+  check_grid(g);
+  const at::Tensor xk = x.contiguous(g.memory_format()), gy = grad_out.contiguous(g.memory_format());
+  const at::Tensor w = kernel_weight(weight, g), idx = index.contiguous(), nbr = neighbors.contiguous();
+  const int64_t tiles = (g.m + kTileSites - 1) / kTileSites;
+  at::Tensor partials = at::empty({tiles, K * K + 1, g.c}, x.options().dtype(at::kFloat));
+  if (g.rows) {
+    launch_gather<T, K, true, true>(gy, w, at::Tensor(), idx, nbr, gx, g);
+    launch_weight_grad<T, K, true>(gy, xk, idx, nbr, partials, g);
+  } else {
+    launch_gather<T, K, true, false>(gy, w, at::Tensor(), idx, nbr, gx, g);
+    launch_weight_grad<T, K, false>(gy, xk, idx, nbr, partials, g);
+  }
+  const int64_t slots = (K * K + 1) * g.c;
+  const int blocks = static_cast<int>(std::min<int64_t>((slots + kThreads - 1) / kThreads, 1024));
+  reduce_partials_kernel<T><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      partials.const_data_ptr<float>(), tiles, g.c, K * K, gw.mutable_data_ptr<T>(), gb.mutable_data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {gx, gw, gb};
+}
+
+constexpr const char* kDtypeNames = "float32, float16 or bfloat16";
+
+DwconvGeometry check_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& index, const at::Tensor& neighbors) {
+  return check_dwconv_args(op, "cuda", {at::kFloat, at::kHalf, at::kBFloat16}, kDtypeNames, at::kCUDA, x, weight, bias,
+                           index, neighbors);
+}
+
+// f(value of the C++ type of dtype), for the dtypes of this backend (check_args accepted dtype).
+template <typename F>
+auto dispatch_dtype(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kHalf) return f(at::Half{});
+  if (dtype == at::kBFloat16) return f(at::BFloat16{});
+  TORCH_CHECK(dtype == at::kFloat, "dwconv (cuda backend): unsupported dtype ", dtype);
+  return f(float{});
+}
+
+at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          const at::Tensor& index, const at::Tensor& neighbors) {
+  const DwconvGeometry g = check_args("dwconv_forward", x, weight, bias, index, neighbors);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    return g.k == 3 ? forward_impl<scalar_t, 3>(x, weight, bias, index, neighbors, g)
+                    : forward_impl<scalar_t, 7>(x, weight, bias, index, neighbors, g);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                               const at::Tensor& weight, const at::Tensor& index,
+                                                               const at::Tensor& neighbors) {
+  const DwconvGeometry g = check_args("dwconv_backward", x, weight, c10::nullopt, index, neighbors);
+  check_dwconv_grad_out("cuda", grad_out, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    return g.k == 3 ? backward_impl<scalar_t, 3>(grad_out, x, weight, index, neighbors, g)
+                    : backward_impl<scalar_t, 7>(grad_out, x, weight, index, neighbors, g);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spark_kernels, CUDA, m) {
+  m.impl("dwconv_forward", &dwconv_forward);
+  m.impl("dwconv_backward", &dwconv_backward);
+}
+
+}  // namespace spark_kernels
