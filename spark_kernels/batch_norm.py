@@ -13,7 +13,7 @@ import torch
 
 from . import reference
 from ._backends import select_backend
-from ._layout import accumulation_dtype
+from ._layout import accumulation_dtype, to_kernel_layout
 from ._sites import resolve_sites
 from ._validation import check_input, check_param, check_param_dtypes
 
@@ -81,10 +81,11 @@ class _MaskedBatchNorm(torch.autograd.Function):
             n = max(ctx.count, 1)
             b = -a * invstd * invstd * total[1] / n
             d = -a * total[0] / n - mean * b
+            grad_x = ctx.kernels.bn_backward_elemt(grad_out, x, index, a.to(acc), b.to(acc), d.to(acc))
         else:
-            b = torch.zeros_like(a)
-            d = torch.zeros_like(a)
-        grad_x = ctx.kernels.bn_backward_elemt(grad_out, x, index, a.to(acc), b.to(acc), d.to(acc))
+            # grad_out * a alone: x does not enter (x * 0 would turn a non-finite x into NaN).
+            grad_x = ctx.kernels.bn_elemt(to_kernel_layout(grad_out, x), index, a.to(acc),
+                                          torch.zeros_like(a, dtype=acc))
         wd, bd = ctx.param_dtypes
         return (grad_x if ctx.needs_input_grad[0] else None,
                 grad_w.to(wd) if ctx.needs_input_grad[1] else None,
