@@ -345,8 +345,9 @@ def write_plots(results: Dict[str, object], out_dir: str, link_base: Optional[st
                 if net == "convnext_tiny":
                     ax.axhline(results["targets"]["ops"][op], color=f"C{i}", linestyle=":", linewidth=1)
             ax.axhline(1, color="black", linewidth=0.8)
+            ax.set_yscale("log")  # ratios: slowdowns and speedups alike
             ax.set_xticks(range(len(shapes)), shapes)
-            ax.set_ylabel("speedup over the reference (fwd+bwd)")
+            ax.set_ylabel("speedup over the reference (fwd+bwd, log)")
             ax.set_title(f"{net} stages, batch {results['settings']['batch']}"
                          + (" (dotted: targets)" if net == "convnext_tiny" else ""))
             if ax.get_legend_handles_labels()[0]:
