@@ -7,6 +7,8 @@ primitives the autograd functions call.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import os
 import warnings
 from types import SimpleNamespace
 from typing import Optional, Tuple
@@ -21,7 +23,11 @@ _warned = False
 try:
     from . import _C  # noqa: F401  (registers the ops)
 except Exception as e:  # noqa: BLE001 - any failure to load means "backend unavailable, say why"
-    _load_error = f"the C++ extension spark_kernels._C could not be loaded ({type(e).__name__}: {e}); " \
+    here = os.path.dirname(os.path.abspath(__file__))
+    built = any(os.path.exists(os.path.join(here, "_C" + s)) for s in importlib.machinery.EXTENSION_SUFFIXES)
+    # A missing file surfaces as a confusing "partially initialized module" ImportError: name the cause.
+    cause = f"{type(e).__name__}: {e}" if built else f"no _C extension file is built in {here}"
+    _load_error = f"the C++ extension spark_kernels._C could not be loaded ({cause}); " \
                   f"build it with `pip install -e . --no-build-isolation`"
 
 
