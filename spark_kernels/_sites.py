@@ -14,7 +14,7 @@ import collections
 import operator
 import threading
 import weakref
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -46,7 +46,8 @@ class ActiveSites:
 
     Instances are immutable: the mask is copied, so later in-place edits of the caller's tensor cannot
     desynchronise the cached tables. Scales derived with :meth:`downsample` or :meth:`at` are cached
-    and shared, so one ``ActiveSites`` per batch serves every layer of a network.
+    and shared, so one ``ActiveSites`` per batch serves every layer of a network; a derived scale
+    lives as long as the scale it was derived from (or longer, if the caller holds it).
     """
 
     def __init__(self, mask: torch.Tensor):
@@ -57,8 +58,13 @@ class ActiveSites:
         # One host sync per mask; every op later reads the count without syncing.
         self.num_active = int(self.index.numel())
         self._neighbors: Dict[int, torch.Tensor] = {}
-        # Scales derived from this one; all members of a pyramid share this dict.
-        self._scales: Dict[Tuple[int, int], ActiveSites] = {(self.shape[1], self.shape[2]): self}
+        # The scales of this mask, shared by every member of the pyramid. Weak values: each scale is kept
+        # alive by the one it was derived from (_derived), so a pyramid has no reference cycle and is
+        # freed as soon as the caller drops it, not at the next full garbage collection (its tables can
+        # be hundreds of MB per batch).
+        self._scales: "weakref.WeakValueDictionary[Tuple[int, int], ActiveSites]" = weakref.WeakValueDictionary()
+        self._scales[(self.shape[1], self.shape[2])] = self
+        self._derived: List[ActiveSites] = []
 
     # -- geometry -----------------------------------------------------------------------------------
     @property
@@ -120,6 +126,7 @@ class ActiveSites:
             sites = ActiveSites(mask)
             sites._scales = self._scales
             self._scales[key] = sites
+            self._derived.append(sites)
         return sites
 
     def downsample(self, factor: int = 2) -> "ActiveSites":
@@ -129,9 +136,9 @@ class ActiveSites:
         self._check_resamplable()
         if h % factor or w % factor:
             raise ValueError(f"downsample factor {factor} does not divide the spatial size {h}x{w}")
-        key = (h // factor, w // factor)
-        if key in self._scales:
-            return self._scales[key]
+        cached = self._scales.get((h // factor, w // factor))
+        if cached is not None:
+            return cached
         pooled = torch.nn.functional.max_pool2d(self.mask.to(torch.uint8), factor).to(torch.bool)
         return self._derive(pooled)
 
@@ -139,9 +146,9 @@ class ActiveSites:
         """The sites of this mask at another resolution: nearest-upsampled to an integer multiple,
         or downsampled ("any child active") to an integer divisor of the spatial size."""
         height, width = _positive_int(height, "height"), _positive_int(width, "width")
-        key = (height, width)
-        if key in self._scales:
-            return self._scales[key]
+        cached = self._scales.get((height, width))
+        if cached is not None:
+            return cached
         _, h, w = self.shape
         self._check_resamplable()
         if height % h == 0 and width % w == 0 and height // h == width // w:

@@ -88,13 +88,13 @@ def missing_kernels(backend: str, op: str) -> list:
             if not torch._C._dispatch_has_kernel_for_dispatch_key(f"spark_kernels::{p}", "CPU")]
 
 
-def kernel_backends(op: str) -> list:
-    """pytest params over cpu_tensor_backends() for a test that runs `op`'s kernels: a backend whose
+def kernel_backends(*ops: str) -> list:
+    """pytest params over cpu_tensor_backends() for a test that runs the kernels of `ops`: a backend whose
     kernels are missing must fail with NotImplementedError (strict xfail, reason named)."""
     import pytest
     params = []
     for name in cpu_tensor_backends():
-        missing = missing_kernels(name, op)
+        missing = [k for op in ops for k in missing_kernels(name, op)]
         marks = [pytest.mark.xfail(raises=NotImplementedError, strict=True,
                                    reason=f"{name} kernels not built yet: {', '.join(missing)}")] if missing else []
         params.append(pytest.param(name, marks=marks, id=name))
