@@ -4,15 +4,18 @@ gradient, BN's running statistics) run to run and across torch.set_num_threads(1
 The kernels split the active sites into a fixed partition that does not depend on the thread count
 and reduce partial results in a fixed order. The extension links the libgomp that torch ships (same
 soname, loaded by torch first), so torch.set_num_threads sets the kernels' OpenMP thread count too.
-Only the "cpu" backend is covered: the reference's own determinism is PyTorch's business.
+Only the "cpu" backend is covered: the reference's own determinism is PyTorch's business. The conv and
+BN in training have their own such tests (test_depthwise_conv.py::test_two_threads_bit_identical_and_correct,
+test_batch_norm.py::test_deterministic_across_runs_and_threads); this file covers the other ops.
 """
 import pytest
 import torch
 
 from helpers import kernel_backends
-from test_hostile_inputs import OPS, kernel_op, make_inputs, run
+from test_hostile_inputs import kernel_op, make_inputs, run
 
 N, C, H, W = 4, 24, 20, 20  # enough sites per image for every thread to get work
+OPS = ["bn_eval", "ln_channels_first", "ln_channels_last"]
 
 
 def cpu_backend_params():
