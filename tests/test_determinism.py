@@ -4,9 +4,9 @@ gradient, BN's running statistics) run to run and across torch.set_num_threads(1
 The kernels split the active sites into a fixed partition that does not depend on the thread count
 and reduce partial results in a fixed order. The extension links the libgomp that torch ships (same
 soname, loaded by torch first), so torch.set_num_threads sets the kernels' OpenMP thread count too.
-Only the "cpu" backend is covered: the reference's own determinism is PyTorch's business. The conv and
-BN in training have their own such tests (test_depthwise_conv.py::test_two_threads_bit_identical_and_correct,
-test_batch_norm.py::test_deterministic_across_runs_and_threads); this file covers the other ops.
+Only the "cpu" backend is covered: the reference's own determinism is PyTorch's business. The per-op
+files test the conv (both layouts), BN in training and LN in the natural layout of each format
+(test_*::test_*_across_runs_and_threads); this file adds BN in eval and LN in the other kernel layout.
 """
 import pytest
 import torch
@@ -15,15 +15,17 @@ from helpers import kernel_backends
 from test_hostile_inputs import kernel_op, make_inputs, run
 
 N, C, H, W = 4, 24, 20, 20  # enough sites per image for every thread to get work
-OPS = ["bn_eval", "ln_channels_first", "ln_channels_last"]
+# (op, memory order of the logical (N, C, H, W) x) not covered by the per-op files.
+CASES = [("bn_eval", "contiguous"), ("bn_eval", "channels_last"), ("ln_channels_first", "channels_last"),
+         ("ln_channels_last", "contiguous")]
 
 
 def cpu_backend_params():
     params = []
-    for op in OPS:
+    for op, layout in CASES:
         for p in kernel_backends(kernel_op(op)):
             if p.values[0] == "cpu":
-                params.append(pytest.param(op, marks=p.marks, id=op))
+                params.append(pytest.param(op, layout, marks=p.marks, id=f"{op}-{layout}"))
     return params
 
 
@@ -48,8 +50,7 @@ def results(op, layout, threads):
     return tensors
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("op", cpu_backend_params())
+@pytest.mark.parametrize("op, layout", cpu_backend_params())
 def test_bit_identical_across_runs_and_thread_counts(op, layout):
     first = results(op, layout, threads=2)
     again = results(op, layout, threads=2)
