@@ -12,4 +12,14 @@ for variant in plain asan; do
   ctest --test-dir "build/ctest-$variant" --output-on-failure
 done
 
+# The suite skips fused-backend tests only where a backend cannot exist; here the CPU kernels must have
+# been built, and the CUDA kernels too wherever nvcc is on the PATH.
+python - <<'PY'
+import shutil, torch, spark_kernels as sk
+assert "cpu" in sk.available_backends(), f"the cpu backend is missing: {sk.unavailable_reasons()}"
+if shutil.which("nvcc"):
+    assert torch.ops.spark_kernels.built_with_cuda(), "nvcc is present but the CUDA kernels were not built"
+print("backends:", sk.available_backends(), "| CUDA kernels built:", torch.ops.spark_kernels.built_with_cuda())
+PY
+
 python -m pytest tests -q "$@"
