@@ -1,0 +1,195 @@
+"""SparK training steps: the fused model against the masked-dense reference model, side by side.
+
+    python -m bench.model_step [--models convnext_tiny resnet50] [--batch 16] [--input-size 224]
+                               [--steps 5] [--warmup 1] [--threads 2] [--backend cpu] [--out FILE.json]
+
+A step is forward + backward + LAMB step (timm.optim.Lamb, the recipe's betas and global clipping at 5)
+on fixed images and a fixed sequence of random patch masks (ratio 0.6). Both models of a network get the
+same weights and run in one process, their steps interleaved so that machine load hits both alike;
+the figure is the median step time after warm-up. Peak memory is the peak RSS (ru_maxrss) of a fresh
+subprocess that builds only that configuration and runs warm-up + 1 steps; its RSS after building the
+model, before the first step, is reported too. The allocator is glibc malloc unless LD_PRELOAD names
+another (reported).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `spark` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
+
+from bench.common import MASK_RATIO, THREADS, allocator, environment, interleaved_times, median_time  # noqa: E402
+
+REFERENCE = "reference"
+MEMORY_METHOD = ("peak RSS (getrusage ru_maxrss) of a fresh subprocess that builds only this configuration "
+                 "and runs warm-up + 1 training steps")
+
+
+def _lamb(model: torch.nn.Module, name: str, batch: int):
+    from timm.optim import Lamb
+    betas = (0.9, 0.999) if "convnext" in name else (0.9, 0.95)  # the SparK recipe
+    return Lamb(model.parameters(), lr=2e-4 * batch / 256, betas=betas, weight_decay=0.04, max_grad_norm=5.0)
+
+
+def build(name: str, backend: Optional[str], input_size: int, batch: int, seed: int = 0):
+    """(model, optimizer) seeded for reproducibility."""
+    import spark
+    torch.manual_seed(seed)
+    model = spark.SparK(name, input_size=input_size, mask_ratio=MASK_RATIO, backend=backend)
+    return model, _lamb(model, name, batch)
+
+
+def inputs(batch: int, input_size: int, count: int, seed: int = 0):
+    """Fixed images and `count` fixed patch masks."""
+    from spark_kernels.masks import patch_mask
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, input_size, input_size, generator=g)
+    grid = input_size // 32
+    masks = [patch_mask(batch, grid, MASK_RATIO, generator=g) for _ in range(count)]
+    return images, masks
+
+
+def stepper(model, optimizer, images, masks):
+    """A closure running one training step per call, cycling through the masks."""
+    state = {"i": 0}
+
+    def step():
+        mask = masks[state["i"] % len(masks)]
+        state["i"] += 1
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(images, mask)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _child(name: str, backend: str, batch: int, input_size: int, warmup: int) -> Dict[str, int]:
+    """Run in a fresh process: build one configuration, run warm-up + 1 steps, report memory."""
+    model, opt = build(name, None if backend == "default" else backend, input_size, batch)
+    images, masks = inputs(batch, input_size, warmup + 1)
+    baseline = _rss_bytes()
+    step = stepper(model, opt, images, masks)
+    for _ in range(warmup + 1):
+        step()
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_before_first_step_bytes": baseline}
+
+
+def peak_memory(name: str, backend: Optional[str], batch: int, input_size: int, warmup: int,
+                threads: int) -> Dict[str, object]:
+    cmd = [sys.executable, "-m", "bench.model_step", "--child", name, backend or "default", str(batch),
+           str(input_size), str(warmup), "--threads", str(threads)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=3600)
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["?"])[-1]
+        return {"memory_error": f"subprocess exited with {out.returncode}: {tail[:300]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _row(times: Dict[str, object], batch: int, memory: Dict[str, object]) -> Dict[str, object]:
+    if "error" in times:
+        return {"error": times["error"]}
+    row = {"images_per_s": batch / times["median"], "step_s": times, **memory,
+           "memory_method": MEMORY_METHOD, "allocator": allocator()}
+    if "peak_rss_bytes" in memory:
+        row["peak_memory_bytes"] = memory["peak_rss_bytes"]
+    return row
+
+
+def measure(name: str, backend: Optional[str] = None, batch: int = 16, steps: int = 5, warmup: int = 1,
+            input_size: int = 224, memory: bool = True) -> Dict[str, object]:
+    """One configuration on its own (used by `python -m bench`): images/s from the median of `steps`
+    timed steps after `warmup`, and its peak memory from a subprocess."""
+    model, opt = build(name, backend, input_size, batch)
+    images, masks = inputs(batch, input_size, steps + warmup)
+    times = median_time(stepper(model, opt, images, masks), repeats=steps, warmup=warmup)
+    del model, opt
+    mem = peak_memory(name, backend, batch, input_size, warmup, torch.get_num_threads()) if memory else {}
+    return _row(times, batch, mem)
+
+
+def compare(name: str, backend: Optional[str], batch: int, steps: int, warmup: int, input_size: int,
+            memory: bool = True) -> Dict[str, object]:
+    """Fused and reference models of one network with the same weights, steps interleaved."""
+    ref, ref_opt = build(name, REFERENCE, input_size, batch)
+    fused, fused_opt = build(name, backend, input_size, batch)
+    fused.load_state_dict(ref.state_dict())
+    images, masks = inputs(batch, input_size, steps + warmup)
+    label = backend or "default"
+    times = interleaved_times({REFERENCE: stepper(ref, ref_opt, images, masks),
+                               label: stepper(fused, fused_opt, images, masks)}, repeats=steps, warmup=warmup)
+    del ref, ref_opt, fused, fused_opt
+    rows = {}
+    for b, key in ((REFERENCE, REFERENCE), (backend, label)):
+        mem = peak_memory(name, b, batch, input_size, warmup, torch.get_num_threads()) if memory else {}
+        rows[key] = _row(times[key], batch, mem)
+    result = {"model": name, "batch": batch, "input_size": input_size, "steps": steps, "warmup": warmup,
+              "rows": rows}
+    if "images_per_s" in rows[label] and "images_per_s" in rows[REFERENCE]:
+        result["speedup"] = rows[label]["images_per_s"] / rows[REFERENCE]["images_per_s"]
+        if "peak_memory_bytes" in rows[label] and "peak_memory_bytes" in rows[REFERENCE]:
+            result["peak_memory_ratio"] = rows[label]["peak_memory_bytes"] / rows[REFERENCE]["peak_memory_bytes"]
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.model_step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["convnext_tiny", "resnet50"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--backend", default=None, help="backend of the fused model (default: best available)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--child", nargs=5, metavar=("MODEL", "BACKEND", "BATCH", "SIZE", "WARMUP"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        name, backend, batch, size, warmup = args.child
+        print(json.dumps(_child(name, backend, int(batch), int(size), int(warmup))))
+        return 0
+    results = {"command": " ".join([os.path.basename(sys.executable), "-m", "bench.model_step"] +
+                                   (sys.argv[1:] if argv is None else argv)),
+               "environment": environment(), "mask_ratio": MASK_RATIO, "memory_method": MEMORY_METHOD,
+               "models": []}
+    for name in args.models:
+        r = compare(name, args.backend, args.batch, args.steps, args.warmup, args.input_size,
+                    memory=not args.no_memory)
+        results["models"].append(r)
+        print(json.dumps({k: r.get(k) for k in ("model", "speedup", "peak_memory_ratio")}), file=sys.stderr)
+    results["environment"]["load_average_end"] = list(os.getloadavg())
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
