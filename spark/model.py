@@ -152,6 +152,9 @@ class SparK(nn.Module):
         """Decoder output (B, C, H, W) in normalized-patch units, for the patch mask `mask`."""
         sites = sk.ActiveSites(mask)
         masked_images = images * upsample_mask(mask, *images.shape[-2:]).to(images.dtype)
+        if self.backend != REFERENCE:
+            # The kernels' fast path takes rows of channels per site; convs keep the layout they are given.
+            masked_images = masked_images.contiguous(memory_format=torch.channels_last)
         with sk.active(sites):
             features = self.encoder(masked_images)
             to_decoder = []

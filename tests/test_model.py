@@ -80,16 +80,22 @@ def images_for(h: int, w: int, seed: int = 2) -> torch.Tensor:
 
 
 def assert_grads_match(fused: nn.Module, reference: nn.Module) -> None:
+    """Per parameter: max |difference| <= MODEL_GRAD_RTOL x (max |reference grad| of that parameter, floored
+    at the largest gradient entry of the model: some gradients are exactly zero in exact arithmetic, e.g.
+    the bias of a BN followed by another BN, and hold only rounding noise that differs between paths)."""
     ref_params = dict(reference.named_parameters())
     names = [n for n, _ in fused.named_parameters()]
     assert names == list(ref_params), "fused and reference models have different parameters"
+    for name, q in ref_params.items():
+        assert q.grad is not None, f"{name}: missing gradient"
+    floor = max(q.grad.abs().max().item() for q in ref_params.values()) * 1e-6
     for name, p in fused.named_parameters():
         q = ref_params[name]
-        assert q.grad is not None and p.grad is not None, f"{name}: missing gradient"
-        scale = q.grad.abs().max().item()
+        assert p.grad is not None, f"{name}: missing gradient"
+        scale = max(q.grad.abs().max().item(), floor)
         err = (p.grad - q.grad).abs().max().item()
-        assert err <= MODEL_GRAD_RTOL[DTYPE] * max(scale, 1e-12), \
-            f"{name}: gradient differs by {err:.3g} (max |reference grad| {scale:.3g})"
+        assert err <= MODEL_GRAD_RTOL[DTYPE] * scale, \
+            f"{name}: gradient differs by {err:.3g} (max |reference grad| {q.grad.abs().max().item():.3g})"
 
 
 SHAPES = {"resnet18": (32, 64), "resnet50": (32, 64), "convnext_tiny": (64, 64), "mobilenetv2_100": (32, 64)}
