@@ -9,7 +9,8 @@
 #
 #   scripts/asan_extension.sh [pytest args]      # default: the op, hostile-input and property tests
 #
-# Takes about 4 minutes of build plus 6-10 minutes of tests on the 2-core development machine.
+# Measured once on the 2-core development machine under load (other builds running): 11.5 minutes in
+# total (build and 1,065 tests, none reported by the sanitizers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
