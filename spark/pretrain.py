@@ -1,0 +1,411 @@
+"""spark-pretrain: SparK masked pretraining of a timm convnet (also `python -m spark.pretrain`).
+
+    spark-pretrain                                   # quick run on the embedded photographs
+    spark-pretrain --data /imagenet/train --model resnet50 --input-size 224 --batch-size 4096 --epochs 1600
+    torchrun --nproc_per_node=8 -m spark.pretrain --data ... # one process per GPU (or CPU processes, gloo)
+
+Writes into --out: checkpoint.pth (latest, replaced atomically), log.jsonl, reconstruction.png (input /
+masked input / reconstruction of a fixed set of images) and, at the end, encoder.pth and
+encoder_features.pth. Exit codes: 0 done, 1 runtime error (unreadable data or checkpoint, NaN loss),
+2 usage error (bad option values, missing data folder), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import checkpoint as ckpt_io
+from . import distributed
+from .data import (DataError, PretrainDataset, ResumableSampler, collate, default_photo_paths, find_images,
+                   fixed_images, train_transform)
+from .schedule import CLIP_GRAD_NORM, Schedule, apply_schedule, build_optimizer, default_warmup_steps, peak_lr
+from .visualize import reconstruction_grid, save_png
+
+PROG = "spark-pretrain"
+PATCH = 32  # SparK's patch size: the encoder's downsample ratio
+# Without --data, each embedded photograph appears this many times per epoch (as different random crops).
+DEFAULT_REPEATS = 32
+# Options that define the run: taken from the checkpoint on --resume (giving a different value is an error).
+RUN_OPTIONS = ("model", "input_size", "batch_size", "epochs", "steps", "warmup_epochs", "mask_ratio", "base_lr",
+               "weight_decay", "seed", "repeats")
+
+
+class UsageError(Exception):
+    """Bad command-line values: exit code 2."""
+
+
+class RunError(Exception):
+    """The run cannot go on: exit code 1."""
+
+
+def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
+    """The option parser; with_defaults=False leaves out the defaults, to see which options were given."""
+    def d(value):
+        return value if with_defaults else argparse.SUPPRESS
+
+    p = argparse.ArgumentParser(prog=PROG, description="SparK masked pretraining of a timm convnet.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                argument_default=None if with_defaults else argparse.SUPPRESS)
+    p.add_argument("--model", default=d("resnet18"), help="timm model name (ResNets, ConvNeXts, ...)")
+    p.add_argument("--data", default=d(None), metavar="DIR",
+                   help="folder of JPEG/PNG images, class subfolders allowed; default: the embedded photographs")
+    p.add_argument("--repeats", type=int, default=d(None),
+                   help=f"random crops of each image per epoch (default: 1 with --data, {DEFAULT_REPEATS} without)")
+    p.add_argument("--input-size", type=int, default=d(128), help="crop size in pixels, a multiple of 32")
+    p.add_argument("--batch-size", type=int, default=d(32), help="global batch, split across processes")
+    p.add_argument("--epochs", type=int, default=d(20), help="epochs to train (ignored when --steps is given)")
+    p.add_argument("--steps", type=int, default=d(None), help="total optimizer steps (overrides --epochs)")
+    p.add_argument("--warmup-epochs", type=float, default=d(None),
+                   help="linear lr warm-up length (default: 1/40 of the run, the paper's 40 of 1600 epochs)")
+    p.add_argument("--mask-ratio", type=float, default=d(0.6), help="fraction of 32x32 patches masked")
+    p.add_argument("--base-lr", type=float, default=d(2e-4), help="peak lr = base lr x batch size / 256")
+    p.add_argument("--weight-decay", type=float, nargs=2, default=d([0.04, 0.2]), metavar=("START", "END"),
+                   help="weight decay, cosine ramp from START to END")
+    p.add_argument("--workers", type=int, default=d(min(8, os.cpu_count() or 1)), help="data loader processes")
+    p.add_argument("--out", default=d(os.path.join("runs", "spark-pretrain")), metavar="DIR",
+                   help="output folder")
+    p.add_argument("--resume", nargs="?", const="auto", default=d(None), metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT; without a value, from --out's checkpoint.pth")
+    p.add_argument("--backend", default=d(None), help="spark_kernels backend (default: best for the device)")
+    p.add_argument("--device", default=d(None), help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=d(0), help="seed of weights, crops and masks")
+    p.add_argument("--save-every", type=int, default=d(1), metavar="EPOCHS",
+                   help="write a checkpoint and reconstruction.png every this many epochs (and at the end)")
+    p.add_argument("--log-every", type=int, default=d(10), metavar="STEPS", help="log.jsonl record interval")
+    p.add_argument("--num-vis", type=int, default=d(8), help="images in reconstruction.png")
+    return p
+
+
+# -- option handling -------------------------------------------------------------------------------------
+
+def check_options(args: argparse.Namespace, world: distributed.World) -> None:
+    import timm
+    import spark_kernels as sk
+
+    def positive(name: str, value) -> None:
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name} must be positive, got {value}")
+
+    if not timm.is_model(args.model):
+        raise UsageError(f"--model {args.model}: not a timm model name")
+    if args.input_size <= 0 or args.input_size % PATCH:
+        raise UsageError(f"--input-size must be a positive multiple of {PATCH}, got {args.input_size}")
+    for name in ("batch_size", "epochs", "steps", "repeats", "save_every", "log_every"):
+        positive(name.replace("_", "-"), getattr(args, name))
+    if args.warmup_epochs is not None and args.warmup_epochs < 0:
+        raise UsageError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
+    if args.workers < 0 or args.num_vis < 0:
+        raise UsageError("--workers and --num-vis must be >= 0")
+    if not 0 <= args.mask_ratio < 1:
+        raise UsageError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.base_lr <= 0 or min(args.weight_decay) < 0:
+        raise UsageError("--base-lr must be positive and --weight-decay non-negative")
+    if args.backend is not None and args.backend not in sk.BACKEND_NAMES:
+        raise UsageError(f"--backend {args.backend}: choose one of {', '.join(sk.BACKEND_NAMES)}")
+    if args.batch_size % world.size:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world.size} processes")
+    if args.device is not None and args.device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: choose cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+
+
+def resume_path(args: argparse.Namespace) -> Optional[str]:
+    if args.resume is None:
+        return None
+    path = os.path.join(args.out, ckpt_io.CHECKPOINT_NAME) if args.resume == "auto" else args.resume
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: no checkpoint at {path}")
+    return path
+
+
+def merge_resumed_options(args: argparse.Namespace, given: Dict, saved: Dict, path: str) -> None:
+    """Run-defining options come from the checkpoint; a different value on the command line is an error."""
+    for name in RUN_OPTIONS:
+        if name not in saved:
+            raise RunError(f"--resume {path}: checkpoint lacks the option {name}")
+        value = saved[name]
+        if name in given and given[name] != value:
+            raise UsageError(f"--{name.replace('_', '-')} {given[name]} conflicts with the checkpoint's "
+                             f"{value} ({path}); leave it out to resume")
+        setattr(args, name, value)
+
+
+def run_options(args: argparse.Namespace) -> Dict:
+    return {name: getattr(args, name) for name in RUN_OPTIONS}
+
+
+# -- pieces of the run -----------------------------------------------------------------------------------
+
+def build_dataset(args: argparse.Namespace) -> PretrainDataset:
+    try:
+        paths = find_images(args.data) if args.data is not None else default_photo_paths()
+    except DataError as err:
+        raise UsageError(str(err)) from None
+    if args.repeats is None:
+        args.repeats = 1 if args.data is not None else DEFAULT_REPEATS
+    return PretrainDataset(paths, train_transform(args.input_size), repeats=args.repeats,
+                           preload=args.data is None)
+
+
+def build_model(args: argparse.Namespace, device: torch.device, world: distributed.World):
+    from . import SparK
+    torch.manual_seed(args.seed)
+    model = SparK(args.model, input_size=args.input_size, mask_ratio=args.mask_ratio, backend=args.backend)
+    model.to(device)
+    if world.size > 1:
+        distributed.synchronize_batch_norm(model)
+    return model
+
+
+def mask_for_step(seed: int, step: int, global_batch: int, grid: int, mask_ratio: float,
+                  world: distributed.World) -> torch.Tensor:
+    """This process's rows of the global batch's patch mask for `step` (a function of seed and step only,
+    so it does not depend on the process count or on resuming)."""
+    from spark_kernels.masks import patch_mask
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return patch_mask(global_batch, grid, mask_ratio, generator=generator)[world.rank::world.size]
+
+
+class JsonLog:
+    """log.jsonl; on resume, records after the checkpoint's step (from the interrupted run) are dropped."""
+
+    def __init__(self, path: str, resume_step: Optional[int]):
+        self.path = path
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and self._step(line) <= resume_step]
+            ckpt_io.atomic_write(path, lambda out: out.write("".join(kept).encode()))
+        elif resume_step is None and os.path.exists(path):
+            os.remove(path)
+
+    @staticmethod
+    def _step(line: str) -> int:
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError):
+            return 0  # a torn last line from a killed run: keep nothing after it matters
+
+    def write(self, record: Dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def write_reconstructions(model, images: torch.Tensor, args: argparse.Namespace, path: str) -> None:
+    """PNG of input / masked input / reconstruction for the fixed images, with a fixed mask, in eval mode
+    (eval BN needs no other process, so rank 0 can do it alone)."""
+    from spark_kernels.masks import patch_mask
+    grid = args.input_size // PATCH
+    mask = patch_mask(images.shape[0], grid, args.mask_ratio, generator=torch.Generator().manual_seed(args.seed))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            inp, masked, rec = model.reconstruct(images.to(device), mask=mask.to(device))
+    finally:
+        model.train(was_training)
+    save_png(reconstruction_grid(inp, masked, rec), path)
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Dict:
+    check_options(args, world)
+    path = resume_path(args)
+    saved = None
+    if path is not None:
+        try:
+            saved = ckpt_io.load_checkpoint(path)
+        except ckpt_io.CheckpointError as err:
+            raise RunError(str(err)) from None
+        merge_resumed_options(args, given, saved["args"], path)
+        check_options(args, world)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    dataset = build_dataset(args)
+    batch_per_process = args.batch_size // world.size
+    sampler = ResumableSampler(dataset, world.size, world.rank, args.seed, batch_per_process)
+    steps_per_epoch = sampler.steps_per_epoch()
+    if steps_per_epoch == 0:
+        raise UsageError(f"{len(dataset)} samples per epoch make no full batch of {args.batch_size}; "
+                         f"lower --batch-size or raise --repeats")
+    total_steps = args.steps if args.steps is not None else args.epochs * steps_per_epoch
+    warmup = (default_warmup_steps(total_steps) if args.warmup_epochs is None
+              else max(1, round(args.warmup_epochs * steps_per_epoch)))
+    schedule = Schedule(peak_lr(args.base_lr, args.batch_size), total_steps, warmup, *args.weight_decay)
+
+    if world.is_main:
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--out {args.out}: cannot create the folder: {err.strerror}") from None
+        ckpt_io.remove_stale_temporaries(args.out)
+
+    model = build_model(args, device, world)
+    optimizer = build_optimizer(model, args.model, schedule.peak_lr)
+    start_step = 0
+    skipped: List[str] = []
+    if saved is not None:
+        if saved["total_steps"] != total_steps or saved.get("steps_per_epoch") != steps_per_epoch:
+            raise RunError(f"--resume {path}: the checkpoint's run has {saved['total_steps']} steps of which "
+                           f"{saved.get('steps_per_epoch')} per epoch, this data gives {total_steps} and "
+                           f"{steps_per_epoch}: was the data set changed?")
+        try:
+            ckpt_io.load_model_state(model, saved["model"], path)
+            optimizer.load_state_dict(saved["optimizer"])
+        except ckpt_io.CheckpointError as err:
+            raise RunError(str(err)) from None
+        except (ValueError, RuntimeError, KeyError) as err:
+            raise RunError(f"--resume {path}: optimizer state does not fit this model: {err}") from None
+        start_step = int(saved["step"])
+        skipped = list(saved.get("skipped_files", []))
+        if world.is_main:
+            ckpt_io.set_rng_state(saved["rng"])
+        else:
+            torch.manual_seed(args.seed * 1_000_003 + world.rank * 7919 + start_step)
+
+    train_model = model
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    vis_images = None
+    if world.is_main and args.num_vis > 0:
+        try:
+            vis_images, _ = fixed_images(dataset, args.num_vis, args.input_size)
+        except DataError as err:
+            raise RunError(str(err)) from None
+    log = JsonLog(os.path.join(args.out, "log.jsonl"), start_step if saved is not None else None) \
+        if world.is_main else None
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_per_process, sampler=sampler,
+                                         num_workers=args.workers, collate_fn=collate, drop_last=True,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    grid = args.input_size // PATCH
+    params = [p for p in model.parameters() if p.requires_grad]
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=start_step, desc=PROG, unit="step", disable=None if world.is_main else True,
+               dynamic_ncols=True)
+    seen_bad = set(skipped)
+    step = start_step
+    interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
+    record: Dict = {}
+    model.train()
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        sampler.set_position(epoch, step % steps_per_epoch)
+        for images, bad in loader:
+            for p in bad:
+                if p not in seen_bad:
+                    seen_bad.add(p)
+                    skipped.append(p)
+                    print(f"{PROG}: warning: skipping unreadable image {p}", file=sys.stderr)
+            images = images.to(device, non_blocking=True)
+            mask = mask_for_step(args.seed, step, args.batch_size, grid, args.mask_ratio, world).to(device)
+            lr, wd = apply_schedule(optimizer, schedule, step)
+            loss = train_model(images, mask=mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, CLIP_GRAD_NORM))
+            optimizer.step()
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise RunError(f"the loss became {loss_value} at step {step + 1}; lower --base-lr?")
+            step += 1
+            interval_loss += loss_value
+            interval_steps += 1
+            if step % args.log_every == 0 or step == total_steps or step % steps_per_epoch == 0:
+                mean_loss = interval_loss / interval_steps
+                if world.size > 1:
+                    totals = torch.tensor([mean_loss, float(len(skipped))], dtype=torch.float64)
+                    torch.distributed.all_reduce(totals)
+                    mean_loss, skipped_total = totals[0].item() / world.size, int(totals[1].item())
+                else:
+                    skipped_total = len(skipped)
+                elapsed = time.perf_counter() - interval_start
+                record = {"step": step, "epoch": step / steps_per_epoch, "loss": mean_loss, "lr": lr, "wd": wd,
+                          "images_per_s": interval_steps * args.batch_size / max(elapsed, 1e-9),
+                          "grad_norm": grad_norm, "skipped_images": skipped_total}
+                if log is not None:
+                    log.write(record)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
+                interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
+            bar.update(1)
+            epoch_done = step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.save_every == 0
+            if epoch_done or step == total_steps:
+                if world.is_main:
+                    save(args, model, optimizer, step, total_steps, steps_per_epoch, skipped, world)
+                    if vis_images is not None:
+                        write_reconstructions(model, vis_images, args, os.path.join(args.out, "reconstruction.png"))
+            if step == total_steps:
+                break
+    bar.close()
+    result = {"step": step, "total_steps": total_steps, "last_record": record, "skipped_images": len(skipped)}
+    if world.is_main:
+        result["exported"] = ckpt_io.export_encoder(model.encoder.state_dict(), args.model, args.out)
+    return result
+
+
+def save(args, model, optimizer, step: int, total_steps: int, steps_per_epoch: int, skipped: List[str],
+         world: distributed.World) -> None:
+    state = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "step": step, "epoch": step // steps_per_epoch,
+             "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "args": run_options(args),
+             "rng": ckpt_io.rng_state(), "world_size": world.size, "skipped_files": list(skipped)}
+    ckpt_io.atomic_torch_save(state, os.path.join(args.out, ckpt_io.CHECKPOINT_NAME))
+
+
+def one_line(err: BaseException) -> str:
+    """The last line of an error's message: DataLoader workers re-raise with the worker's traceback in it."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(err).__name__
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = vars(build_parser(with_defaults=False).parse_args(argv))
+    world = distributed.World()
+    try:
+        world = distributed.init_from_env()
+        result = train(args, given, world)
+    except UsageError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except (RunError, DataError) as err:
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; continue with --resume (from the last checkpoint)", file=sys.stderr)
+        return 130
+    except OSError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
+    if world.is_main:
+        last = result["last_record"]
+        summary = f"{PROG}: done, {result['step']}/{result['total_steps']} steps"
+        if last:
+            summary += f", loss {last['loss']:.4f}"
+        if result["skipped_images"]:
+            summary += f", {result['skipped_images']} unreadable images skipped"
+        print(f"{summary}; outputs in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
