@@ -35,6 +35,8 @@ DEFAULT_REPEATS = 32
 # Options that define the run: taken from the checkpoint on --resume (giving a different value is an error).
 RUN_OPTIONS = ("model", "input_size", "batch_size", "epochs", "steps", "warmup_epochs", "mask_ratio", "base_lr",
                "weight_decay", "seed", "repeats")
+# Taken from the checkpoint on --resume unless given (a data set may move to another folder).
+RESUMED_DEFAULTS = ("data",)
 
 
 class UsageError(Exception):
@@ -45,13 +47,20 @@ class RunError(Exception):
     """The run cannot go on: exit code 1."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones (their help says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     """The option parser; with_defaults=False leaves out the defaults, to see which options were given."""
     def d(value):
         return value if with_defaults else argparse.SUPPRESS
 
     p = argparse.ArgumentParser(prog=PROG, description="SparK masked pretraining of a timm convnet.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 argument_default=None if with_defaults else argparse.SUPPRESS)
     p.add_argument("--model", default=d("resnet18"), help="timm model name (ResNets, ConvNeXts, ...)")
     p.add_argument("--data", default=d(None), metavar="DIR",
@@ -136,10 +145,13 @@ def merge_resumed_options(args: argparse.Namespace, given: Dict, saved: Dict, pa
             raise UsageError(f"--{name.replace('_', '-')} {given[name]} conflicts with the checkpoint's "
                              f"{value} ({path}); leave it out to resume")
         setattr(args, name, value)
+    for name in RESUMED_DEFAULTS:
+        if name not in given and name in saved:
+            setattr(args, name, saved[name])
 
 
 def run_options(args: argparse.Namespace) -> Dict:
-    return {name: getattr(args, name) for name in RUN_OPTIONS}
+    return {name: getattr(args, name) for name in RUN_OPTIONS + RESUMED_DEFAULTS}
 
 
 # -- pieces of the run -----------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ def write_corrupt_jpeg(path: str) -> None:
     """A JPEG cut off inside its entropy-coded data, and garbage after the JPEG signature."""
     buffer = io.BytesIO()
     Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(buffer, "JPEG")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(buffer.getvalue()[:300])
 
@@ -282,7 +283,15 @@ def assert_one_line_error(proc, code, *phrases):
         assert phrase in errors[0], errors[0]
 
 
-def test_cli_usage_errors_exit_2_with_one_line(tmp_path):
+def run_main(args, capsys) -> subprocess.CompletedProcess:
+    """main() in this process (no interpreter start-up), for runs that end early or do no training."""
+    from spark.pretrain import main
+    code = main(args)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys):
     os.makedirs(tmp_path / "empty")
     cases = [
         (["--data", str(tmp_path / "missing")], "no such directory"),
@@ -292,8 +301,10 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path):
         (["--resume", str(tmp_path / "none.pth")], "no checkpoint at"),
     ]
     for args, phrase in cases:
-        assert_one_line_error(cli([*args, "--out", str(tmp_path / "out")]), 2, phrase)
-    assert cli(["--epochs", "zero"]).returncode == 2  # argparse's own
+        assert_one_line_error(run_main([*args, "--out", str(tmp_path / "out")], capsys), 2, phrase)
+    with pytest.raises(SystemExit) as info:
+        run_main(["--epochs", "zero"], capsys)  # argparse's own
+    assert info.value.code == 2 and "invalid int value" in capsys.readouterr().err
 
 
 def read_log(out):
@@ -331,7 +342,7 @@ def test_cli_run_writes_log_checkpoint_export_and_figure(finished_run):
     check_export(paths, "resnet18", {"fc.weight", "fc.bias"}, encoder_state)
 
 
-def test_cli_sigkill_then_resume_matches_the_uninterrupted_run(finished_run, tmp_path):
+def test_cli_sigkill_then_resume_matches_the_uninterrupted_run(finished_run, tmp_path, capsys):
     data, full, _ = finished_run
     out = str(tmp_path / "killed")
     args = [*TINY, "--data", data, "--epochs", "3", "--workers", "0", "--out", out]
@@ -358,13 +369,13 @@ def test_cli_sigkill_then_resume_matches_the_uninterrupted_run(finished_run, tmp
     np.testing.assert_allclose([r["loss"] for r in log], [r["loss"] for r in reference], rtol=1e-4)
     assert not [f for f in os.listdir(out) if ckpt_io.TMP_MARKER in f]
 
-    again = cli([*args, "--resume", checkpoint])     # a finished run resumes to nothing more
+    again = run_main([*args, "--resume", checkpoint], capsys)     # a finished run resumes to nothing more
     assert again.returncode == 0 and "done, 6/6 steps" in again.stdout
-    conflict = cli([*args, "--resume", "--batch-size", "4"])
+    conflict = run_main([*args, "--resume", "--batch-size", "4"], capsys)
     assert_one_line_error(conflict, 2, "--batch-size 4 conflicts with the checkpoint's 2")
 
 
-def test_cli_refuses_truncated_and_incompatible_checkpoints(finished_run, tmp_path):
+def test_cli_refuses_truncated_and_incompatible_checkpoints(finished_run, tmp_path, capsys):
     data, full, _ = finished_run
     source = os.path.join(full, "checkpoint.pth")
     truncated = str(tmp_path / "truncated.pth")
@@ -373,19 +384,20 @@ def test_cli_refuses_truncated_and_incompatible_checkpoints(finished_run, tmp_pa
     with open(truncated, "wb") as f:
         f.write(blob[:len(blob) // 3])
     args = [*TINY, "--data", data, "--epochs", "3", "--out", str(tmp_path / "out")]
-    assert_one_line_error(cli([*args, "--resume", truncated]), 1, "not a readable checkpoint")
+    assert_one_line_error(run_main([*args, "--resume", truncated], capsys), 1, "not a readable checkpoint")
 
     other = torch.load(source, weights_only=True)
     other["args"]["model"] = "resnet34"
     incompatible = str(tmp_path / "resnet34.pth")
     torch.save(other, incompatible)
     no_model_args = [a for a in args if a not in ("--model", "resnet18")]
-    assert_one_line_error(cli([*no_model_args, "--resume", incompatible]), 1, "does not fit this model")
+    assert_one_line_error(run_main([*no_model_args, "--resume", incompatible], capsys), 1,
+                          "does not fit this model")
 
 
-def test_cli_all_images_unreadable_exits_1(tmp_path):
+def test_cli_all_images_unreadable_exits_1(tmp_path, capsys):
     data = image_folder(str(tmp_path / "data"), good=0, corrupt=3)
-    proc = cli([*TINY, "--data", data, "--steps", "1", "--workers", "0", "--out", str(tmp_path / "out")])
+    proc = run_main([*TINY, "--data", data, "--steps", "1", "--workers", "0", "--out", str(tmp_path / "out")], capsys)
     assert_one_line_error(proc, 1, "could be read")
 
 
