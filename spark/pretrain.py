@@ -30,8 +30,10 @@ from .visualize import reconstruction_grid, save_png
 
 PROG = "spark-pretrain"
 PATCH = 32  # SparK's patch size: the encoder's downsample ratio
-# Without --data, each embedded photograph appears this many times per epoch (as different random crops).
-DEFAULT_REPEATS = 32
+# Defaults that depend on the data: the paper's recipe for an image folder, and a quick-start preset for the
+# embedded photographs (a few minutes on a 2-core CPU; a short run needs a larger step than 1600 epochs do).
+RECIPE = {"repeats": 1, "epochs": 1600, "base_lr": 2e-4}
+QUICK_START = {"repeats": 32, "epochs": 4, "base_lr": 2e-2}
 # Options that define the run: taken from the checkpoint on --resume (giving a different value is an error).
 RUN_OPTIONS = ("model", "input_size", "batch_size", "epochs", "steps", "warmup_epochs", "mask_ratio", "base_lr",
                "weight_decay", "seed", "repeats")
@@ -66,15 +68,20 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--data", default=d(None), metavar="DIR",
                    help="folder of JPEG/PNG images, class subfolders allowed; default: the embedded photographs")
     p.add_argument("--repeats", type=int, default=d(None),
-                   help=f"random crops of each image per epoch (default: 1 with --data, {DEFAULT_REPEATS} without)")
-    p.add_argument("--input-size", type=int, default=d(128), help="crop size in pixels, a multiple of 32")
+                   help=f"random crops of each image per epoch (default: {RECIPE['repeats']} with --data, "
+                        f"{QUICK_START['repeats']} without)")
+    p.add_argument("--input-size", type=int, default=d(96), help="crop size in pixels, a multiple of 32")
     p.add_argument("--batch-size", type=int, default=d(32), help="global batch, split across processes")
-    p.add_argument("--epochs", type=int, default=d(20), help="epochs to train (ignored when --steps is given)")
+    p.add_argument("--epochs", type=int, default=d(None),
+                   help=f"epochs to train (default: {RECIPE['epochs']} with --data, {QUICK_START['epochs']} "
+                        f"without; ignored when --steps is given)")
     p.add_argument("--steps", type=int, default=d(None), help="total optimizer steps (overrides --epochs)")
     p.add_argument("--warmup-epochs", type=float, default=d(None),
                    help="linear lr warm-up length (default: 1/40 of the run, the paper's 40 of 1600 epochs)")
     p.add_argument("--mask-ratio", type=float, default=d(0.6), help="fraction of 32x32 patches masked")
-    p.add_argument("--base-lr", type=float, default=d(2e-4), help="peak lr = base lr x batch size / 256")
+    p.add_argument("--base-lr", type=float, default=d(None),
+                   help=f"peak lr = base lr x batch size / 256 (default: {RECIPE['base_lr']:g} with --data, "
+                        f"{QUICK_START['base_lr']:g} without)")
     p.add_argument("--weight-decay", type=float, nargs=2, default=d([0.04, 0.2]), metavar=("START", "END"),
                    help="weight decay, cosine ramp from START to END")
     p.add_argument("--workers", type=int, default=d(min(8, os.cpu_count() or 1)), help="data loader processes")
@@ -93,6 +100,13 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
 
 
 # -- option handling -------------------------------------------------------------------------------------
+
+def fill_data_defaults(args: argparse.Namespace) -> None:
+    preset = RECIPE if args.data is not None else QUICK_START
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
 
 def check_options(args: argparse.Namespace, world: distributed.World) -> None:
     import timm
@@ -161,8 +175,6 @@ def build_dataset(args: argparse.Namespace) -> PretrainDataset:
         paths = find_images(args.data) if args.data is not None else default_photo_paths()
     except DataError as err:
         raise UsageError(str(err)) from None
-    if args.repeats is None:
-        args.repeats = 1 if args.data is not None else DEFAULT_REPEATS
     return PretrainDataset(paths, train_transform(args.input_size), repeats=args.repeats,
                            preload=args.data is None)
 
@@ -230,7 +242,6 @@ def write_reconstructions(model, images: torch.Tensor, args: argparse.Namespace,
 # -- the run ---------------------------------------------------------------------------------------------
 
 def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Dict:
-    check_options(args, world)
     path = resume_path(args)
     saved = None
     if path is not None:
@@ -239,7 +250,8 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
         except ckpt_io.CheckpointError as err:
             raise RunError(str(err)) from None
         merge_resumed_options(args, given, saved["args"], path)
-        check_options(args, world)
+    fill_data_defaults(args)
+    check_options(args, world)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
