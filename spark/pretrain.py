@@ -140,6 +140,19 @@ def check_options(args: argparse.Namespace, world: distributed.World) -> None:
         raise UsageError("--device cuda: no CUDA device is available")
 
 
+def check_backend(backend: Optional[str], device: torch.device) -> None:
+    import spark_kernels as sk
+    from spark_kernels._backends import get_backend
+    if backend is None:
+        return
+    why = sk.unavailable_reasons().get(backend)
+    if why:
+        raise UsageError(f"--backend {backend}: unavailable here: {why}")
+    if device.type not in get_backend(backend).device_types:
+        raise UsageError(f"--backend {backend} runs on {'/'.join(get_backend(backend).device_types)}, "
+                         f"not on the {device.type} device (see --device)")
+
+
 def resume_path(args: argparse.Namespace) -> Optional[str]:
     if args.resume is None:
         return None
@@ -256,6 +269,7 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
+    check_backend(args.backend, device)
     dataset = build_dataset(args)
     batch_per_process = args.batch_size // world.size
     sampler = ResumableSampler(dataset, world.size, world.rank, args.seed, batch_per_process)

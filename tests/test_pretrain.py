@@ -299,6 +299,7 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys):
         (["--input-size", "100"], "--input-size must be a positive multiple of 32"),
         (["--model", "no_such_net"], "not a timm model name"),
         (["--resume", str(tmp_path / "none.pth")], "no checkpoint at"),
+        (["--backend", "cuda", "--device", "cpu"], "--backend cuda"),  # unavailable, or not for CPU tensors
     ]
     for args, phrase in cases:
         assert_one_line_error(run_main([*args, "--out", str(tmp_path / "out")], capsys), 2, phrase)
@@ -410,22 +411,24 @@ def free_port() -> int:
 
 
 def test_torchrun_two_processes_follow_the_single_process_run(finished_run, tmp_path):
-    """With the same global batch, masks and synchronized BN, 2 gloo processes x batch 1 must produce the
-    loss curve of 1 process x batch 2 (each image has the same number of masked patches, so the global
-    loss is the mean of the per-process losses, and DDP's gradient average is its gradient)."""
-    data, _, _ = finished_run
-    args = [*TINY, "--data", data, "--steps", "3", "--workers", "0", "--num-vis", "0"]
-    single = cli([*args, "--out", str(tmp_path / "one")])
-    assert single.returncode == 0, single.stderr
+    """2 gloo processes x batch 1 under torchrun, against the 1-process x batch 2 run of `finished_run`.
+
+    Both see the same global batches and masks; with synchronized BN and DDP, step 1's loss and, after one
+    update with the same lr(0) and wd(0) (warm-up of 1 step in both runs), step 2's loss must match. (The
+    runs' lengths differ, 2 vs 6 steps, so their schedules part after that.)"""
+    data, full, _ = finished_run
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     out = str(tmp_path / "two")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "spark.pretrain",
-                           *args, "--out", out], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+                           *TINY, "--data", data, "--epochs", "3", "--steps", "2", "--workers", "0",
+                           "--num-vis", "0", "--out", out],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("done, 3/3 steps") == 1   # only rank 0 reports and writes
-    np.testing.assert_allclose([r["loss"] for r in read_log(out)],
-                               [r["loss"] for r in read_log(str(tmp_path / "one"))], rtol=1e-4)
+    assert proc.stdout.count("done, 2/2 steps") == 1   # only rank 0 reports and writes
+    two, one = read_log(out), read_log(full)[:2]
+    assert [r["lr"] for r in two] == pytest.approx([r["lr"] for r in one])
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "encoder.pth", "encoder_features.pth", "log.jsonl"]
 
 
@@ -480,10 +483,15 @@ def test_two_gloo_processes_give_the_gradient_of_one_process_with_the_whole_batc
     loss.backward()
     synced, unsynced = results[True], results[False]
     torch.testing.assert_close(synced["losses"].mean(), loss.detach(), rtol=1e-5, atol=1e-6)
-    worst_synced, worst_unsynced = 0.0, 0.0
-    for name, param in model.named_parameters():
-        scale = param.grad.abs().max().item() + 1e-12
-        worst_synced = max(worst_synced, (synced["grads"][name] - param.grad).abs().max().item() / scale)
-        worst_unsynced = max(worst_unsynced, (unsynced["grads"][name] - param.grad).abs().max().item() / scale)
-    assert worst_synced < 1e-4, f"DDP + synchronized BN gradient differs by {worst_synced:.3g} (relative)"
-    assert worst_unsynced > 1e-2, "control: gradients without synchronized BN should differ"
+    names = [name for name, _ in model.named_parameters()]
+    single = {name: param.grad for name, param in model.named_parameters()}
+    floor = 1e-4 * max(g.abs().max().item() for g in single.values())
+    for name in names:  # float32 rounding (sums in another order) is all that may differ
+        torch.testing.assert_close(synced["grads"][name], single[name], rtol=0, msg=lambda m: f"{name}: {m}",
+                                   atol=2e-3 * single[name].abs().max().item() + floor)
+
+    def relative_error(grads):
+        return (torch.cat([(grads[n] - single[n]).flatten() for n in names]).norm()
+                / torch.cat([single[n].flatten() for n in names]).norm()).item()
+    assert relative_error(synced["grads"]) < 1e-3
+    assert relative_error(unsynced["grads"]) > 0.1, "control: without synchronized BN the gradients differ"
