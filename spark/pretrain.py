@@ -235,6 +235,50 @@ class JsonLog:
             f.write(json.dumps(record) + "\n")
 
 
+class Progress:
+    """Statistics of the steps since the last record, merged over all processes at each record: mean loss,
+    images/s, and the unreadable files met (warned about once, kept for the checkpoint)."""
+
+    def __init__(self, world: distributed.World, batch_size: int, steps_per_epoch: int, skipped: List[str],
+                 log: Optional[JsonLog], bar):
+        self.world, self.batch_size, self.steps_per_epoch = world, batch_size, steps_per_epoch
+        self.skipped, self.log, self.bar = skipped, log, bar
+        self.last: Dict = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum, self.steps, self.new_bad, self.start = 0.0, 0, [], time.perf_counter()
+
+    def add(self, loss: float, bad: List[str]) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.new_bad.extend(bad)
+
+    def record(self, step: int, lr: float, wd: float, grad_norm: float) -> Dict:
+        mean_loss, new_bad = self.loss_sum / self.steps, self.new_bad
+        if self.world.size > 1:
+            total = torch.tensor([mean_loss], dtype=torch.float64)
+            torch.distributed.all_reduce(total)
+            mean_loss = total.item() / self.world.size
+            gathered: List[List[str]] = [[] for _ in range(self.world.size)]
+            torch.distributed.all_gather_object(gathered, new_bad)
+            new_bad = [p for paths in gathered for p in paths]
+        for path in dict.fromkeys(new_bad):
+            if path not in self.skipped:
+                self.skipped.append(path)
+                if self.world.is_main:
+                    print(f"{PROG}: warning: skipping unreadable image {path}", file=sys.stderr)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.last = {"step": step, "epoch": step / self.steps_per_epoch, "loss": mean_loss, "lr": lr, "wd": wd,
+                     "images_per_s": self.steps * self.batch_size / elapsed, "grad_norm": grad_norm,
+                     "skipped_images": len(self.skipped)}
+        if self.log is not None:
+            self.log.write(self.last)
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{self.last['images_per_s']:.1f}")
+        self._reset()
+        return self.last
+
+
 def write_reconstructions(model, images: torch.Tensor, args: argparse.Namespace, path: str) -> None:
     """PNG of input / masked input / reconstruction for the fixed images, with a fixed mask, in eval mode
     (eval BN needs no other process, so rank 0 can do it alone)."""
@@ -334,20 +378,12 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start_step, desc=PROG, unit="step", disable=None if world.is_main else True,
                dynamic_ncols=True)
-    seen_bad = set(skipped)
+    progress = Progress(world, args.batch_size, steps_per_epoch, skipped, log, bar)
     step = start_step
-    interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
-    record: Dict = {}
     model.train()
     while step < total_steps:
-        epoch = step // steps_per_epoch
-        sampler.set_position(epoch, step % steps_per_epoch)
+        sampler.set_position(step // steps_per_epoch, step % steps_per_epoch)
         for images, bad in loader:
-            for p in bad:
-                if p not in seen_bad:
-                    seen_bad.add(p)
-                    skipped.append(p)
-                    print(f"{PROG}: warning: skipping unreadable image {p}", file=sys.stderr)
             images = images.to(device, non_blocking=True)
             mask = mask_for_step(args.seed, step, args.batch_size, grid, args.mask_ratio, world).to(device)
             lr, wd = apply_schedule(optimizer, schedule, step)
@@ -360,27 +396,12 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
             if not math.isfinite(loss_value):
                 raise RunError(f"the loss became {loss_value} at step {step + 1}; lower --base-lr?")
             step += 1
-            interval_loss += loss_value
-            interval_steps += 1
-            if step % args.log_every == 0 or step == total_steps or step % steps_per_epoch == 0:
-                mean_loss = interval_loss / interval_steps
-                if world.size > 1:
-                    totals = torch.tensor([mean_loss, float(len(skipped))], dtype=torch.float64)
-                    torch.distributed.all_reduce(totals)
-                    mean_loss, skipped_total = totals[0].item() / world.size, int(totals[1].item())
-                else:
-                    skipped_total = len(skipped)
-                elapsed = time.perf_counter() - interval_start
-                record = {"step": step, "epoch": step / steps_per_epoch, "loss": mean_loss, "lr": lr, "wd": wd,
-                          "images_per_s": interval_steps * args.batch_size / max(elapsed, 1e-9),
-                          "grad_norm": grad_norm, "skipped_images": skipped_total}
-                if log is not None:
-                    log.write(record)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
-                interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
+            progress.add(loss_value, bad)
+            end_of_epoch = step % steps_per_epoch == 0
+            if step % args.log_every == 0 or end_of_epoch or step == total_steps:
+                progress.record(step, lr, wd, grad_norm)
             bar.update(1)
-            epoch_done = step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.save_every == 0
-            if epoch_done or step == total_steps:
+            if (end_of_epoch and (step // steps_per_epoch) % args.save_every == 0) or step == total_steps:
                 if world.is_main:
                     save(args, model, optimizer, step, total_steps, steps_per_epoch, skipped, world)
                     if vis_images is not None:
@@ -388,7 +409,7 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
             if step == total_steps:
                 break
     bar.close()
-    result = {"step": step, "total_steps": total_steps, "last_record": record, "skipped_images": len(skipped)}
+    result = {"step": step, "total_steps": total_steps, "last_record": progress.last, "skipped_images": len(skipped)}
     if world.is_main:
         result["exported"] = ckpt_io.export_encoder(model.encoder.state_dict(), args.model, args.out)
     return result
