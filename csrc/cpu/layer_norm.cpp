@@ -60,22 +60,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_forward(const at::Tenso
     const acc_t* weight = optional_param<acc_t>(weight_t);
     const acc_t* bias = optional_param<acc_t>(bias_t);
     const acc_t eps_acc = static_cast<acc_t>(eps);
-    const int64_t stride = g.channel_stride();
-    for_each_chunk(count, norm::sites_per_chunk(g.channels), [&](int64_t, int64_t j0, int64_t j1) {
+    const int64_t channels = g.channels;
+    // One site, its C values contiguous (x, y rows of the tensor or of the planes path's buffers).
+    auto site = [&](const scalar_t* xr, scalar_t* yr, int64_t j) {
+      const auto s = norm::row_stats<acc_t>(xr, 1, channels, eps_acc);
+      norm::row_forward<acc_t>(xr, 1, yr, 1, channels, s, weight, bias);
+      mean[j] = s.mean;
+      rstd[j] = s.rstd;
+    };
+    for_each_chunk(count, norm::sites_per_chunk(channels), [&](int64_t, int64_t j0, int64_t j1) {
       zero_inactive(g, index, count, j0, j1, y);
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t base = g.base(index[j]);
-        norm::RowStats<acc_t> s;
-        if (g.rows) {  // stride 1 spelled out so the compiler vectorizes over channels
-          s = norm::row_stats<acc_t>(x + base, 1, g.channels, eps_acc);
-          norm::row_forward<acc_t>(x + base, 1, y + base, 1, g.channels, s, weight, bias);
-        } else {
-          s = norm::row_stats<acc_t>(x + base, stride, g.channels, eps_acc);
-          norm::row_forward<acc_t>(x + base, stride, y + base, stride, g.channels, s, weight, bias);
-        }
-        mean[j] = s.mean;
-        rstd[j] = s.rstd;
+      if (g.rows) {
+        for (int64_t j = j0; j < j1; ++j) site(x + int64_t(index[j]) * channels, y + int64_t(index[j]) * channels, j);
+        return;
       }
+      thread_local std::vector<int64_t> bases;
+      thread_local std::vector<scalar_t> x_rows, y_rows;
+      bases.resize(j1 - j0);
+      x_rows.resize((j1 - j0) * channels);
+      y_rows.resize((j1 - j0) * channels);
+      for (int64_t j = j0; j < j1; ++j) bases[j - j0] = g.base(index[j]);
+      gather_rows(g, x, bases, x_rows.data());
+      for (int64_t j = j0; j < j1; ++j) site(x_rows.data() + (j - j0) * channels, y_rows.data() + (j - j0) * channels, j);
+      scatter_rows(g, y_rows.data(), bases, y);
     });
   });
   return {y_t, mean_t, rstd_t};
@@ -119,33 +126,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_backward(const at::Tens
     const acc_t* mean = mean_c.const_data_ptr<acc_t>();
     const acc_t* rstd = rstd_c.const_data_ptr<acc_t>();
     const acc_t* weight = optional_param<acc_t>(weight_t);
-    const int64_t stride = g.channel_stride();
     const norm::LnParamGradTerms<double> terms;
     for_each_chunk(count, per_chunk, [&](int64_t k, int64_t j0, int64_t j1) {
       zero_inactive(g, index, count, j0, j1, dx);
       double* __restrict sum_dy_xhat = partials.data() + k * 2 * channels;
       double* __restrict sum_dy = sum_dy_xhat + channels;
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t base = g.base(index[j]);
+      // One site, its C values contiguous (rows of the tensors or of the planes path's buffers).
+      auto site = [&](const scalar_t* dyr, const scalar_t* xr, scalar_t* dxr, int64_t j) {
         const norm::RowStats<acc_t> s{mean[j], rstd[j]};
-        if (g.rows) {  // stride 1 spelled out so the compiler vectorizes over channels
-          norm::row_backward<acc_t>(dy + base, 1, x + base, 1, dx + base, 1, channels, s, weight);
-          for (int64_t c = 0; c < channels; ++c) {
-            double a, b;
-            terms(dy[base + c], x[base + c], s.mean, s.rstd, a, b);
-            sum_dy_xhat[c] += a;
-            sum_dy[c] += b;
-          }
-        } else {
-          norm::row_backward<acc_t>(dy + base, stride, x + base, stride, dx + base, stride, channels, s, weight);
-          for (int64_t c = 0; c < channels; ++c) {
-            double a, b;
-            terms(dy[base + c * stride], x[base + c * stride], s.mean, s.rstd, a, b);
-            sum_dy_xhat[c] += a;
-            sum_dy[c] += b;
-          }
+        norm::row_backward<acc_t>(dyr, 1, xr, 1, dxr, 1, channels, s, weight);
+        for (int64_t c = 0; c < channels; ++c) {
+          double a, b;
+          terms(dyr[c], xr[c], s.mean, s.rstd, a, b);
+          sum_dy_xhat[c] += a;
+          sum_dy[c] += b;
         }
+      };
+      if (g.rows) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t base = int64_t(index[j]) * channels;
+          site(dy + base, x + base, dx + base, j);
+        }
+        return;
       }
+      thread_local std::vector<int64_t> bases;
+      thread_local std::vector<scalar_t> dy_rows, x_rows, dx_rows;
+      bases.resize(j1 - j0);
+      for (auto* rows : {&dy_rows, &x_rows, &dx_rows}) rows->resize((j1 - j0) * channels);
+      for (int64_t j = j0; j < j1; ++j) bases[j - j0] = g.base(index[j]);
+      gather_rows(g, dy, bases, dy_rows.data());
+      gather_rows(g, x, bases, x_rows.data());
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t r = (j - j0) * channels;
+        site(dy_rows.data() + r, x_rows.data() + r, dx_rows.data() + r, j);
+      }
+      scatter_rows(g, dx_rows.data(), bases, dx);
     });
     acc_t* gw = grad_weight.data_ptr<acc_t>();
     acc_t* gb = grad_bias.data_ptr<acc_t>();

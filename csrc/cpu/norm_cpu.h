@@ -101,6 +101,26 @@ void zero_inactive(const NormGeometry& g, const int32_t* index, int64_t count, i
   zero_range(cursor, j1 == count ? g.sites() : index[j1]);
 }
 
+// Planes: the chunk's sites copied into site-major rows (C contiguous values per site) and back, so the
+// per-site LayerNorm math runs on contiguous channels in both layouts. bases[s] = g.base(site s).
+template <typename T>
+void gather_rows(const NormGeometry& g, const T* src, const std::vector<int64_t>& bases, T* rows) {
+  const int64_t sites = static_cast<int64_t>(bases.size());
+  for (int64_t c = 0; c < g.channels; ++c) {
+    const T* plane = src + c * g.plane;
+    for (int64_t s = 0; s < sites; ++s) rows[s * g.channels + c] = plane[bases[s]];
+  }
+}
+
+template <typename T>
+void scatter_rows(const NormGeometry& g, const T* rows, const std::vector<int64_t>& bases, T* dst) {
+  const int64_t sites = static_cast<int64_t>(bases.size());
+  for (int64_t c = 0; c < g.channels; ++c) {
+    T* plane = dst + c * g.plane;
+    for (int64_t s = 0; s < sites; ++s) plane[bases[s]] = rows[s * g.channels + c];
+  }
+}
+
 // A dense output in x's kernel layout whose every element is written by the caller or zero_inactive.
 inline at::Tensor empty_dense(const at::Tensor& x_kernel_layout) {
   return at::empty_like(x_kernel_layout, kernel_memory_format(x_kernel_layout));
