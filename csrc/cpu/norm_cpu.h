@@ -76,7 +76,10 @@ void channel_sums(const NormGeometry& g, const int32_t* index, int64_t count, co
 
 // Zeros the inactive sites owned by chunk [j0, j1): the sites from its first active site (0 for the
 // first chunk) up to the next chunk's first active site (the end for the last chunk). The chunks thus
-// own disjoint ranges that cover every site, so with the active writes each element is written once.
+// own disjoint ranges that cover every site. Rows: one memset per gap, so with the active writes each
+// element is written once. Planes: a gap is one short run per channel, so the whole owned range is
+// zeroed instead (one memset per channel and image) and the caller's active writes, which must come
+// after, overwrite it while it is still in cache.
 template <typename T>
 void zero_inactive(const NormGeometry& g, const int32_t* index, int64_t count, int64_t j0, int64_t j1, T* out) {
   auto zero_range = [&](int64_t from, int64_t to) {  // sites [from, to)
@@ -93,12 +96,14 @@ void zero_inactive(const NormGeometry& g, const int32_t* index, int64_t count, i
       from = stop;
     }
   };
+  const int64_t owned_end = j1 == count ? g.sites() : index[j1];
   int64_t cursor = j0 == 0 ? 0 : index[j0];
+  if (!g.rows) return zero_range(cursor, owned_end);
   for (int64_t j = j0; j < j1; ++j) {
     zero_range(cursor, index[j]);
     cursor = static_cast<int64_t>(index[j]) + 1;
   }
-  zero_range(cursor, j1 == count ? g.sites() : index[j1]);
+  zero_range(cursor, owned_end);
 }
 
 // Planes: the chunk's sites copied into site-major rows (C contiguous values per site) and back, so the
