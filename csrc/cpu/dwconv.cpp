@@ -1,11 +1,11 @@
 // CPU kernels of the submanifold depthwise conv (schemas in csrc/ops.cpp): dwconv_forward, dwconv_backward.
 //
-// Work is proportional to the active sites (plus zero-filling the dense outputs). The per-site math is
-// csrc/common/dwconv_site.h. Two layouts (csrc/common/layout.h):
+// Work is proportional to the active sites (plus the zeros of the dense outputs, written in the same
+// pass). The per-site math is csrc/common/dwconv_site.h. Two layouts (csrc/common/layout.h):
 //  * rows (channels_last): sites in parallel, channels in blocks of kBlock values per site, which the
 //    compiler vectorizes; weights are transposed to (k*k, C) so each tap's block is contiguous too.
 //  * planes (NCHW): one (image, channel) plane per task, one channel per site.
-// Weight/bias gradients are summed per chunk of a FIXED partition of the sites (kChunkSites active sites
+// Weight/bias gradients are summed per chunk of a FIXED partition of the sites (rows_chunk_sites(C) active sites
 // per chunk in rows, one image per chunk in planes) and the chunk partials reduced in chunk order, so
 // every result is bit-identical from run to run and for any number of threads.
 #include <ATen/ATen.h>
@@ -22,8 +22,6 @@
 
 namespace spark_kernels {
 namespace {
-
-constexpr int64_t kChunkSites = 256;
 
 // Channels per vector in the rows layout: 64 bytes x 2 (two AVX-512 or four AVX2 registers of accumulators).
 template <typename T>
@@ -51,6 +49,34 @@ std::vector<int64_t> image_starts(const int32_t* index, const Geometry& g) {
   return start;
 }
 
+// Writes a dense output in one pass along ascending active sites: the rows of the inactive sites before
+// each active site are zeroed when the pass reaches it, so no separate memset touches the output first.
+template <typename T>
+struct GapFiller {
+  T* out;
+  int64_t row_len;
+  int64_t next;   // first row not written yet
+  int64_t limit;  // rows in the output
+
+  // Zero the rows [next, site) before writing row `site`; false (nothing written) if the site is not
+  // after the previous one or is past the end: an unsorted or corrupt index.
+  bool advance_to(int64_t site) {
+    if (site < next || site >= limit) return false;
+    std::fill(out + next * row_len, out + site * row_len, T(0));
+    next = site + 1;
+    return true;
+  }
+  void finish() {
+    std::fill(out + next * row_len, out + limit * row_len, T(0));
+    next = limit;
+  }
+};
+
+// The first row a run of active sites starting at position `begin` of the index owns.
+inline int64_t first_row(const int32_t* index, int64_t begin, int64_t limit) {
+  return begin == 0 ? 0 : std::clamp<int64_t>(static_cast<int64_t>(index[begin - 1]) + 1, 0, limit);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // rows layout
 
@@ -72,9 +98,10 @@ void forward_rows(const T* x, const T* wt, const T* bias, const int32_t* index, 
   const int64_t full = g.c / B * B;
   at::parallel_for(0, g.m, 64, [&](int64_t begin, int64_t end) {
     bool ok = true;
+    GapFiller<T> fill{y, g.c, first_row(index, begin, g.sites()), g.sites()};
     for (int64_t i = begin; i < end; ++i) {
       const int32_t site = index[i];
-      if (site < 0 || site >= g.sites()) {
+      if (!fill.advance_to(site)) {
         ok = false;
         continue;
       }
@@ -83,60 +110,61 @@ void forward_rows(const T* x, const T* wt, const T* bias, const int32_t* index, 
       for (int64_t c0 = 0; c0 < full; c0 += B) ok &= forward_site_rows<K, B>(taps, x, wt, bias, yr, c0, g);
       for (int64_t c = full; c < g.c; ++c) ok &= forward_site_rows<K, 1>(taps, x, wt, bias, yr, c, g);
     }
+    if (end == g.m) fill.finish();
     if (!ok) valid = false;
   });
 }
 
-// One chunk of sites x one block of V channels: grad_x by mirrored gather, weight/bias gradient partials
-// of the chunk into gw_part (k*k, C) and gb_part (C,).
+// grad_x of a block of V channels of one site by mirrored gather, and the site's contribution to its
+// chunk's weight/bias gradient partials gw_part (k*k, C) and gb_part (C,).
 template <int K, int V, typename T>
-bool backward_block_rows(const T* gy, const T* x, const T* wt, const int32_t* index, const int32_t* nbr, T* gx,
-                         T* gw_part, T* gb_part, int64_t c0, int64_t begin, int64_t end, const Geometry& g) {
-  bool valid = true;
-  T gw[K * K * V] = {};
-  T gb[V] = {};
+inline bool backward_site_rows(const int32_t* taps, int64_t row, const T* gy, const T* x, const T* wt, T* gx,
+                               T* gw_part, T* gb_part, int64_t c0, const Geometry& g) {
+  T gs[V];
+  T acc[V] = {};
+  for (int v = 0; v < V; ++v) gs[v] = gy[row + c0 + v];
   const SiteView<T> gv{gy + c0, 0, g.sites(), g.c};
   const SiteView<T> xv{x + c0, 0, g.sites(), g.c};
-  for (int64_t i = begin; i < end; ++i) {
-    const int32_t site = index[i];
-    if (site < 0 || site >= g.sites()) {
-      valid = false;
-      continue;
-    }
-    const int32_t* taps = nbr + i * K * K;
-    const int64_t row = static_cast<int64_t>(site) * g.c + c0;
-    T gs[V];
-    T acc[V] = {};
-    for (int v = 0; v < V; ++v) gs[v] = gy[row + v];
-    valid &= dwconv_site_gather<K, true, V>(taps, gv, wt + c0, g.c, acc);
-    for (int v = 0; v < V; ++v) gx[row + v] = acc[v];
-    valid &= dwconv_site_weight_grad<K, V>(taps, gs, xv, gw, V);
-    for (int v = 0; v < V; ++v) gb[v] += gs[v];
-  }
-  for (int t = 0; t < K * K; ++t)
-    for (int v = 0; v < V; ++v) gw_part[t * g.c + c0 + v] = gw[t * V + v];
-  for (int v = 0; v < V; ++v) gb_part[c0 + v] = gb[v];
+  bool valid = dwconv_site_gather<K, true, V>(taps, gv, wt + c0, g.c, acc);
+  for (int v = 0; v < V; ++v) gx[row + c0 + v] = acc[v];
+  valid &= dwconv_site_weight_grad<K, V>(taps, gs, xv, gw_part + c0, g.c);
+  for (int v = 0; v < V; ++v) gb_part[c0 + v] += gs[v];
   return valid;
 }
 
+// Active sites per weight-gradient chunk in the rows layout: a function of C only (never of the thread
+// count), sized so a chunk's partials (k*k x C) stay small next to its work (chunk x k*k x C).
+int64_t rows_chunk_sites(int64_t c) { return std::clamp<int64_t>(16384 / std::max<int64_t>(c, 1), 32, 512); }
+
 template <int K, typename T>
 void backward_rows(const T* gy, const T* x, const T* wt, const int32_t* index, const int32_t* nbr, T* gx,
-                   T* gw_parts, T* gb_parts, int64_t chunks, const Geometry& g, std::atomic<bool>& valid) {
+                   T* gw_parts, T* gb_parts, int64_t chunk_sites, int64_t chunks, const Geometry& g,
+                   std::atomic<bool>& valid) {
   constexpr int B = kBlock<T>;
-  const int64_t blocks = (g.c + B - 1) / B;
-  at::parallel_for(0, chunks * blocks, 1, [&](int64_t task_begin, int64_t task_end) {
+  const int64_t full = g.c / B * B;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     bool ok = true;
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t chunk = task / blocks, c0 = task % blocks * B;
-      const int64_t begin = chunk * kChunkSites, end = std::min(g.m, begin + kChunkSites);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       T* gw_part = gw_parts + chunk * K * K * g.c;
       T* gb_part = gb_parts + chunk * g.c;
-      if (c0 + B <= g.c) {
-        ok &= backward_block_rows<K, B>(gy, x, wt, index, nbr, gx, gw_part, gb_part, c0, begin, end, g);
-      } else {
-        for (int64_t c = c0; c < g.c; ++c)
-          ok &= backward_block_rows<K, 1>(gy, x, wt, index, nbr, gx, gw_part, gb_part, c, begin, end, g);
+      std::fill(gw_part, gw_part + K * K * g.c, T(0));
+      std::fill(gb_part, gb_part + g.c, T(0));
+      const int64_t begin = chunk * chunk_sites, end = std::min(g.m, begin + chunk_sites);
+      GapFiller<T> fill{gx, g.c, first_row(index, begin, g.sites()), g.sites()};
+      for (int64_t i = begin; i < end; ++i) {
+        const int32_t site = index[i];
+        if (!fill.advance_to(site)) {
+          ok = false;
+          continue;
+        }
+        const int32_t* taps = nbr + i * K * K;
+        const int64_t row = static_cast<int64_t>(site) * g.c;
+        for (int64_t c0 = 0; c0 < full; c0 += B)
+          ok &= backward_site_rows<K, B>(taps, row, gy, x, wt, gx, gw_part, gb_part, c0, g);
+        for (int64_t c = full; c < g.c; ++c)
+          ok &= backward_site_rows<K, 1>(taps, row, gy, x, wt, gx, gw_part, gb_part, c, g);
       }
+      if (end == g.m) fill.finish();
     }
     if (!ok) valid = false;
   });
@@ -155,9 +183,10 @@ void forward_planes(const T* x, const T* w, const T* bias, const int32_t* index,
       const int64_t n = task / g.c, c = task % g.c;
       const SiteView<T> xv{x + task * hw, n * hw, hw, 1};
       T* yp = y + task * hw;
+      GapFiller<T> fill{yp, 1, 0, hw};
       for (int64_t i = start[n]; i < start[n + 1]; ++i) {
         const int64_t s = index[i] - n * hw;
-        if (static_cast<uint64_t>(s) >= static_cast<uint64_t>(hw)) {  // an unsorted index
+        if (!fill.advance_to(s)) {
           ok = false;
           continue;
         }
@@ -165,6 +194,7 @@ void forward_planes(const T* x, const T* w, const T* bias, const int32_t* index,
         ok &= dwconv_site_gather<K, false, 1>(nbr + i * K * K, xv, w + c * K * K, 1, acc);
         yp[s] = acc[0];
       }
+      fill.finish();
     }
     if (!ok) valid = false;
   });
@@ -184,10 +214,11 @@ void backward_planes(const T* gy, const T* x, const T* w, const int32_t* index, 
       T* gxp = gx + task * hw;
       T gw[K * K] = {};
       T gb = 0;
+      GapFiller<T> fill{gxp, 1, 0, hw};
       for (int64_t i = start[n]; i < start[n + 1]; ++i) {
         const int32_t* taps = nbr + i * K * K;
         const int64_t s = index[i] - n * hw;
-        if (static_cast<uint64_t>(s) >= static_cast<uint64_t>(hw)) {  // an unsorted index
+        if (!fill.advance_to(s)) {
           ok = false;
           continue;
         }
@@ -198,6 +229,7 @@ void backward_planes(const T* gy, const T* x, const T* w, const int32_t* index, 
         ok &= dwconv_site_weight_grad<K, 1>(taps, gs, xv, gw, 1);
         gb += gs[0];
       }
+      fill.finish();
       // Partials of image n, in (n, C, k*k) and (n, C).
       std::copy(gw, gw + K * K, gw_parts + task * K * K);
       gb_parts[task] = gb;
@@ -227,8 +259,8 @@ template <typename T, int K>
 at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const at::Tensor& index, const at::Tensor& neighbors, const Geometry& g) {
   const at::Tensor xk = x.contiguous(g.memory_format());
-  at::Tensor y = at::empty(x.sizes(), x.options(), g.memory_format()).zero_();
-  if (g.m == 0 || g.c == 0) return y;
+  if (g.m == 0 || g.c == 0) return at::zeros_like(xk);
+  at::Tensor y = at::empty_like(xk);  // every element is written: computed or zero
   const at::Tensor idx = index.contiguous(), nbr = neighbors.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
@@ -254,22 +286,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
                                                             const at::Tensor& neighbors, const Geometry& g) {
   const at::Tensor xk = x.contiguous(g.memory_format());
   const at::Tensor gy = grad_out.contiguous(g.memory_format());
-  at::Tensor gx = at::empty(x.sizes(), x.options(), g.memory_format()).zero_();
   at::Tensor gw = at::zeros(weight.sizes(), weight.options());
   at::Tensor gb = at::zeros({g.c}, weight.options());
-  if (g.m == 0 || g.c == 0) return {gx, gw, gb};
+  if (g.m == 0 || g.c == 0) return {at::zeros_like(xk), gw, gb};
+  at::Tensor gx = at::empty_like(xk);  // every element is written: computed or zero
   const at::Tensor idx = index.contiguous(), nbr = neighbors.contiguous();
   std::atomic<bool> valid{true};
   int64_t chunks;
   at::Tensor gw_parts, gb_parts;
   if (g.rows) {
-    chunks = (g.m + kChunkSites - 1) / kChunkSites;
+    const int64_t chunk_sites = rows_chunk_sites(g.c);
+    chunks = (g.m + chunk_sites - 1) / chunk_sites;
     gw_parts = at::empty({chunks, K * K, g.c}, x.options());
     gb_parts = at::empty({chunks, g.c}, x.options());
     const at::Tensor wt = weight.reshape({g.c, K * K}).t().contiguous();
     backward_rows<K, T>(gy.const_data_ptr<T>(), xk.const_data_ptr<T>(), wt.const_data_ptr<T>(),
                         idx.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(), gx.mutable_data_ptr<T>(),
-                        gw_parts.mutable_data_ptr<T>(), gb_parts.mutable_data_ptr<T>(), chunks, g, valid);
+                        gw_parts.mutable_data_ptr<T>(), gb_parts.mutable_data_ptr<T>(), chunk_sites, chunks, g, valid);
   } else {
     chunks = g.n;
     gw_parts = at::empty({chunks, g.c, K * K}, x.options());
