@@ -8,11 +8,30 @@ Environment: SPARK_KERNELS_NO_CUDA=1 skips the CUDA kernels; SPARK_KERNELS_PORTA
 """
 import glob
 import os
+import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _default_cuda_home() -> None:
+    """torch guesses CUDA_HOME from the location of `nvcc` on the PATH, which is wrong when that is a
+    wrapper outside the toolkit (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc):
+    ask nvcc where it lives instead."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or not shutil.which("nvcc"):
+        return
+    try:
+        out = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in out.splitlines():
+        if "_HERE_=" in line:
+            os.environ["CUDA_HOME"] = os.path.dirname(line.split("_HERE_=", 1)[1].strip())
+            return
 
 
 def extension_modules():
@@ -48,6 +67,7 @@ def extension_modules():
 
 
 def main():
+    _default_cuda_home()  # before torch.utils.cpp_extension reads it at import
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
