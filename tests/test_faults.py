@@ -21,7 +21,10 @@ PACKAGE = Path(spark_kernels.__file__).parent
 EXTENSION_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 
 CHILD = textwrap.dedent("""
-    import json, warnings
+    import json, sys, warnings
+    # An editable install (pip install -e) adds a finder that maps spark_kernels._C to the repository's
+    # build; drop it, since this child stands for a machine where that build does not exist.
+    sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         import spark_kernels as sk
