@@ -42,6 +42,24 @@ def make_mask(kind: str, n: int, h: int, w: int, ratio: float, seed: int = 0) ->
     raise ValueError(kind)
 
 
+NORM_TEST_SIZE = (13, 11)  # odd H, W of the norm tests
+
+
+def make_active(kind: str, n: int, h: int = NORM_TEST_SIZE[0], w: int = NORM_TEST_SIZE[1],
+                seed: int = 0) -> torch.Tensor:
+    """A test mask: "visible" (all active), "masked" (none), "single" (one active site), or a ratio-0.6
+    "random" / "spark" mask."""
+    if kind == "visible":
+        return torch.ones(n, 1, h, w, dtype=torch.bool)
+    if kind == "masked":
+        return torch.zeros(n, 1, h, w, dtype=torch.bool)
+    if kind == "single":
+        m = torch.zeros(n, 1, h, w, dtype=torch.bool)
+        m[n - 1, 0, h // 2, w // 3] = True
+        return m
+    return make_mask(kind, n, h, w, 0.6, seed=seed)
+
+
 def assert_close_to_reference(out: torch.Tensor, ref_lowp: torch.Tensor, ref_f64: torch.Tensor, what: str,
                               terms: float = 0.0) -> None:
     """out (a backend in dtype d) vs the reference in float64, allowed ERROR_MULTIPLE x the reference's own

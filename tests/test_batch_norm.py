@@ -11,27 +11,15 @@ from torch import nn
 
 import spark_kernels as sk
 from spark_kernels._backends import get_backend
-from helpers import ATOL, GRADCHECK, RTOL, assert_close_to_reference, make_mask
+from helpers import ATOL, GRADCHECK, NORM_TEST_SIZE, RTOL, assert_close_to_reference, make_active
 
 F32, F64 = torch.float32, torch.float64
 
-H, W = 13, 11
+H, W = NORM_TEST_SIZE
 FUSED = [b for b in sk.available_backends()
          if b not in ("reference", "triton") and get_backend(b).unsupported_reason(torch.zeros(1, 1, 1, 1)) is None]
 CPU_BACKENDS = ["reference"] + FUSED
 ops = torch.ops.spark_kernels
-
-
-def make_active(kind: str, n: int, h: int = H, w: int = W, seed: int = 0) -> torch.Tensor:
-    if kind == "visible":
-        return torch.ones(n, 1, h, w, dtype=torch.bool)
-    if kind == "masked":
-        return torch.zeros(n, 1, h, w, dtype=torch.bool)
-    if kind == "single":
-        m = torch.zeros(n, 1, h, w, dtype=torch.bool)
-        m[n - 1, 0, h // 2, w // 3] = True
-        return m
-    return make_mask(kind, n, h, w, 0.6, seed=seed)
 
 
 def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
