@@ -10,15 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import spark_kernels as sk
-from spark_kernels._backends import get_backend
-from helpers import ATOL, GRADCHECK, NORM_TEST_SIZE, RTOL, assert_close_to_reference, make_active
+from helpers import ATOL, GRADCHECK, NORM_TEST_SIZE, RTOL, assert_close_to_reference, cpu_tensor_backends, make_active
 
 F32, F64 = torch.float32, torch.float64
 
 H, W = NORM_TEST_SIZE
-FUSED = [b for b in sk.available_backends()
-         if b not in ("reference", "triton") and get_backend(b).unsupported_reason(torch.zeros(1, 1, 1, 1)) is None]
-CPU_BACKENDS = ["reference"] + FUSED
+CPU_BACKENDS = cpu_tensor_backends()
+FUSED = [b for b in CPU_BACKENDS if b != "reference"]
 ops = torch.ops.spark_kernels
 
 
