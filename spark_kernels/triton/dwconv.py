@@ -13,6 +13,7 @@ from ..depthwise_conv import KERNEL_SIZES
 from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, launch, layout_name,
                      per_channel, reduce_partials, register_op, site_offsets, site_programs, spatial,
                      sum_over_sites, tile_and, tile_sum, zero_tile)
+from . import config
 from .config import config_for, table_entries
 
 
@@ -126,7 +127,8 @@ def dwconv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
     layout = layout_name(x)
     cfg = config_for("dwconv_wgrad", layout, c)
-    programs, blocks_per_program = site_programs(m, cfg.block_m)
+    programs, blocks_per_program = site_programs(m, cfg.block_m, config.WGRAD_PROGRAMS,
+                                                   triton.cdiv(c, cfg.block_c))
     partials = x.new_empty((programs, c, kk + 1), dtype=torch.float32)
     launch(dwconv_wgrad_kernel, (programs, triton.cdiv(c, cfg.block_c)),
         grad_out, x, index, neighbors, partials, m, c, hw, blocks_per_program, K=weight.shape[-1],
