@@ -308,7 +308,7 @@ def test_unknown_layer_raises_naming_type_and_path(layer, type_name):
 
 def test_user_encoder_with_feature_info_trains():
     model = SparK(TinyEncoder(), input_size=64, backend="reference").to(DTYPE)
-    assert model.feature_indices == [1, 0, None, None, None]
+    assert model.feature_indices == [1, 0, None, None]  # levels at strides 32, 16, 8, 4
     loss = model(images_for(64, 64), patch_mask_for(64, 64))
     loss.backward()
     assert torch.isfinite(loss) and model.mask_tokens[1].grad is not None
