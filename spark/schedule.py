@@ -1,5 +1,5 @@
-"""SparK's optimization recipe (the paper's and the official code's): LAMB, learning rate scaled with the
-batch, linear warm-up then cosine decay, cosine weight-decay ramp, global gradient clipping."""
+"""SparK's optimization recipe (docs/design.md section 2): LAMB, learning rate scaled with the batch, linear
+warm-up then cosine decay, cosine weight-decay ramp, global gradient clipping."""
 from __future__ import annotations
 
 import math
