@@ -316,6 +316,7 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys):
         (["--data", str(tmp_path / "empty")], "no image files"),
         (["--input-size", "100"], "--input-size must be a positive multiple of 32"),
         (["--drop-path", "1"], "--drop-path must be in [0, 1)"),
+        (["--model", "vgg11", "--drop-path", "0.1"], "vgg11' does not take the keyword arguments ['drop_path_rate']"),
         (["--model", "no_such_net"], "not a timm model name"),
         (["--resume", str(tmp_path / "none.pth")], "no checkpoint at"),
         (["--backend", "cuda", "--device", "cpu"], "--backend cuda"),  # unavailable, or not for CPU tensors
