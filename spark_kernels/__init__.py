@@ -18,7 +18,7 @@ from .triton import device_unsupported_reason as _triton_device_check, load as _
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 register_backend(Backend("reference", ("cpu", "cuda", "meta"), _FLOATS, lambda: (None, None)))
-register_backend(Backend("cpu", ("cpu",), (torch.float32, torch.float64), _native.load_cpu))
+register_backend(Backend("cpu", ("cpu",), _FLOATS, _native.load_cpu))
 register_backend(Backend("cuda", ("cuda",), (torch.float32, torch.float16, torch.bfloat16), _native.load_cuda))
 register_backend(Backend("triton", ("cuda", "cpu"), (torch.float32, torch.float16, torch.bfloat16), _load_triton,
                          device_check=_triton_device_check))
