@@ -103,7 +103,7 @@ def test_dwconv_masks(backend, kind, ratio, layout):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dwconv_many_programs_and_channel_blocks(backend, monkeypatch):
     """Several site programs, several site blocks per reduction program, two channel blocks, no bias."""
-    monkeypatch.setattr(config, "WGRAD_PROGRAMS", 4)  # 2 channel blocks: 2 site programs each
+    monkeypatch.setattr(config, "wgrad_programs", lambda device: 10)  # 5 channel blocks: 2 site programs each
     n, c, h, w = 1, 130, 9, 11
     mask = _mask("random", 0.3, n, h, w)
     tensors = [_input((n, c, h, w), torch.float32, "rows", 6), _param((c, 1, 3, 3), torch.float32, 7)]
