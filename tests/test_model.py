@@ -103,7 +103,9 @@ def assert_grads_match(fused: nn.Module, reference: nn.Module) -> None:
             f"{name}: gradient differs by {err:.3g} (max |reference grad| {q.grad.abs().max().item():.3g})"
 
 
-SHAPES = {"resnet18": (32, 64), "resnet50": (32, 64), "convnext_tiny": (64, 64), "mobilenetv2_100": (32, 64)}
+# mobilenetv2 at 64x64, not 32x64: at 32x64 its stride-16 stage has 8 sites per image, and BN channels that
+# ReLU6 clips to near-constant amplify float64 rounding of the two summation orders to ~1.7e-8 relative.
+SHAPES = {"resnet18": (32, 64), "resnet50": (32, 64), "convnext_tiny": (64, 64), "mobilenetv2_100": (64, 64)}
 
 
 @pytest.mark.parametrize("name, ops_backend", PARITY_CASES, indirect=["ops_backend"])
