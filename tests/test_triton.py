@@ -100,16 +100,19 @@ def test_dwconv_masks(backend, kind, ratio, layout):
         assert torch.all(out == 0)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dwconv_many_programs_and_channel_blocks(backend, monkeypatch):
-    """Several site programs, several site blocks per reduction program, two channel blocks, no bias."""
-    monkeypatch.setattr(config, "WGRAD_PROGRAMS", 4)  # 2 channel blocks: 2 site programs each
+def test_dwconv_many_programs_and_channel_blocks(backend, layout, monkeypatch):
+    """Several site programs, several site blocks per reduction program, several channel blocks, no bias,
+    the k = 7 tap chunks (16 + 16 + 16 + 1)."""
     n, c, h, w = 1, 130, 9, 11
+    channel_blocks = -(-c // config.config_for("dwconv_wgrad", layout, c).block_c)
+    monkeypatch.setattr(config, "wgrad_programs", lambda device: 2 * channel_blocks)  # 2 site programs each
     mask = _mask("random", 0.3, n, h, w)
-    tensors = [_input((n, c, h, w), torch.float32, "rows", 6), _param((c, 1, 3, 3), torch.float32, 7)]
+    tensors = [_input((n, c, h, w), torch.float32, layout, 6), _param((c, 1, 7, 7), torch.float32, 7)]
     _check(lambda x, wt: sk.sparse_depthwise_conv2d(x, wt, None, mask, backend=backend),
            lambda x, wt: sk.sparse_depthwise_conv2d(x, wt, None, mask, backend="reference"),
-           tensors, "dwconv multi-block")
+           tensors, f"dwconv multi-block {layout}")
 
 
 # -- batch norm -----------------------------------------------------------------------------------------

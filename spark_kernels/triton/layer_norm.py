@@ -29,9 +29,11 @@ def ln_forward_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, mean_ptr, rstd_ptr, 
     offs = tile_sum(site_offsets(sites, C, HW, ROWS), channel_offsets(c, HW, ROWS), ROWS)
     ok = tile_and(m_ok, c_ok, ROWS)
     xv = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    mean = sum_over_channels(xv, ROWS) / C
+    # Correctly rounded division and sqrt, as IEEE float32 math on the CPU (on NVIDIA GPUs plain / and
+    # tl.sqrt compile to approximate instructions).
+    mean = tl.div_rn(sum_over_channels(xv, ROWS), (C * 1.0))
     diff = tl.where(ok, xv - per_site(mean, ROWS), 0.0)
-    rstd = 1.0 / tl.sqrt(sum_over_channels(diff * diff, ROWS) / C + eps)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sum_over_channels(diff * diff, ROWS), (C * 1.0)) + eps))
     w = per_channel(tl.load(weight_ptr + c, mask=c_ok, other=0.0), ROWS)
     b = per_channel(tl.load(bias_ptr + c, mask=c_ok, other=0.0), ROWS)
     y = diff * per_site(rstd, ROWS) * w + b
@@ -67,8 +69,8 @@ def ln_backward_kernel(grad_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, grad_x_p
         rstd = per_site(tl.load(rstd_ptr + m, mask=m_ok, other=0.0), ROWS)
         xhat = tl.where(ok, (xv - mean) * rstd, 0.0)
         g = dy * w
-        mean_g = per_site(sum_over_channels(g, ROWS) / C, ROWS)
-        mean_gx = per_site(sum_over_channels(g * xhat, ROWS) / C, ROWS)
+        mean_g = per_site(tl.div_rn(sum_over_channels(g, ROWS), (C * 1.0)), ROWS)
+        mean_gx = per_site(tl.div_rn(sum_over_channels(g * xhat, ROWS), (C * 1.0)), ROWS)
         grad_x = rstd * (g - mean_g - xhat * mean_gx)
         tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=ok)
         acc_dw += dy * xhat
