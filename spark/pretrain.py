@@ -359,6 +359,7 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
     train_model = model
     if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
+        distributed.align_gradient_strides(model)
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     vis_images = None
