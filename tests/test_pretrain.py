@@ -320,7 +320,7 @@ def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     data = image_folder(str(root / "data"), good=4, corrupt=1)
     out = str(root / "full")
-    proc = cli([*TINY, "--data", data, "--epochs", "3", "--workers", "1", "--out", out])
+    proc = cli([*TINY, "--data", data, "--epochs", "3", "--workers", "1", "--out", out, "--tensorboard"])
     assert proc.returncode == 0, proc.stderr
     return data, out, proc
 
@@ -339,9 +339,104 @@ def test_cli_run_writes_log_checkpoint_export_and_figure(finished_run):
     assert ckpt["step"] == 6 and ckpt["epoch"] == 3 and ckpt["args"]["model"] == "resnet18"
     grid = Image.open(os.path.join(out, "reconstruction.png"))
     assert grid.size == (3 * 66 + 2, 3 * 66 + 2)
+    assert Image.open(os.path.join(out, "loss.png")).format == "PNG"
     paths = {"features": os.path.join(out, "encoder_features.pth"), "model": os.path.join(out, "encoder.pth")}
     encoder_state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     check_export(paths, "resnet18", {"fc.weight", "fc.bias"}, encoder_state)
+
+
+def test_cli_without_a_terminal_prints_the_summary_and_a_line_per_record(finished_run):
+    _, out, proc = finished_run  # stderr is a pipe
+    lines = proc.stderr.splitlines()
+    summary = "\n".join(lines[:lines.index(next(line for line in lines if line.startswith("spark-pretrain: step ")))])
+    for phrase in ("model resnet18 at 64 px", "M encoder + ", "M decoder parameters", "precision fp32",
+                   "masked batch norm: cpu (", "depthwise conv: not used", "5 image files from --data",
+                   "batch 2 per process x 1 process", "6 steps (3 epochs of 2)"):
+        assert phrase in summary, summary
+    progress = [line for line in lines if line.startswith("spark-pretrain: step ")]
+    assert [line.split()[2] for line in progress] == [f"{k}/6" for k in range(1, 7)]  # --log-every 1
+    for line, record in zip(progress, read_log(out)):
+        for phrase in (f"epoch {record['epoch']:.2f}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
+                       "images/s ", "ETA ", "peak mem ", " GiB"):
+            assert phrase in line, line
+    assert progress[-1].split("ETA ")[1].startswith("0m00s")
+    assert "\r" not in proc.stderr  # no progress bar
+
+
+def test_cli_on_a_terminal_shows_the_summary_and_a_progress_bar(finished_run, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+    data, _, _ = finished_run
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 rows, 120 columns
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "spark.pretrain", *TINY, "--data", data, "--steps", "2",
+                             "--workers", "0", "--num-vis", "0", "--out", str(tmp_path / "tty")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    chunks = []
+
+    def read_terminal():
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    stdout, _ = proc.communicate(timeout=240)
+    reader.join(timeout=30)
+    os.close(leader)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, terminal
+    assert b"done, 2/2 steps" in stdout
+    assert "precision fp32" in terminal and "batch 2 per process" in terminal and "2 steps (1 epochs" in terminal
+    assert "2/2 [" in terminal and "s/step" in terminal, terminal  # tqdm's bar
+    assert "spark-pretrain: step 1/2" not in terminal  # no plain progress lines
+
+
+def test_tensorboard_events_and_a_clear_error_without_the_package(finished_run, tmp_path, capsys, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, out, _ = finished_run
+    events = EventAccumulator(os.path.join(out, "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert set(tags["scalars"]) == {"loss", "lr", "wd", "grad_norm", "images_per_s"}
+    log = read_log(out)
+    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in log]
+    np.testing.assert_allclose([e.value for e in events.Scalars("loss")], [r["loss"] for r in log], rtol=1e-6)
+    assert tags["images"] == ["reconstruction"] and [e.step for e in events.Images("reconstruction")] == [2, 4, 6]
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    for name in [m for m in sys.modules if m.startswith("torch.utils.tensorboard")]:
+        monkeypatch.delitem(sys.modules, name)
+    proc = run_main(["--tensorboard", "--out", str(tmp_path / "out")], capsys)
+    assert_one_line_error(proc, 2, "--tensorboard needs the tensorboard package", "pip install tensorboard")
+
+
+def test_plot_overlays_runs_and_refuses_folders_without_a_log(finished_run, tmp_path, capsys):
+    from spark import plot
+    _, out, _ = finished_run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "log.jsonl").write_text("".join(json.dumps(dict(r, loss=r["loss"] / 2)) + "\n" for r in read_log(out))
+                                     + '{"step": 7, "lo')  # a torn last line, as a killed run leaves
+    figure = plot.loss_figure([out, str(other)])
+    loss_axes, lr_axes = figure.axes
+    runs = [line for line in loss_axes.lines if line.get_label() in ("full", "other")]
+    assert [list(line.get_xdata()) for line in runs] == [[1, 2, 3, 4, 5, 6]] * 2
+    np.testing.assert_allclose(runs[1].get_ydata(), np.asarray(runs[0].get_ydata()) / 2)
+    assert len(lr_axes.lines) == 2
+    png = str(tmp_path / "cmp.png")
+    assert plot.main([out, str(other), "--out", png]) == 0 and Image.open(png).format == "PNG"
+    assert plot.main([str(tmp_path)]) == 2
+    assert "no log.jsonl" in capsys.readouterr().err
 
 
 def test_cli_sigkill_then_resume_matches_the_uninterrupted_run(finished_run, tmp_path, capsys):
