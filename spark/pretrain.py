@@ -401,7 +401,7 @@ def startup_summary(args: argparse.Namespace, model, device: torch.device, datas
         f"backends: {backend_summary(model, device)}",
         f"data: {len(dataset.paths)} image files from {source} x {args.repeats} crops = {len(dataset)} samples per "
         f"epoch; batch {args.batch_size // world.size} per process x {processes}",
-        f"{total_steps} steps ({total_steps / steps_per_epoch:g} epochs of {steps_per_epoch}), peak lr "
+        f"{total_steps} steps ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch}), peak lr "
         f"{schedule.peak_lr:.3g}, warm-up {schedule.warmup_steps} steps; outputs in {args.out}",
     ]
     if saved is not None:

@@ -472,6 +472,31 @@ def test_cli_sigkill_then_resume_matches_the_uninterrupted_run(finished_run, tmp
     assert_one_line_error(conflict, 2, "--batch-size 4 conflicts with the checkpoint's 2")
 
 
+def test_cli_resume_extends_the_run_and_keeps_the_other_options(finished_run, tmp_path, capsys):
+    """--resume with a larger --epochs continues the finished 6-step run to 8 steps on the schedule of an
+    8-step run; --data, --log-every 1 and --num-vis 3 of the checkpoint's run are kept without being given."""
+    _, full, _ = finished_run
+    source = os.path.join(full, "checkpoint.pth")
+    out = str(tmp_path / "longer")
+    proc = run_main(["--resume", source, "--out", out, "--epochs", "4", "--workers", "0"], capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert "done, 8/8 steps" in proc.stdout
+    assert f"resuming at step 6 from {source}, extending the run from 6 to 8 steps" in proc.stderr
+    log = read_log(out)
+    assert [r["step"] for r in log] == [7, 8]                      # --log-every 1, not the default 10
+    longer = Schedule(peak_lr(2e-4, 2), total_steps=8, warmup_steps=1)
+    assert [r["lr"] for r in log] == pytest.approx([longer.lr(6), longer.lr(7)])
+    assert [r["wd"] for r in log] == pytest.approx([longer.weight_decay(6), longer.weight_decay(7)])
+    assert Image.open(os.path.join(out, "reconstruction.png")).size == (3 * 66 + 2, 3 * 66 + 2)  # --num-vis 3
+    ckpt = ckpt_io.load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    assert ckpt["step"] == 8 and ckpt["total_steps"] == 8 and ckpt["args"]["epochs"] == 4
+
+    shorter = run_main(["--resume", source, "--out", out, "--steps", "4"], capsys)
+    assert_one_line_error(shorter, 2, "--steps 4 gives 4 steps, fewer than the 6", "extended, not shortened")
+    other_seed = run_main(["--resume", source, "--out", out, "--epochs", "5", "--seed", "1"], capsys)
+    assert_one_line_error(other_seed, 2, "--seed 1 conflicts with the checkpoint's 0")
+
+
 def test_cli_refuses_truncated_and_incompatible_checkpoints(finished_run, tmp_path, capsys):
     data, full, _ = finished_run
     source = os.path.join(full, "checkpoint.pth")
