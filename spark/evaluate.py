@@ -127,10 +127,11 @@ def load_encoders(run_dir: str, seed: int) -> Tuple[Dict, torch.nn.Module, torch
         if not os.path.isfile(path):
             raise EvaluationError(f"{run_dir}: no {os.path.basename(path)}; is it the --out folder of a finished "
                                   f"spark-pretrain run?")
-    try:
-        options = ckpt_io.load_checkpoint(checkpoint)["args"]
-    except ckpt_io.CheckpointError as err:
-        raise EvaluationError(str(err).replace("--resume ", "", 1)) from None
+    try:  # only the options are needed: the encoder of a run of any SparK architecture version is evaluated
+        options = torch.load(checkpoint, map_location="cpu", weights_only=True)["args"]
+        options["model"], options["input_size"]
+    except Exception:  # torch.load raises many types for damaged files; all mean "unusable"
+        raise EvaluationError(f"{checkpoint}: not a readable spark-pretrain checkpoint") from None
     pretrained = timm.create_model(options["model"], features_only=True, pretrained=False)
     try:
         pretrained.load_state_dict(torch.load(exported, map_location="cpu", weights_only=True), strict=True)

@@ -441,25 +441,6 @@ def test_tensorboard_events_and_a_clear_error_without_the_package(finished_run, 
     assert_one_line_error(proc, 2, "--tensorboard needs the tensorboard package", "pip install tensorboard")
 
 
-def test_plot_overlays_runs_and_refuses_folders_without_a_log(finished_run, tmp_path, capsys):
-    from spark import plot
-    _, out, _ = finished_run
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "log.jsonl").write_text("".join(json.dumps(dict(r, loss=r["loss"] / 2)) + "\n" for r in read_log(out))
-                                     + '{"step": 7, "lo')  # a torn last line, as a killed run leaves
-    figure = plot.loss_figure([out, str(other)])
-    loss_axes, lr_axes = figure.axes
-    runs = [line for line in loss_axes.lines if line.get_label() in ("full", "other")]
-    assert [list(line.get_xdata()) for line in runs] == [[1, 2, 3, 4, 5, 6]] * 2
-    np.testing.assert_allclose(runs[1].get_ydata(), np.asarray(runs[0].get_ydata()) / 2)
-    assert len(lr_axes.lines) == 2
-    png = str(tmp_path / "cmp.png")
-    assert plot.main([out, str(other), "--out", png]) == 0 and Image.open(png).format == "PNG"
-    assert plot.main([str(tmp_path)]) == 2
-    assert "no log.jsonl" in capsys.readouterr().err
-
-
 def test_cli_sigkill_then_resume_matches_the_uninterrupted_run(finished_run, tmp_path, capsys):
     data, full, _ = finished_run
     out = str(tmp_path / "killed")
