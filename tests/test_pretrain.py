@@ -564,7 +564,7 @@ def test_torchrun_two_processes_follow_the_single_process_run(finished_run, tmp_
     two, one = read_log(out), read_log(full)[:2]
     assert [r["lr"] for r in two] == pytest.approx([r["lr"] for r in one])
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
-    assert sorted(os.listdir(out)) == ["checkpoint.pth", "encoder.pth", "encoder_features.pth", "log.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "encoder.pth", "encoder_features.pth", "log.jsonl", "loss.png"]
 
 
 def gradient_problem():
