@@ -233,7 +233,7 @@ def _create_timm_encoder(name: str, timm_kwargs: dict) -> nn.Module:
     import timm
     if "features_only" in timm_kwargs:
         raise ValueError("features_only: SparK always creates the timm encoder with features_only=True")
-    kwargs = dict(pretrained=False, **timm_kwargs)
+    kwargs = {"pretrained": False, **timm_kwargs}  # pretrained=True may be asked for
     try:
         return timm.create_model(name, features_only=True, **kwargs)
     except TypeError as err:
