@@ -27,6 +27,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import distributed
+from . import precision as precision_mod
 from .data import (DataError, PretrainDataset, ResumableSampler, collate, default_photo_paths, find_images,
                    fixed_images, train_transform)
 from .plot import LOSS_PLOT_NAME, write_loss_plot
@@ -48,8 +49,6 @@ RUN_OPTIONS = ("model", "drop_path", "input_size", "batch_size", "warmup_epochs"
 LENGTH_OPTIONS = ("epochs", "steps")
 # Never taken from the checkpoint. Every other option (--data, --log-every, ...) is, unless given again.
 NOT_RESUMED = ("resume", "out")
-# Compute precision of the run, shown in the start-up summary.
-PRECISION = "fp32"
 TENSORBOARD_DIR = "tb"
 
 
@@ -108,6 +107,10 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
                    help="continue from CHECKPOINT; without a value, from --out's checkpoint.pth")
     p.add_argument("--backend", default=d(None), help="spark_kernels backend (default: best for the device)")
     p.add_argument("--device", default=d(None), help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=precision_mod.CHOICES, default=d("auto"),
+                   help="fp32, or autocast to bf16 / fp16 (fp16: CUDA only, with a gradient scaler); auto: bf16 "
+                        "where the hardware computes it natively (CUDA sm_80+, CPUs with AVX512-BF16 or AMX), "
+                        "else fp32")
     p.add_argument("--seed", type=int, default=d(0), help="seed of weights, crops and masks")
     p.add_argument("--save-every", type=int, default=d(1), metavar="EPOCHS",
                    help="write a checkpoint and reconstruction.png every this many epochs (and at the end)")
@@ -266,8 +269,9 @@ def mask_for_step(seed: int, step: int, global_batch: int, grid: int, mask_ratio
 class JsonLog:
     """log.jsonl; on resume, records after the checkpoint's step (from the interrupted run) are dropped."""
 
-    def __init__(self, path: str, resume_step: Optional[int]):
+    def __init__(self, path: str, resume_step: Optional[int], fixed: Optional[Dict] = None):
         self.path = path
+        self.fixed = dict(fixed or {})  # fields of every record (the run's precision)
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
                 kept = [line for line in f if line.strip() and self._step(line) <= resume_step]
@@ -284,7 +288,7 @@ class JsonLog:
 
     def write(self, record: Dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, **self.fixed}) + "\n")
 
 
 def peak_memory(device: torch.device) -> str:
@@ -389,13 +393,14 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def backend_summary(model, device: torch.device) -> str:
-    """Which backend runs each kind of sparse op in `model` (and how many layers of each kind)."""
+def backend_summary(model, device: torch.device, precision: str) -> str:
+    """Which backend runs each kind of sparse op in `model` (and how many layers of each kind) on activations
+    of the run's precision."""
     import spark_kernels as sk
     kinds = (("depthwise conv", sk.nn.SparseDepthwiseConv2d, "sparse_depthwise_conv2d"),
              ("masked batch norm", sk.nn.MaskedBatchNorm2d, "masked_batch_norm"),
              ("masked layer norm", sk.nn.MaskedLayerNorm, "masked_layer_norm"))
-    probe = torch.empty(0, device=device)
+    probe = torch.empty(0, device=device, dtype=precision_mod.DTYPES[precision])
     parts = []
     for label, kind, op in kinds:
         layers = [m for m in model.modules() if isinstance(m, kind)]
@@ -409,15 +414,16 @@ def backend_summary(model, device: torch.device) -> str:
 
 def startup_summary(args: argparse.Namespace, model, device: torch.device, dataset: PretrainDataset,
                     world: distributed.World, steps_per_epoch: int, total_steps: int, schedule: Schedule,
-                    start_step: int, saved: Optional[Dict], path: Optional[str]) -> List[str]:
+                    start_step: int, saved: Optional[Dict], path: Optional[str], precision: str,
+                    why: str) -> List[str]:
     source = f"--data {args.data}" if args.data is not None else "the embedded photographs"
     encoder = count_parameters(model.encoder)
     processes = f"{world.size} process{'es' if world.size > 1 else ''}"
     lines = [
         f"model {args.model} at {args.input_size} px: {encoder / 1e6:.1f}M encoder + "
-        f"{(count_parameters(model) - encoder) / 1e6:.1f}M decoder parameters, precision {PRECISION}, "
-        f"device {device}",
-        f"backends: {backend_summary(model, device)}",
+        f"{(count_parameters(model) - encoder) / 1e6:.1f}M decoder parameters, device {device}",
+        f"precision {precision} ({why})",
+        f"backends: {backend_summary(model, device, precision)}",
         f"data: {len(dataset.paths)} image files from {source} x {args.repeats} crops = {len(dataset)} samples per "
         f"epoch; batch {args.batch_size // world.size} per process x {processes}",
         f"{total_steps} steps ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch}), peak lr "
@@ -431,6 +437,8 @@ def startup_summary(args: argparse.Namespace, model, device: torch.device, datas
                          f"(lr now {schedule.lr(start_step):.3g})")
         else:
             lines.append(f"resuming at step {start_step} of {total_steps} from {path}")
+        if saved.get("precision", "fp32") != precision:
+            lines.append(f"the checkpoint was trained in {saved.get('precision', 'fp32')}; resuming in {precision}")
     return [f"{PROG}: {line}" for line in lines]
 
 
@@ -452,6 +460,11 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     check_backend(args.backend, device)
+    try:
+        precision, why = precision_mod.resolve(args.precision, device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    scaler = precision_mod.grad_scaler(precision, device)
     dataset = build_dataset(args)
     batch_per_process = args.batch_size // world.size
     sampler = ResumableSampler(dataset, world.size, world.rank, args.seed, batch_per_process)
@@ -489,6 +502,8 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
             raise RunError(str(err)) from None
         except (ValueError, RuntimeError, KeyError) as err:
             raise RunError(f"--resume {path}: optimizer state does not fit this model: {err}") from None
+        if scaler is not None and "grad_scaler" in saved:
+            scaler.load_state_dict(saved["grad_scaler"])
         start_step = int(saved["step"])
         skipped = list(saved.get("skipped_files", []))
         if world.is_main:
@@ -508,12 +523,12 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
             vis_images, _ = fixed_images(dataset, args.num_vis, args.input_size)
         except DataError as err:
             raise RunError(str(err)) from None
-    log = JsonLog(os.path.join(args.out, "log.jsonl"), start_step if saved is not None else None) \
-        if world.is_main else None
+    log = JsonLog(os.path.join(args.out, "log.jsonl"), start_step if saved is not None else None,
+                  {"precision": precision}) if world.is_main else None
     interactive = sys.stderr.isatty()
     if world.is_main:
         for line in startup_summary(args, model, device, dataset, world, steps_per_epoch, total_steps, schedule,
-                                    start_step, saved, path):
+                                    start_step, saved, path, precision, why):
             print(line, file=sys.stderr, flush=True)
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_per_process, sampler=sampler,
@@ -536,11 +551,20 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
                 images = images.to(device, non_blocking=True)
                 mask = mask_for_step(args.seed, step, args.batch_size, grid, args.mask_ratio, world).to(device)
                 lr, wd = apply_schedule(optimizer, schedule, step)
-                loss = train_model(images, mask=mask)
+                with precision_mod.autocast(precision, device):
+                    loss = train_model(images, mask=mask)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if scaler is None:
+                    loss.backward()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)  # clip the true gradients
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, CLIP_GRAD_NORM))
-                optimizer.step()
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                    scaler.update()
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise RunError(f"the loss became {loss_value} at step {step + 1}; lower --base-lr?")
@@ -552,7 +576,8 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
                 bar.update(1)
                 if (end_of_epoch and (step // steps_per_epoch) % args.save_every == 0) or step == total_steps:
                     if world.is_main:
-                        save(args, model, optimizer, step, total_steps, steps_per_epoch, skipped, world)
+                        save(args, model, optimizer, step, total_steps, steps_per_epoch, skipped, world, precision,
+                             scaler)
                         write_figures(args, model, vis_images, step, tensorboard)
                 if step == total_steps:
                     break
@@ -579,12 +604,15 @@ def write_figures(args: argparse.Namespace, model, vis_images: Optional[torch.Te
 
 
 def save(args, model, optimizer, step: int, total_steps: int, steps_per_epoch: int, skipped: List[str],
-         world: distributed.World) -> None:
+         world: distributed.World, precision: str, scaler) -> None:
     state = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "model": model.state_dict(),
              "architecture": ckpt_io.ARCHITECTURE,
              "optimizer": optimizer.state_dict(), "step": step, "epoch": step // steps_per_epoch,
              "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "args": run_options(args),
-             "rng": ckpt_io.rng_state(), "world_size": world.size, "skipped_files": list(skipped)}
+             "rng": ckpt_io.rng_state(), "world_size": world.size, "skipped_files": list(skipped),
+             "precision": precision}
+    if scaler is not None:
+        state["grad_scaler"] = scaler.state_dict()
     ckpt_io.atomic_torch_save(state, os.path.join(args.out, ckpt_io.CHECKPOINT_NAME))
 
 

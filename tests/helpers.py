@@ -18,6 +18,10 @@ GRADCHECK = dict(eps=1e-6, atol=1e-5, rtol=1e-4)
 # Model level (fused SparK vs reference SparK): per parameter, max |grad difference| must be within
 # MODEL_GRAD_RTOL x max |reference grad| (summation order differs between the paths; float64 runs).
 MODEL_GRAD_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
+# Model level under autocast (float16/bfloat16): the fused model's loss and gradient error against the float32
+# reference must be within ERROR_MULTIPLE x the reference's own error under the same autocast, plus
+# AUTOCAST_FLOOR x the float32 value (relative L2 norm over all parameter gradients).
+AUTOCAST_FLOOR = 1e-3
 
 
 def random_mask(n: int, h: int, w: int, ratio: float, seed: int = 0) -> torch.Tensor:
@@ -121,4 +125,35 @@ def kernel_backends(*ops: str) -> list:
         marks = [pytest.mark.xfail(raises=NotImplementedError, strict=True,
                                    reason=f"{name} kernels not built yet: {', '.join(missing)}")] if missing else []
         params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def tensor_device(backend: str) -> str:
+    """The device a fused backend's tests put their tensors on: CUDA for "cuda", and for "triton" unless it
+    runs in Triton's interpreter (TRITON_INTERPRET=1, on CPU tensors); CPU for the others."""
+    if backend == "cuda":
+        return "cuda"
+    if backend == "triton":
+        from spark_kernels.triton import interpreter_requested
+        return "cpu" if interpreter_requested() else "cuda"
+    return "cpu"
+
+
+def fused_backends(*dtypes: torch.dtype) -> list:
+    """pytest params (backend, device, dtype) for every fused backend that runs here, on the device its
+    tensors live on (tensor_device: so on a GPU machine with TRITON_INTERPRET=0, "triton" and "cuda" run
+    CUDA tensors), for each of `dtypes` the backend takes."""
+    import pytest
+    import spark_kernels as sk
+    from spark_kernels._backends import get_backend
+    params = []
+    for name in sk.available_backends():
+        if name == "reference":
+            continue
+        backend, device = get_backend(name), tensor_device(name)
+        if device == "cuda" and not torch.cuda.is_available():
+            continue
+        for dtype in dtypes:
+            if dtype in backend.dtypes:
+                params.append(pytest.param(name, device, dtype, id=f"{name}-{device}-{str(dtype)[6:]}"))
     return params

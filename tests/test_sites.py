@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import spark_kernels as sk
-from spark_kernels._sites import _SitesCache, as_sites
+from spark_kernels._sites import MAX_SITES, _SitesCache, as_sites, check_site_count
 from spark_kernels.masks import num_visible, patch_mask, upsample_mask
 
 from helpers import random_mask, spark_mask
@@ -142,3 +142,16 @@ class TestSitesCache:
         assert as_sites(sites) is sites
         with pytest.raises(TypeError, match="active"):
             as_sites(3)
+
+
+def test_more_sites_than_int32_addresses_are_refused():
+    """The int32 site index would wrap past 2^31 sites: the limit is checked on sizes, before allocating."""
+    check_site_count(1, 1, MAX_SITES)
+    check_site_count(256, 2048, 4094)  # 2^31 - 2^21 sites
+    for n, h, w in ((1, 1, MAX_SITES + 1), (2**16, 2**8, 2**8), (2**20, 2**20, 2**20)):
+        with pytest.raises(ValueError, match=r"int32 site index supports at most .*split the batch"):
+            check_site_count(n, h, w)
+    # A mask of 2^32 sites that occupies one byte (an expanded view): refused before any table is built.
+    huge = torch.ones(1, 1, 1, 1, dtype=torch.bool).expand(2**16, 1, 2**8, 2**8)
+    with pytest.raises(ValueError, match="has 4294967296 sites"):
+        sk.ActiveSites(huge)

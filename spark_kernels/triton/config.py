@@ -16,9 +16,15 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, Tuple
 
 LAYOUTS = ("rows", "planes")
-# Reductions (conv weight gradient, BN sums, LN parameter gradients) run in two stages: at most this
-# many programs along the sites each write one partial row, then one reduce kernel sums the rows.
-MAX_SITE_PROGRAMS = 512
+# Reductions (conv weight gradient, BN statistics, LN parameter gradients) run in two stages: programs along
+# the sites each write one partial row, then one kernel reduces the rows. Their program counts come from
+# the GPU design point, an H100/H200 with 132 SMs: the BN and LN reductions (4 warps a program, 16 resident
+# per SM) get two full waves; the conv weight gradient, whose programs write (K*K + 1) * C partials each,
+# two programs per SM.
+GPU_SMS = 132
+RESIDENT_PROGRAMS_PER_SM = 16
+REDUCTION_PROGRAMS = GPU_SMS * RESIDENT_PROGRAMS_PER_SM * 2
+WGRAD_PROGRAMS = GPU_SMS * 2
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,8 @@ _TABLE: Dict[str, Dict[str, Tuple[Tuple[int, LaunchConfig], ...]]] = {
 }
 # Sums per-program partial rows into the final per-channel result (layout-independent).
 REDUCE_CONFIG = LaunchConfig(8, 128, 4)
+# Merges the per-program BN moments (float64; block_m partial rows x block_c channels per step).
+MERGE_CONFIG = LaunchConfig(8, 64, 4)
 LN_MAX_CHANNELS = _TABLE["ln"]["rows"][-1][0]
 
 
