@@ -481,7 +481,7 @@ def test_cli_sigkill_then_resume_matches_the_uninterrupted_run(finished_run, tmp
     trained_in = ckpt_io.load_checkpoint(checkpoint)["precision"]
     other = "bf16" if trained_in == "fp32" else "fp32"
     switched = run_main([*args, "--resume", checkpoint, "--precision", other], capsys)
-    assert switched.returncode == 0 and f"trained in {trained_in}; resuming in {other}" in switched.stdout
+    assert switched.returncode == 0 and f"trained in {trained_in}; resuming in {other}" in switched.stderr
     conflict = run_main([*args, "--resume", "--batch-size", "4"], capsys)
     assert_one_line_error(conflict, 2, "--batch-size 4 conflicts with the checkpoint's 2")
 
