@@ -33,7 +33,7 @@ def run_main(argv) -> int:
     parser.add_argument("--backends", nargs="+", help="fused backends to measure (default: every available one)")
     parser.add_argument("--no-compile", action="store_true", help="skip the reference under torch.compile")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--threads", type=int, help="torch threads (default: 2, DESIGN.md section 6)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: 2, docs/design.md section 6)")
     parser.add_argument("--repeats", type=int, help="timed repeats per case")
     args = parser.parse_args(argv)
 

@@ -1,4 +1,4 @@
-"""What every benchmark shares: the shapes of DESIGN.md section 6, timing, and the environment record."""
+"""What every benchmark shares: the shapes of docs/design.md section 6, timing, and the environment record."""
 from __future__ import annotations
 
 import os
@@ -19,9 +19,9 @@ BATCH = 32
 MASK_RATIO = 0.6
 THREADS = 2
 
-# DESIGN.md section 6: minimum speedup of the fused op over the reference, forward + backward.
+# docs/design.md section 6: minimum speedup of the fused op over the reference, forward + backward.
 TARGETS = {"dwconv7": 3.0, "dwconv3": 2.0, "batch_norm": 2.0, "layer_norm_cf": 2.0, "layer_norm_cl": 2.0}
-# DESIGN.md section 6: minimum images/s ratio of the fused SparK training step over the reference model,
+# docs/design.md section 6: minimum images/s ratio of the fused SparK training step over the reference model,
 # with peak memory no higher (ResNet-50: "faster, never slower").
 MODEL_TARGETS = {"convnext_tiny": 1.5, "resnet50": 1.0}
 

@@ -3,7 +3,7 @@
     python -m bench.ops [--backend cpu] [--batch 32] [--repeats 7] [--ops dwconv7 dwconv3 ...] [--compile]
                         [--json FILE]
 
-Forward + backward per ConvNeXt-T stage shape (DESIGN.md section 6), fp32, channels_last inputs, SparK
+Forward + backward per ConvNeXt-T stage shape (docs/design.md section 6), fp32, channels_last inputs, SparK
 patch masks at ratio 0.6; prints the median times and the speedup per shape next to the target. The
 full suite (`python -m bench`) builds on the cases defined here.
 The reference is the official SparK formulation: dense conv then mask (its best layout,

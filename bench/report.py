@@ -164,8 +164,8 @@ def _geomean(values: Sequence[float]) -> float:
 
 
 def targets_table(results: Dict[str, object]) -> List[str]:
-    """DESIGN.md section 6 targets next to the measured figures and the physical limits."""
-    lines = ["| target (DESIGN.md §6) | required | measured: min / geomean over the ConvNeXt-T stages | met | "
+    """docs/design.md section 6 targets next to the measured figures and the physical limits."""
+    lines = ["| target (docs/design.md §6) | required | measured: min / geomean over the ConvNeXt-T stages | met | "
              "sparsity limit | roofline limit (geomean ref/roofline) |", "|---|---|---|---|---|---|"]
     backends = results["backends"]
     for op, target in results["targets"]["ops"].items():
@@ -278,7 +278,7 @@ def failures(results: Dict[str, object]) -> Dict[tuple, int]:
 
 def render_markdown(results: Dict[str, object], plots: Sequence[str] = ()) -> str:
     out = ["## Performance", ""] + _header(results) + [""] + targets_table(results) + [""]
-    out += ["### Ops, forward + backward, batch {} (targets of DESIGN.md section 6 at the ConvNeXt-T stages)"
+    out += ["### Ops, forward + backward, batch {} (targets of docs/design.md section 6 at the ConvNeXt-T stages)"
             .format(results["settings"]["batch"]), ""]
     out += ops_table(results) or ["(not measured)"]
     fwd = ops_table(results, "forward")

@@ -1,4 +1,4 @@
-"""SparK's optimization recipe (DESIGN.md section 2): LAMB, learning rate scaled with the batch, linear
+"""SparK's optimization recipe (docs/design.md section 2): LAMB, learning rate scaled with the batch, linear
 warm-up then cosine decay, cosine weight-decay ramp, global gradient clipping."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """spark_kernels: fused kernels that make SparK masked pretraining of convnets actually sparse.
 
-Public API (see DESIGN.md section 3): ActiveSites, sparse_depthwise_conv2d, masked_batch_norm,
+Public API (see docs/design.md section 3): ActiveSites, sparse_depthwise_conv2d, masked_batch_norm,
 masked_layer_norm, available_backends, active, and the modules in spark_kernels.nn.
 """
 import torch
