@@ -35,8 +35,9 @@ MEMORY_METHOD = ("peak RSS (/proc/self/status VmHWM) of a fresh subprocess that 
 
 def _lamb(model: torch.nn.Module, name: str, batch: int):
     from timm.optim import Lamb
-    betas = (0.9, 0.999) if "convnext" in name else (0.9, 0.95)  # the SparK recipe
-    return Lamb(model.parameters(), lr=2e-4 * batch / 256, betas=betas, weight_decay=0.04, max_grad_norm=5.0)
+    from spark.recipe import recipe_for
+    return Lamb(model.parameters(), lr=2e-4 * batch / 256, betas=recipe_for(name).lamb_betas, weight_decay=0.04,
+                max_grad_norm=5.0)
 
 
 def build(name: str, backend: Optional[str], input_size: int, batch: int, seed: int = 0):

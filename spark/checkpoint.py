@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .model import ARCHITECTURE
+
 FORMAT = "spark-pretrain-checkpoint"
 VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -89,6 +91,12 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
             from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"--resume {path}: not a spark-pretrain checkpoint")
+    # Checked before anything else: a model whose parameters mean something else must never be resumed.
+    architecture = ckpt.get("architecture", 1)
+    if architecture != ARCHITECTURE:
+        raise CheckpointError(f"--resume {path}: the SparK architecture changed since this checkpoint was written "
+                              f"(architecture {architecture}, this spark-pretrain builds {ARCHITECTURE}: densify "
+                              f"levels and projections now follow the official SparK); start a new run")
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"--resume {path}: checkpoint format version {ckpt.get('version')}, "
                               f"this spark-pretrain reads version {VERSION}")

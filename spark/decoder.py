@@ -49,15 +49,18 @@ class LightDecoder(nn.Module):
         return [self.width >> i for i in range(len(self.steps))]
 
     def reset_parameters(self) -> None:
+        """The official initialization: 3x3 convs and the 1x1 head trunc-normal (std 0.02), transposed convs
+        kaiming-normal (fan_out, relu), biases 0, BN weight 1."""
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            if isinstance(m, nn.Conv2d):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.ConvTranspose2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     def forward(self, features: List[Optional[torch.Tensor]]) -> torch.Tensor:
         x = 0

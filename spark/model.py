@@ -1,7 +1,7 @@
 """SparK: sparse encoder + densify + light hierarchical decoder + masked, per-patch normalized loss."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -14,6 +14,11 @@ from .decoder import LightDecoder
 from .sparse_encoder import REFERENCE, sparse_encoder_
 
 DECODER_WIDTH = 768  # LightDecoder(768, 32) of the paper
+FINEST_LEVEL_STRIDE = 4  # densify levels sit at strides 4 .. downsample ratio; finer maps (a stem's) are not used
+# Bumped whenever the model's parameters change meaning, so that checkpoints of an older model are refused.
+# Architecture 1 (checkpoints without this stamp) had a densify level at stride 2 and Identity projections
+# wherever the widths matched; 2 is the official SparK.
+ARCHITECTURE = 2
 TARGET_EPS = 1e-6
 LOSS_EPS = 1e-8
 
@@ -45,16 +50,24 @@ def _has_layer_norm(encoder: nn.Module) -> bool:
 
 
 class SparK(nn.Module):
-    """SparK masked pretraining of a convnet (Tian et al., ICLR 2023).
+    """SparK masked pretraining of a convnet (Tian et al., ICLR 2023), parameter for parameter the model of
+    the official code (github keyu-tian/SparK, pretrain/).
 
-    encoder: a timm model name (created with features_only=True, pretrained=False) or an nn.Module that
-        returns multi-scale features with a timm-style `feature_info`; it is converted in place into a sparse
-        encoder (same parameters and state_dict keys) and kept as ``self.encoder``.
+    encoder: a timm model name (created with features_only=True, pretrained=False and `timm_kwargs`, e.g.
+        drop_path_rate=0.1) or an nn.Module that returns multi-scale features with a timm-style
+        `feature_info`; it is converted in place into a sparse encoder (same parameters and state_dict keys)
+        and kept as ``self.encoder``.
     input_size: the pretraining resolution (a multiple of the encoder's downsample ratio); images of any
         multiple of the downsample ratio are accepted.
     mask_ratio: fraction of patches masked per image, in [0, 1).
     backend: "reference" for the masked-dense model that mirrors the official code; otherwise the
         spark_kernels backend of the fused layers (None: the best available for the images' device).
+
+    Densify levels, deepest first, one per encoder stride from the downsample ratio down to 4 (the last
+    feature map at that stride; a finer map such as a ResNet's stride-2 stem output is not used): masked norm
+    (LN for encoders with LayerNorms, else BN), mask token at inactive sites, projection to the decoder
+    width of that level: Identity only at the deepest level when the widths are equal, else a Conv2d with
+    bias, 1x1 at the deepest level and 3x3 at the others.
 
     ``model(images, mask=None)`` returns the loss; ``model.reconstruct(images, mask=None)`` returns
     (images, masked images, reconstruction with the visible patches pasted back). mask: optional bool
@@ -62,20 +75,23 @@ class SparK(nn.Module):
     """
 
     def __init__(self, encoder: Union[str, nn.Module], input_size: int = 224, mask_ratio: float = 0.6,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, **timm_kwargs: Any):
         super().__init__()
         if backend is not None and backend not in sk.BACKEND_NAMES:
             raise ValueError(f"backend must be one of {list(sk.BACKEND_NAMES)} or None, got {backend!r}")
         _check_mask_ratio(mask_ratio)
         if isinstance(encoder, str):
-            import timm
-            encoder = timm.create_model(encoder, features_only=True, pretrained=False)
+            encoder = _create_timm_encoder(encoder, timm_kwargs)
         elif not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be a timm model name or an nn.Module, got {type(encoder).__name__}")
+        elif timm_kwargs:
+            raise TypeError(f"keyword arguments {sorted(timm_kwargs)} are for timm.create_model and need a timm "
+                            f"model name as encoder, not a built {type(encoder).__name__}")
         channels, reductions = _feature_table(encoder)
         ratio = max(reductions)
-        if ratio < 2 or ratio & (ratio - 1):
-            raise ValueError(f"encoder's downsample ratio must be a power of 2, got {ratio}")
+        if ratio < FINEST_LEVEL_STRIDE or ratio & (ratio - 1):
+            raise ValueError(f"encoder's downsample ratio must be a power of 2 and at least {FINEST_LEVEL_STRIDE}, "
+                             f"got {ratio}")
         if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0 or input_size % ratio:
             raise ValueError(f"input_size must be a positive multiple of the encoder's downsample ratio {ratio}, "
                              f"got {input_size!r}")
@@ -88,15 +104,16 @@ class SparK(nn.Module):
         self.encoder = sparse_encoder_(encoder, backend)
 
         self.decoder = LightDecoder(DECODER_WIDTH, ratio, self.in_channels)
-        # Encoder outputs fed to the decoder, deepest first: the last feature map at each reduction
-        # ratio, ratio / 2, ... that the encoder provides (None where it provides none).
+        # Encoder outputs fed to the decoder, deepest first: the last feature map at each level's stride
+        # (None where the encoder provides none; that decoder step then gets no skip feature).
         self.feature_indices: List[Optional[int]] = []
         self.mask_tokens = nn.ParameterList()
         self.densify_norms = nn.ModuleList()
         self.densify_projs = nn.ModuleList()
-        for step, dec_width in enumerate(self.decoder.widths()):
-            r = ratio >> step
-            idx = max((i for i, red in enumerate(reductions) if red == r), default=None)
+        level_count = ratio.bit_length() - FINEST_LEVEL_STRIDE.bit_length() + 1
+        for level, dec_width in enumerate(self.decoder.widths()[:level_count]):
+            stride = ratio >> level
+            idx = max((i for i, red in enumerate(reductions) if red == stride), default=None)
             self.feature_indices.append(idx)
             if idx is None:
                 continue
@@ -109,10 +126,10 @@ class SparK(nn.Module):
                                                           backend=backend))
             else:
                 self.densify_norms.append(MaskedBatchNorm2d(width, backend=backend))
-            if width == dec_width:
+            if level == 0 and width == dec_width:
                 self.densify_projs.append(nn.Identity())
             else:
-                k = 1 if step == 0 else 3
+                k = 1 if level == 0 else 3
                 self.densify_projs.append(nn.Conv2d(width, dec_width, k, padding=k // 2, bias=True))
         if self.feature_indices[0] is None:
             raise ValueError(f"encoder provides no feature map at its downsample ratio {ratio}")
@@ -210,6 +227,20 @@ class SparK(nn.Module):
         predicted = self._unpatchify(self._patchify(self._reconstruct_patches(images, mask)) * std + mean, images)
         masked_images = images * visible.to(images.dtype)
         return images, masked_images, torch.where(visible, images, predicted)
+
+
+def _create_timm_encoder(name: str, timm_kwargs: dict) -> nn.Module:
+    import timm
+    if "features_only" in timm_kwargs:
+        raise ValueError("features_only: SparK always creates the timm encoder with features_only=True")
+    kwargs = dict(pretrained=False, **timm_kwargs)
+    try:
+        return timm.create_model(name, features_only=True, **kwargs)
+    except TypeError as err:
+        if not timm_kwargs:
+            raise
+        raise TypeError(f"timm model {name!r} does not take the keyword arguments {sorted(timm_kwargs)}: "
+                        f"{err}") from None
 
 
 def _check_mask_ratio(mask_ratio) -> None:

@@ -25,6 +25,7 @@ from . import checkpoint as ckpt_io
 from . import distributed
 from .data import (DataError, PretrainDataset, ResumableSampler, collate, default_photo_paths, find_images,
                    fixed_images, train_transform)
+from .recipe import recipe_for
 from .schedule import CLIP_GRAD_NORM, Schedule, apply_schedule, build_optimizer, default_warmup_steps, peak_lr
 from .visualize import reconstruction_grid, save_png
 
@@ -35,8 +36,8 @@ PATCH = 32  # SparK's patch size: the encoder's downsample ratio
 RECIPE = {"repeats": 1, "epochs": 1600, "base_lr": 2e-4}
 QUICK_START = {"repeats": 32, "epochs": 4, "base_lr": 2e-2}
 # Options that define the run: taken from the checkpoint on --resume (giving a different value is an error).
-RUN_OPTIONS = ("model", "input_size", "batch_size", "epochs", "steps", "warmup_epochs", "mask_ratio", "base_lr",
-               "weight_decay", "seed", "repeats")
+RUN_OPTIONS = ("model", "drop_path", "input_size", "batch_size", "epochs", "steps", "warmup_epochs", "mask_ratio",
+               "base_lr", "weight_decay", "seed", "repeats")
 # Taken from the checkpoint on --resume unless given (a data set may move to another folder).
 RESUMED_DEFAULTS = ("data",)
 
@@ -65,6 +66,9 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter,
                                 argument_default=None if with_defaults else argparse.SUPPRESS)
     p.add_argument("--model", default=d("resnet18"), help="timm model name (ResNets, ConvNeXts, ...)")
+    p.add_argument("--drop-path", type=float, default=d(None), metavar="RATE",
+                   help="drop path (stochastic depth) rate of the encoder (default: the official recipe's for "
+                        "the model, spark/recipe.py: 0.05 for resnet50 ... 0.4 for convnext_large, else 0)")
     p.add_argument("--data", default=d(None), metavar="DIR",
                    help="folder of JPEG/PNG images, class subfolders allowed; default: the embedded photographs")
     p.add_argument("--repeats", type=int, default=d(None),
@@ -106,6 +110,8 @@ def fill_data_defaults(args: argparse.Namespace) -> None:
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.drop_path is None:
+        args.drop_path = recipe_for(args.model).drop_path_rate
 
 
 def check_options(args: argparse.Namespace, world: distributed.World) -> None:
@@ -126,6 +132,8 @@ def check_options(args: argparse.Namespace, world: distributed.World) -> None:
         raise UsageError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
     if args.workers < 0 or args.num_vis < 0:
         raise UsageError("--workers and --num-vis must be >= 0")
+    if not 0 <= args.drop_path < 1:
+        raise UsageError(f"--drop-path must be in [0, 1), got {args.drop_path}")
     if not 0 <= args.mask_ratio < 1:
         raise UsageError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     if args.base_lr <= 0 or min(args.weight_decay) < 0:
@@ -195,7 +203,15 @@ def build_dataset(args: argparse.Namespace) -> PretrainDataset:
 def build_model(args: argparse.Namespace, device: torch.device, world: distributed.World):
     from . import SparK
     torch.manual_seed(args.seed)
-    model = SparK(args.model, input_size=args.input_size, mask_ratio=args.mask_ratio, backend=args.backend)
+    # timm's default drop path rate is 0, and not every timm model takes the argument.
+    timm_kwargs = {"drop_path_rate": args.drop_path} if args.drop_path else {}
+    try:
+        model = SparK(args.model, input_size=args.input_size, mask_ratio=args.mask_ratio, backend=args.backend,
+                      **timm_kwargs)
+    except TypeError as err:
+        if "drop_path_rate" not in str(err):
+            raise
+        raise UsageError(f"--drop-path {args.drop_path}: {err}") from None
     model.to(device)
     if world.size > 1:
         distributed.synchronize_batch_norm(model)
@@ -418,6 +434,7 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
 def save(args, model, optimizer, step: int, total_steps: int, steps_per_epoch: int, skipped: List[str],
          world: distributed.World) -> None:
     state = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "model": model.state_dict(),
+             "architecture": ckpt_io.ARCHITECTURE,
              "optimizer": optimizer.state_dict(), "step": step, "epoch": step // steps_per_epoch,
              "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "args": run_options(args),
              "rng": ckpt_io.rng_state(), "world_size": world.size, "skipped_files": list(skipped)}

@@ -8,6 +8,8 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
+from .recipe import recipe_for
+
 BASE_BATCH = 256
 MIN_LR_FRACTION = 1e-3      # the cosine ends at 1e-3 x peak
 WD_START, WD_END = 0.04, 0.2
@@ -19,11 +21,6 @@ WARMUP_FRACTION = 40 / 1600
 def peak_lr(base_lr: float, batch_size: int) -> float:
     """Linear scaling rule: peak lr = base_lr x global batch / 256."""
     return base_lr * batch_size / BASE_BATCH
-
-
-def betas_for(model_name: str) -> Tuple[float, float]:
-    """(0.9, 0.999) for ConvNeXts (V1 and V2), (0.9, 0.95) for ResNets and other BN nets."""
-    return (0.9, 0.999) if "convnext" in model_name.lower() else (0.9, 0.95)
 
 
 @dataclass(frozen=True)
@@ -68,9 +65,10 @@ def param_groups(model: nn.Module) -> List[Dict]:
 
 
 def build_optimizer(model: nn.Module, model_name: str, lr: float):
-    """timm's LAMB; clipping is done by the training loop (which logs the norm), so LAMB's own is off."""
+    """timm's LAMB with the model's betas (spark/recipe.py); clipping is done by the training loop (which
+    logs the norm), so LAMB's own is off."""
     from timm.optim import Lamb
-    return Lamb(param_groups(model), lr=lr, betas=betas_for(model_name), weight_decay=WD_START,
+    return Lamb(param_groups(model), lr=lr, betas=recipe_for(model_name).lamb_betas, weight_decay=WD_START,
                 max_grad_norm=None)
 
 

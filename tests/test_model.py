@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import timm
@@ -134,6 +135,39 @@ def test_fused_convnext_drop_path_matches_reference(ops_backend):
     assert_grads_match(fused, reference)
 
 
+def test_fused_convnext_drop_path_keeps_or_drops_all_rows_of_an_image(monkeypatch):
+    """The fused block's drop path on compact rows: per image, the residual branch of every active site is
+    either dropped (exactly 0) or kept and scaled by 1 / keep probability, one draw per image."""
+    if CPU_NOT_READY:
+        monkeypatch.setenv("SPARK_KERNELS_BACKEND", "reference")
+    batch = 8
+    model = SparK("convnext_atto", input_size=32, drop_path_rate=0.6).to(DTYPE)
+    block = model.encoder.stages_2.blocks[2]  # block 6 of 12: the rates go linearly from 0 to 0.6
+    assert type(block).__name__ == "SparseConvNeXtBlock" and block.drop_path.drop_prob == pytest.approx(0.6 * 6 / 11)
+    keep_prob = 1 - block.drop_path.drop_prob
+    g = torch.Generator().manual_seed(4)
+    mask = torch.rand(batch, 1, 8, 8, generator=g) < 0.5
+    x = torch.randn(batch, 160, 8, 8, generator=g, dtype=DTYPE) * mask
+    with sk.active(sk.ActiveSites(mask)):
+        block.eval()
+        full_branch = block(x) - x
+        block.train()
+        torch.manual_seed(5)
+        branch = block(x) - x
+    kept = []
+    for b in range(batch):
+        active = mask[b, 0]
+        rows, full_rows = branch[b][:, active], full_branch[b][:, active]
+        assert bool((full_rows != 0).all())
+        if bool((rows == 0).all()):
+            kept.append(False)
+        else:
+            torch.testing.assert_close(rows, full_rows / keep_prob, rtol=RTOL[DTYPE], atol=ATOL[DTYPE])
+            kept.append(True)
+        assert bool((branch[b][:, ~active] == 0).all())
+    assert any(kept) and not all(kept), f"expected kept and dropped images in one batch, got {kept}"
+
+
 def _encoder_features(model: SparK, images: torch.Tensor, mask: torch.Tensor):
     with sk.active(sk.ActiveSites(mask)):
         return model.encoder(images * upsample_mask(mask, *images.shape[-2:]).to(images.dtype))
@@ -232,6 +266,146 @@ def test_random_mask_keeps_the_visible_count():
     assert visible.flatten(1).sum(1).tolist() == [round(16 * 0.4)] * BATCH
 
 
+# -- architecture: the official SparK, parameter for parameter ------------------------------------------------
+
+def projection_kinds(model: SparK):
+    """Per densify level, deepest first: "identity" or ("conv", kernel, in channels, out channels)."""
+    kinds = []
+    for proj in model.densify_projs:
+        if isinstance(proj, nn.Identity):
+            kinds.append("identity")
+        else:
+            assert type(proj) is nn.Conv2d and proj.bias is not None, proj
+            kinds.append(("conv", proj.kernel_size[0], proj.in_channels, proj.out_channels))
+    return kinds
+
+
+# Parameter counts of the official model (github keyu-tian/SparK, pretrain/, input 224). ConvNeXt-S's is
+# derived: its official encoder (timm's convnext_small without the head norm, 49,453,152) plus the densify
+# layers and decoder of ConvNeXt-T, which has the same widths (52,748,523 - 27,818,592).
+OFFICIAL = {
+    "resnet50": dict(features=[4, 3, 2, 1], params=52_921_835,
+                     projections=[("conv", 1, 2048, 768), ("conv", 3, 1024, 384), ("conv", 3, 512, 192),
+                                  ("conv", 3, 256, 96)]),
+    "convnext_tiny": dict(features=[3, 2, 1, 0], params=52_748_523,
+                          projections=["identity", ("conv", 3, 384, 384), ("conv", 3, 192, 192),
+                                       ("conv", 3, 96, 96)]),
+    "convnext_small": dict(features=[3, 2, 1, 0], params=74_383_083,
+                           projections=["identity", ("conv", 3, 384, 384), ("conv", 3, 192, 192),
+                                        ("conv", 3, 96, 96)]),
+}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL))
+def test_official_architecture_levels_projections_and_parameter_count(name):
+    expected = OFFICIAL[name]
+    model = SparK(name, input_size=224, backend="reference")
+    # One level per stride 32, 16, 8, 4 (a ResNet's stride-2 stem output, feature 0, is not one).
+    assert model.feature_indices == expected["features"]
+    assert len(model.mask_tokens) == len(model.densify_norms) == len(model.densify_projs) == 4
+    assert projection_kinds(model) == expected["projections"]
+    assert [t.shape[1] for t in model.mask_tokens] == [model.encoder.feature_info.channels()[i]
+                                                       for i in expected["features"]]
+    assert sum(p.numel() for p in model.parameters()) == expected["params"]
+
+
+class FeatureEncoder(nn.Module):
+    """A user encoder in timm features_only style with maps of the given (channels, stride)."""
+
+    def __init__(self, maps):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        self.feature_info = []
+        channels, stride = 3, 1
+        for width, target in maps:
+            factor = target // stride
+            self.layers.append(nn.Sequential(nn.Conv2d(channels, width, factor, stride=factor), nn.BatchNorm2d(width)))
+            self.feature_info.append(dict(num_chs=width, reduction=target))
+            channels, stride = width, target
+
+    def forward(self, x):
+        features = []
+        for layer in self.layers:
+            x = layer(x)
+            features.append(x)
+        return features
+
+
+@pytest.mark.parametrize("maps, features, projections", [
+    # The deepest width equals the decoder's: Identity there only; equal widths elsewhere still get a conv.
+    ([(8, 2), (96, 4), (192, 8), (16, 16), (768, 32)], [4, 3, 2, 1],
+     ["identity", ("conv", 3, 16, 384), ("conv", 3, 192, 192), ("conv", 3, 96, 96)]),
+    # Downsample ratio 16: levels at strides 16, 8, 4 with decoder widths 768, 384, 192.
+    ([(8, 2), (16, 4), (384, 8), (32, 16)], [3, 2, 1],
+     [("conv", 1, 32, 768), ("conv", 3, 384, 384), ("conv", 3, 16, 192)]),
+    # A stride without a map gets no level; its decoder step gets no skip feature.
+    ([(16, 4), (32, 16), (64, 32)], [2, 1, None, 0],
+     [("conv", 1, 64, 768), ("conv", 3, 32, 384), ("conv", 3, 16, 96)]),
+])
+def test_any_encoder_follows_the_official_rules(maps, features, projections):
+    model = SparK(FeatureEncoder(maps), input_size=64, backend="reference").to(DTYPE)
+    assert model.feature_indices == features
+    assert projection_kinds(model) == projections
+    loss = model(images_for(64, 64))
+    loss.backward()
+    assert torch.isfinite(loss) and all(t.grad is not None for t in model.mask_tokens)
+
+
+def test_mobilenetv2_levels_are_its_stride_4_to_32_maps():
+    model = SparK("mobilenetv2_100", input_size=64, backend="reference")
+    assert model.encoder.feature_info.reduction() == [2, 4, 8, 16, 32]
+    assert model.feature_indices == [4, 3, 2, 1]
+    assert projection_kinds(model) == [("conv", 1, 320, 768), ("conv", 3, 96, 384), ("conv", 3, 32, 192),
+                                       ("conv", 3, 24, 96)]
+
+
+def _std_within(t: torch.Tensor, std: float) -> bool:
+    """Sample std of t within a few standard errors of `std` (relative standard error ~ 1/sqrt(2n))."""
+    return abs(t.std().item() / std - 1) <= 5 / (2 * t.numel()) ** 0.5 + 0.005
+
+
+def test_decoder_densify_and_mask_token_initialization():
+    """Official init: decoder Conv2d (3x3 convs and the 1x1 head) trunc-normal std 0.02 with zero bias,
+    ConvTranspose2d kaiming-normal (fan_out, relu) with zero bias, BN weight 1 / bias 0; densify convs keep
+    PyTorch's default init; mask tokens trunc-normal std 0.02 within [-0.02, 0.02]."""
+    torch.manual_seed(0)
+    model = SparK("resnet50", input_size=224, backend="reference")
+    convs = transposed = norms = 0
+    for name, m in model.decoder.named_modules():
+        if type(m) is nn.Conv2d:
+            convs += 1
+            assert _std_within(m.weight, 0.02) and m.weight.abs().max() <= 2, name  # trunc_normal_'s [-2, 2]
+            assert m.bias is None or bool((m.bias == 0).all()), name
+        elif type(m) is nn.ConvTranspose2d:
+            transposed += 1
+            fan_out = m.weight.shape[0] * m.weight[0, 0].numel()
+            assert _std_within(m.weight, (2 / fan_out) ** 0.5) and bool((m.bias == 0).all()), name
+        elif type(m) is nn.BatchNorm2d:
+            norms += 1
+            assert bool((m.weight == 1).all()) and bool((m.bias == 0).all()), name
+    assert (convs, transposed, norms) == (11, 5, 10)
+    for proj in model.densify_projs:  # kaiming-uniform(a=sqrt(5)): weights and biases within 1/sqrt(fan_in)
+        bound = 1 / proj.weight[0].numel() ** 0.5
+        for t in (proj.weight, proj.bias):
+            assert t.abs().max() <= bound and t.abs().max() > 0.9 * bound
+    # A normal truncated at +-1 sigma has std sqrt(1 - 2 pdf(1) / (cdf(1) - cdf(-1))) sigma (~0.54 sigma).
+    pdf1, mass = math.exp(-0.5) / math.sqrt(2 * math.pi), math.erf(1 / math.sqrt(2))
+    for token in model.mask_tokens:
+        assert token.abs().max() <= 0.02 and _std_within(token, 0.02 * math.sqrt(1 - 2 * pdf1 / mass))
+
+
+def test_timm_keyword_arguments_reach_the_encoder():
+    model = SparK("resnet18", input_size=64, backend="reference", drop_path_rate=0.1)
+    rates = [m.drop_prob for m in model.encoder.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.1)
+    with pytest.raises(TypeError, match="drop_path_rate.*timm model name"):
+        SparK(dense_encoder("resnet18"), drop_path_rate=0.1)
+    with pytest.raises(TypeError, match="not_an_argument"):
+        SparK("resnet18", not_an_argument=1)
+    with pytest.raises(ValueError, match="features_only"):
+        SparK("resnet18", features_only=False)
+
+
 # -- bad input ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -308,7 +482,7 @@ def test_unknown_layer_raises_naming_type_and_path(layer, type_name):
 
 def test_user_encoder_with_feature_info_trains():
     model = SparK(TinyEncoder(), input_size=64, backend="reference").to(DTYPE)
-    assert model.feature_indices == [1, 0, None, None, None]
+    assert model.feature_indices == [1, 0, None, None]  # levels at strides 32, 16, 8, 4
     loss = model(images_for(64, 64), patch_mask_for(64, 64))
     loss.backward()
     assert torch.isfinite(loss) and model.mask_tokens[1].grad is not None

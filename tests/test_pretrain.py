@@ -24,7 +24,7 @@ from spark.data import (DataError, PretrainDataset, ResumableSampler, default_ph
                         fixed_images, train_transform)
 from spark.distributed import World
 from spark.pretrain import mask_for_step
-from spark.schedule import Schedule, betas_for, param_groups, peak_lr
+from spark.schedule import Schedule, param_groups, peak_lr
 from spark.visualize import reconstruction_grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,11 +45,23 @@ def test_schedule_warmup_cosine_and_weight_decay_ramp():
     assert all(a <= b for a, b in zip(wds, wds[1:]))
 
 
-def test_peak_lr_scaling_and_betas():
+def test_peak_lr_scaling():
     assert peak_lr(2e-4, 4096) == pytest.approx(3.2e-3)
     assert peak_lr(2e-4, 256) == pytest.approx(2e-4)
-    assert betas_for("resnet50") == (0.9, 0.95)
-    assert betas_for("convnext_tiny") == betas_for("convnextv2_atto") == (0.9, 0.999)
+
+
+def test_drop_path_defaults_to_the_recipe_and_reaches_the_encoder():
+    from spark.pretrain import build_model, build_parser, fill_data_defaults
+    for argv, rate in ((["--model", "resnet50"], 0.05), (["--model", "resnet50", "--drop-path", "0"], 0.0),
+                       (["--drop-path", "0.1"], 0.1), ([], 0.0)):
+        args = build_parser().parse_args(argv)
+        fill_data_defaults(args)
+        assert args.drop_path == rate, argv
+    model = build_model(args, torch.device("cpu"), World())
+    assert not [m for m in model.modules() if type(m).__name__ == "DropPath"]
+    args.drop_path = 0.1
+    model = build_model(args, torch.device("cpu"), World())
+    assert max(m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath") == pytest.approx(0.1)
 
 
 def test_weight_decay_exempts_norms_biases_and_mask_tokens():
@@ -193,7 +205,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def fake_checkpoint():
-    return {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "model": {"w": torch.ones(2)}, "optimizer": {},
+    return {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "architecture": ckpt_io.ARCHITECTURE,
+            "model": {"w": torch.ones(2)}, "optimizer": {},
             "step": 3, "total_steps": 6, "args": {"model": "resnet18"}, "rng": ckpt_io.rng_state()}
 
 
@@ -211,6 +224,11 @@ def test_load_checkpoint_refuses_truncated_foreign_and_old_files(tmp_path):
         ckpt_io.load_checkpoint(path)
     torch.save(dict(fake_checkpoint(), version=99), path)
     with pytest.raises(ckpt_io.CheckpointError, match="version 99"):
+        ckpt_io.load_checkpoint(path)
+    old_architecture = fake_checkpoint()
+    del old_architecture["architecture"]  # written before the model became the official SparK
+    torch.save(old_architecture, path)
+    with pytest.raises(ckpt_io.CheckpointError, match="SparK architecture changed .*architecture 1,"):
         ckpt_io.load_checkpoint(path)
 
 
@@ -297,6 +315,8 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys):
         (["--data", str(tmp_path / "missing")], "no such directory"),
         (["--data", str(tmp_path / "empty")], "no image files"),
         (["--input-size", "100"], "--input-size must be a positive multiple of 32"),
+        (["--drop-path", "1"], "--drop-path must be in [0, 1)"),
+        (["--model", "vgg11", "--drop-path", "0.1"], "vgg11' does not take the keyword arguments ['drop_path_rate']"),
         (["--model", "no_such_net"], "not a timm model name"),
         (["--resume", str(tmp_path / "none.pth")], "no checkpoint at"),
         (["--backend", "cuda", "--device", "cpu"], "--backend cuda"),  # unavailable, or not for CPU tensors
@@ -336,6 +356,7 @@ def test_cli_run_writes_log_checkpoint_export_and_figure(finished_run):
     assert log[-1]["lr"] == pytest.approx(peak_lr(2e-4, 2) * 1e-3)
     ckpt = ckpt_io.load_checkpoint(os.path.join(out, "checkpoint.pth"))
     assert ckpt["step"] == 6 and ckpt["epoch"] == 3 and ckpt["args"]["model"] == "resnet18"
+    assert ckpt["args"]["drop_path"] == 0.0 and ckpt["architecture"] == ckpt_io.ARCHITECTURE
     grid = Image.open(os.path.join(out, "reconstruction.png"))
     assert grid.size == (3 * 66 + 2, 3 * 66 + 2)
     paths = {"features": os.path.join(out, "encoder_features.pth"), "model": os.path.join(out, "encoder.pth")}
@@ -394,6 +415,17 @@ def test_cli_refuses_truncated_and_incompatible_checkpoints(finished_run, tmp_pa
     no_model_args = [a for a in args if a not in ("--model", "resnet18")]
     assert_one_line_error(run_main([*no_model_args, "--resume", incompatible], capsys), 1,
                           "does not fit this model")
+
+    # A checkpoint of the model before it became the official SparK: no architecture stamp, and a densify
+    # level for ResNet's stride-2 stem output (mask token, BN(64), 3x3 conv to the last decoder step's 48).
+    old = torch.load(source, weights_only=True)
+    del old["architecture"]
+    old["model"]["mask_tokens.4"] = torch.zeros(1, 64, 1, 1)
+    old["model"]["densify_projs.4.weight"] = torch.zeros(48, 64, 3, 3)
+    old_path = str(tmp_path / "old.pth")
+    torch.save(old, old_path)
+    assert_one_line_error(run_main([*args, "--resume", old_path], capsys), 1, "SparK architecture changed",
+                          "start a new run")
 
 
 def test_cli_all_images_unreadable_exits_1(tmp_path, capsys):
