@@ -76,8 +76,9 @@ CPP_TARGETS: Dict[str, List[str]] = {
     "csrc/common/layout.h": ["tests/test_depthwise_conv.py", "tests/test_batch_norm.py", "tests/test_layer_norm.py"],
     "csrc/common/norm_checks.h": ["tests/test_batch_norm.py", "tests/test_layer_norm.py"],
 }
-DEFAULT_PYTHON_BUDGET = 220
-DEFAULT_CPP_BUDGET = 45
+DEFAULT_PYTHON_BUDGET = 90
+DEFAULT_CPP_BUDGET = 16
+MIN_PER_FILE = {False: 5, True: 4}  # Python, C++
 
 
 @dataclass
@@ -360,11 +361,13 @@ def run_mutants(mutants: List[Mutant], out_path: str, timeout_factor: float) -> 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def summarize(out_path: str) -> None:
+def summarize(out_path: str, selected: List[Mutant]) -> None:
     if not os.path.exists(out_path):
         return
+    ids = {m.id for m in selected}
     with open(out_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        records = [r for r in map(json.loads, filter(str.strip, f)) if r["id"] in ids]
+    print(f"\n{len(records)} of the {len(selected)} selected mutants have results")
     by_file: Dict[str, Dict[str, int]] = {}
     for r in records:
         row = by_file.setdefault(r["path"], {"killed": 0, "survived": 0})
@@ -381,18 +384,18 @@ def summarize(out_path: str) -> None:
 
 
 def select(mutants: List[Mutant], budget: int, seed: int) -> List[Mutant]:
-    """At most `budget` mutants, spread over the files in proportion to how many each has (at least
-    min(10, all) per file), drawn reproducibly."""
-    if budget >= len(mutants):
-        return mutants
+    """At most about `budget` mutants, spread over the files in proportion to how many each has (at
+    least min(10, all) per file), drawn reproducibly: each file's mutants are shuffled once (seeded by
+    seed and path) and the first ones taken, so a smaller budget selects a subset of a larger one."""
     by_file: Dict[str, List[Mutant]] = {}
     for m in mutants:
         by_file.setdefault(m.path, []).append(m)
-    rng = random.Random(seed)
     chosen = []
     for path, ms in by_file.items():
-        quota = max(min(10, len(ms)), round(budget * len(ms) / len(mutants)))
-        chosen += rng.sample(ms, min(quota, len(ms)))
+        quota = max(MIN_PER_FILE[ms[0].cpp], round(budget * len(ms) / max(len(mutants), 1)))
+        order = list(ms)
+        random.Random(f"{seed}:{path}").shuffle(order)
+        chosen += order[:quota]
     return sorted(chosen, key=lambda m: (m.path, m.line, m.id))
 
 
@@ -404,6 +407,7 @@ def main() -> None:
     p.add_argument("--only", nargs="+", help="restrict the selection to these target files")
     p.add_argument("--ids", nargs="*", help="run exactly these mutant ids")
     p.add_argument("--list", action="store_true", help="list the selected mutants and exit")
+    p.add_argument("--summary", action="store_true", help="summarize the results in --out for the selection")
     p.add_argument("--out", default=os.path.join(ROOT, "build", "mutants.jsonl"))
     p.add_argument("--timeout-factor", type=float, default=4.0)
     args = p.parse_args()
@@ -423,9 +427,12 @@ def main() -> None:
             print(f"{m.id}: {m.before!r} -> {m.after!r}")
         print(f"{len(chosen)} selected")
         return
+    if args.summary:
+        summarize(args.out, chosen)
+        return
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     run_mutants(chosen, args.out, args.timeout_factor)
-    summarize(args.out)
+    summarize(args.out, chosen)
 
 
 if __name__ == "__main__":
