@@ -51,8 +51,7 @@ MODEL_TESTS = ["tests/test_model_semantics.py", "tests/test_sparse_encoder.py",
                "tests/test_model.py::test_features_are_zero_at_masked_sites",
                "tests/test_model.py::test_reconstruct_shapes_and_visible_patches_pasted_back",
                "tests/test_model.py::test_user_encoder_with_feature_info_trains",
-               "tests/test_model.py::test_fused_convnext_drop_path_matches_reference",
-               "tests/test_model.py::test_fused_matches_reference_loss_and_gradients[resnet18-cpu]"]
+               "tests/test_model.py::test_fused_convnext_drop_path_matches_reference"]
 OP_TESTS = ["tests/test_reference.py", "tests/test_batch_norm.py", "tests/test_layer_norm.py",
             "tests/test_depthwise_conv.py"]
 PYTHON_TARGETS: Dict[str, List[str]] = {
@@ -76,9 +75,9 @@ CPP_TARGETS: Dict[str, List[str]] = {
     "csrc/common/layout.h": ["tests/test_depthwise_conv.py", "tests/test_batch_norm.py", "tests/test_layer_norm.py"],
     "csrc/common/norm_checks.h": ["tests/test_batch_norm.py", "tests/test_layer_norm.py"],
 }
-DEFAULT_PYTHON_BUDGET = 90
-DEFAULT_CPP_BUDGET = 16
-MIN_PER_FILE = {False: 5, True: 4}  # Python, C++
+DEFAULT_PYTHON_BUDGET = 50
+DEFAULT_CPP_BUDGET = 12
+MIN_PER_FILE = {False: 3, True: 3}  # Python, C++
 
 
 @dataclass
@@ -306,10 +305,14 @@ def _build_cpp(work: str) -> Tuple[str, float, str]:
 
 
 def run_mutants(mutants: List[Mutant], out_path: str, timeout_factor: float) -> None:
-    done = set()
+    done, baseline = set(), {}
     if os.path.exists(out_path):
         with open(out_path) as f:
-            done = {json.loads(line)["id"] for line in f if line.strip()}
+            for r in map(json.loads, filter(str.strip, f)):
+                if "baseline" in r:  # unmutated run of a test set, kept so that a resumed run skips it
+                    baseline[tuple(r["baseline"])] = r["seconds"]
+                else:
+                    done.add(r["id"])
     todo = [m for m in mutants if m.id not in done]
     print(f"{len(todo)} mutants to run ({len(mutants) - len(todo)} already in {out_path})", flush=True)
     if not todo:
@@ -317,7 +320,6 @@ def run_mutants(mutants: List[Mutant], out_path: str, timeout_factor: float) -> 
     work = tempfile.mkdtemp(prefix="spark-mutants-")
     try:
         _copy_repo(work)
-        baseline: Dict[Tuple[str, ...], float] = {}
         built_cpp = False
         for i, m in enumerate(todo):
             if m.cpp and not built_cpp:
@@ -331,6 +333,8 @@ def run_mutants(mutants: List[Mutant], out_path: str, timeout_factor: float) -> 
                 if status != "pass":
                     raise SystemExit(f"the unmutated tests fail: {m.tests}: {out}")
                 baseline[key] = secs
+                with open(out_path, "a") as f:
+                    f.write(json.dumps(dict(baseline=list(key), seconds=round(secs, 1))) + "\n")
                 print(f"baseline {secs:.0f}s: {' '.join(m.tests)}", flush=True)
             target = os.path.join(work, m.path)
             with open(target) as f:
@@ -366,7 +370,7 @@ def summarize(out_path: str, selected: List[Mutant]) -> None:
         return
     ids = {m.id for m in selected}
     with open(out_path) as f:
-        records = [r for r in map(json.loads, filter(str.strip, f)) if r["id"] in ids]
+        records = [r for r in map(json.loads, filter(str.strip, f)) if r.get("id") in ids]
     print(f"\n{len(records)} of the {len(selected)} selected mutants have results")
     by_file: Dict[str, Dict[str, int]] = {}
     for r in records:
