@@ -56,8 +56,11 @@ def extension_modules():
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     # torch's CUDA wheels ship the CUDA headers ATen needs (cusparse.h, ...) under nvidia/cu13/include.
-    import nvidia  # noqa: F401 - present with every CUDA build of torch from PyPI
-    for root in nvidia.__path__:
+    try:
+        import nvidia  # noqa: F401 - present with every CUDA build of torch from PyPI
+    except ImportError:  # torch from elsewhere (conda, a container): the toolkit's own headers serve
+        nvidia = None
+    for root in nvidia.__path__ if nvidia else ():
         include_dirs += sorted(glob.glob(os.path.join(root, "cu*", "include")))
     nvcc = ["-O3", "-std=c++20", "-DSPARK_KERNELS_WITH_CUDA", "--expt-relaxed-constexpr"]
     return [cpp_extension.CUDAExtension("spark_kernels._C", cpu_sources + cuda_sources, include_dirs=include_dirs,

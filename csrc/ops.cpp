@@ -9,7 +9,7 @@
 //  * index: (M,) int32 flat site numbers n*H*W + h*W + w of the active sites, ascending.
 //  * neighbors: (M, k*k) int32 flat site number of tap (dy, dx) (row-major) or -1 if outside/inactive.
 //  * Per-channel and per-site statistics are float64 for float64 inputs and float32 otherwise
-//    ("accumulation dtype"), except the masked_bn_*stats sums, which are always float64.
+//    ("accumulation dtype"), except the masked_bn_*stats results, which are always float64.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -22,7 +22,8 @@ TORCH_LIBRARY(spark_kernels, m) {
   // (grad_x, grad_weight, grad_bias); grad_x in x's kernel layout, zero at inactive sites.
   m.def("dwconv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor index, Tensor neighbors)"
         " -> (Tensor, Tensor, Tensor)");
-  // (2, C) float64: [sum x, sum x^2] over active sites.
+  // (2, C) float64: [mean, M2 = sum (x - mean)^2] over active sites (0 and 0 when there are none), by the
+  // shifted-sum / Chan-merge algorithm of csrc/common/norm_row.h.
   m.def("masked_bn_stats(Tensor x, Tensor index) -> Tensor");
   // (2, C) float64: [sum dy, sum dy * (x - mean)] over active sites; mean in the accumulation dtype.
   m.def("masked_bn_backward_stats(Tensor grad_out, Tensor x, Tensor index, Tensor mean) -> Tensor");

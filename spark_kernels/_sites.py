@@ -18,6 +18,18 @@ from typing import Dict, List, Tuple
 
 import torch
 
+# Site numbers are int32 in the tables and the kernels, whose tiles also compute positions up to one tile
+# past the last active site in int32: a margin of 2^20 keeps those from wrapping too.
+MAX_SITES = 2**31 - 2**20
+
+
+def check_site_count(n: int, h: int, w: int) -> None:
+    """Refuse a batch whose N*H*W sites the int32 site numbers cannot address (they would wrap silently)."""
+    sites = n * h * w
+    if sites > MAX_SITES:
+        raise ValueError(f"a mask of (N, H, W) = {(n, h, w)} has {sites} sites; the int32 site index supports at "
+                         f"most {MAX_SITES} (2^31 - 2^20): split the batch")
+
 
 def _check_mask(mask: torch.Tensor, name: str = "mask") -> None:
     if not isinstance(mask, torch.Tensor):
@@ -52,6 +64,7 @@ class ActiveSites:
 
     def __init__(self, mask: torch.Tensor):
         _check_mask(mask)
+        check_site_count(mask.shape[0], mask.shape[2], mask.shape[3])  # before anything is allocated
         self.mask = mask.detach().clone().contiguous()
         self.shape: Tuple[int, int, int] = (mask.shape[0], mask.shape[2], mask.shape[3])
         self.index = torch.nonzero(self.mask.reshape(-1)).reshape(-1).to(torch.int32)

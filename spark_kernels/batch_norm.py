@@ -1,9 +1,14 @@
 """Masked BatchNorm: statistics over active (n, h, w) sites only, exact zeros elsewhere.
 
 The fused path is staged like PyTorch's SyncBatchNorm, so one autograd function serves every backend
-and the synchronized variant: per-channel sums over local active sites (a backend primitive), an
-optional all-reduce of (count, sums) over a process group, then a per-channel affine map at active
+and the synchronized variant: per-channel mean and M2 = sum (x - mean)^2 over local active sites (a
+backend primitive), optionally merged over a process group, then a per-channel affine map at active
 sites (another primitive). Per-channel arithmetic between the stages is done here in float64.
+
+The statistics are never formed as E[x^2] - E[x]^2, which loses every digit in float32 once the mean is
+~1e4 standard deviations: every backend sums x - p and (x - p)^2 around a pivot p that is one of the
+summed values, and merges the partial (count, mean, M2) with Chan's formula (csrc/common/norm_row.h);
+processes merge theirs the same way (merge_moments below).
 """
 from __future__ import annotations
 
@@ -27,10 +32,33 @@ def _all_reduce(t: torch.Tensor, process_group) -> torch.Tensor:
     return t
 
 
+def merge_moments(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor):
+    """Chan's merge of P partials, float64: counts (P,), means and m2s (P, C) -> (mean (C,), M2 (C,)).
+    M2 = sum of the partials' M2 + sum n_p (mean_p - mean)^2: every term is >= 0, nothing cancels."""
+    counts = counts.to(torch.float64)[:, None]
+    mean = (counts * means).sum(0) / counts.sum().clamp_min(1)
+    deviation = torch.where(counts > 0, means - mean, 0.0)  # an empty partial's mean carries nothing
+    return mean, (m2s + counts * deviation * deviation).sum(0)
+
+
+def _gather_moments(count: int, moments: torch.Tensor, process_group):
+    """(count, mean, M2) of the whole process group from each process's own (in rank order)."""
+    import torch.distributed as dist
+    local = torch.cat([moments.new_full((1,), float(count)), moments.reshape(-1)])
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(parts, local, group=process_group)
+    table = torch.stack(parts)
+    c = moments.shape[1]
+    # One host read per BN call, only when a process group makes the count unknown locally.
+    n = int(round(table[:, 0].sum().item()))
+    mean, m2 = merge_moments(table[:, 0], table[:, 1:1 + c], table[:, 1 + c:])
+    return n, mean, m2
+
+
 class _MaskedBatchNorm(torch.autograd.Function):
     """Backend primitives used (all take the (M,) int32 site index):
 
-    bn_stats(x, index) -> (2, C) [sum x, sum x^2] over active sites
+    bn_stats(x, index) -> (2, C) float64 [mean, M2 = sum (x - mean)^2] over active sites
     bn_elemt(x, index, scale, shift) -> x * scale + shift at active sites, 0 elsewhere
     bn_backward_stats(grad_out, x, index, mean) -> (2, C) [sum dy, sum dy * (x - mean)]
     bn_backward_elemt(grad_out, x, index, a, b, d) -> grad_out * a + x * b + d at active sites, 0 elsewhere
@@ -39,16 +67,14 @@ class _MaskedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, index, count, training, momentum, eps,
                 process_group, kernels):
-        c = x.shape[1]
         acc = accumulation_dtype(x.dtype)
         if training:
-            local = torch.cat([torch.full((1,), float(count), dtype=torch.float64, device=x.device),
-                               kernels.bn_stats(x, index).to(torch.float64).reshape(-1)])
-            total = _all_reduce(local, process_group)
-            # One host read per BN call, only when a process group makes the count unknown locally.
-            n = count if process_group is None else int(round(total[0].item()))
-            mean = total[1:1 + c] / max(n, 1)
-            var = (total[1 + c:] / max(n, 1) - mean * mean).clamp_min(0)
+            moments = kernels.bn_stats(x, index).to(torch.float64)
+            if process_group is None:
+                n, mean, m2 = count, moments[0], moments[1]
+            else:
+                n, mean, m2 = _gather_moments(count, moments, process_group)
+            var = m2 / max(n, 1)
             reference._update_running_stats(running_mean, running_var, mean, var, n, momentum)
         else:
             n = count
@@ -70,7 +96,10 @@ class _MaskedBatchNorm(torch.autograd.Function):
         x, index, mean, invstd, w = ctx.saved_tensors
         acc = accumulation_dtype(x.dtype)
         c = x.shape[1]
-        local = ctx.kernels.bn_backward_stats(grad_out, x, index, mean.to(acc)).to(torch.float64)
+        mean_acc = mean.to(acc)
+        local = ctx.kernels.bn_backward_stats(grad_out, x, index, mean_acc).to(torch.float64)
+        # The kernels centre x on mean rounded to acc; sum dy (mean_acc - mean) restores the exact centre.
+        local[1] -= (mean - mean_acc.to(torch.float64)) * local[0]
         sum_dy, sum_dy_xmu = local[0], local[1]
         # Parameter gradients stay local (data-parallel training averages them across processes).
         grad_w = sum_dy_xmu * invstd

@@ -75,17 +75,20 @@ def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, running_mean, running
         return _scatter_rows(out_rows, mask_nhw, nhwc).permute(0, 3, 1, 2)
     # Statistics by hand: a single active row (stock BN refuses it) or a process group to reduce over.
     if training:
+        # Two passes (mean, then squared deviations from it), each all-reduced: the definition itself, with
+        # no E[x^2] - E[x]^2 cancellation.
         acc = rows.to(torch.float64) if rows.dtype == torch.float64 else rows.float()
-        local = torch.cat([acc.new_tensor([float(count)]), acc.sum(0), (acc * acc).sum(0)])
+        first = torch.cat([acc.new_tensor([float(count)]), acc.sum(0)])
         if process_group is not None:
             import torch.distributed.nn.functional as dist_fn
-            local = dist_fn.all_reduce(local, group=process_group)
-        c = local.shape[0] // 2
-        total = int(round(local[0].item()))
-        sums, sumsq = local[1:1 + c], local[1 + c:]
+            first = dist_fn.all_reduce(first, group=process_group)
+        total = int(round(first[0].item()))
         denom = max(total, 1)
-        mean = sums / denom
-        var = (sumsq / denom - mean * mean).clamp_min(0)
+        mean = first[1:] / denom
+        m2 = ((acc - mean) ** 2).sum(0)
+        if process_group is not None:
+            m2 = dist_fn.all_reduce(m2, group=process_group)
+        var = m2 / denom
         _update_running_stats(running_mean, running_var, mean.detach(), var.detach(), total, momentum)
     else:
         mean, var = running_mean.float(), running_var.float()

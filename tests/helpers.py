@@ -122,3 +122,34 @@ def kernel_backends(*ops: str) -> list:
                                    reason=f"{name} kernels not built yet: {', '.join(missing)}")] if missing else []
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+def tensor_device(backend: str) -> str:
+    """The device a fused backend's tests put their tensors on: CUDA for "cuda", and for "triton" unless it
+    runs in Triton's interpreter (TRITON_INTERPRET=1, on CPU tensors); CPU for the others."""
+    if backend == "cuda":
+        return "cuda"
+    if backend == "triton":
+        from spark_kernels.triton import interpreter_requested
+        return "cpu" if interpreter_requested() else "cuda"
+    return "cpu"
+
+
+def fused_backends(*dtypes: torch.dtype) -> list:
+    """pytest params (backend, device, dtype) for every fused backend that runs here, on the device its
+    tensors live on (tensor_device: so on a GPU machine with TRITON_INTERPRET=0, "triton" and "cuda" run
+    CUDA tensors), for each of `dtypes` the backend takes."""
+    import pytest
+    import spark_kernels as sk
+    from spark_kernels._backends import get_backend
+    params = []
+    for name in sk.available_backends():
+        if name == "reference":
+            continue
+        backend, device = get_backend(name), tensor_device(name)
+        if device == "cuda" and not torch.cuda.is_available():
+            continue
+        for dtype in dtypes:
+            if dtype in backend.dtypes:
+                params.append(pytest.param(name, device, dtype, id=f"{name}-{device}-{str(dtype)[6:]}"))
+    return params

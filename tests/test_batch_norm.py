@@ -397,6 +397,18 @@ def _sync_case(seed: int = 5):
     return x, weight, bias, running, grad_out, make_active("spark", 4, 6, 5)
 
 
+# The float32 case with per-channel means of up to 1e4 standard deviations (x's std is 2): statistics merged
+# across processes as (count, sum, sum of squares) would lose every digit of the variance. The fused
+# backends include "triton" in Triton's interpreter (CPU tensors), whose partials are float32.
+SYNC_OFFSETS = torch.tensor([2e4, -2e4, 2e3, 0.0, 2e2, 2e4], dtype=torch.float64).view(1, 6, 1, 1)
+
+
+def _sync_offset_backends():
+    interpreted = "triton" in sk.available_backends() and sk._backends.get_backend("triton").unsupported_reason(
+        torch.empty(1, 1, 1, 1)) is None
+    return ["reference"] + FUSED + (["triton"] if interpreted else [])
+
+
 def _sync_worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -407,14 +419,17 @@ def _sync_worker(rank: int, port: int, out_dir: str) -> None:
         x, weight, bias, running, grad_out, active = _sync_case()
         half = slice(2 * rank, 2 * rank + 2)
         results = {}
-        for backend in ["reference"] + FUSED:
-            rm, rv = running[0].clone(), running[1].clone()
-            xr, wr, br = x[half].clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
-            y = sk.masked_batch_norm(xr, active[half].clone(), rm, rv, wr, br, training=True, momentum=0.3,
-                                     process_group=dist.group.WORLD, backend=backend)
-            y.backward(grad_out[half])
-            results[backend] = dict(y=y.detach(), grad_x=xr.grad, grad_weight=wr.grad, grad_bias=br.grad,
-                                    running_mean=rm, running_var=rv)
+        for case, backends, dtype, shift in (("plain", ["reference"] + FUSED, F64, torch.zeros(1, 6, 1, 1, dtype=F64)),
+                                             ("offset", _sync_offset_backends(), F32, SYNC_OFFSETS)):
+            for backend in backends:
+                rm, rv = (running[0] + shift.flatten()).to(dtype), running[1].to(dtype, copy=True)
+                xr = (x[half] + shift).to(dtype).detach().requires_grad_()
+                wr, br = weight.to(dtype, copy=True).requires_grad_(), bias.to(dtype, copy=True).requires_grad_()
+                y = sk.masked_batch_norm(xr, active[half].clone(), rm, rv, wr, br, training=True, momentum=0.3,
+                                         process_group=dist.group.WORLD, backend=backend)
+                y.backward(grad_out[half].to(dtype))
+                results[case, backend] = dict(y=y.detach(), grad_x=xr.grad, grad_weight=wr.grad, grad_bias=br.grad,
+                                              running_mean=rm, running_var=rv)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -436,12 +451,24 @@ def test_synchronized_equals_whole_batch(tmp_path):
     for backend in ["reference"] + FUSED:
         whole = run(backend, x, active, weight, bias, running, grad_out, momentum=0.3)
         for key in ("y", "grad_x"):
-            torch.testing.assert_close(torch.cat([r[backend][key] for r in ranks]), whole[key].detach(),
+            torch.testing.assert_close(torch.cat([r["plain", backend][key] for r in ranks]), whole[key].detach(),
                                        rtol=RTOL[F64], atol=ATOL[F64], msg=f"{backend} {key}")
         for key in ("running_mean", "running_var"):
             for r in ranks:
-                torch.testing.assert_close(r[backend][key], whole[key], rtol=RTOL[F64], atol=ATOL[F64],
+                torch.testing.assert_close(r["plain", backend][key], whole[key], rtol=RTOL[F64], atol=ATOL[F64],
                                            msg=f"{backend} {key}")
         for key in ("grad_weight", "grad_bias"):
-            torch.testing.assert_close(ranks[0][backend][key] + ranks[1][backend][key], whole[key],
+            torch.testing.assert_close(ranks[0]["plain", backend][key] + ranks[1]["plain", backend][key], whole[key],
                                        rtol=RTOL[F64], atol=ATOL[F64], msg=f"{backend} {key}")
+    # Offsets: every backend's synchronized statistics (float32) against the whole batch's in float64 on the
+    # same float32 inputs, allowed 4x the error of the reference on the whole batch in float32 (helpers.py).
+    x32 = (x + SYNC_OFFSETS).float()
+    params = (weight.float().double(), bias.float().double(),
+              ((running[0] + SYNC_OFFSETS.flatten()).float().double(), running[1].float().double()))
+    exact = run("reference", x32.double(), active, *params, grad_out, momentum=0.3)
+    lowp = run("reference", x32, active, *params, grad_out, momentum=0.3, dtype=F32)
+    for backend in _sync_offset_backends():
+        for key in ("running_mean", "running_var"):
+            for r in ranks:
+                assert_close_to_reference(r["offset", backend][key], lowp[key], exact[key],
+                                          f"synchronized {backend} {key}")

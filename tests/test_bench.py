@@ -95,3 +95,26 @@ def test_compare_detects_a_planted_regression(results, tmp_path, capsys):
     assert bench_main(["compare", results["path"], str(new_path), "--tolerance", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "WORSE (1)" in out and name in out and "+50.0%" in out
+
+
+def test_gpu_acceptance_bench_runs_on_cpu_in_quick_mode(tmp_path):
+    """bench.gpu (scripts/gpu_check.sh's benchmarks) end to end on CPU tensors at tiny sizes: machine, ops with
+    rooflines and speedups, a SparK step, the markdown report. Nothing about the figures is asserted."""
+    from bench import gpu
+    machine, ops, models = (str(tmp_path / f"{name}.json") for name in ("machine", "ops", "models"))
+    common = ["--quick", "--device", "cpu", "--backends", "cpu"]
+    assert gpu.main(["--section", "machine", "--out", machine, *common]) == 0
+    assert gpu.main(["--section", "ops", "--machine", machine, "--out", ops, "--ops", "batch_norm", *common]) == 0
+    assert gpu.main(["--section", "models", "--out", models, "--models", "resnet50", "--precisions", "fp32",
+                     *common]) == 0
+    m = json.load(open(machine))["machine"]
+    assert m["copy_bytes_per_s"] > 0 and m["fma_per_s"] > 0, m
+    rows = json.load(open(ops))["ops"]
+    assert {(r["backend"], r["dtype"]) for r in rows} == {(b, d) for b in ("reference", "cpu") for d in gpu.DTYPES}
+    fp32_cpu = next(r for r in rows if r["backend"] == "cpu" and r["dtype"] == "fp32")
+    assert fp32_cpu["speedup"] > 0 and fp32_cpu["forward_roofline_fraction"] > 0
+    assert "error" in next(r for r in rows if r["backend"] == "cpu" and r["dtype"] == "bf16")  # not a cpu dtype
+    steps = json.load(open(models))["models"]
+    assert [r["backend"] for r in steps] == ["reference", "cpu"] and all(r["images_per_s"] > 0 for r in steps)
+    text = gpu.render([json.load(open(p)) for p in (machine, ops, models)])
+    assert "| batch_norm | 8@8 | fp32 | cpu |" in text and "| resnet50 | fp32 | cpu | 2 |" in text

@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import spark_kernels as sk
 
-from helpers import assert_close_to_reference, kernel_backends, random_mask, spark_mask
+from helpers import assert_close_to_reference, fused_backends, kernel_backends, random_mask, spark_mask
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=False, print_blob=True)
 DTYPES = [torch.float64, torch.float32]
@@ -81,27 +81,33 @@ def norm_terms(x: torch.Tensor, weight, grad_out: torch.Tensor, gain: float) -> 
     return gain * w * max([1.0] + [t.abs().max().item() for t in (x, grad_out) if t.numel()])
 
 
-def check_against_reference(backend, dtype, make_op, tensors64, grad_out64, channels_last, inactive, terms=0.0):
-    """make_op(backend) -> op(*tensors) -> (y, *extras). tensors64: float64 inputs (x first).
+def check_against_reference(backend, dtype, make_op, tensors64, grad_out64, channels_last, inactive, terms=0.0,
+                            device="cpu", exact_outputs=()):
+    """make_op(backend) -> op(*tensors) -> (y, *extras). tensors64: float64 inputs (x first), moved to `device`.
 
     inactive: bool tensor broadcastable to y and to x's gradient, True at inactive sites. terms: see
-    helpers.assert_close_to_reference."""
+    helpers.assert_close_to_reference; the outputs numbered in exact_outputs (statistics, which cancel
+    nothing) are held to the rule without it."""
     def cast(ts, d):
-        return [None if t is None else in_layout(t.to(d), channels_last) for t in ts]
+        return [None if t is None else in_layout(t.to(device, d), channels_last) for t in ts]
 
     # The backend and the reference in `dtype`, and the reference in float64 on the same rounded inputs.
     lowp = cast(tensors64, dtype)
     exact = [None if t is None else t.double() for t in lowp]
+    grad_out64 = grad_out64.to(device)
     outs, grads = run(make_op(backend), lowp, grad_out64.to(dtype))
     ref_outs, ref_grads = run(make_op("reference"), cast(tensors64, dtype), grad_out64.to(dtype))
     ref64_outs, ref64_grads = run(make_op("reference"), exact, grad_out64)
     names = [f"output {i}" for i in range(len(outs))] + [f"gradient {i}" for i in range(len(grads))]
-    for name, out, ref, ref64 in zip(names, outs + grads, ref_outs + ref_grads, ref64_outs + ref64_grads):
+    for i, (name, out, ref, ref64) in enumerate(zip(names, outs + grads, ref_outs + ref_grads,
+                                                    ref64_outs + ref64_grads)):
         assert out.dtype == ref.dtype, f"{backend} {name}: dtype {out.dtype}, reference gives {ref.dtype}"
-        assert_close_to_reference(out, ref, ref64, f"{backend} {name} ({dtype})", terms)
+        assert_close_to_reference(out, ref, ref64, f"{backend} {name} ({dtype})",
+                                  0.0 if i in exact_outputs else terms)
         if all(t.isfinite().all() for t in exact if t is not None):
             assert out.isfinite().all(), f"{backend} {name}: non-finite values from finite inputs"
     y, grad_x = outs[0], grads[0]
+    inactive = inactive.to(device)
     assert (y.masked_select(inactive) == 0).all(), f"{backend}: output not exactly 0 at inactive sites"
     assert (grad_x.masked_select(inactive) == 0).all(), f"{backend}: input gradient not 0 at inactive sites"
 
@@ -184,3 +190,81 @@ def test_masked_layer_norm(backend, data_format, dtype, case, affine, mask_3d):
     gain = (rows.var(-1, unbiased=False).min().item() + 1e-6) ** -0.5 if rows.shape[0] else 1.0
     check_against_reference(backend, dtype, make_op, [x, weight, bias], grad_out, channels_last_memory, inactive,
                             terms=norm_terms(x, weight, grad_out, gain))
+
+
+# -- large offsets: the statistics must not cancel catastrophically (E[x^2] - E[x]^2) on any backend ------
+OFFSET_SETTINGS = settings(max_examples=6, deadline=None, derandomize=False, print_blob=True)
+OFFSET_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@st.composite
+def offset_cases(draw):
+    """A case whose x has, per channel, a mean of up to 1e4 standard deviations (the first channel always
+    1e4), one standard deviation from 1e-2 to 1e2 (one for all channels, so that helpers' `terms`, a
+    scalar, is that of every channel), and SparK or random masks at ratio 0.3 / 0.6."""
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 6))
+    h, w = draw(st.integers(4, 9)), draw(st.integers(4, 9))
+    seed = draw(st.integers(0, 2**31 - 1))
+    ratio = draw(st.sampled_from([0.3, 0.6]))
+    mask = random_mask(n, h, w, ratio, seed=seed) if draw(st.booleans()) else spark_mask(n, h, w, ratio, 2, seed)
+    mask[0, 0, 0, 0] = True  # at least one active site
+    offsets = [1e4] + draw(st.lists(st.sampled_from([-1e4, -1e3, 0.0, 30.0, 1e3, 1e4]), min_size=c - 1,
+                                    max_size=c - 1))
+    std = draw(st.sampled_from([1e-2, 1.0, 1e2]))
+    return Case(n, c, h, w, mask, seed, scale=std, offset=0.0, channels_last=draw(st.booleans())), \
+        torch.tensor(offsets, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend,device,dtype", fused_backends(*OFFSET_DTYPES))
+@OFFSET_SETTINGS
+@given(drawn=offset_cases())
+def test_masked_batch_norm_large_offsets(backend, device, dtype, training, drawn):
+    case, offsets = drawn
+    g = case.generator()
+    x = (torch.randn(case.n, case.c, case.h, case.w, generator=g, dtype=torch.float64)
+         + offsets.view(1, case.c, 1, 1)) * case.scale
+    weight, bias = case.values(case.c, g=g), case.values(case.c, g=g)
+    running_mean = offsets * case.scale
+    running_var = torch.full((case.c,), case.scale ** 2, dtype=torch.float64)
+    grad_out = case.values(*x.shape, g=g)
+    mask = case.mask.to(device)
+
+    def make_op(name):
+        def op(x, weight, bias):
+            rm, rv = running_mean.to(x.device, x.dtype), running_var.to(x.device, x.dtype)
+            y = sk.masked_batch_norm(x, mask, rm, rv, weight, bias, training=training, momentum=0.5, backend=name)
+            return y, rm, rv
+        return op
+
+    rows = x.permute(0, 2, 3, 1)[case.mask[:, 0]].to(dtype).double()  # the values the backends see
+    var = rows.var(0, unbiased=False) if training else running_var
+    gain = (var.min().item() + 1e-5) ** -0.5
+    check_against_reference(backend, dtype, make_op, [x, weight, bias], grad_out, case.channels_last, ~case.mask,
+                            terms=norm_terms(x, weight, grad_out, gain), device=device, exact_outputs=(1, 2))
+
+
+@pytest.mark.parametrize("backend,device,dtype", fused_backends(*OFFSET_DTYPES))
+@OFFSET_SETTINGS
+@given(drawn=offset_cases(), data_format=st.sampled_from(["channels_first", "channels_last"]))
+def test_masked_layer_norm_large_offsets(backend, device, dtype, data_format, drawn):
+    """LayerNorm normalizes each site over its channels: there the offset is per site (up to 1e4 x std)."""
+    case, offsets = drawn
+    g = case.generator()
+    site_offsets = offsets[torch.randint(0, case.c, (case.n, 1, case.h, case.w), generator=g)]
+    x = (torch.randn(case.n, case.c, case.h, case.w, generator=g, dtype=torch.float64) + site_offsets) * case.scale
+    weight, bias = case.values(case.c, g=g), case.values(case.c, g=g)
+    inactive, channels_last_memory = ~case.mask, case.channels_last
+    if data_format == "channels_last":
+        x, inactive, channels_last_memory = x.permute(0, 2, 3, 1).contiguous(), inactive.permute(0, 2, 3, 1), False
+    grad_out = case.values(*x.shape, g=g)
+    mask = case.mask.to(device)
+
+    def make_op(name):
+        return lambda x, weight, bias: (
+            sk.masked_layer_norm(x, mask, weight, bias, eps=1e-6, data_format=data_format, backend=name),)
+
+    rows = (x if data_format == "channels_last" else x.permute(0, 2, 3, 1))[case.mask[:, 0]].to(dtype).double()
+    gain = (rows.var(-1, unbiased=False).min().item() + 1e-6) ** -0.5
+    check_against_reference(backend, dtype, make_op, [x, weight, bias], grad_out, channels_last_memory, inactive,
+                            terms=norm_terms(x, weight, grad_out, gain), device=device)

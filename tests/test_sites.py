@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import spark_kernels as sk
-from spark_kernels._sites import _SitesCache, as_sites
+from spark_kernels._sites import MAX_SITES, _SitesCache, as_sites, check_site_count
 from spark_kernels.masks import num_visible, patch_mask, upsample_mask
 
 from helpers import random_mask, spark_mask
@@ -175,3 +175,16 @@ def test_patch_mask_draws_every_layout():
     layouts = torch.unique(m.int(), dim=0, return_counts=True)
     assert layouts[0].shape[0] == 6 and bool((layouts[0].sum(1) == 2).all())
     assert bool(((layouts[1] / 3000 - 1 / 6).abs() < 0.03).all()), layouts[1]
+
+
+def test_more_sites_than_int32_addresses_are_refused():
+    """The int32 site index would wrap past 2^31 sites: the limit is checked on sizes, before allocating."""
+    check_site_count(1, 1, MAX_SITES)
+    check_site_count(256, 2048, 4094)  # 2^31 - 2^21 sites
+    for n, h, w in ((1, 1, MAX_SITES + 1), (2**16, 2**8, 2**8), (2**20, 2**20, 2**20)):
+        with pytest.raises(ValueError, match=r"int32 site index supports at most .*split the batch"):
+            check_site_count(n, h, w)
+    # A mask of 2^32 sites that occupies one byte (an expanded view): refused before any table is built.
+    huge = torch.ones(1, 1, 1, 1, dtype=torch.bool).expand(2**16, 1, 2**8, 2**8)
+    with pytest.raises(ValueError, match="has 4294967296 sites"):
+        sk.ActiveSites(huge)

@@ -1,8 +1,9 @@
-"""Backend "triton" against the masked-dense reference, forward and backward.
+"""The GPU backends against the masked-dense reference, forward and backward: "triton", and on a GPU
+machine "cuda" too.
 
-Here (no GPU) the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set in
-conftest.py before triton is imported); on a GPU machine run with TRITON_INTERPRET=0 and the same tests
-run the compiled kernels on CUDA tensors. Shapes are small because the interpreter costs ~ms per program.
+Here (no GPU) the Triton kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set in
+conftest.py before triton is imported); on a GPU machine run with TRITON_INTERPRET=0 (scripts/gpu_check.sh)
+and the same tests run the compiled Triton kernels and the CUDA kernels on CUDA tensors. Shapes are small because the interpreter costs ~ms per program.
 bfloat16 runs too: Triton 3.8's interpreter emulates it (earlier interpreters had no bfloat16 arithmetic).
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ if "triton" not in sk.available_backends():
 from spark_kernels.triton import common  # noqa: E402  (only importable when triton is)
 
 DEVICE = "cpu" if common.INTERPRET else "cuda"
+# The backends whose kernels run on DEVICE here.
+BACKENDS = ["triton"] + (["cuda"] if DEVICE == "cuda" and "cuda" in sk.available_backends() else [])
 DTYPES = common.KERNEL_DTYPES
 LAYOUTS = ("planes", "rows")
 # (mask kind, ratio): SparK patch masks and random masks at 0.6, plus nothing masked and everything masked.
@@ -70,11 +73,12 @@ def _mask(kind, ratio, n, h, w):
 @pytest.mark.parametrize("k", (3, 7))
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dwconv_spark_mask(k, layout, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dwconv_spark_mask(backend, k, layout, dtype):
     n, c, h, w = 2, 10, 11, 9  # odd H/W, C not a multiple of any channel block
     mask = _mask("spark", 0.6, n, h, w)
     tensors = [_input((n, c, h, w), dtype, layout, 0), _param((c, 1, k, k), dtype, 1), _param((c,), dtype, 2)]
-    out, grads = _check(lambda x, wt, b: sk.sparse_depthwise_conv2d(x, wt, b, mask, backend="triton"),
+    out, grads = _check(lambda x, wt, b: sk.sparse_depthwise_conv2d(x, wt, b, mask, backend=backend),
                         lambda x, wt, b: sk.sparse_depthwise_conv2d(x, wt, b, mask, backend="reference"),
                         tensors, f"dwconv k={k} {layout} {dtype}")
     assert out.is_contiguous(memory_format=torch.channels_last if layout == "rows" else torch.contiguous_format)
@@ -83,25 +87,27 @@ def test_dwconv_spark_mask(k, layout, dtype):
 
 @pytest.mark.parametrize("kind,ratio", MASKS[1:])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_dwconv_masks(kind, ratio, layout):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dwconv_masks(backend, kind, ratio, layout):
     n, c, h, w = 1, 5, 9, 7
     mask = _mask(kind, ratio, n, h, w)
     tensors = [_input((n, c, h, w), torch.float32, layout, 3), _param((c, 1, 3, 3), torch.float32, 4),
                _param((c,), torch.float32, 5)]
-    out, _ = _check(lambda x, wt, b: sk.sparse_depthwise_conv2d(x, wt, b, mask, backend="triton"),
+    out, _ = _check(lambda x, wt, b: sk.sparse_depthwise_conv2d(x, wt, b, mask, backend=backend),
                     lambda x, wt, b: sk.sparse_depthwise_conv2d(x, wt, b, mask, backend="reference"),
                     tensors, f"dwconv {kind} {ratio} {layout}")
     if ratio == 1.0:
         assert torch.all(out == 0)
 
 
-def test_dwconv_many_programs_and_channel_blocks(monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dwconv_many_programs_and_channel_blocks(backend, monkeypatch):
     """Several site programs, several site blocks per reduction program, two channel blocks, no bias."""
     monkeypatch.setattr(common, "MAX_SITE_PROGRAMS", 2)
     n, c, h, w = 1, 130, 9, 11
     mask = _mask("random", 0.3, n, h, w)
     tensors = [_input((n, c, h, w), torch.float32, "rows", 6), _param((c, 1, 3, 3), torch.float32, 7)]
-    _check(lambda x, wt: sk.sparse_depthwise_conv2d(x, wt, None, mask, backend="triton"),
+    _check(lambda x, wt: sk.sparse_depthwise_conv2d(x, wt, None, mask, backend=backend),
            lambda x, wt: sk.sparse_depthwise_conv2d(x, wt, None, mask, backend="reference"),
            tensors, "dwconv multi-block")
 
@@ -110,7 +116,8 @@ def test_dwconv_many_programs_and_channel_blocks(monkeypatch):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind,ratio", MASKS)
-def test_batch_norm(layout, dtype, kind, ratio):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm(backend, layout, dtype, kind, ratio):
     n, c, h, w = 2, 10, 9, 7
     mask = _mask(kind, ratio, n, h, w)
     tensors = [_input((n, c, h, w), dtype, layout, 10), _param((c,), dtype, 11), _param((c,), dtype, 12)]
@@ -124,8 +131,8 @@ def test_batch_norm(layout, dtype, kind, ratio):
             return sk.masked_batch_norm(x, mask, *running[key], wt, b, training=True, backend=backend)
         return run
 
-    _check(fn("triton"), fn("reference"), tensors, f"bn {layout} {dtype} {kind} {ratio}")
-    for got, want in zip(running[("triton", dtype)], running[("reference", torch.float64)]):
+    _check(fn(backend), fn("reference"), tensors, f"bn {layout} {dtype} {kind} {ratio}")
+    for got, want in zip(running[(backend, dtype)], running[("reference", torch.float64)]):
         torch.testing.assert_close(got.float(), want.float(), rtol=RTOL[dtype], atol=ATOL[dtype])
 
 
@@ -135,7 +142,8 @@ def _stats_for(x, *stats):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_batch_norm_eval_many_programs(layout, monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_eval_many_programs(backend, layout, monkeypatch):
     monkeypatch.setattr(common, "MAX_SITE_PROGRAMS", 2)
     n, c, h, w = 2, 37, 13, 11
     mask = _mask("random", 0.6, n, h, w)
@@ -144,7 +152,7 @@ def test_batch_norm_eval_many_programs(layout, monkeypatch):
                _param((c,), torch.float32, 17)]
     for training in (False, True):
         _check(lambda x, wt, b: sk.masked_batch_norm(x, mask, rm.clone(), rv.clone(), wt, b, training=training,
-                                                     backend="triton"),
+                                                     backend=backend),
                lambda x, wt, b: sk.masked_batch_norm(x, mask, *_stats_for(x, rm, rv), wt, b,
                                                      training=training, backend="reference"),
                tensors, f"bn training={training} {layout}")
@@ -154,24 +162,26 @@ def test_batch_norm_eval_many_programs(layout, monkeypatch):
 @pytest.mark.parametrize("data_format", ("channels_first", "channels_last"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind,ratio", MASKS)
-def test_layer_norm(data_format, dtype, kind, ratio):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm(backend, data_format, dtype, kind, ratio):
     n, c, h, w = 2, 10, 9, 7
     mask = _mask(kind, ratio, n, h, w)
     shape = (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
     tensors = [_input(shape, dtype, "planes", 20), _param((c,), dtype, 21), _param((c,), dtype, 22)]
-    _check(lambda x, wt, b: sk.masked_layer_norm(x, mask, wt, b, data_format=data_format, backend="triton"),
+    _check(lambda x, wt, b: sk.masked_layer_norm(x, mask, wt, b, data_format=data_format, backend=backend),
            lambda x, wt, b: sk.masked_layer_norm(x, mask, wt, b, data_format=data_format, backend="reference"),
            tensors, f"ln {data_format} {dtype} {kind} {ratio}")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layer_norm_wide_many_programs(layout, monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_wide_many_programs(backend, layout, monkeypatch):
     """C = 130 (a 256-wide tile), several site blocks per program, no affine parameters."""
     monkeypatch.setattr(common, "MAX_SITE_PROGRAMS", 3)
     n, c, h, w = 2, 130, 7, 9
     mask = _mask("random", 0.5, n, h, w)
     tensors = [_input((n, c, h, w), torch.float32, layout, 23)]
-    _check(lambda x: sk.masked_layer_norm(x, mask, None, None, backend="triton"),
+    _check(lambda x: sk.masked_layer_norm(x, mask, None, None, backend=backend),
            lambda x: sk.masked_layer_norm(x, mask, None, None, backend="reference"),
            tensors, f"ln wide {layout}")
 

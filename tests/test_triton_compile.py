@@ -22,7 +22,8 @@ from spark_kernels.triton import batch_norm, common, dwconv, layer_norm  # noqa:
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Shared memory per block (opt-in maximum) of the targets, bytes.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-KERNELS = {"dwconv_taps_kernel", "dwconv_wgrad_kernel", "bn_sums_kernel", "bn_elemt_kernel", "ln_forward_kernel",
+KERNELS = {"dwconv_taps_kernel", "dwconv_wgrad_kernel", "bn_moments_kernel", "bn_merge_moments_kernel",
+           "bn_sums_kernel", "bn_elemt_kernel", "ln_forward_kernel",
            "ln_backward_kernel", "reduce_partials_kernel"}
 
 
@@ -40,7 +41,7 @@ def workers():
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     procs = {arg: subprocess.Popen([sys.executable, os.path.join(HERE, "triton_compile_worker.py"), arg], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for arg in [*map(str, sorted(SHARED_LIMIT)), "trace"]}
+             for arg in [*map(str, sorted(SHARED_LIMIT)), "trace", "guard"]}
     yield procs
     for proc in procs.values():
         if proc.poll() is None:
@@ -74,3 +75,13 @@ def test_gpu_ops_trace_on_fake_cuda_tensors(workers):
     """The GPU registration (triton_op) runs its host code on fake CUDA tensors, as torch.compile does."""
     proc = _result(workers, "trace")
     assert proc.returncode == 0 and proc.stdout.strip() == "traced", proc.stderr[-4000:]
+
+
+def test_every_launch_runs_on_the_tensors_device(workers):
+    """Every op on (fake) cuda:1 tensors while cuda:0 is current: each Triton launch finds cuda:1 current
+    (tests/triton_compile_worker.py's guard mode fails on the first launch that does not)."""
+    proc = _result(workers, "guard")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    launches = int(proc.stdout.split()[-2])
+    # Per dtype and layout: dwconv forward 1, backward 3; BN stats 2, backward stats 2, elemt 2; LN 1 + 2.
+    assert launches == 6 * 13, proc.stdout

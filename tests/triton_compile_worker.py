@@ -5,6 +5,7 @@ triton.jit functions by Python ones, which cannot be compiled). Prints one JSON 
 configuration: its name, registers, local memory (spill) and stack bytes, shared memory bytes.
 Usage: python triton_compile_worker.py <compute capability, e.g. 80> [kernel name filter]
        python triton_compile_worker.py trace   (traces the GPU ops, registered as triton_op, on fake CUDA tensors)
+       python triton_compile_worker.py guard   (the CUDA device current at each launch, for tensors on cuda:1)
 """
 from __future__ import annotations
 
@@ -65,9 +66,9 @@ def main(capability: int, only: str = "") -> None:
         print(json.dumps({"name": name, **usage}), flush=True)
 
 
-def trace() -> None:
-    """Run every op's host code (the triton_op bodies, as torch.compile traces them) on fake CUDA tensors in
-    both layouts and all kernel dtypes, and check the outputs' shapes, dtypes and memory formats."""
+def run_every_op(device: str) -> None:
+    """Every op's host code (the triton_op bodies, as torch.compile traces them) on fake tensors of `device`,
+    in both layouts and all kernel dtypes, checking the outputs' shapes, dtypes and memory formats."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -79,13 +80,13 @@ def trace() -> None:
     with FakeTensorMode():
         for dtype in common.KERNEL_DTYPES:
             for fmt in (torch.contiguous_format, torch.channels_last):
-                x = torch.empty(n, c, h, w, device="cuda", dtype=dtype).to(memory_format=fmt)
+                x = torch.empty(n, c, h, w, device=device, dtype=dtype).to(memory_format=fmt)
                 g = torch.empty_like(x)
-                wt, b = torch.empty(c, 1, k, k, device="cuda", dtype=dtype), torch.empty(c, device="cuda", dtype=dtype)
-                vec = torch.empty(c, device="cuda", dtype=torch.float32)
-                index = torch.empty(m, device="cuda", dtype=torch.int32)
-                nbrs = torch.empty(m, k * k, device="cuda", dtype=torch.int32)
-                site_stats = torch.empty(m, device="cuda", dtype=torch.float32)
+                wt, b = torch.empty(c, 1, k, k, device=device, dtype=dtype), torch.empty(c, device=device, dtype=dtype)
+                vec = torch.empty(c, device=device, dtype=torch.float32)
+                index = torch.empty(m, device=device, dtype=torch.int32)
+                nbrs = torch.empty(m, k * k, device=device, dtype=torch.int32)
+                site_stats = torch.empty(m, device=device, dtype=torch.float32)
                 dense = [ops.triton_dwconv_forward(x, wt, b, index, nbrs),
                          ops.triton_bn_elemt(x, index, vec, vec), ops.triton_bn_backward_elemt(g, x, index, vec, vec, vec)]
                 grad_x, grad_w, grad_b = ops.triton_dwconv_backward(g, x, wt, index, nbrs)
@@ -98,11 +99,53 @@ def trace() -> None:
                     assert stats.shape == (2, c) and stats.dtype == torch.float64
                 assert mean.shape == rstd.shape == (m,) and mean.dtype == torch.float32
                 assert ln_gw.shape == ln_gb.shape == (c,) and ln_gw.dtype == torch.float32
+
+
+def trace() -> None:
+    run_every_op("cuda")
     print("traced")
+
+
+def guard() -> None:
+    """Every op on fake cuda:1 tensors while cuda:0 is current, on a pretended 2-GPU machine: each launch must
+    find cuda:1 current (prints the number of launches checked)."""
+    import torch
+
+    current = [0]
+    launches = []
+
+    class FakeDeviceContext:
+        def __init__(self, device):
+            self.index = torch.device(device).index
+
+        def __enter__(self):
+            self.previous, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    def fake_wrap_triton(kernel):
+        def at_grid(grid):
+            def run(*args, **kwargs):
+                devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+                launches.append(kernel.__name__)
+                if devices != {torch.device("cuda", current[0])}:
+                    raise AssertionError(f"{kernel.__name__} launched with cuda:{current[0]} current on {devices}")
+            return run
+        return type("Launcher", (), {"__getitem__": lambda self, grid: at_grid(grid)})()
+
+    common.cuda_available = lambda: True
+    torch.cuda.device = FakeDeviceContext
+    common.wrap_triton = fake_wrap_triton
+    run_every_op("cuda:1")
+    assert current[0] == 0, "the device guard did not restore the current device"
+    print(f"guarded {len(launches)} launches")
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "trace":
         trace()
+    elif sys.argv[1] == "guard":
+        guard()
     else:
         main(int(sys.argv[1]), *sys.argv[2:])

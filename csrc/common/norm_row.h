@@ -93,16 +93,59 @@ SK_HOST_DEVICE inline void row_backward(const T* dy, int64_t dy_stride, const T*
   }
 }
 
-// ---- Per-channel terms summed over active sites (each op sums a pair of terms per channel) -------
+// ---- Masked BatchNorm statistics: per-channel mean and M2 = sum (x - mean)^2 over active sites -----
+// One algorithm on every backend (CPU, CUDA, and Triton in spark_kernels/triton/batch_norm.py), stable
+// for any offset of the mean: a partial (a CPU chunk of sites, a CUDA thread's sites, a Triton lane's)
+// sums d = x - p and d^2 around a pivot p that is its own first value, so M2 = sum d^2 - (sum d)^2 / n
+// cancels at most a factor n (when p is one of the n values, n (mean - p)^2 <= (n - 1) M2); partials
+// are then merged with Chan's formula, each mean carried as an offset from a common reference value
+// (a pivot) so that no large mean is subtracted in low precision.
 
-// masked_bn_stats: (x, x^2).
 template <typename P>
-struct BnStatsTerms {
-  SK_HOST_DEVICE void operator()(P x, P& first, P& second) const {
-    first = x;
-    second = x * x;
+struct ShiftedSums {
+  P pivot, sum, sum_sq;
+  int64_t count;
+
+  SK_HOST_DEVICE void add(P x) {
+    if (count == 0) pivot = x;
+    const P d = x - pivot;
+    sum += d;
+    sum_sq += d * d;
+    ++count;
   }
 };
+
+// count values with mean reference + offset and sum of squared deviations m2 (value-initialize: {}).
+template <typename P>
+struct Moments {
+  P count, offset, m2;
+
+  // Merges b (relative to the same reference) into this (Chan, Golub and LeVeque's pairwise update).
+  SK_HOST_DEVICE void merge(const Moments& b) {
+    if (b.count == 0) return;
+    if (count == 0) {
+      *this = b;
+      return;
+    }
+    const P n = count + b.count;
+    const P delta = b.offset - offset;
+    const P share = b.count / n;
+    offset += delta * share;
+    m2 += b.m2 + delta * delta * count * share;
+    count = n;
+  }
+};
+
+// The moments of a partial's shifted sums, relative to `reference`.
+template <typename P>
+SK_HOST_DEVICE inline Moments<P> moments_of(const ShiftedSums<P>& s, P reference) {
+  if (s.count == 0) return {};
+  const P n = static_cast<P>(s.count);
+  const P m2 = s.sum_sq - s.sum * s.sum / n;
+  return {n, (s.pivot - reference) + s.sum / n, m2 < P(0) ? P(0) : m2};  // rounding below 0; NaN stays NaN
+}
+
+// ---- Per-channel terms summed over active sites (each op sums a pair of terms per channel) -------
 
 // masked_bn_backward_stats: (dy, dy * (x - mean[c])).
 template <typename P>

@@ -35,14 +35,11 @@ at::Tensor masked_bn_stats(const at::Tensor& x_in, const at::Tensor& index_in) {
   at::Tensor out = stats_output(p);
   AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), op, [&] {
     const scalar_t* x = p.x.const_data_ptr<scalar_t>();
-    const norm::BnStatsTerms<double> terms;
-    auto term = [=](int64_t, int64_t off, int64_t, double& a, double& b) {
-      terms(static_cast<double>(x[off]), a, b);
-    };
+    auto value = [=](int64_t off) { return static_cast<double>(x[off]); };
     if (p.g.rows) {
-      channel_sums<true>(p.g, p.index.const_data_ptr<int32_t>(), p.index.numel(), term, out.data_ptr<double>());
+      channel_moments<true>(p.g, p.index.const_data_ptr<int32_t>(), p.index.numel(), value, out.data_ptr<double>());
     } else {
-      channel_sums<false>(p.g, p.index.const_data_ptr<int32_t>(), p.index.numel(), term, out.data_ptr<double>());
+      channel_moments<false>(p.g, p.index.const_data_ptr<int32_t>(), p.index.numel(), value, out.data_ptr<double>());
     }
   });
   return out;

@@ -74,6 +74,55 @@ void channel_sums(const NormGeometry& g, const int32_t* index, int64_t count, co
   }
 }
 
+// Per-channel mean and M2 of value(offset) over the active sites, in double (common/norm_row.h: shifted
+// sums per chunk, pivot = the chunk's first site, chunks merged in order): out[0][c] mean, out[1][c] M2.
+template <bool kRows, typename Value>
+void channel_moments(const NormGeometry& g, const int32_t* index, int64_t count, const Value& value, double* out) {
+  const int64_t c_count = g.channels;
+  const int64_t per_chunk = norm::sites_per_chunk(c_count);
+  const int64_t chunks = norm::num_chunks(count, per_chunk);
+  // Per chunk and channel (separate arrays, so the rows loop vectorizes over channels).
+  std::vector<double> pivots(chunks * c_count), sums(chunks * c_count, 0.0), sums_sq(chunks * c_count, 0.0);
+  for_each_chunk(count, per_chunk, [&](int64_t k, int64_t j0, int64_t j1) {
+    double* __restrict pivot = pivots.data() + k * c_count;
+    double* __restrict sum = sums.data() + k * c_count;
+    double* __restrict sum_sq = sums_sq.data() + k * c_count;
+    if constexpr (kRows) {
+      const int64_t first = static_cast<int64_t>(index[j0]) * c_count;
+      for (int64_t c = 0; c < c_count; ++c) pivot[c] = value(first + c);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t base = static_cast<int64_t>(index[j]) * c_count;
+        for (int64_t c = 0; c < c_count; ++c) {
+          const double d = value(base + c) - pivot[c];
+          sum[c] += d;
+          sum_sq[c] += d * d;
+        }
+      }
+    } else {
+      std::vector<int64_t> bases(j1 - j0);
+      for (int64_t j = j0; j < j1; ++j) bases[j - j0] = g.base(index[j]);
+      for (int64_t c = 0; c < c_count; ++c) {
+        norm::ShiftedSums<double> s{};
+        for (const int64_t base : bases) s.add(value(base + c * g.plane));
+        pivot[c] = s.pivot;
+        sum[c] = s.sum;
+        sum_sq[c] = s.sum_sq;
+      }
+    }
+  });
+  for (int64_t c = 0; c < c_count; ++c) {
+    const double reference = chunks ? pivots[c] : 0.0;
+    norm::Moments<double> merged{};
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t i = k * c_count + c;
+      const int64_t sites = std::min(count, (k + 1) * per_chunk) - k * per_chunk;
+      merged.merge(norm::moments_of(norm::ShiftedSums<double>{pivots[i], sums[i], sums_sq[i], sites}, reference));
+    }
+    out[c] = reference + merged.offset;
+    out[c_count + c] = merged.m2;
+  }
+}
+
 // Zeros the inactive sites owned by chunk [j0, j1): the sites from its first active site (0 for the
 // first chunk) up to the next chunk's first active site (the end for the last chunk). The chunks thus
 // own disjoint ranges that cover every site. Rows: one memset per gap, so with the active writes each

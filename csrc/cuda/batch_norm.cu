@@ -11,14 +11,6 @@ namespace spark_kernels::cuda {
 namespace {
 
 template <typename T, typename Acc>
-struct StatsTerm {
-  const T* x;
-  __device__ void operator()(int64_t, int64_t offset, int64_t, Acc& a, Acc& b) const {
-    norm::BnStatsTerms<Acc>()(static_cast<Acc>(x[offset]), a, b);
-  }
-};
-
-template <typename T, typename Acc>
 struct BackwardStatsTerm {
   const T* dy;
   const T* x;
@@ -70,10 +62,7 @@ at::Tensor masked_bn_stats(const at::Tensor& x_in, const at::Tensor& index_in) {
   const c10::cuda::CUDAGuard guard(p.x.device());
   at::Tensor out = at::empty({2, p.g.channels}, p.x.options().dtype(at::kDouble));
   SK_DISPATCH_CUDA_FLOATS(p.x.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    double* sums = out.data_ptr<double>();
-    channel_sums<acc_t>(p.g, p.index, StatsTerm<scalar_t, acc_t>{p.x.const_data_ptr<scalar_t>()}, sums,
-                        sums + p.g.channels, p.x.options());
+    channel_moments<scalar_t>(p.g, p.index, p.x.const_data_ptr<scalar_t>(), out.data_ptr<double>(), p.x.options());
   });
   return out;
 }

@@ -6,8 +6,8 @@
 // channel and every kSiteLanes-th site of the tile. Threads are laid out so a warp reads contiguous memory:
 // along channels in the channels_last "rows" layout, along sites in the NCHW "planes" layout.
 // grad_x is the forward's gather with mirrored taps over grad_out (no atomics); grad_weight/grad_bias are
-// summed per block in a fixed order into per-tile partials, which a second kernel reduces in tile order,
-// so every result is deterministic. (The input- and weight-gradient loops are separate kernels: fused, the
+// summed per block in a fixed order into per-tile partials, which a second kernel reduces as a fixed tree
+// (cuda/reduce_columns.cuh), so every result is deterministic. (The input- and weight-gradient loops are separate kernels: fused, the
 // 7x7 kernel needs 220 registers per thread.)
 // Table entries that are not readable sites are skipped (never read); the CPU backend reports them, here
 // that would cost a device synchronization per call.
@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "common/dwconv_site.h"
+#include "cuda/reduce_columns.cuh"
 #include "dwconv_args.h"
 
 namespace spark_kernels {
@@ -127,22 +128,25 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const T* __restri
   }
 }
 
-// grad_weight (C, k*k) and grad_bias (C,) from the per-tile partials, summed in tile order.
+// Second stage of the weight gradient: column j = slot * C + ch of the (tiles, k*k + 1, C) partials.
+struct SlotLoad {
+  const float* partials;
+  int64_t width;
+  __device__ cuda::Sum operator()(int64_t tile, int64_t j) const { return {double(partials[tile * width + j])}; }
+};
+
+// grad_weight (C, k*k) from slots < k*k, grad_bias (C,) from slot k*k.
 template <typename T>
-__global__ void reduce_partials_kernel(const float* __restrict__ partials, int64_t tiles, int64_t c, int taps,
-                                       T* __restrict__ gw, T* __restrict__ gb) {
-  const int64_t slots = static_cast<int64_t>(taps + 1) * c;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < slots;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float sum = 0.f;
-    for (int64_t t = 0; t < tiles; ++t) sum += partials[t * slots + j];
+struct SlotStore {
+  T* gw;
+  T* gb;
+  int64_t c;
+  int taps;
+  __device__ void operator()(int64_t j, cuda::Sum total) const {
     const int64_t slot = j / c, ch = j % c;
-    if (slot < taps)
-      gw[ch * taps + slot] = static_cast<T>(sum);
-    else
-      gb[ch] = static_cast<T>(sum);
+    (slot < taps ? gw[ch * taps + slot] : gb[ch]) = static_cast<T>(total.value);
   }
-}
+};
 
 template <bool kRows>
 dim3 grid(const DwconvGeometry& g) {
@@ -217,11 +221,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
     launch_gather<T, K, true, false>(gy, w, at::Tensor(), idx, nbr, gx, g);
     launch_weight_grad<T, K, false>(gy, xk, idx, nbr, partials, g);
   }
-  const int64_t slots = (K * K + 1) * g.c;
-  const int blocks = static_cast<int>(std::min<int64_t>((slots + kThreads - 1) / kThreads, 1024));
-  reduce_partials_kernel<T><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      partials.const_data_ptr<float>(), tiles, g.c, K * K, gw.mutable_data_ptr<T>(), gb.mutable_data_ptr<T>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t width = (K * K + 1) * g.c;
+  cuda::reduce_columns<cuda::Sum>(tiles, width, SlotLoad{partials.const_data_ptr<float>(), width},
+                                  SlotStore<T>{gw.mutable_data_ptr<T>(), gb.mutable_data_ptr<T>(), g.c, K * K});
   return {gx, gw, gb};
 }
 

@@ -1,5 +1,6 @@
-// CUDA building blocks of the masked-norm kernels: deterministic two-stage per-channel sums over the
-// active sites, and elementwise maps into a zeroed dense output. Per-site math: common/norm_row.h.
+// CUDA building blocks of the masked-norm kernels: deterministic two-stage per-channel sums and BN
+// moments over the active sites, and elementwise maps into a zeroed dense output. Per-site math and the
+// BN statistics algorithm: common/norm_row.h.
 #pragma once
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -11,6 +12,7 @@
 
 #include "common/norm_checks.h"
 #include "common/norm_row.h"
+#include "cuda/reduce_columns.cuh"
 
 // The dtypes of the CUDA kernels (those the "cuda" backend declares); statistics in float32.
 #define SK_DISPATCH_CUDA_FLOATS(TYPE, NAME, ...)                                                \
@@ -75,20 +77,24 @@ channel_partials_kernel(NormGeometry g, const int32_t* __restrict__ index, int64
   }
 }
 
-// Stage 2: the sum of the blocks' partials of each column, in block order, in double; the first
-// C columns go to first[c], the next C to second[c].
+// Stage 2 of channel_sums: column col of the (blocks, 2C) partials, the first C columns into first[c], the
+// next C into second[c].
 template <typename Acc, typename Out>
-__global__ void combine_partials_kernel(const Acc* __restrict__ partials, int64_t blocks, int64_t channels,
-                                        Out* __restrict__ first, Out* __restrict__ second) {
-  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= 2 * channels) return;
-  const Out total = static_cast<Out>(norm::combine_column(partials, blocks, 2 * channels, col));
-  if (col < channels) {
-    first[col] = total;
-  } else {
-    second[col - channels] = total;
+struct SumLoad {
+  const Acc* partials;
+  int64_t width;
+  __device__ Sum operator()(int64_t block, int64_t col) const { return {double(partials[block * width + col])}; }
+};
+
+template <typename Out>
+struct PairStore {
+  Out* first;
+  Out* second;
+  int64_t channels;
+  __device__ void operator()(int64_t col, Sum total) const {
+    (col < channels ? first[col] : second[col - channels]) = static_cast<Out>(total.value);
   }
-}
+};
 
 // Per-channel sums of term's two terms over the active sites, into first[c] and second[c] (dtype Out).
 template <typename Acc, typename Out, typename Term>
@@ -97,20 +103,93 @@ void channel_sums(const NormGeometry& g, const at::Tensor& index, const Term& te
   const int64_t count = index.numel();
   const int64_t width = 2 * g.channels;
   const int64_t blocks = norm::num_chunks(count, kSitesPerSumBlock);
-  auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor partials = at::empty({std::max<int64_t>(blocks, 1), width},
                                   options.dtype(c10::CppTypeToScalarType<Acc>::value));
   if (blocks > 0) {
     const int64_t tile = g.rows ? kWarp : kTileRows;
     const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((g.channels + tile - 1) / tile));
-    channel_partials_kernel<Acc><<<grid, dim3(kWarp, kTileRows), 0, stream>>>(
+    channel_partials_kernel<Acc><<<grid, dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
         g, index.const_data_ptr<int32_t>(), count, term, partials.data_ptr<Acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const unsigned combine_blocks = static_cast<unsigned>((width + kThreads - 1) / kThreads);
-  combine_partials_kernel<<<combine_blocks, kThreads, 0, stream>>>(partials.const_data_ptr<Acc>(), blocks,
-                                                                   g.channels, first, second);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  reduce_columns<Sum>(blocks, width, SumLoad<Acc, Out>{partials.const_data_ptr<Acc>(), width},
+                      PairStore<Out>{first, second, g.channels});
+}
+
+// BN statistics, stage 1 (common/norm_row.h): each thread sums shifted values around its first value over
+// its sites of the block's chunk; the block's lanes are merged (Chan) in lane order relative to lane 0's
+// pivot r. partials (blocks, 3, C) float: [r, mean - r, M2]. Lanes as in channel_partials_kernel.
+template <typename T>
+__global__ void __launch_bounds__(kWarp * kTileRows)
+channel_moments_kernel(NormGeometry g, const int32_t* __restrict__ index, int64_t count, const T* __restrict__ x,
+                       float* __restrict__ partials) {
+  __shared__ norm::ShiftedSums<float> lane_sums[kTileRows][kWarp];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = g.rows ? int64_t(blockIdx.y) * kWarp + tx : int64_t(blockIdx.y) * kTileRows + ty;
+  const int lane = g.rows ? ty : tx;
+  const int lanes = g.rows ? kTileRows : kWarp;
+  const int64_t j0 = int64_t(blockIdx.x) * kSitesPerSumBlock;
+  const int64_t j1 = min(count, j0 + kSitesPerSumBlock);
+  norm::ShiftedSums<float> sums{};
+  if (c < g.channels) {
+    for (int64_t j = j0 + lane; j < j1; j += lanes) {
+      sums.add(static_cast<float>(x[g.base(site_of(index, j, g.sites())) + c * g.channel_stride()]));
+    }
+  }
+  lane_sums[ty][tx] = sums;
+  __syncthreads();
+  const bool leader = g.rows ? ty == 0 : tx == 0;
+  if (leader && c < g.channels) {
+    const float reference = sums.pivot;  // the leader is lane 0, whose first site is the chunk's first
+    norm::Moments<float> merged{};
+    for (int k = 0; k < lanes; ++k) {
+      merged.merge(norm::moments_of(g.rows ? lane_sums[k][tx] : lane_sums[ty][k], reference));
+    }
+    float* out = partials + int64_t(blockIdx.x) * 3 * g.channels + c;
+    out[0] = reference;
+    out[g.channels] = merged.offset;
+    out[2 * g.channels] = merged.m2;
+  }
+}
+
+// BN statistics, stage 2: the blocks' moments of channel c, in double, relative to block 0's reference.
+struct MomentsLoad {
+  const float* partials;
+  int64_t channels, count;
+  __device__ norm::Moments<double> operator()(int64_t block, int64_t c) const {
+    const float* row = partials + block * 3 * channels + c;
+    const double sites = double(min<int64_t>(count - block * kSitesPerSumBlock, kSitesPerSumBlock));
+    return {sites, (double(row[0]) - double(partials[c])) + double(row[channels]), double(row[2 * channels])};
+  }
+};
+
+struct MomentsStore {
+  const float* partials;
+  double* out;  // (2, C): mean, M2
+  int64_t channels;
+  __device__ void operator()(int64_t c, norm::Moments<double> total) const {
+    out[c] = double(partials[c]) + total.offset;
+    out[channels + c] = total.m2;
+  }
+};
+
+// out (2, C) double: per-channel [mean, M2] of x over the active sites ([0, 0] with none).
+template <typename T>
+void channel_moments(const NormGeometry& g, const at::Tensor& index, const T* x, double* out,
+                     const at::TensorOptions& options) {
+  const int64_t count = index.numel();
+  const int64_t blocks = norm::num_chunks(count, kSitesPerSumBlock);
+  at::Tensor partials = at::empty({std::max<int64_t>(blocks, 1), 3, g.channels}, options.dtype(at::kFloat));
+  if (blocks > 0) {
+    const int64_t tile = g.rows ? kWarp : kTileRows;
+    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((g.channels + tile - 1) / tile));
+    channel_moments_kernel<T><<<grid, dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
+        g, index.const_data_ptr<int32_t>(), count, x, partials.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const float* table = partials.const_data_ptr<float>();
+  reduce_columns<norm::Moments<double>>(blocks, g.channels, MomentsLoad{table, g.channels, count},
+                                        MomentsStore{table, out, g.channels});
 }
 
 // out[offset] = elem(offset, c) for every (active site, channel). Rows: consecutive threads take

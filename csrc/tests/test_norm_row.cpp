@@ -98,9 +98,6 @@ void check_row(long long channels, long long stride, double tol, bool affine, un
 
 void check_terms_and_reductions() {
   double a, b;
-  norm::BnStatsTerms<double>()(-3.0, a, b);
-  expect_close(a, -3.0, 0, "bn stats term x", 0);
-  expect_close(b, 9.0, 0, "bn stats term x^2", 0);
   norm::BnBackwardTerms<double>()(2.0, 5.0, 1.5, a, b);
   expect_close(a, 2.0, 0, "bn backward term dy", 0);
   expect_close(b, 7.0, 0, "bn backward term dy*(x-mean)", 0);
@@ -132,6 +129,54 @@ void check_terms_and_reductions() {
   expect_close(norm::combine_column(partials, 0, 2, 1), 0.0, 0, "combine_column empty", 1);
 }
 
+// BN statistics (ShiftedSums per partial, Moments merged across partials) in float against a two-pass
+// double evaluation, with the mean offset by up to 1e4 standard deviations: the relative error of M2
+// stays at float rounding level (E[x^2] - E[x]^2 in float would lose every digit at 1e4).
+void check_bn_moments() {
+  std::mt19937 rng(7);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  for (double offset : {0.0, 1e2, 1e4, -1e4}) {
+    for (double scale : {1e-3, 1.0, 1e3}) {
+      for (long long count : {1LL, 2LL, 7LL, 1000LL}) {
+        std::vector<float> x(count);
+        for (auto& v : x) v = static_cast<float>((offset + normal(rng)) * scale);
+        double mean = 0, m2 = 0;
+        for (float v : x) mean += v;
+        mean /= count;
+        for (float v : x) m2 += (v - mean) * (v - mean);
+        // Partials of uneven sizes (the last one empty), merged in order relative to the first pivot.
+        const long long bounds[] = {0, count / 3, count / 3 + (count > 1), count, count};
+        std::vector<norm::ShiftedSums<float>> parts(4, norm::ShiftedSums<float>{});
+        for (int k = 0; k < 4; ++k) {
+          for (long long i = bounds[k]; i < bounds[k + 1]; ++i) parts[k].add(x[i]);
+        }
+        const float reference = parts[0].count ? parts[0].pivot : parts[1].pivot;
+        norm::Moments<float> merged{};
+        for (const auto& part : parts) merged.merge(norm::moments_of(part, reference));
+        expect_close(merged.count, static_cast<double>(count), 0, "moments count", count);
+        // float rounding of the mean's magnitude, and a 1e-5 relative error of the variance.
+        const double got_mean = reference + static_cast<double>(merged.offset), var = m2 / count;
+        if (!(std::fabs(got_mean - mean) <= 1e-6 * (std::fabs(mean) + scale)) ||
+            !(std::fabs(merged.m2 / count - var) <= 1e-5 * var)) {
+          std::printf("FAIL moments offset %g scale %g count %lld: mean %.9g (want %.9g), var %.9g (want %.9g)\n",
+                      offset, scale, count, got_mean, mean, merged.m2 / count, var);
+          ++failures;
+        }
+      }
+    }
+  }
+  // Merging into an empty Moments copies; merging an empty one changes nothing.
+  norm::Moments<double> m{};
+  m.merge({2.0, 1.5, 0.5});
+  m.merge({});
+  expect_close(m.count, 2.0, 0, "merge into empty count", 0);
+  expect_close(m.offset, 1.5, 0, "merge into empty offset", 0);
+  expect_close(m.m2, 0.5, 0, "merge into empty m2", 0);
+  m.merge({1.0, 4.5, 0.0});  // values {1, 2} and {4.5}: mean 2.5, M2 = 2.25 + 0.25 + 4
+  expect_close(m.offset, 2.5, 1e-15, "merge mean", 0);
+  expect_close(m.m2, 0.5 + 9.0 * 2.0 / 3.0, 1e-15, "merge m2", 0);
+}
+
 }  // namespace
 
 int main() {
@@ -145,6 +190,7 @@ int main() {
     }
   }
   check_terms_and_reductions();
+  check_bn_moments();
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;

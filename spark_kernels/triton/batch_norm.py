@@ -1,30 +1,111 @@
-"""Triton masked BatchNorm primitives: per-channel sums over active sites (two-stage reduction) and the
-per-channel affine maps of the forward and backward passes."""
+"""Triton masked BatchNorm primitives: per-channel statistics over active sites (two-stage reductions)
+and the per-channel affine maps of the forward and backward passes.
+
+The forward statistics use the algorithm of every backend (csrc/common/norm_row.h): shifted sums around a
+pivot that is one of the summed values, partials merged with Chan's formula, so that a mean of 1e4
+standard deviations costs no precision (E[x^2] - E[x]^2 in float32 would lose all of it)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .._layout import kernel_memory_format, to_kernel_layout
-from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, layout_name, per_channel, reduce_partials, register_op, site_offsets,
-                     site_programs, spatial, sum_over_sites, tile_and, tile_sum, zero_tile)
-from .config import config_for, table_entries
+from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, launch, layout_name,
+                     per_channel, per_site, reduce_partials, register_op, site_offsets, site_programs, spatial,
+                     sum_over_sites, tile_and, tile_sum, zero_tile)
+from .config import MERGE_CONFIG, config_for, table_entries
 
 
 @triton.jit
-def bn_sums_kernel(x_ptr, grad_ptr, mean_ptr, index_ptr, partials_ptr, M, C, HW, blocks_per_program,
-                   BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """First stage of the BN sums over this program's chunk of active sites, partials (P, 2, C) float32:
-    forward [sum x, sum x^2]; backward [sum dy, sum dy * (x - mean)]."""
+def bn_moments_kernel(x_ptr, index_ptr, partials_ptr, M, C, HW, blocks_per_program,
+                      ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """First stage of the BN statistics over this program's chunk of active sites. Each lane (one site row
+    of the tile, one channel) sums d = x - p and d^2 around its own first value p; the lanes are merged with
+    Chan's formula relative to r, the pivot of the chunk's first site. partials (P, 3, C) float32:
+    [r, mean - r, M2]."""
     p = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     c_off = channel_offsets(c, HW, ROWS)
     first = p * blocks_per_program * BLOCK_M
-    if BACKWARD:
-        mean = per_channel(tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(tl.float32), ROWS)
+    lane = tl.arange(0, BLOCK_M)
+    m = first + lane
+    m_ok = m < M
+    sites = tl.load(index_ptr + m, mask=m_ok, other=0)
+    ok = tile_and(m_ok, c_ok, ROWS)
+    pivot = tl.load(x_ptr + tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS), mask=ok, other=0.0).to(tl.float32)
+    s1 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
+    s2 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
+    for b in range(1, blocks_per_program):
+        m = first + b * BLOCK_M + lane
+        m_ok = m < M
+        sites = tl.load(index_ptr + m, mask=m_ok, other=0)
+        ok = tile_and(m_ok, c_ok, ROWS)
+        xv = tl.load(x_ptr + tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS), mask=ok, other=0.0)
+        d = tl.where(ok, xv.to(tl.float32) - pivot, 0.0)
+        s1 += d
+        s2 += d * d
+    # The sites of lane l: the blocks b < blocks_per_program with first + b * BLOCK_M + l < M.
+    lane_count = tl.minimum((tl.maximum(M - first - lane, 0) + BLOCK_M - 1) // BLOCK_M, blocks_per_program)
+    n = per_site(lane_count.to(tl.float32), ROWS)
+    safe_n = tl.maximum(n, 1.0)
+    reference = sum_over_sites(tl.where(per_site(lane == 0, ROWS), pivot, 0.0), ROWS)
+    lane_offset = (pivot - per_channel(reference, ROWS)) + s1 / safe_n
+    lane_m2 = s2 - s1 * s1 / safe_n
+    lane_m2 = tl.where(lane_m2 < 0, 0.0, lane_m2)  # rounding below 0; a NaN stays NaN
+    offset = sum_over_sites(n * lane_offset, ROWS) / tl.sum(lane_count.to(tl.float32), axis=0)
+    deviation = tl.where(n > 0, lane_offset - per_channel(offset, ROWS), 0.0)
+    out_ptrs = partials_ptr + p.to(tl.int64) * 3 * C + c
+    tl.store(out_ptrs, reference, mask=c_ok)
+    tl.store(out_ptrs + C, offset, mask=c_ok)
+    tl.store(out_ptrs + 2 * C, sum_over_sites(lane_m2 + n * deviation * deviation, ROWS), mask=c_ok)
+
+
+@triton.jit
+def bn_merge_moments_kernel(partials_ptr, out_ptr, P, C, M, SITES_PER_PROGRAM,
+                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Second stage: Chan's merge of the P partials [r_p, mean_p - r_p, M2_p] in float64, in a fixed order,
+    relative to r_0: out (2, C) float64 = [mean, M2]. Program p of the first stage saw
+    min(M - p * SITES_PER_PROGRAM, SITES_PER_PROGRAM) sites."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols_ok = cols < C
+    reference = tl.load(partials_ptr + cols, mask=cols_ok, other=0.0).to(tl.float64)
+    weighted = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        ok = (rows < P)[:, None] & cols_ok[None, :]
+        ptrs = partials_ptr + rows.to(tl.int64)[:, None] * 3 * C + cols[None, :]
+        n = tl.minimum(tl.maximum(M - rows.to(tl.int64) * SITES_PER_PROGRAM, 0), SITES_PER_PROGRAM).to(tl.float64)
+        mean = (tl.load(ptrs, mask=ok, other=0.0).to(tl.float64) - reference[None, :]
+                + tl.load(ptrs + C, mask=ok, other=0.0).to(tl.float64))
+        weighted += tl.where(ok, n[:, None] * mean, 0.0)
+    offset = tl.sum(weighted, axis=0) / M
+    squares = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        ok = (rows < P)[:, None] & cols_ok[None, :]
+        ptrs = partials_ptr + rows.to(tl.int64)[:, None] * 3 * C + cols[None, :]
+        n = tl.minimum(tl.maximum(M - rows.to(tl.int64) * SITES_PER_PROGRAM, 0), SITES_PER_PROGRAM).to(tl.float64)
+        deviation = (tl.load(ptrs, mask=ok, other=0.0).to(tl.float64) - reference[None, :]
+                     + tl.load(ptrs + C, mask=ok, other=0.0).to(tl.float64) - offset[None, :])
+        m2 = tl.load(ptrs + 2 * C, mask=ok, other=0.0).to(tl.float64)
+        squares += tl.where(ok, m2 + n[:, None] * deviation * deviation, 0.0)
+    tl.store(out_ptr + cols, reference + offset, mask=cols_ok)
+    tl.store(out_ptr + C + cols, tl.sum(squares, axis=0), mask=cols_ok)
+
+
+@triton.jit
+def bn_sums_kernel(x_ptr, grad_ptr, mean_ptr, index_ptr, partials_ptr, M, C, HW, blocks_per_program,
+                   ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """First stage of the backward sums over this program's chunk of active sites, partials (P, 2, C)
+    float32: [sum dy, sum dy * (x - mean)] (x is centred: no cancellation to guard against)."""
+    p = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    c_off = channel_offsets(c, HW, ROWS)
+    first = p * blocks_per_program * BLOCK_M
+    mean = per_channel(tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(tl.float32), ROWS)
     acc0 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
     acc1 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
     for b in range(0, blocks_per_program):
@@ -34,13 +115,9 @@ def bn_sums_kernel(x_ptr, grad_ptr, mean_ptr, index_ptr, partials_ptr, M, C, HW,
         offs = tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS)
         ok = tile_and(m_ok, c_ok, ROWS)
         xv = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if BACKWARD:
-            g = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            acc0 += g
-            acc1 += g * (xv - mean)
-        else:
-            acc0 += xv
-            acc1 += xv * xv
+        g = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        acc0 += g
+        acc1 += g * (xv - mean)
     out_ptrs = partials_ptr + p.to(tl.int64) * 2 * C + c
     tl.store(out_ptrs, sum_over_sites(acc0, ROWS), mask=c_ok)
     tl.store(out_ptrs + C, sum_over_sites(acc1, ROWS), mask=c_ok)
@@ -82,8 +159,27 @@ def _fake_backward_elemt(grad_out, x, index, a, b, d):
     return torch.empty_like(x, memory_format=kernel_memory_format(x))
 
 
-def _sums(x: torch.Tensor, grad_out: torch.Tensor, mean: torch.Tensor, index: torch.Tensor,
-          backward: bool) -> torch.Tensor:
+def _moments(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    c, hw = spatial(x)
+    m = index.shape[0]
+    if m == 0:
+        return x.new_zeros((2, c), dtype=torch.float64)
+    layout = layout_name(x)
+    cfg = config_for("bn", layout, c)
+    programs, blocks_per_program = site_programs(m, cfg.block_m)
+    partials = x.new_empty((programs, 3, c), dtype=torch.float32)
+    launch(bn_moments_kernel, (programs, triton.cdiv(c, cfg.block_c)),
+        x, index, partials, m, c, hw, blocks_per_program, ROWS=layout == "rows", BLOCK_M=cfg.block_m,
+        BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+    out = x.new_empty((2, c), dtype=torch.float64)
+    merge = MERGE_CONFIG
+    launch(bn_merge_moments_kernel, (triton.cdiv(c, merge.block_c),),
+        partials, out, programs, c, m, blocks_per_program * cfg.block_m, BLOCK_P=merge.block_m,
+        BLOCK_C=merge.block_c, num_warps=merge.num_warps)
+    return out
+
+
+def _backward_sums(x: torch.Tensor, grad_out: torch.Tensor, mean: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     c, hw = spatial(x)
     m = index.shape[0]
     if m == 0:
@@ -92,8 +188,8 @@ def _sums(x: torch.Tensor, grad_out: torch.Tensor, mean: torch.Tensor, index: to
     cfg = config_for("bn", layout, c)
     programs, blocks_per_program = site_programs(m, cfg.block_m)
     partials = x.new_empty((programs, 2, c), dtype=torch.float32)
-    wrap_triton(bn_sums_kernel)[(programs, triton.cdiv(c, cfg.block_c))](
-        x, grad_out, mean, index, partials, m, c, hw, blocks_per_program, BACKWARD=backward,
+    launch(bn_sums_kernel, (programs, triton.cdiv(c, cfg.block_c)),
+        x, grad_out, mean, index, partials, m, c, hw, blocks_per_program,
         ROWS=layout == "rows", BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
     return reduce_partials(partials, torch.float64)
 
@@ -107,7 +203,7 @@ def _elemt(x: torch.Tensor, grad_out: torch.Tensor, index: torch.Tensor, scale: 
         return out
     layout = layout_name(x)
     cfg = config_for("bn", layout, c)
-    wrap_triton(bn_elemt_kernel)[(triton.cdiv(m, cfg.block_m), triton.cdiv(c, cfg.block_c))](
+    launch(bn_elemt_kernel, (triton.cdiv(m, cfg.block_m), triton.cdiv(c, cfg.block_c)),
         x, grad_out, scale, shift, grad_scale, out, index, m, c, hw, BACKWARD=backward, ROWS=layout == "rows",
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
     return out
@@ -120,8 +216,7 @@ def _per_channel_f32(t: torch.Tensor) -> torch.Tensor:
 @register_op("bn_stats", _fake_stats)
 def bn_stats(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     check_tables(x, index)
-    x = to_kernel_layout(x, x)
-    return _sums(x, x, x, index, backward=False)
+    return _moments(to_kernel_layout(x, x), index)
 
 
 @register_op("bn_backward_stats", _fake_backward_stats)
@@ -129,7 +224,7 @@ def bn_backward_stats(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tens
     check_tables(x, index)
     x = to_kernel_layout(x, x)
     grad_out = to_kernel_layout(grad_out.to(x.dtype), x)
-    return _sums(x, grad_out, _per_channel_f32(mean), index, backward=True)
+    return _backward_sums(x, grad_out, _per_channel_f32(mean), index)
 
 
 @register_op("bn_elemt", _fake_elemt)
@@ -152,15 +247,23 @@ def bn_backward_elemt(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tens
 
 def compile_configs():
     """Every (kernel, signature, constexprs, num_warps) the launch code above can pick (compile check)."""
+    merge = MERGE_CONFIG
+    yield (bn_merge_moments_kernel,
+           {"partials_ptr": "*fp32", "out_ptr": "*fp64", "P": "i32", "C": "i32", "M": "i32", "SITES_PER_PROGRAM": "i32",
+            "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"},
+           {"BLOCK_P": merge.block_m, "BLOCK_C": merge.block_c}, merge.num_warps)
     for dtype in KERNEL_DTYPES:
         t = f"*{TRITON_TYPE[dtype]}"
+        moments = {"x_ptr": t, "index_ptr": "*i32", "partials_ptr": "*fp32", "M": "i32", "C": "i32", "HW": "i32",
+                   "blocks_per_program": "i32"}
         sums = {"x_ptr": t, "grad_ptr": t, "mean_ptr": "*fp32", "index_ptr": "*i32", "partials_ptr": "*fp32",
                 "M": "i32", "C": "i32", "HW": "i32", "blocks_per_program": "i32"}
         elemt = {"x_ptr": t, "grad_ptr": t, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "grad_scale_ptr": "*fp32",
                  "out_ptr": t, "index_ptr": "*i32", "M": "i32", "C": "i32", "HW": "i32"}
-        for kernel, signature in ((bn_sums_kernel, sums), (bn_elemt_kernel, elemt)):
-            for layout, cfg in table_entries("bn"):
-                for backward in (False, True):
-                    constexprs = {"BACKWARD": backward, "ROWS": layout == "rows", "BLOCK_M": cfg.block_m,
-                                  "BLOCK_C": cfg.block_c}
+        for layout, cfg in table_entries("bn"):
+            base = {"ROWS": layout == "rows", "BLOCK_M": cfg.block_m, "BLOCK_C": cfg.block_c}
+            for kernel, signature, flags in ((bn_moments_kernel, moments, ({},)), (bn_sums_kernel, sums, ({},)),
+                                             (bn_elemt_kernel, elemt, ({"BACKWARD": False}, {"BACKWARD": True}))):
+                for flag in flags:
+                    constexprs = {**flag, **base}
                     yield kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs, cfg.num_warps

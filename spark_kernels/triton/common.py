@@ -7,12 +7,14 @@ each kernel is written once for both layouts with a ``ROWS`` constexpr.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch.cuda import is_available as cuda_available
 from torch.library import triton_op, wrap_triton
 
 from .._layout import uses_rows
@@ -144,12 +146,32 @@ def reduce_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Ten
     out = partials.new_empty(partials.shape[1:], dtype=out_dtype)
     length = out.numel()
     cfg = REDUCE_CONFIG
-    wrap_triton(reduce_partials_kernel)[(triton.cdiv(length, cfg.block_c),)](
-        partials, out, p, length, BLOCK_P=cfg.block_m, BLOCK_L=cfg.block_c, num_warps=cfg.num_warps)
+    launch(reduce_partials_kernel, (triton.cdiv(length, cfg.block_c),),
+           partials, out, p, length, BLOCK_P=cfg.block_m, BLOCK_L=cfg.block_c, num_warps=cfg.num_warps)
     return out
 
 
 # -- launch helpers -------------------------------------------------------------------------------------
+def tensor_device_guard(args):
+    """A context in which the CUDA device of the tensors among args is current: Triton launches on the
+    current device and its current stream, so a launch on tensors of another device would read them at
+    addresses of the wrong device, unordered with the work queued on theirs. Nothing to do for CPU tensors
+    (the interpreter) or on a machine without CUDA (fake tensors while tracing)."""
+    devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+    if len(devices) != 1:
+        raise ValueError(f"a Triton kernel's tensors must all be on one device, got {sorted(map(str, devices))}")
+    device = devices.pop()
+    if device.type != "cuda" or not cuda_available():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) on the device of its tensor arguments; every launch goes through here."""
+    with tensor_device_guard(args):
+        wrap_triton(kernel)[grid](*args, **kwargs)
+
+
 def site_programs(num_sites: int, block_m: int):
     """(programs, site blocks per program) for a two-stage reduction over num_sites >= 1 sites."""
     blocks = triton.cdiv(num_sites, block_m)

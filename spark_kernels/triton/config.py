@@ -59,6 +59,8 @@ _TABLE: Dict[str, Dict[str, Tuple[Tuple[int, LaunchConfig], ...]]] = {
 }
 # Sums per-program partial rows into the final per-channel result (layout-independent).
 REDUCE_CONFIG = LaunchConfig(8, 128, 4)
+# Merges the per-program BN moments (float64; block_m partial rows x block_c channels per step).
+MERGE_CONFIG = LaunchConfig(8, 64, 4)
 LN_MAX_CHANNELS = _TABLE["ln"]["rows"][-1][0]
 
 

@@ -7,12 +7,12 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .._layout import kernel_memory_format, to_kernel_layout
 from ..depthwise_conv import KERNEL_SIZES
-from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, layout_name, per_channel, reduce_partials, register_op, site_offsets,
-                     site_programs, spatial, sum_over_sites, tile_and, tile_sum, zero_tile)
+from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, launch, layout_name,
+                     per_channel, reduce_partials, register_op, site_offsets, site_programs, spatial,
+                     sum_over_sites, tile_and, tile_sum, zero_tile)
 from .config import config_for, table_entries
 
 
@@ -90,7 +90,7 @@ def _launch_taps(src, weight, bias, out, index, neighbors, mirror: int) -> None:
     layout = layout_name(src)
     cfg = config_for("dwconv", layout, c)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c, cfg.block_c))
-    wrap_triton(dwconv_taps_kernel)[grid](
+    launch(dwconv_taps_kernel, grid,
         src, weight, bias, out, index, neighbors, m, c, hw, mirror, K=weight.shape[-1], ROWS=layout == "rows",
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
 
@@ -128,7 +128,7 @@ def dwconv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     cfg = config_for("dwconv_wgrad", layout, c)
     programs, blocks_per_program = site_programs(m, cfg.block_m)
     partials = x.new_empty((programs, c, kk + 1), dtype=torch.float32)
-    wrap_triton(dwconv_wgrad_kernel)[(programs, triton.cdiv(c, cfg.block_c))](
+    launch(dwconv_wgrad_kernel, (programs, triton.cdiv(c, cfg.block_c)),
         grad_out, x, index, neighbors, partials, m, c, hw, blocks_per_program, K=weight.shape[-1],
         ROWS=layout == "rows", BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
     sums = reduce_partials(partials, torch.float32)

@@ -7,12 +7,11 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .._layout import kernel_memory_format, to_kernel_layout
-from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, layout_name, per_channel, per_site, reduce_partials, register_op,
-                     site_offsets, site_programs, spatial, sum_over_channels, sum_over_sites, tile_and, tile_sum,
-                     zero_tile)
+from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, launch, layout_name,
+                     per_channel, per_site, reduce_partials, register_op, site_offsets, site_programs, spatial,
+                     sum_over_channels, sum_over_sites, tile_and, tile_sum, zero_tile)
 from .config import config_for, table_entries
 
 
@@ -110,7 +109,7 @@ def ln_forward(x: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tens
         return y, mean, rstd
     layout = layout_name(x)
     cfg = config_for("ln", layout, c)
-    wrap_triton(ln_forward_kernel)[(triton.cdiv(m, cfg.block_m),)](
+    launch(ln_forward_kernel, (triton.cdiv(m, cfg.block_m),),
         x, _param_f32(weight, c, 1.0, x), _param_f32(bias, c, 0.0, x), y, mean, rstd, index, m, c, hw, eps,
         ROWS=layout == "rows", BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
     return y, mean, rstd
@@ -131,7 +130,7 @@ def ln_backward(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, we
     cfg = config_for("ln", layout, c)
     programs, blocks_per_program = site_programs(m, cfg.block_m)
     partials = x.new_empty((programs, 2, c), dtype=torch.float32)
-    wrap_triton(ln_backward_kernel)[(programs,)](
+    launch(ln_backward_kernel, (programs,),
         grad_out, x, _param_f32(weight, c, 1.0, x), mean.contiguous(), rstd.contiguous(), grad_x, partials, index,
         m, c, hw, blocks_per_program, ROWS=layout == "rows", BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
         num_warps=cfg.num_warps)
