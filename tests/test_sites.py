@@ -188,3 +188,13 @@ def test_more_sites_than_int32_addresses_are_refused():
     huge = torch.ones(1, 1, 1, 1, dtype=torch.bool).expand(2**16, 1, 2**8, 2**8)
     with pytest.raises(ValueError, match="has 4294967296 sites"):
         sk.ActiveSites(huge)
+
+
+def test_cached_scales_do_not_answer_other_sizes():
+    """A non-square pyramid: each scale is found under its own (H, W) only, so a size that is not a scale
+    of the mask is refused even when another scale with that width is cached."""
+    sites = sk.ActiveSites(torch.ones(1, 1, 2, 4, dtype=torch.bool))
+    up = sites.at(4, 8)
+    assert sites.at(4, 8) is up and up.at(2, 4) is sites and up.at(8, 16).at(4, 8) is up
+    with pytest.raises(ValueError, match="cannot be resampled"):
+        sites.at(8, 8)
