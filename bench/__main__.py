@@ -35,10 +35,14 @@ def run_main(argv) -> int:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--threads", type=int, help="torch threads (default: 2, docs/design.md section 6)")
     parser.add_argument("--repeats", type=int, help="timed repeats per case")
+    parser.add_argument("--precision", choices=tuple(suite.DTYPES),
+                        help="ops in this dtype (norm parameters float32), model steps under autocast to it "
+                             "(default: fp32)")
     args = parser.parse_args(argv)
 
     settings = suite.Settings(**(suite.QUICK if args.quick else {}))
-    overrides = {"backends": args.backends, "threads": args.threads, "repeats": args.repeats}
+    overrides = {"backends": args.backends, "threads": args.threads, "repeats": args.repeats,
+                 "precision": args.precision}
     settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     if args.no_compile:
         settings = dataclasses.replace(settings, compile_stages=())

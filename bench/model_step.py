@@ -1,10 +1,12 @@
 """SparK training steps: the fused model against the masked-dense reference model, side by side.
 
-    python -m bench.model_step [--models convnext_tiny resnet50] [--batch 16] [--input-size 224]
-                               [--steps 5] [--warmup 1] [--threads 2] [--backend cpu] [--out FILE.json]
+    python -m bench.model_step [--models convnext_tiny resnet50] [--precision fp32 bf16] [--batch 16]
+                               [--input-size 224] [--steps 5] [--warmup 1] [--threads 2] [--backend cpu]
+                               [--out FILE.json]
 
 A step is forward + backward + LAMB step (timm.optim.Lamb, the recipe's betas and global clipping at 5)
-on fixed images and a fixed sequence of random patch masks (ratio 0.6). Both models of a network get the
+on fixed images and a fixed sequence of random patch masks (ratio 0.6), the forward pass in fp32 or under
+autocast to bf16 / fp16 (--precision; parameters and optimizer stay float32). Both models of a network get the
 same weights and run in one process, their steps interleaved so that machine load hits both alike;
 the figure is the median step time after warm-up. Peak memory is the peak RSS (VmHWM) of a fresh
 subprocess that builds only that configuration and runs warm-up + 1 steps; its RSS after building the
@@ -27,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `spark` impor
     __package__ = "bench"
 
 from bench.common import MASK_RATIO, THREADS, allocator, environment, interleaved_times, median_time  # noqa: E402
+from spark import precision as precision_mod  # noqa: E402
 
 REFERENCE = "reference"
 MEMORY_METHOD = ("peak RSS (/proc/self/status VmHWM) of a fresh subprocess that builds only this configuration "
@@ -58,15 +61,17 @@ def inputs(batch: int, input_size: int, count: int, seed: int = 0):
     return images, masks
 
 
-def stepper(model, optimizer, images, masks):
+def stepper(model, optimizer, images, masks, precision: str = "fp32"):
     """A closure running one training step per call, cycling through the masks."""
     state = {"i": 0}
+    device = images.device
 
     def step():
         mask = masks[state["i"] % len(masks)]
         state["i"] += 1
         optimizer.zero_grad(set_to_none=True)
-        loss = model(images, mask)
+        with precision_mod.autocast(precision, device):
+            loss = model(images, mask)
         loss.backward()
         optimizer.step()
         return loss
@@ -86,12 +91,12 @@ def _rss_bytes() -> int:
     return _status_bytes("VmRSS")
 
 
-def _child(name: str, backend: str, batch: int, input_size: int, warmup: int) -> Dict[str, int]:
+def _child(name: str, backend: str, batch: int, input_size: int, warmup: int, precision: str) -> Dict[str, int]:
     """Run in a fresh process: build one configuration, run warm-up + 1 steps, report memory."""
     model, opt = build(name, None if backend == "default" else backend, input_size, batch)
     images, masks = inputs(batch, input_size, warmup + 1)
     baseline = _rss_bytes()
-    step = stepper(model, opt, images, masks)
+    step = stepper(model, opt, images, masks, precision)
     for _ in range(warmup + 1):
         step()
     # VmHWM, not getrusage's ru_maxrss: a child spawned by a large parent inherits the parent's RSS into
@@ -100,9 +105,9 @@ def _child(name: str, backend: str, batch: int, input_size: int, warmup: int) ->
 
 
 def peak_memory(name: str, backend: Optional[str], batch: int, input_size: int, warmup: int,
-                threads: int) -> Dict[str, object]:
+                threads: int, precision: str = "fp32") -> Dict[str, object]:
     cmd = [sys.executable, "-m", "bench.model_step", "--child", name, backend or "default", str(batch),
-           str(input_size), str(warmup), "--threads", str(threads)]
+           str(input_size), str(warmup), precision, "--threads", str(threads)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=3600)
@@ -123,34 +128,36 @@ def _row(times: Dict[str, object], batch: int, memory: Dict[str, object]) -> Dic
 
 
 def measure(name: str, backend: Optional[str] = None, batch: int = 16, steps: int = 5, warmup: int = 1,
-            input_size: int = 224, memory: bool = True) -> Dict[str, object]:
-    """One configuration on its own (used by `python -m bench`): images/s from the median of `steps`
-    timed steps after `warmup`, and its peak memory from a subprocess."""
+            input_size: int = 224, memory: bool = True, precision: str = "fp32") -> Dict[str, object]:
+    """One configuration on its own: images/s from the median of `steps` timed steps after `warmup`,
+    and its peak memory from a subprocess."""
     model, opt = build(name, backend, input_size, batch)
     images, masks = inputs(batch, input_size, steps + warmup)
-    times = median_time(stepper(model, opt, images, masks), repeats=steps, warmup=warmup)
+    times = median_time(stepper(model, opt, images, masks, precision), repeats=steps, warmup=warmup)
     del model, opt
-    mem = peak_memory(name, backend, batch, input_size, warmup, torch.get_num_threads()) if memory else {}
+    mem = peak_memory(name, backend, batch, input_size, warmup, torch.get_num_threads(),
+                      precision) if memory else {}
     return _row(times, batch, mem)
 
 
 def compare(name: str, backend: Optional[str], batch: int, steps: int, warmup: int, input_size: int,
-            memory: bool = True) -> Dict[str, object]:
+            memory: bool = True, precision: str = "fp32") -> Dict[str, object]:
     """Fused and reference models of one network with the same weights, steps interleaved."""
     ref, ref_opt = build(name, REFERENCE, input_size, batch)
     fused, fused_opt = build(name, backend, input_size, batch)
     fused.load_state_dict(ref.state_dict())
     images, masks = inputs(batch, input_size, steps + warmup)
     label = backend or "default"
-    times = interleaved_times({REFERENCE: stepper(ref, ref_opt, images, masks),
-                               label: stepper(fused, fused_opt, images, masks)}, repeats=steps, warmup=warmup)
+    times = interleaved_times({REFERENCE: stepper(ref, ref_opt, images, masks, precision),
+                               label: stepper(fused, fused_opt, images, masks, precision)},
+                              repeats=steps, warmup=warmup)
     del ref, ref_opt, fused, fused_opt
     rows = {}
     for b, key in ((REFERENCE, REFERENCE), (backend, label)):
-        mem = peak_memory(name, b, batch, input_size, warmup, torch.get_num_threads()) if memory else {}
+        mem = peak_memory(name, b, batch, input_size, warmup, torch.get_num_threads(), precision) if memory else {}
         rows[key] = _row(times[key], batch, mem)
-    result = {"model": name, "batch": batch, "input_size": input_size, "steps": steps, "warmup": warmup,
-              "rows": rows}
+    result = {"model": name, "precision": precision, "batch": batch, "input_size": input_size, "steps": steps,
+              "warmup": warmup, "rows": rows}
     if "images_per_s" in rows[label] and "images_per_s" in rows[REFERENCE]:
         result["speedup"] = rows[label]["images_per_s"] / rows[REFERENCE]["images_per_s"]
         if "peak_memory_bytes" in rows[label] and "peak_memory_bytes" in rows[REFERENCE]:
@@ -162,6 +169,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.model_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["convnext_tiny", "resnet50"])
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16", "fp16"), default=["fp32"],
+                        help="forward pass in fp32 or under autocast to bf16 / fp16; several: one run each")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (median reported)")
@@ -170,23 +179,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--backend", default=None, help="backend of the fused model (default: best available)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--out", help="also write the JSON here")
-    parser.add_argument("--child", nargs=5, metavar=("MODEL", "BACKEND", "BATCH", "SIZE", "WARMUP"),
+    parser.add_argument("--child", nargs=6, metavar=("MODEL", "BACKEND", "BATCH", "SIZE", "WARMUP", "PRECISION"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.child:
-        name, backend, batch, size, warmup = args.child
-        print(json.dumps(_child(name, backend, int(batch), int(size), int(warmup))))
+        name, backend, batch, size, warmup, precision = args.child
+        print(json.dumps(_child(name, backend, int(batch), int(size), int(warmup), precision)))
         return 0
     results = {"command": " ".join([os.path.basename(sys.executable), "-m", "bench.model_step"] +
                                    (sys.argv[1:] if argv is None else argv)),
                "environment": environment(), "mask_ratio": MASK_RATIO, "memory_method": MEMORY_METHOD,
                "models": []}
     for name in args.models:
-        r = compare(name, args.backend, args.batch, args.steps, args.warmup, args.input_size,
-                    memory=not args.no_memory)
-        results["models"].append(r)
-        print(json.dumps({k: r.get(k) for k in ("model", "speedup", "peak_memory_ratio")}), file=sys.stderr)
+        for precision in args.precision:
+            r = compare(name, args.backend, args.batch, args.steps, args.warmup, args.input_size,
+                        memory=not args.no_memory, precision=precision)
+            results["models"].append(r)
+            summary = {k: r.get(k) for k in ("model", "precision", "speedup", "peak_memory_ratio")}
+            summary.update({f"{b}_peak_MB": round(row.get("peak_memory_bytes", 0) / 2 ** 20)
+                            for b, row in r["rows"].items()})
+            print(json.dumps(summary), file=sys.stderr)
     results["environment"]["load_average_end"] = list(os.getloadavg())
     text = json.dumps(results, indent=1)
     print(text)

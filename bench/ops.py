@@ -59,27 +59,31 @@ class Case:
     recording) or forward + backward once, with the fused backends, the reference or the compiled one."""
 
     def __init__(self, op: str, channels: int, size: int, patch: int, batch: int, mask_ratio: float = MASK_RATIO,
-                 seed: int = 0):
+                 seed: int = 0, dtype: torch.dtype = torch.float32):
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
         self.op, self.channels, self.size, self.patch, self.batch = op, channels, size, patch, batch
+        self.dtype = dtype
         g = torch.Generator().manual_seed(seed)
         self.mask = upsample_mask(patch_mask(batch, size // patch, mask_ratio, generator=g), size, size)
         self.sites = sk.ActiveSites(self.mask)
         self.active_fraction = self.sites.active_fraction
         x = torch.randn(batch, channels, size, size, generator=g)
-        x = torch.where(self.mask, x, 0).contiguous(memory_format=torch.channels_last)
-        self.grad = torch.randn(x.shape, generator=g).contiguous(memory_format=torch.channels_last)
+        # Activations in dtype; the conv weights too (a conv under autocast), norm parameters in float32
+        # (the mixed-precision contract of the masked norms).
+        x = torch.where(self.mask, x, 0).to(dtype).contiguous(memory_format=torch.channels_last)
+        self.grad = torch.randn(x.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
         if op == "layer_norm_cl":
             x, self.grad = x.permute(0, 2, 3, 1).contiguous(), self.grad.permute(0, 2, 3, 1).contiguous()
         self.x = x.requires_grad_()
         if op.startswith("dwconv"):
             k = int(op[-1])
-            self.weight = torch.randn(channels, 1, k, k, generator=g).requires_grad_()
+            self.weight = torch.randn(channels, 1, k, k, generator=g).to(dtype).requires_grad_()
             self.sites.neighbors(k)  # built once per mask and scale in real use
         else:
             self.weight = torch.randn(channels, generator=g).requires_grad_()
-        self.bias = torch.randn(channels, generator=g).requires_grad_()
+        self.bias = torch.randn(channels, generator=g).to(dtype if op.startswith("dwconv") else torch.float32)
+        self.bias.requires_grad_()
         self.running_mean, self.running_var = torch.zeros(channels), torch.ones(channels)
 
     def _forward(self, impl: str) -> Callable[[], torch.Tensor]:
@@ -110,8 +114,8 @@ class Case:
 
 
 def make_case(op: str, channels: int, size: int, patch: int, batch: int, seed: int = 0,
-              mask_ratio: float = MASK_RATIO) -> Case:
-    return Case(op, channels, size, patch, batch, mask_ratio, seed)
+              mask_ratio: float = MASK_RATIO, dtype: torch.dtype = torch.float32) -> Case:
+    return Case(op, channels, size, patch, batch, mask_ratio, seed, dtype)
 
 
 def main(argv=None) -> int:

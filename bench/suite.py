@@ -18,6 +18,7 @@ from . import roofline
 from .common import BATCH, MASK_RATIO, MODEL_TARGETS, STAGES, TARGETS, THREADS, environment, interleaved_times
 from .ops import COMPILED, OPS, REFERENCE, Case
 from .report import SCHEMA
+from spark.precision import DTYPES
 PASSES = {"forward": False, "forward_backward": True}  # pass name -> with backward
 
 
@@ -55,6 +56,7 @@ class Settings:
     machine_gemm_size: int = 2048
     machine_stream_elements: int = 1 << 25  # 128 MB per array, 4x the last-level cache here
     quick: bool = False
+    precision: str = "fp32"  # ops: activations in this dtype; models: steps under autocast to it
 
 
 QUICK = dict(repeats=3, warmup=1, budget_s=5.0, passes=("forward_backward",),
@@ -94,6 +96,7 @@ def measure_case(case: Case, impls: Sequence[str], backward: bool, settings: Set
     row: Dict[str, object] = {
         "op": case.op, "channels": case.channels, "size": case.size, "batch": case.batch,
         "active_fraction": case.active_fraction, "pass": "forward_backward" if backward else "forward",
+        "dtype": str(case.dtype).replace("torch.", ""),
         "times": times,
         "speedup": {impl: _ratio(times, REFERENCE, impl) for impl in impls if impl != REFERENCE},
     }
@@ -115,7 +118,7 @@ def run_ops(settings: Settings, backends: List[str], bounds) -> List[Dict[str, o
                     (settings.compile_ops is None or op in settings.compile_ops)
                 over_budget = compile_here and compile_spent >= settings.compile_budget_s
                 impls = [REFERENCE] + backends + ([COMPILED] if compile_here and not over_budget else [])
-                case = Case(op, channels, size, patch, settings.batch)
+                case = Case(op, channels, size, patch, settings.batch, dtype=DTYPES[settings.precision])
                 for pass_ in settings.passes:
                     row = measure_case(case, impls, PASSES[pass_], settings, bounds)
                     compiled = row["times"].get(COMPILED, {})
@@ -142,13 +145,15 @@ def run_sweeps(settings: Settings, backends: List[str], bounds) -> Dict[str, Lis
     out: Dict[str, List[Dict[str, object]]] = {"mask_ratio": [], "batch": []}
     for op in settings.sweep_ops:
         for ratio in settings.mask_ratios:
-            row = measure_case(Case(op, channels, size, patch, settings.batch, ratio), impls, True, sweep, bounds)
+            row = measure_case(Case(op, channels, size, patch, settings.batch, ratio, dtype=DTYPES[settings.precision]),
+                               impls, True, sweep, bounds)
             row["mask_ratio"] = ratio
             out["mask_ratio"].append(row)
             _log(f"sweep mask {op:<14}ratio {ratio:.1f} active {row['active_fraction']:.2f}" +
                  "".join(f" {i}{_ms(row['times'][i])}" for i in impls))
         for batch in settings.batch_sizes:
-            row = measure_case(Case(op, channels, size, patch, batch), impls, True, sweep, bounds)
+            row = measure_case(Case(op, channels, size, patch, batch, dtype=DTYPES[settings.precision]), impls, True,
+                               sweep, bounds)
             row["mask_ratio"] = MASK_RATIO
             out["batch"].append(row)
             _log(f"sweep batch {op:<14}batch {batch:<4}" + "".join(f" {i}{_ms(row['times'][i])}" for i in impls))
@@ -168,11 +173,13 @@ def run_models(settings: Settings, backends: List[str]) -> Dict[str, object]:
         return {"status": f"not measured: bench/model_step.py is not available ({e})", "rows": []}
     rows: List[Dict[str, object]] = []
     for model in settings.models:
-        base = {"model": model, "batch": settings.model_batch, "input_size": settings.model_input_size}
+        base = {"model": model, "precision": settings.precision, "batch": settings.model_batch,
+                "input_size": settings.model_input_size}
         for backend in backends:
             try:
                 r = model_step.compare(model, backend, settings.model_batch, settings.model_steps,
-                                       settings.model_warmup, settings.model_input_size, memory=settings.model_memory)
+                                       settings.model_warmup, settings.model_input_size, memory=settings.model_memory,
+                                       precision=settings.precision)
                 measured = [(REFERENCE, r["rows"][REFERENCE]), (backend, r["rows"][backend])]
             except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                 measured = [(backend, {"error": _error(e)})]

@@ -208,7 +208,8 @@ class SparK(nn.Module):
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_images(images)
         mask = self._resolve_mask(images, mask)
-        reconstruction = self._patchify(self._reconstruct_patches(images, mask))
+        # The loss in the images' precision (float32 under autocast, whatever the decoder ran in).
+        reconstruction = self._patchify(self._reconstruct_patches(images, mask)).to(images.dtype)
         target = self._patchify(images)
         mean, std = self._patch_stats(target)
         per_patch = ((reconstruction - (target - mean) / std) ** 2).mean(dim=-1)  # (B, L)
@@ -233,7 +234,7 @@ def _create_timm_encoder(name: str, timm_kwargs: dict) -> nn.Module:
     import timm
     if "features_only" in timm_kwargs:
         raise ValueError("features_only: SparK always creates the timm encoder with features_only=True")
-    kwargs = dict(pretrained=False, **timm_kwargs)
+    kwargs = {"pretrained": False, **timm_kwargs}  # pretrained=True may be asked for
     try:
         return timm.create_model(name, features_only=True, **kwargs)
     except TypeError as err:

@@ -23,6 +23,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import distributed
+from . import precision as precision_mod
 from .data import (DataError, PretrainDataset, ResumableSampler, collate, default_photo_paths, find_images,
                    fixed_images, train_transform)
 from .recipe import recipe_for
@@ -39,7 +40,7 @@ QUICK_START = {"repeats": 32, "epochs": 4, "base_lr": 2e-2}
 RUN_OPTIONS = ("model", "drop_path", "input_size", "batch_size", "epochs", "steps", "warmup_epochs", "mask_ratio",
                "base_lr", "weight_decay", "seed", "repeats")
 # Taken from the checkpoint on --resume unless given (a data set may move to another folder).
-RESUMED_DEFAULTS = ("data",)
+RESUMED_DEFAULTS = ("data", "precision")
 
 
 class UsageError(Exception):
@@ -95,6 +96,10 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
                    help="continue from CHECKPOINT; without a value, from --out's checkpoint.pth")
     p.add_argument("--backend", default=d(None), help="spark_kernels backend (default: best for the device)")
     p.add_argument("--device", default=d(None), help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=precision_mod.CHOICES, default=d("auto"),
+                   help="fp32, or autocast to bf16 / fp16 (fp16: CUDA only, with a gradient scaler); auto: bf16 "
+                        "where the hardware computes it natively (CUDA sm_80+, CPUs with AVX512-BF16 or AMX), "
+                        "else fp32")
     p.add_argument("--seed", type=int, default=d(0), help="seed of weights, crops and masks")
     p.add_argument("--save-every", type=int, default=d(1), metavar="EPOCHS",
                    help="write a checkpoint and reconstruction.png every this many epochs (and at the end)")
@@ -230,8 +235,9 @@ def mask_for_step(seed: int, step: int, global_batch: int, grid: int, mask_ratio
 class JsonLog:
     """log.jsonl; on resume, records after the checkpoint's step (from the interrupted run) are dropped."""
 
-    def __init__(self, path: str, resume_step: Optional[int]):
+    def __init__(self, path: str, resume_step: Optional[int], fixed: Optional[Dict] = None):
         self.path = path
+        self.fixed = dict(fixed or {})  # fields of every record (the run's precision)
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
                 kept = [line for line in f if line.strip() and self._step(line) <= resume_step]
@@ -248,7 +254,7 @@ class JsonLog:
 
     def write(self, record: Dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, **self.fixed}) + "\n")
 
 
 class Progress:
@@ -330,6 +336,16 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     check_backend(args.backend, device)
+    try:
+        precision, why = precision_mod.resolve(args.precision, device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if world.is_main:
+        print(f"{PROG}: precision {precision} ({why})", flush=True)
+        if saved is not None and saved.get("precision", "fp32") != precision:
+            print(f"{PROG}: the checkpoint was trained in {saved.get('precision', 'fp32')}; resuming in "
+                  f"{precision}", flush=True)
+    scaler = precision_mod.grad_scaler(precision, device)
     dataset = build_dataset(args)
     batch_per_process = args.batch_size // world.size
     sampler = ResumableSampler(dataset, world.size, world.rank, args.seed, batch_per_process)
@@ -365,6 +381,8 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
             raise RunError(str(err)) from None
         except (ValueError, RuntimeError, KeyError) as err:
             raise RunError(f"--resume {path}: optimizer state does not fit this model: {err}") from None
+        if scaler is not None and "grad_scaler" in saved:
+            scaler.load_state_dict(saved["grad_scaler"])
         start_step = int(saved["step"])
         skipped = list(saved.get("skipped_files", []))
         if world.is_main:
@@ -383,8 +401,8 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
             vis_images, _ = fixed_images(dataset, args.num_vis, args.input_size)
         except DataError as err:
             raise RunError(str(err)) from None
-    log = JsonLog(os.path.join(args.out, "log.jsonl"), start_step if saved is not None else None) \
-        if world.is_main else None
+    log = JsonLog(os.path.join(args.out, "log.jsonl"), start_step if saved is not None else None,
+                  {"precision": precision}) if world.is_main else None
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_per_process, sampler=sampler,
                                          num_workers=args.workers, collate_fn=collate, drop_last=True,
@@ -403,11 +421,20 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
             images = images.to(device, non_blocking=True)
             mask = mask_for_step(args.seed, step, args.batch_size, grid, args.mask_ratio, world).to(device)
             lr, wd = apply_schedule(optimizer, schedule, step)
-            loss = train_model(images, mask=mask)
+            with precision_mod.autocast(precision, device):
+                loss = train_model(images, mask=mask)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaler is None:
+                loss.backward()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # clip the true gradients
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, CLIP_GRAD_NORM))
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise RunError(f"the loss became {loss_value} at step {step + 1}; lower --base-lr?")
@@ -419,7 +446,8 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
             bar.update(1)
             if (end_of_epoch and (step // steps_per_epoch) % args.save_every == 0) or step == total_steps:
                 if world.is_main:
-                    save(args, model, optimizer, step, total_steps, steps_per_epoch, skipped, world)
+                    save(args, model, optimizer, step, total_steps, steps_per_epoch, skipped, world, precision,
+                         scaler)
                     if vis_images is not None:
                         write_reconstructions(model, vis_images, args, os.path.join(args.out, "reconstruction.png"))
             if step == total_steps:
@@ -432,12 +460,15 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
 
 
 def save(args, model, optimizer, step: int, total_steps: int, steps_per_epoch: int, skipped: List[str],
-         world: distributed.World) -> None:
+         world: distributed.World, precision: str, scaler) -> None:
     state = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "model": model.state_dict(),
              "architecture": ckpt_io.ARCHITECTURE,
              "optimizer": optimizer.state_dict(), "step": step, "epoch": step // steps_per_epoch,
              "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "args": run_options(args),
-             "rng": ckpt_io.rng_state(), "world_size": world.size, "skipped_files": list(skipped)}
+             "rng": ckpt_io.rng_state(), "world_size": world.size, "skipped_files": list(skipped),
+             "precision": precision}
+    if scaler is not None:
+        state["grad_scaler"] = scaler.state_dict()
     ckpt_io.atomic_torch_save(state, os.path.join(args.out, ckpt_io.CHECKPOINT_NAME))
 
 

@@ -153,7 +153,11 @@ class SparseConvNeXtBlock(ConvNeXtBlock):
             if self.drop_path.scale_by_keep:
                 keep.div_(keep_prob)
             rows = rows * keep.index_select(0, torch.div(index, h * w, rounding_mode="floor"))[:, None]
-        out = _rows(self.shortcut(x)).index_add(0, index, rows)
+        shortcut = _rows(self.shortcut(x))
+        # Under autocast the branch (float32 after the layer scale) and the input may differ in dtype: the
+        # sum takes the wider one, as timm's `branch + shortcut` does.
+        dtype = torch.promote_types(shortcut.dtype, rows.dtype)
+        out = shortcut.to(dtype).index_add(0, index, rows.to(dtype))
         return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 

@@ -6,8 +6,8 @@ masked_layer_norm, available_backends, active, and the modules in spark_kernels.
 import torch
 
 from . import _native
-from ._backends import (BACKEND_NAMES, Backend, available_backends, register_backend, select_backend,
-                        unavailable_reasons)
+from ._backends import (BACKEND_NAMES, Backend, FallbackWarning, available_backends, fallback_counts,
+                        register_backend, reset_fallback_counts, select_backend, unavailable_reasons)
 from ._sites import ActiveSites, sites_cache
 from .batch_norm import masked_batch_norm
 from .depthwise_conv import sparse_depthwise_conv2d
@@ -18,11 +18,12 @@ from .triton import device_unsupported_reason as _triton_device_check, load as _
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 register_backend(Backend("reference", ("cpu", "cuda", "meta"), _FLOATS, lambda: (None, None)))
-register_backend(Backend("cpu", ("cpu",), (torch.float32, torch.float64), _native.load_cpu))
+register_backend(Backend("cpu", ("cpu",), _FLOATS, _native.load_cpu))
 register_backend(Backend("cuda", ("cuda",), (torch.float32, torch.float16, torch.bfloat16), _native.load_cuda))
 register_backend(Backend("triton", ("cuda", "cpu"), (torch.float32, torch.float16, torch.bfloat16), _load_triton,
                          device_check=_triton_device_check))
 
 __all__ = ["ActiveSites", "sparse_depthwise_conv2d", "masked_batch_norm", "masked_layer_norm",
-           "available_backends", "unavailable_reasons", "active", "current_sites", "nn", "BACKEND_NAMES"]
+           "available_backends", "unavailable_reasons", "active", "current_sites", "nn", "BACKEND_NAMES",
+           "FallbackWarning", "fallback_counts", "reset_fallback_counts"]
 __version__ = "0.1.0"

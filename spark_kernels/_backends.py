@@ -2,11 +2,15 @@
 
 Each backend declares what it supports (devices, dtypes) and why it is unavailable when it is; the
 dispatcher picks the first backend in the device's preference order that supports the call, or raises
-with every backend's reason.
+with every backend's reason. A call that the preferred backends cannot take and that lands on the slow
+masked-dense "reference" backend is never silent: it warns (FallbackWarning, once per op and reason) and
+is counted (fallback_counts()).
 """
 from __future__ import annotations
 
+import collections
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -19,6 +23,33 @@ DEFAULT_ORDER: Dict[str, Tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
 }
 ENV_VAR = "SPARK_KERNELS_BACKEND"
+REFERENCE = "reference"
+
+
+class FallbackWarning(RuntimeWarning):
+    """A call ran on the slow "reference" backend because the preferred backends cannot take it.
+    Turn it into an error with ``warnings.simplefilter("error", spark_kernels.FallbackWarning)``."""
+
+
+_fallbacks: "collections.Counter[Tuple[str, str]]" = collections.Counter()
+
+
+def fallback_counts() -> Dict[Tuple[str, str], int]:
+    """How many calls fell back to "reference" in this process, per (op, reason)."""
+    return dict(_fallbacks)
+
+
+def reset_fallback_counts() -> None:
+    """Forget the fallbacks seen so far (their counts, and which were warned about)."""
+    _fallbacks.clear()
+
+
+def _note_fallback(op: str, reason: str) -> None:
+    key = (op, reason)
+    if key not in _fallbacks:
+        warnings.warn(f"{op}: running on the slow masked-dense 'reference' backend because {reason}",
+                      FallbackWarning, stacklevel=4)
+    _fallbacks[key] += 1
 
 
 @dataclass
@@ -118,10 +149,12 @@ def select_backend(requested: Optional[str], x: torch.Tensor, op: str) -> Backen
             raise RuntimeError(f"{op}: backend {requested!r} (from {source}) cannot run this call: {why}")
         return backend
     reasons = []
-    for name in DEFAULT_ORDER.get(x.device.type, ("reference",)):
+    for name in DEFAULT_ORDER.get(x.device.type, (REFERENCE,)):
         backend = _REGISTRY.get(name)
         why = "not registered in this build" if backend is None else backend.unsupported_reason(x)
         if why is None:
+            if name == REFERENCE and reasons:
+                _note_fallback(op, "; ".join(reasons))
             return backend
         reasons.append(f"{name}: {why}")
     raise RuntimeError(f"{op}: no backend supports this call: " + "; ".join(reasons))

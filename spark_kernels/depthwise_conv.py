@@ -1,7 +1,8 @@
 """Submanifold depthwise conv (k = 3 or 7, stride 1, 'same' padding, groups = channels).
 
 Output at active sites only, from active neighbours only, bias at active sites only, exact zeros
-elsewhere; the input gradient is zero at inactive sites.
+elsewhere; the input gradient is zero at inactive sites. Under torch.autocast the conv runs in the
+autocast dtype, as F.conv2d does (the kernels accumulate in float32).
 """
 from __future__ import annotations
 
@@ -53,6 +54,17 @@ def check_conv_args(x, weight, bias) -> int:
     return k
 
 
+def _autocast(x, weight, bias):
+    """x, weight and bias in the autocast dtype when autocast is on for x's device (float32, float16 and
+    bfloat16 tensors are cast, float64 ones are not: autocast's rule for conv2d)."""
+    if not (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (  # noqa: E731
+        torch.float32, torch.float16, torch.bfloat16) else t
+    return cast(x), cast(weight), cast(bias)
+
+
 def sparse_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], active,
                             backend: Optional[str] = None) -> torch.Tensor:
     """Submanifold depthwise conv of x (N, C, H, W), any memory format, with weight (C, 1, k, k), k in {3, 7}.
@@ -60,6 +72,7 @@ def sparse_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     active: bool mask (N, 1, H, W) (True = active) or an ActiveSites. Returns a dense tensor with
     exact zeros at inactive sites.
     """
+    x, weight, bias = _autocast(x, weight, bias)
     k = check_conv_args(x, weight, bias)
     sites = resolve_sites(active, x)
     chosen = select_backend(backend, x, "sparse_depthwise_conv2d")

@@ -1,8 +1,10 @@
+import warnings
+
 import pytest
 import torch
 
 import spark_kernels as sk
-from spark_kernels._backends import ENV_VAR, select_backend
+from spark_kernels._backends import _REGISTRY, ENV_VAR, Backend, select_backend
 
 from helpers import random_mask
 
@@ -48,11 +50,47 @@ def test_unknown_backend_name():
         sk.masked_layer_norm(x, torch.ones(1, 1, 3, 3, dtype=torch.bool), None, None, backend="fast")
 
 
-def test_cpu_backend_refuses_half_with_reason():
+def test_cpu_backend_takes_every_float_dtype():
     if "cpu" not in sk.available_backends():
         pytest.skip("the C++ extension is not built here")
-    x = torch.zeros(1, 2, 3, 3, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="float16"):
-        sk.masked_batch_norm(x, random_mask(1, 3, 3, 0.5), None, None, backend="cpu")
-    # ... while the default dispatch falls back to the reference for it.
-    assert select_backend(None, x, "op").name == "reference"
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        assert select_backend(None, torch.zeros(1, 2, 3, 3, dtype=dtype), "op").name == "cpu"
+    with pytest.raises(RuntimeError, match="backend 'cpu'.*int32"):
+        select_backend("cpu", torch.zeros(1, 2, 3, 3, dtype=torch.int32), "op")
+
+
+def test_fallback_to_reference_warns_once_per_op_and_reason_and_is_counted(monkeypatch):
+    """A call the default backend cannot take runs on the reference, never silently."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    restricted = Backend("cpu", ("cpu",), (torch.float64,), lambda: (object(), None))
+    monkeypatch.setitem(_REGISTRY, "cpu", restricted)  # a cpu backend that takes float64 only
+    sk.reset_fallback_counts()
+    mask = random_mask(2, 5, 5, 0.5)
+    x, weight = torch.randn(2, 3, 5, 5), torch.randn(3, 1, 3, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # "once" is the library's own doing, not the filter's
+        for _ in range(3):
+            y = sk.sparse_depthwise_conv2d(x, weight, None, mask)
+        sk.masked_layer_norm(x, mask, None, None)
+        sk.sparse_depthwise_conv2d(x.half(), weight.half(), None, mask)
+    assert torch.equal(y, sk.sparse_depthwise_conv2d(x, weight, None, mask, backend="reference"))
+    assert all(w.category is sk.FallbackWarning for w in caught)
+    assert [str(w.message) for w in caught] == [
+        "sparse_depthwise_conv2d: running on the slow masked-dense 'reference' backend because cpu: supports "
+        "dtypes float64, not float32",
+        "masked_layer_norm: running on the slow masked-dense 'reference' backend because cpu: supports dtypes "
+        "float64, not float32",
+        "sparse_depthwise_conv2d: running on the slow masked-dense 'reference' backend because cpu: supports "
+        "dtypes float64, not float16"]
+    counts = sk.fallback_counts()
+    assert counts == {("sparse_depthwise_conv2d", "cpu: supports dtypes float64, not float32"): 3,
+                      ("masked_layer_norm", "cpu: supports dtypes float64, not float32"): 1,
+                      ("sparse_depthwise_conv2d", "cpu: supports dtypes float64, not float16"): 1}
+    # Naming the reference is a choice, not a fallback; and as an error the warning stops the call.
+    sk.reset_fallback_counts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sk.FallbackWarning)
+        sk.sparse_depthwise_conv2d(x, weight, None, mask, backend="reference")
+        with pytest.raises(sk.FallbackWarning):
+            sk.sparse_depthwise_conv2d(x, weight, None, mask)
+    assert sk.fallback_counts() == {}  # the raising call never ran

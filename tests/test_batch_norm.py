@@ -32,13 +32,16 @@ def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def run(backend, x, active, weight, bias, running, grad_out, training=True, momentum=0.1, eps=1e-5,
-        dtype=None, layout="contiguous"):
-    """Forward + backward of masked_batch_norm in `dtype`; returns outputs, gradients, running stats."""
+        dtype=None, layout="contiguous", param_dtype=None):
+    """Forward + backward of masked_batch_norm in `dtype`, the parameters and running statistics in
+    param_dtype (default: dtype); returns outputs, gradients, running stats."""
     dtype = dtype or x.dtype
+    param_dtype = param_dtype or dtype
     xd = with_layout(x.detach().to(dtype, copy=True), layout).requires_grad_()
-    wd = None if weight is None else weight.detach().to(dtype, copy=True).requires_grad_()
-    bd = None if bias is None else bias.detach().to(dtype, copy=True).requires_grad_()
-    rm, rv = (None, None) if running is None else (running[0].to(dtype, copy=True), running[1].to(dtype, copy=True))
+    wd = None if weight is None else weight.detach().to(param_dtype, copy=True).requires_grad_()
+    bd = None if bias is None else bias.detach().to(param_dtype, copy=True).requires_grad_()
+    rm, rv = (None, None) if running is None else (running[0].to(param_dtype, copy=True),
+                                                   running[1].to(param_dtype, copy=True))
     y = sk.masked_batch_norm(xd, active, rm, rv, wd, bd, training=training, momentum=momentum, eps=eps,
                              backend=backend)
     y.backward(grad_out.to(dtype))
@@ -65,25 +68,32 @@ def inputs(n, c, seed=0, h=H, w=W):
 def check_against_reference(backend, x, active, weight, bias, running, grad_out, dtype, layout="contiguous",
                             **kw):
     out = run(backend, x, active, weight, bias, running, grad_out, dtype=dtype, layout=layout, **kw)
-    ref64 = run("reference", x, active, weight, bias, running, grad_out, dtype=torch.float64, **kw)
+    ref64 = run("reference", x, active, weight, bias, running, grad_out, dtype=torch.float64,
+                **{**kw, "param_dtype": None})
     reflow = run("reference", x, active, weight, bias, running, grad_out, dtype=dtype, **kw)
     assert out.keys() == ref64.keys()
     for key in out:
-        assert out[key].dtype == dtype, key
+        assert out[key].dtype == (dtype if key in ("y", "grad_x") else kw.get("param_dtype") or dtype), key
         assert_close_to_reference(out[key], reflow[key], ref64[key], f"{backend} {key}")
     return out
 
 
-DTYPE_LAYOUTS = [(torch.float32, "contiguous"), (torch.float32, "channels_last"), (torch.float64, "channels_last")]
+# (x dtype, layout, parameter and running statistics dtype): float16/bfloat16 inputs with float32
+# parameters is the mixed-precision (autocast) case.
+DTYPE_LAYOUTS = [(torch.float32, "contiguous", None), (torch.float32, "channels_last", None),
+                 (torch.float64, "channels_last", None), (torch.bfloat16, "channels_last", torch.float32),
+                 (torch.bfloat16, "contiguous", None), (torch.float16, "channels_last", torch.float32),
+                 (torch.float16, "contiguous", None)]
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS)
+@pytest.mark.parametrize("dtype,layout,param_dtype", DTYPE_LAYOUTS, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("kind", ["visible", "spark", "random", "masked"])
 @pytest.mark.parametrize("n,c", [(1, 3), (8, 1), (8, 96), (1, 97)])
-def test_matches_reference_training(backend, dtype, layout, kind, n, c):
+def test_matches_reference_training(backend, dtype, layout, param_dtype, kind, n, c):
     x, weight, bias, running, grad_out = inputs(n, c)
-    check_against_reference(backend, x, make_active(kind, n), weight, bias, running, grad_out, dtype, layout)
+    check_against_reference(backend, x, make_active(kind, n), weight, bias, running, grad_out, dtype, layout,
+                            param_dtype=param_dtype)
 
 
 # A single active site has zero variance, so its output b = x * scale + shift cancels two terms of
@@ -92,14 +102,16 @@ def test_matches_reference_training(backend, dtype, layout, kind, n, c):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("kind,dtype", [("spark", torch.float32), ("spark", torch.float64),
-                                        ("single", torch.float64)])
-def test_matches_reference_modes(backend, dtype, training, affine, kind):
+@pytest.mark.parametrize("kind,dtype,param_dtype", [("spark", torch.float32, None), ("spark", torch.float64, None),
+                                                    ("single", torch.float64, None),
+                                                    ("spark", torch.bfloat16, torch.float32)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_matches_reference_modes(backend, dtype, param_dtype, training, affine, kind):
     x, weight, bias, running, grad_out = inputs(8, 97, seed=1)
     if not affine:
         weight = bias = None
     check_against_reference(backend, x, make_active(kind, 8), weight, bias, running, grad_out, dtype,
-                            "channels_last", training=training, momentum=0.3)
+                            "channels_last", training=training, momentum=0.3, param_dtype=param_dtype)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -214,8 +226,9 @@ def test_inactive_garbage_does_not_leak(backend, layout):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_deterministic_across_runs_and_threads(backend, layout):
+def test_deterministic_across_runs_and_threads(backend, layout, dtype):
     # Enough sites for several reduction chunks.
     x, weight, bias, running, grad_out = inputs(2, 96, h=32, w=32)
     active = make_active("spark", 2, 32, 32)
@@ -224,8 +237,8 @@ def test_deterministic_across_runs_and_threads(backend, layout):
     try:
         for n_threads in (1, 2, 2):
             torch.set_num_threads(n_threads)
-            results.append(run(backend, x, active, weight, bias, running, grad_out, dtype=torch.float32,
-                               layout=layout))
+            results.append(run(backend, x, active, weight, bias, running, grad_out, dtype=dtype,
+                               layout=layout, param_dtype=torch.float32))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -252,13 +265,14 @@ def test_gradcheck(backend, training, layout):
     assert torch.autograd.gradcheck(fn, (x, weight, bias), **GRADCHECK)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_opcheck(layout):
+def test_opcheck(layout, dtype):
     if "cpu" not in FUSED:
         pytest.skip("the cpu backend is not available: " + sk.unavailable_reasons().get("cpu", ""))
     g = torch.Generator().manual_seed(0)
-    x = with_layout(torch.randn(2, 5, 4, 3, generator=g), layout)
-    dy = with_layout(torch.randn(2, 5, 4, 3, generator=g), "contiguous")
+    x = with_layout(torch.randn(2, 5, 4, 3, generator=g).to(dtype), layout)
+    dy = with_layout(torch.randn(2, 5, 4, 3, generator=g).to(dtype), "contiguous")
     index = sk.ActiveSites(make_active("random", 2, 4, 3)).index
     vec = [torch.randn(5, generator=g) for _ in range(3)]
     for op, args in [(ops.masked_bn_stats, (x, index)),
@@ -325,7 +339,7 @@ def test_kernel_argument_checks():
     with pytest.raises(RuntimeError, match="index must hold strictly ascending"):
         ops.masked_bn_stats(x, torch.tensor([3, 1], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="unsupported dtype"):
-        ops.masked_bn_stats(x.half(), index)
+        ops.masked_bn_stats(x.int(), index)
     with pytest.raises(RuntimeError, match="scale must have dtype Float"):
         ops.masked_bn_elemt(x, index, vec.double(), vec)
     with pytest.raises(RuntimeError, match=r"shift must have shape \(4\)"):

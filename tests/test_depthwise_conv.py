@@ -17,7 +17,7 @@ BACKENDS = [b for b in sk.available_backends() if b != "triton" and "cpu" in get
 NATIVE = [b for b in BACKENDS if b == "cpu"]
 needs_cpu_backend = pytest.mark.skipif("cpu" not in BACKENDS, reason="the 'cpu' backend is unavailable: "
                                        + sk.unavailable_reasons().get("cpu", ""))
-DTYPES = (torch.float32, torch.float64)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 LAYOUTS = ("contiguous", "channels_last", "strided_view")
 # (mask kind, ratio): ratio 0 = all visible, 1 = all masked.
 MASKS = (("random", 0.0), ("spark", 0.6), ("random", 0.6), ("random", 1.0))
@@ -132,10 +132,11 @@ def test_garbage_at_inactive_sites_does_not_leak(backend, layout):
         torch.testing.assert_close(got, want, msg=lambda m: f"{backend} {layout} {name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("k", (3, 7))
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
 @pytest.mark.parametrize("backend", NATIVE)
-def test_two_threads_bit_identical_and_correct(backend, layout, k):
+def test_two_threads_bit_identical_and_correct(backend, layout, k, dtype):
     # Enough active sites for several weight-gradient chunks.
     n, c, h, w = 8, 37, 28, 28
     mask = make_mask("spark", n, h, w, 0.6, seed=5)
@@ -146,18 +147,18 @@ def test_two_threads_bit_identical_and_correct(backend, layout, k):
     grad_out = torch.randn(n, c, h, w, generator=g)
     sites = sk.ActiveSites(mask)
 
-    def run(fn, dtype=torch.float32):
+    def run(fn, dtype):
         leaves = [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
         y, grads = conv_and_grads(fn, *leaves, grad_out.to(dtype))
         return [y] + grads
 
     fused = lambda xx, ww, bb: sk.sparse_depthwise_conv2d(xx, ww, bb, sites, backend=backend)  # noqa: E731
     torch.set_num_threads(2)
-    first, second = run(fused), run(fused)
+    first, second = run(fused, dtype), run(fused, dtype)
     torch.set_num_threads(1)
-    single = run(fused)
+    single = run(fused, dtype)
     masked_dense = lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask)  # noqa: E731
-    ref, ref64 = run(masked_dense), run(masked_dense, torch.float64)
+    ref, ref64 = run(masked_dense, dtype), run(masked_dense, torch.float64)
     for name, a, b, s, r, r64 in zip(("output", "grad x", "grad weight", "grad bias"), first, second, single, ref,
                                      ref64):
         assert torch.equal(a, b), f"{name} differs between two runs"
@@ -193,11 +194,12 @@ def op_args(layout, with_bias, k, dtype=torch.float32):
 
 
 @needs_cpu_backend
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("k", (3, 7))
 @pytest.mark.parametrize("with_bias", (True, False))
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
-def test_opcheck(layout, with_bias, k):
-    x, weight, bias, index, neighbors = op_args(layout, with_bias, k)
+def test_opcheck(layout, with_bias, k, dtype):
+    x, weight, bias, index, neighbors = op_args(layout, with_bias, k, dtype)
     torch.library.opcheck(torch.ops.spark_kernels.dwconv_forward, (x, weight, bias, index, neighbors))
     grad_out = torch.randn_like(x)
     torch.library.opcheck(torch.ops.spark_kernels.dwconv_backward, (grad_out, x, weight, index, neighbors))
@@ -261,7 +263,7 @@ def test_native_op_checks_its_arguments():
     corrupt[0, 0] = x.shape[0] * x.shape[2] * x.shape[3] + 5
     unsorted = index.flip(0).contiguous()
     cases = [
-        (lambda: fwd(x.half(), weight.half(), None, index, neighbors), "x must be float32 or float64"),
+        (lambda: fwd(x.int(), weight.int(), None, index, neighbors), "x must be float64, float32, float16 or bfloat16"),
         (lambda: fwd(x, weight.double(), bias, index, neighbors), "weight must have x's dtype"),
         (lambda: fwd(x, weight, bias.double(), index, neighbors), "bias must have x's dtype"),
         (lambda: fwd(x, weight[:, :, :2, :2], bias, index, neighbors), "kernel size must be 3 or 7"),

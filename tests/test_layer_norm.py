@@ -36,12 +36,15 @@ def with_layout(x_nchw: torch.Tensor, data_format: str, layout: str) -> torch.Te
     return big[..., ::2]
 
 
-def run(backend, x, active, weight, bias, grad_out, data_format, dtype=None, layout="contiguous", eps=1e-6):
-    """Forward + backward of masked_layer_norm; x and grad_out are given as (N, C, H, W)."""
+def run(backend, x, active, weight, bias, grad_out, data_format, dtype=None, layout="contiguous", eps=1e-6,
+        param_dtype=None):
+    """Forward + backward of masked_layer_norm; x and grad_out are given as (N, C, H, W). The parameters
+    are in param_dtype (default: x's dtype)."""
     dtype = dtype or x.dtype
+    param_dtype = param_dtype or dtype
     xd = with_layout(x.detach().to(dtype, copy=True), data_format, layout).requires_grad_()
-    wd = None if weight is None else weight.detach().to(dtype, copy=True).requires_grad_()
-    bd = None if bias is None else bias.detach().to(dtype, copy=True).requires_grad_()
+    wd = None if weight is None else weight.detach().to(param_dtype, copy=True).requires_grad_()
+    bd = None if bias is None else bias.detach().to(param_dtype, copy=True).requires_grad_()
     y = sk.masked_layer_norm(xd, active, wd, bd, eps, data_format, backend=backend)
     y.backward(to_format(grad_out.to(dtype), data_format))
     out = {"y": y, "grad_x": xd.grad}
@@ -61,28 +64,35 @@ def inputs(n, c, seed=0, h=H, w=W):
     return x, weight, bias, grad_out
 
 
-def check_against_reference(backend, x, active, weight, bias, grad_out, data_format, dtype, layout="contiguous"):
+def check_against_reference(backend, x, active, weight, bias, grad_out, data_format, dtype, layout="contiguous",
+                            param_dtype=None):
     ref_active = active if isinstance(active, sk.ActiveSites) or active.dim() == 4 else active.unsqueeze(1)
-    out = run(backend, x, active, weight, bias, grad_out, data_format, dtype, layout)
+    out = run(backend, x, active, weight, bias, grad_out, data_format, dtype, layout, param_dtype=param_dtype)
     ref64 = run("reference", x, ref_active, weight, bias, grad_out, data_format, torch.float64)
-    reflow = run("reference", x, ref_active, weight, bias, grad_out, data_format, dtype)
+    reflow = run("reference", x, ref_active, weight, bias, grad_out, data_format, dtype, param_dtype=param_dtype)
     assert out.keys() == ref64.keys()
     for key in out:
-        assert out[key].dtype == dtype, key
+        assert out[key].dtype == (dtype if key in ("y", "grad_x") else param_dtype or dtype), key
         assert_close_to_reference(out[key], reflow[key], ref64[key], f"{backend} {data_format} {key}")
 
 
-DTYPE_LAYOUTS = [(torch.float32, "contiguous"), (torch.float32, "transposed"), (torch.float64, "contiguous")]
+# (x dtype, layout, parameter dtype): float16/bfloat16 inputs with float32 parameters is the mixed-precision
+# (autocast) case.
+DTYPE_LAYOUTS = [(torch.float32, "contiguous", None), (torch.float32, "transposed", None),
+                 (torch.float64, "contiguous", None), (torch.bfloat16, "contiguous", torch.float32),
+                 (torch.bfloat16, "transposed", None), (torch.float16, "contiguous", torch.float32),
+                 (torch.float16, "transposed", None)]
 
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
-@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS)
+@pytest.mark.parametrize("dtype,layout,param_dtype", DTYPE_LAYOUTS, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("kind", ["visible", "spark", "random", "masked"])
 @pytest.mark.parametrize("n,c", [(1, 3), (8, 1), (8, 96), (1, 97)])
-def test_matches_reference(backend, data_format, dtype, layout, kind, n, c):
+def test_matches_reference(backend, data_format, dtype, layout, param_dtype, kind, n, c):
     x, weight, bias, grad_out = inputs(n, c)
-    check_against_reference(backend, x, make_active(kind, n), weight, bias, grad_out, data_format, dtype, layout)
+    check_against_reference(backend, x, make_active(kind, n), weight, bias, grad_out, data_format, dtype, layout,
+                            param_dtype)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -171,8 +181,9 @@ def test_inactive_garbage_does_not_leak(backend, data_format):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
-def test_deterministic_across_runs_and_threads(backend, data_format):
+def test_deterministic_across_runs_and_threads(backend, data_format, dtype):
     # Enough sites for several reduction chunks of the parameter gradients.
     x, weight, bias, grad_out = inputs(2, 96, h=32, w=32)
     active = make_active("spark", 2, 32, 32)
@@ -181,7 +192,8 @@ def test_deterministic_across_runs_and_threads(backend, data_format):
     try:
         for n_threads in (1, 2, 2):
             torch.set_num_threads(n_threads)
-            results.append(run(backend, x, active, weight, bias, grad_out, data_format, torch.float32))
+            results.append(run(backend, x, active, weight, bias, grad_out, data_format, dtype,
+                               param_dtype=torch.float32))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -206,15 +218,16 @@ def test_gradcheck(backend, data_format, layout):
     assert torch.autograd.gradcheck(fn, (x, weight, bias), **GRADCHECK)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_opcheck(layout):
+def test_opcheck(layout, dtype):
     if "cpu" not in FUSED:
         pytest.skip("the cpu backend is not available: " + sk.unavailable_reasons().get("cpu", ""))
     g = torch.Generator().manual_seed(0)
-    x_nchw = torch.randn(2, 5, 4, 3, generator=g)
+    x_nchw = torch.randn(2, 5, 4, 3, generator=g).to(dtype)
     x = {"contiguous": x_nchw, "channels_last": x_nchw.contiguous(memory_format=torch.channels_last),
          "strided": with_layout(x_nchw, "channels_first", "strided")}[layout]
-    dy = torch.randn(2, 5, 4, 3, generator=g)
+    dy = torch.randn(2, 5, 4, 3, generator=g).to(dtype)
     index = sk.ActiveSites(make_active("random", 2, 4, 3)).index
     weight, bias = torch.randn(5, generator=g), torch.randn(5, generator=g)
     _, mean, rstd = ops.masked_ln_forward(x, index, weight, bias, 1e-6)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import timm
@@ -13,7 +14,7 @@ import spark_kernels as sk
 from spark import SparK, UnsupportedLayerError, sparse_encoder_
 from spark_kernels.masks import upsample_mask
 
-from helpers import MODEL_GRAD_RTOL, RTOL, ATOL
+from helpers import AUTOCAST_FLOOR, ERROR_MULTIPLE, MODEL_GRAD_RTOL, RTOL, ATOL
 
 MODELS = ["resnet18", "resnet50", "convnext_tiny", "mobilenetv2_100"]
 DTYPE = torch.float64
@@ -102,7 +103,9 @@ def assert_grads_match(fused: nn.Module, reference: nn.Module) -> None:
             f"{name}: gradient differs by {err:.3g} (max |reference grad| {q.grad.abs().max().item():.3g})"
 
 
-SHAPES = {"resnet18": (32, 64), "resnet50": (32, 64), "convnext_tiny": (64, 64), "mobilenetv2_100": (32, 64)}
+# mobilenetv2 at 64x64, not 32x64: at 32x64 its stride-16 stage has 8 sites per image, and BN channels that
+# ReLU6 clips to near-constant amplify float64 rounding of the two summation orders to ~1.7e-8 relative.
+SHAPES = {"resnet18": (32, 64), "resnet50": (32, 64), "convnext_tiny": (64, 64), "mobilenetv2_100": (64, 64)}
 
 
 @pytest.mark.parametrize("name, ops_backend", PARITY_CASES, indirect=["ops_backend"])
@@ -135,6 +138,89 @@ def test_fused_convnext_drop_path_matches_reference(ops_backend):
     assert_grads_match(fused, reference)
 
 
+# -- mixed precision ---------------------------------------------------------------------------------------
+# Small members of each family (the encoder's fused ops are what is tested; width and depth only cost time).
+SMALL_ENCODERS = {"resnet": ("resnet18", dict(layers=[1, 1, 1, 1])),
+                  "convnext": ("convnext_tiny", dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)))}
+
+
+def small_float32_pair(family: str):
+    name, kwargs = SMALL_ENCODERS[family]
+    torch.manual_seed(0)
+    dense = timm.create_model(name, features_only=True, pretrained=False, **kwargs)
+    reference = SparK(copy.deepcopy(dense), input_size=64, backend="reference")
+    fused = SparK(dense, input_size=64)
+    fused.load_state_dict(reference.state_dict())
+    return fused, reference
+
+
+def loss_and_grads(model: nn.Module, images, mask, dtype):
+    """Loss and flattened parameter gradients of one step under CPU autocast to dtype (none for float32)."""
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = model(images, mask)
+    loss.backward()
+    assert loss.dtype == torch.float32, "the loss must be computed in float32"
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.fixture
+def no_fallback():
+    """Every masked op of the fused model must run on its fused kernels: a fall back to the reference raises."""
+    sk.reset_fallback_counts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sk.FallbackWarning)
+        yield
+    assert sk.fallback_counts() == {}
+
+
+@NEEDS_CPU
+@pytest.mark.parametrize("family,dtype", [("convnext", torch.bfloat16), ("resnet", torch.bfloat16),
+                                          ("convnext", torch.float16)], ids=lambda v: str(v).replace("torch.", ""))
+def test_autocast_fused_matches_reference(family, dtype, no_fallback, monkeypatch):
+    """Under CPU autocast the fused model (convs and linears in dtype, masked norms with float32 statistics,
+    loss and parameters in float32) is as close to the float32 reference as the reference under the same
+    autocast is."""
+    monkeypatch.delenv("SPARK_KERNELS_BACKEND", raising=False)
+    fused, reference = small_float32_pair(family)
+    # Two images: with one, ResNet's last stage normalizes two sites per channel, and a channel whose two
+    # values nearly agree amplifies any upstream rounding difference without bound.
+    images, mask = images_for(64, 64).float(), patch_mask_for(64, 64)
+    exact_loss, exact_grads = loss_and_grads(reference, images, mask, torch.float32)
+    ref_loss, ref_grads = loss_and_grads(reference, images, mask, dtype)
+    loss, grads = loss_and_grads(fused, images, mask, dtype)
+
+    def within(err, own, exact, what):
+        bound = ERROR_MULTIPLE * own + AUTOCAST_FLOOR * exact
+        assert err <= bound, f"{what}: error {err:.3g} exceeds {bound:.3g} (the reference's own error {own:.3g})"
+
+    within((loss - exact_loss).abs().item(), (ref_loss - exact_loss).abs().item(), exact_loss.abs().item(), "loss")
+    within((grads - exact_grads).norm().item(), (ref_grads - exact_grads).norm().item(), exact_grads.norm().item(),
+           "gradients")
+
+
+@NEEDS_CPU
+def test_bfloat16_training_loss_falls_like_float32(no_fallback, monkeypatch):
+    """A few optimizer steps on one batch: the loss under bfloat16 autocast falls as it does in float32."""
+    monkeypatch.delenv("SPARK_KERNELS_BACKEND", raising=False)
+    images, mask = images_for(64, 64).float()[:1], patch_mask_for(64, 64)[:1]
+    curves = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, _ = small_float32_pair("convnext")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        curve = []
+        for _ in range(4):
+            loss, _ = loss_and_grads(model, images, mask, dtype)
+            optimizer.step()
+            curve.append(loss.item())
+        curves[dtype] = curve
+    fp32, bf16 = curves[torch.float32], curves[torch.bfloat16]
+    assert fp32[-1] < 0.9 * fp32[0], f"float32 loss did not fall: {fp32}"
+    assert bf16[-1] < 0.9 * bf16[0], f"bfloat16 loss did not fall: {bf16}"
+    drop32, drop16 = fp32[0] - fp32[-1], bf16[0] - bf16[-1]
+    assert abs(drop16 - drop32) <= 0.1 * drop32, f"bfloat16 {bf16} vs float32 {fp32}"
 def test_fused_convnext_drop_path_keeps_or_drops_all_rows_of_an_image(monkeypatch):
     """The fused block's drop path on compact rows: per image, the residual branch of every active site is
     either dropped (exactly 0) or kept and scaled by 1 / keep probability, one draw per image."""

@@ -23,6 +23,7 @@ from spark import checkpoint as ckpt_io
 from spark.data import (DataError, PretrainDataset, ResumableSampler, default_photo_paths, find_images,
                         fixed_images, train_transform)
 from spark.distributed import World
+from spark.precision import resolve as resolve_precision
 from spark.pretrain import mask_for_step
 from spark.schedule import Schedule, param_groups, peak_lr
 from spark.visualize import reconstruction_grid
@@ -320,6 +321,7 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys):
         (["--model", "no_such_net"], "not a timm model name"),
         (["--resume", str(tmp_path / "none.pth")], "no checkpoint at"),
         (["--backend", "cuda", "--device", "cpu"], "--backend cuda"),  # unavailable, or not for CPU tensors
+        (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a CUDA device"),
     ]
     for args, phrase in cases:
         assert_one_line_error(run_main([*args, "--out", str(tmp_path / "out")], capsys), 2, phrase)
@@ -350,12 +352,17 @@ def test_cli_run_writes_log_checkpoint_export_and_figure(finished_run):
     assert proc.stderr.count("skipping unreadable image") == 1 and "broken0.jpg" in proc.stderr
     log = read_log(out)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
-    assert set(log[0]) == {"step", "epoch", "loss", "lr", "wd", "images_per_s", "grad_norm", "skipped_images"}
+    assert set(log[0]) == {"step", "epoch", "loss", "lr", "wd", "images_per_s", "grad_norm", "skipped_images",
+                           "precision"}
+    precision, why = resolve_precision("auto", torch.device("cpu"))
+    assert f"precision {precision} ({why})" in proc.stdout
+    assert {r["precision"] for r in log} == {precision}
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in log) and log[-1]["skipped_images"] == 1
     assert log[0]["wd"] == pytest.approx(0.04) and log[-1]["wd"] == pytest.approx(0.2)
     assert log[-1]["lr"] == pytest.approx(peak_lr(2e-4, 2) * 1e-3)
     ckpt = ckpt_io.load_checkpoint(os.path.join(out, "checkpoint.pth"))
     assert ckpt["step"] == 6 and ckpt["epoch"] == 3 and ckpt["args"]["model"] == "resnet18"
+    assert ckpt["precision"] == precision and ckpt["args"]["precision"] == "auto"
     assert ckpt["args"]["drop_path"] == 0.0 and ckpt["architecture"] == ckpt_io.ARCHITECTURE
     grid = Image.open(os.path.join(out, "reconstruction.png"))
     assert grid.size == (3 * 66 + 2, 3 * 66 + 2)
@@ -393,6 +400,10 @@ def test_cli_sigkill_then_resume_matches_the_uninterrupted_run(finished_run, tmp
 
     again = run_main([*args, "--resume", checkpoint], capsys)     # a finished run resumes to nothing more
     assert again.returncode == 0 and "done, 6/6 steps" in again.stdout
+    trained_in = ckpt_io.load_checkpoint(checkpoint)["precision"]
+    other = "bf16" if trained_in == "fp32" else "fp32"
+    switched = run_main([*args, "--resume", checkpoint, "--precision", other], capsys)
+    assert switched.returncode == 0 and f"trained in {trained_in}; resuming in {other}" in switched.stdout
     conflict = run_main([*args, "--resume", "--batch-size", "4"], capsys)
     assert_one_line_error(conflict, 2, "--batch-size 4 conflicts with the checkpoint's 2")
 

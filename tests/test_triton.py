@@ -17,7 +17,7 @@ from helpers import ATOL, RTOL, assert_close_to_reference, make_mask
 if "triton" not in sk.available_backends():
     pytest.skip(f"triton backend unavailable: {sk.unavailable_reasons().get('triton')}", allow_module_level=True)
 
-from spark_kernels.triton import common  # noqa: E402  (only importable when triton is)
+from spark_kernels.triton import common, config  # noqa: E402  (only importable when triton is)
 
 DEVICE = "cpu" if common.INTERPRET else "cuda"
 # The backends whose kernels run on DEVICE here.
@@ -100,16 +100,19 @@ def test_dwconv_masks(backend, kind, ratio, layout):
         assert torch.all(out == 0)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dwconv_many_programs_and_channel_blocks(backend, monkeypatch):
-    """Several site programs, several site blocks per reduction program, two channel blocks, no bias."""
-    monkeypatch.setattr(common, "MAX_SITE_PROGRAMS", 2)
+def test_dwconv_many_programs_and_channel_blocks(backend, layout, monkeypatch):
+    """Several site programs, several site blocks per reduction program, several channel blocks, no bias,
+    the k = 7 tap chunks (16 + 16 + 16 + 1)."""
     n, c, h, w = 1, 130, 9, 11
+    channel_blocks = -(-c // config.config_for("dwconv_wgrad", layout, c).block_c)
+    monkeypatch.setattr(config, "wgrad_programs", lambda device: 2 * channel_blocks)  # 2 site programs each
     mask = _mask("random", 0.3, n, h, w)
-    tensors = [_input((n, c, h, w), torch.float32, "rows", 6), _param((c, 1, 3, 3), torch.float32, 7)]
+    tensors = [_input((n, c, h, w), torch.float32, layout, 6), _param((c, 1, 7, 7), torch.float32, 7)]
     _check(lambda x, wt: sk.sparse_depthwise_conv2d(x, wt, None, mask, backend=backend),
            lambda x, wt: sk.sparse_depthwise_conv2d(x, wt, None, mask, backend="reference"),
-           tensors, "dwconv multi-block")
+           tensors, f"dwconv multi-block {layout}")
 
 
 # -- batch norm -----------------------------------------------------------------------------------------
@@ -144,7 +147,7 @@ def _stats_for(x, *stats):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_norm_eval_many_programs(backend, layout, monkeypatch):
-    monkeypatch.setattr(common, "MAX_SITE_PROGRAMS", 2)
+    monkeypatch.setattr(config, "REDUCTION_PROGRAMS", 20 if layout == "planes" else 2)  # 2 per channel block
     n, c, h, w = 2, 37, 13, 11
     mask = _mask("random", 0.6, n, h, w)
     rm, rv = _param((c,), torch.float32, 13), _param((c,), torch.float32, 14).abs() + 0.5
@@ -177,7 +180,7 @@ def test_layer_norm(backend, data_format, dtype, kind, ratio):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_norm_wide_many_programs(backend, layout, monkeypatch):
     """C = 130 (a 256-wide tile), several site blocks per program, no affine parameters."""
-    monkeypatch.setattr(common, "MAX_SITE_PROGRAMS", 3)
+    monkeypatch.setattr(config, "REDUCTION_PROGRAMS", 3)
     n, c, h, w = 2, 130, 7, 9
     mask = _mask("random", 0.5, n, h, w)
     tensors = [_input((n, c, h, w), torch.float32, layout, 23)]

@@ -39,9 +39,10 @@ def workers():
     """The worker subprocesses (one per target, and the trace), started together so they run in parallel."""
     env = dict(os.environ, TRITON_INTERPRET="0",
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    procs = {arg: subprocess.Popen([sys.executable, os.path.join(HERE, "triton_compile_worker.py"), arg], env=env,
+    procs = {arg: subprocess.Popen([sys.executable, os.path.join(HERE, "triton_compile_worker.py"), arg,
+                                    *(["90"] if arg == "specialized" else [])], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for arg in [*map(str, sorted(SHARED_LIMIT)), "trace", "guard"]}
+             for arg in [*map(str, sorted(SHARED_LIMIT)), "trace", "guard", "specialized"]}
     yield procs
     for proc in procs.values():
         if proc.poll() is None:
@@ -85,3 +86,24 @@ def test_every_launch_runs_on_the_tensors_device(workers):
     launches = int(proc.stdout.split()[-2])
     # Per dtype and layout: dwconv forward 1, backward 3; BN stats 2, backward stats 2, elemt 2; LN 1 + 2.
     assert launches == 6 * 13, proc.stdout
+
+
+# The kernels that stream their tensors in the channels_last ("rows") layout: C contiguous values per site.
+STREAMING = {"dwconv_taps_kernel", "dwconv_wgrad_kernel", "bn_moments_kernel", "bn_sums_kernel", "bn_elemt_kernel",
+             "ln_forward_kernel", "ln_backward_kernel"}
+
+
+def test_launch_specialized_kernels_do_not_spill_and_load_128_bits(workers):
+    """sm_90, compiled as Triton compiles them when launched at the benchmark shapes (16-byte-aligned pointers,
+    C and H*W multiples of 16): no spills (stack frame and local memory 0), and every channels_last streaming
+    kernel loads its tensors with 128-bit loads (ld.global.v4 in the PTX)."""
+    proc = _result(workers, "specialized")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines()][1:]
+    assert len(results) == _expected_count()
+    spills = [r["name"] for r in results if r["stack"] or r["local"]]
+    assert not spills, "kernels spill when specialized:\n" + "\n".join(spills)
+    rows = [r for r in results if r["kernel"] in STREAMING and r["rows"]]
+    assert len(rows) >= 7 * 3
+    narrow = [r["name"] for r in rows if r["v4_loads"] == 0]
+    assert not narrow, "channels_last kernels without 128-bit loads:\n" + "\n".join(narrow)

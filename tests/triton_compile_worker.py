@@ -4,6 +4,8 @@ Run by tests/test_triton_compile.py in a subprocess without TRITON_INTERPRET (th
 triton.jit functions by Python ones, which cannot be compiled). Prints one JSON line per kernel
 configuration: its name, registers, local memory (spill) and stack bytes, shared memory bytes.
 Usage: python triton_compile_worker.py <compute capability, e.g. 80> [kernel name filter]
+       python triton_compile_worker.py specialized <capability>   (as launched at the benchmark shapes: every
+           pointer 16-byte aligned, C and H*W divisible by 16; adds the count of 128-bit global loads)
        python triton_compile_worker.py trace   (traces the GPU ops, registered as triton_op, on fake CUDA tensors)
        python triton_compile_worker.py guard   (the CUDA device current at each launch, for tensors on cuda:1)
 """
@@ -43,15 +45,28 @@ def resource_usage(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in fields.items()}
 
 
-def compile_and_measure(kernel, signature, constexprs, target, options) -> dict:
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
+# Integer arguments Triton's launcher sees divisible by 16 at the benchmark shapes (C = 96 ... 2048, H*W =
+# 56², 28², 14²; 7² is not, and M, the active-site count, is arbitrary).
+DIVISIBLE_AT_BENCHMARK_SHAPES = {"C", "HW"}
+
+
+def launch_specialization(signature) -> dict:
+    """Triton's launch-time attributes for the benchmark shapes: pointers from PyTorch allocations are
+    16-byte aligned, and C, HW there are multiples of 16."""
+    return {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+            if kind.startswith("*") or name in DIVISIBLE_AT_BENCHMARK_SHAPES}
+
+
+def compile_and_measure(kernel, signature, constexprs, target, options, attrs=None) -> dict:
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
     usage = resource_usage(compiled.asm["cubin"])
+    usage["v4_loads"] = len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.", compiled.asm["ptx"]))
     # Triton allocates its shared memory dynamically (metadata.shared); cuobjdump sees only static shared.
     usage["shared"] = max(compiled.metadata.shared, usage["shared"])
     return usage
 
 
-def main(capability: int, only: str = "") -> None:
+def main(capability: int, only: str = "", specialized: bool = False) -> None:
     target = GPUTarget("cuda", capability, 32)
     # Probe: the same measurement must see spills when registers are capped far below the kernel's need.
     kernel, signature, constexprs, num_warps = next(iter(layer_norm.compile_configs()))
@@ -60,10 +75,11 @@ def main(capability: int, only: str = "") -> None:
     for kernel, signature, constexprs, num_warps in all_configs():
         if only not in kernel.__name__:
             continue
-        usage = compile_and_measure(kernel, signature, constexprs, target, {"num_warps": num_warps})
+        attrs = launch_specialization(signature) if specialized else None
+        usage = compile_and_measure(kernel, signature, constexprs, target, {"num_warps": num_warps}, attrs)
         dtypes = sorted({v for v in signature.values() if v.startswith("*") and v not in ("*i32", "*fp32")}) or ["fp32"]
         name = f"{kernel.__name__}[{dtypes[0].lstrip('*')} {constexprs} warps={num_warps}]"
-        print(json.dumps({"name": name, **usage}), flush=True)
+        print(json.dumps({"name": name, "kernel": kernel.__name__, "rows": constexprs.get("ROWS"), **usage}), flush=True)
 
 
 def run_every_op(device: str) -> None:
@@ -147,5 +163,7 @@ if __name__ == "__main__":
         trace()
     elif sys.argv[1] == "guard":
         guard()
+    elif sys.argv[1] == "specialized":
+        main(int(sys.argv[2]), specialized=True)
     else:
         main(int(sys.argv[1]), *sys.argv[2:])

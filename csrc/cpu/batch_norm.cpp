@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu/dtypes.h"
 #include "cpu/norm_cpu.h"
 
 namespace spark_kernels::cpu {
@@ -17,7 +18,7 @@ struct Prepared {
 };
 
 Prepared prepare(const at::Tensor& x, const at::Tensor& index, const char* op) {
-  check_norm_input(x, op, c10::DeviceType::CPU, {at::kFloat, at::kDouble});
+  check_norm_input(x, op, c10::DeviceType::CPU, {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16});
   check_index(index, x, op);
   Prepared p{to_kernel_layout(x, x), index.contiguous(), {}};
   p.g = NormGeometry::of(p.x);
@@ -33,8 +34,8 @@ at::Tensor masked_bn_stats(const at::Tensor& x_in, const at::Tensor& index_in) {
   constexpr const char* op = "masked_bn_stats";
   const Prepared p = prepare(x_in, index_in, op);
   at::Tensor out = stats_output(p);
-  AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), op, [&] {
-    const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+  SK_CPU_DISPATCH(p.x.scalar_type(), op, [&] {
+    const auto* x = data_as<storage_t<scalar_t>>(p.x);
     auto value = [=](int64_t off) { return static_cast<double>(x[off]); };
     if (p.g.rows) {
       channel_moments<true>(p.g, p.index.const_data_ptr<int32_t>(), p.index.numel(), value, out.data_ptr<double>());
@@ -54,10 +55,10 @@ at::Tensor masked_bn_backward_stats(const at::Tensor& grad_out_in, const at::Ten
   const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
   const at::Tensor mean_t = mean_in.contiguous();
   at::Tensor out = stats_output(p);
-  AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = p.x.const_data_ptr<scalar_t>();
-    const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+  SK_CPU_DISPATCH(p.x.scalar_type(), op, [&] {
+    using acc_t = cpu::acc_t<scalar_t>;
+    const auto* x = data_as<storage_t<scalar_t>>(p.x);
+    const auto* dy = data_as<storage_t<scalar_t>>(grad_out);
     const acc_t* mean = mean_t.const_data_ptr<acc_t>();
     const norm::BnBackwardTerms<double> terms;
     auto term = [=](int64_t, int64_t off, int64_t c, double& a, double& b) {
@@ -72,13 +73,13 @@ at::Tensor masked_bn_backward_stats(const at::Tensor& grad_out_in, const at::Ten
   return out;
 }
 
-// out = elem(j, offset, c) at active sites, 0 elsewhere, in x's kernel layout.
-template <typename scalar_t, typename Elem>
+// out = elem(j, offset, c) at active sites, 0 elsewhere, in x's kernel layout; T: the storage type.
+template <typename T, typename Elem>
 at::Tensor dense_map(const Prepared& p, const Elem& elem) {
   at::Tensor out = empty_dense(p.x);
   const int64_t count = p.index.numel();
   if (count == 0) return out.zero_();
-  scalar_t* y = out.data_ptr<scalar_t>();
+  T* y = mutable_data_as<T>(out);
   const int32_t* index = p.index.const_data_ptr<int32_t>();
   const NormGeometry g = p.g;
   for_each_chunk(count, norm::sites_per_chunk(g.channels), [&](int64_t, int64_t j0, int64_t j1) {
@@ -86,7 +87,7 @@ at::Tensor dense_map(const Prepared& p, const Elem& elem) {
     if (g.rows) {
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t base = static_cast<int64_t>(index[j]) * g.channels;
-        scalar_t* __restrict row = y + base;
+        T* __restrict row = y + base;
         for (int64_t c = 0; c < g.channels; ++c) row[c] = elem(base + c, c);
       }
     } else {  // channel by channel: consecutive sites of a plane are mostly adjacent in memory
@@ -108,13 +109,13 @@ at::Tensor masked_bn_elemt(const at::Tensor& x_in, const at::Tensor& index_in, c
   check_vector(shift_in, "shift", p.g.channels, x_in, op);
   const at::Tensor scale_t = scale_in.contiguous(), shift_t = shift_in.contiguous();
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+  SK_CPU_DISPATCH(p.x.scalar_type(), op, [&] {
+    using acc_t = cpu::acc_t<scalar_t>;
+    const auto* x = data_as<storage_t<scalar_t>>(p.x);
     const acc_t* scale = scale_t.const_data_ptr<acc_t>();
     const acc_t* shift = shift_t.const_data_ptr<acc_t>();
-    out = dense_map<scalar_t>(p, [=](int64_t off, int64_t c) {
-      return static_cast<scalar_t>(norm::bn_affine<acc_t>(x[off], scale[c], shift[c]));
+    out = dense_map<storage_t<scalar_t>>(p, [=](int64_t off, int64_t c) {
+      return static_cast<storage_t<scalar_t>>(norm::bn_affine<acc_t>(x[off], scale[c], shift[c]));
     });
   });
   return out;
@@ -131,15 +132,15 @@ at::Tensor masked_bn_backward_elemt(const at::Tensor& grad_out_in, const at::Ten
   const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
   const at::Tensor a_t = a_in.contiguous(), b_t = b_in.contiguous(), d_t = d_in.contiguous();
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = p.x.const_data_ptr<scalar_t>();
-    const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+  SK_CPU_DISPATCH(p.x.scalar_type(), op, [&] {
+    using acc_t = cpu::acc_t<scalar_t>;
+    const auto* x = data_as<storage_t<scalar_t>>(p.x);
+    const auto* dy = data_as<storage_t<scalar_t>>(grad_out);
     const acc_t* a = a_t.const_data_ptr<acc_t>();
     const acc_t* b = b_t.const_data_ptr<acc_t>();
     const acc_t* d = d_t.const_data_ptr<acc_t>();
-    out = dense_map<scalar_t>(p, [=](int64_t off, int64_t c) {
-      return static_cast<scalar_t>(norm::bn_backward_elem<acc_t>(dy[off], x[off], a[c], b[c], d[c]));
+    out = dense_map<storage_t<scalar_t>>(p, [=](int64_t off, int64_t c) {
+      return static_cast<storage_t<scalar_t>>(norm::bn_backward_elem<acc_t>(dy[off], x[off], a[c], b[c], d[c]));
     });
   });
   return out;

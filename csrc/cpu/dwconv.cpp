@@ -8,6 +8,8 @@
 // Weight/bias gradients are summed per chunk of a FIXED partition of the sites (rows_chunk_sites(C) active sites
 // per chunk in rows, one image per chunk in planes) and the chunk partials reduced in chunk order, so
 // every result is bit-identical from run to run and for any number of threads.
+// Storage types T (csrc/cpu/dtypes.h): float64, float32, float16, bfloat16; the sums, weights and weight
+// gradient partials are in the accumulation type Acc (double for float64, float otherwise).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,21 +20,25 @@
 
 #include "common/dwconv_site.h"
 #include "common/layout.h"
+#include "cpu/dtypes.h"
 #include "dwconv_args.h"
 
 namespace spark_kernels {
 namespace {
 
-// Channels per vector in the rows layout: 64 bytes x 2 (two AVX-512 or four AVX2 registers of accumulators).
-template <typename T>
-constexpr int kBlock = 128 / sizeof(T);
+using cpu::acc_t;
+using cpu::storage_t;
+
+// Channels per vector in the rows layout: 128 bytes of accumulators (two AVX-512 or four AVX2 registers).
+template <typename Acc>
+constexpr int kBlock = 128 / sizeof(Acc);
 
 using Geometry = DwconvGeometry;
 
 Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                     const at::Tensor& index, const at::Tensor& neighbors) {
-  return check_dwconv_args(op, "cpu", {at::kFloat, at::kDouble}, "float32 or float64", at::kCPU, x, weight, bias, index,
-                           neighbors);
+  return check_dwconv_args(op, "cpu", {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16}, cpu::kCpuDtypeNames,
+                           at::kCPU, x, weight, bias, index, neighbors);
 }
 
 void check_tables(const char* op, bool valid) {
@@ -80,21 +86,21 @@ inline int64_t first_row(const int32_t* index, int64_t begin, int64_t limit) {
 // ---------------------------------------------------------------------------------------------------
 // rows layout
 
-template <int K, int V, typename T>
-inline bool forward_site_rows(const int32_t* taps, const T* x, const T* wt, const T* bias, T* y, int64_t c0,
+template <int K, int V, typename T, typename Acc>
+inline bool forward_site_rows(const int32_t* taps, const T* x, const Acc* wt, const Acc* bias, T* y, int64_t c0,
                               const Geometry& g) {
-  T acc[V];
-  for (int v = 0; v < V; ++v) acc[v] = bias ? bias[c0 + v] : T(0);
+  Acc acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = bias ? bias[c0 + v] : Acc(0);
   const SiteView<T> xv{x + c0, 0, g.sites(), g.c};
   const bool valid = dwconv_site_gather<K, false, V>(taps, xv, wt + c0, g.c, acc);
-  for (int v = 0; v < V; ++v) y[c0 + v] = acc[v];
+  for (int v = 0; v < V; ++v) y[c0 + v] = static_cast<T>(acc[v]);
   return valid;
 }
 
-template <int K, typename T>
-void forward_rows(const T* x, const T* wt, const T* bias, const int32_t* index, const int32_t* nbr, T* y,
+template <int K, typename T, typename Acc>
+void forward_rows(const T* x, const Acc* wt, const Acc* bias, const int32_t* index, const int32_t* nbr, T* y,
                   const Geometry& g, std::atomic<bool>& valid) {
-  constexpr int B = kBlock<T>;
+  constexpr int B = kBlock<Acc>;
   const int64_t full = g.c / B * B;
   at::parallel_for(0, g.m, 64, [&](int64_t begin, int64_t end) {
     bool ok = true;
@@ -117,16 +123,16 @@ void forward_rows(const T* x, const T* wt, const T* bias, const int32_t* index, 
 
 // grad_x of a block of V channels of one site by mirrored gather, and the site's contribution to its
 // chunk's weight/bias gradient partials gw_part (k*k, C) and gb_part (C,).
-template <int K, int V, typename T>
-inline bool backward_site_rows(const int32_t* taps, int64_t row, const T* gy, const T* x, const T* wt, T* gx,
-                               T* gw_part, T* gb_part, int64_t c0, const Geometry& g) {
-  T gs[V];
-  T acc[V] = {};
-  for (int v = 0; v < V; ++v) gs[v] = gy[row + c0 + v];
+template <int K, int V, typename T, typename Acc>
+inline bool backward_site_rows(const int32_t* taps, int64_t row, const T* gy, const T* x, const Acc* wt, T* gx,
+                               Acc* gw_part, Acc* gb_part, int64_t c0, const Geometry& g) {
+  Acc gs[V];
+  Acc acc[V] = {};
+  for (int v = 0; v < V; ++v) gs[v] = static_cast<Acc>(gy[row + c0 + v]);
   const SiteView<T> gv{gy + c0, 0, g.sites(), g.c};
   const SiteView<T> xv{x + c0, 0, g.sites(), g.c};
   bool valid = dwconv_site_gather<K, true, V>(taps, gv, wt + c0, g.c, acc);
-  for (int v = 0; v < V; ++v) gx[row + c0 + v] = acc[v];
+  for (int v = 0; v < V; ++v) gx[row + c0 + v] = static_cast<T>(acc[v]);
   valid &= dwconv_site_weight_grad<K, V>(taps, gs, xv, gw_part + c0, g.c);
   for (int v = 0; v < V; ++v) gb_part[c0 + v] += gs[v];
   return valid;
@@ -136,19 +142,19 @@ inline bool backward_site_rows(const int32_t* taps, int64_t row, const T* gy, co
 // count), sized so a chunk's partials (k*k x C) stay small next to its work (chunk x k*k x C).
 int64_t rows_chunk_sites(int64_t c) { return std::clamp<int64_t>(16384 / std::max<int64_t>(c, 1), 32, 512); }
 
-template <int K, typename T>
-void backward_rows(const T* gy, const T* x, const T* wt, const int32_t* index, const int32_t* nbr, T* gx,
-                   T* gw_parts, T* gb_parts, int64_t chunk_sites, int64_t chunks, const Geometry& g,
+template <int K, typename T, typename Acc>
+void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index, const int32_t* nbr, T* gx,
+                   Acc* gw_parts, Acc* gb_parts, int64_t chunk_sites, int64_t chunks, const Geometry& g,
                    std::atomic<bool>& valid) {
-  constexpr int B = kBlock<T>;
+  constexpr int B = kBlock<Acc>;
   const int64_t full = g.c / B * B;
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     bool ok = true;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      T* gw_part = gw_parts + chunk * K * K * g.c;
-      T* gb_part = gb_parts + chunk * g.c;
-      std::fill(gw_part, gw_part + K * K * g.c, T(0));
-      std::fill(gb_part, gb_part + g.c, T(0));
+      Acc* gw_part = gw_parts + chunk * K * K * g.c;
+      Acc* gb_part = gb_parts + chunk * g.c;
+      std::fill(gw_part, gw_part + K * K * g.c, Acc(0));
+      std::fill(gb_part, gb_part + g.c, Acc(0));
       const int64_t begin = chunk * chunk_sites, end = std::min(g.m, begin + chunk_sites);
       GapFiller<T> fill{gx, g.c, first_row(index, begin, g.sites()), g.sites()};
       for (int64_t i = begin; i < end; ++i) {
@@ -173,8 +179,8 @@ void backward_rows(const T* gy, const T* x, const T* wt, const int32_t* index, c
 // ---------------------------------------------------------------------------------------------------
 // planes layout: task (n, c) covers the active sites of image n in channel c.
 
-template <int K, typename T>
-void forward_planes(const T* x, const T* w, const T* bias, const int32_t* index, const int32_t* nbr, T* y,
+template <int K, typename T, typename Acc>
+void forward_planes(const T* x, const Acc* w, const Acc* bias, const int32_t* index, const int32_t* nbr, T* y,
                     const Geometry& g, const std::vector<int64_t>& start, std::atomic<bool>& valid) {
   const int64_t hw = g.plane();
   at::parallel_for(0, g.n * g.c, 1, [&](int64_t task_begin, int64_t task_end) {
@@ -190,9 +196,9 @@ void forward_planes(const T* x, const T* w, const T* bias, const int32_t* index,
           ok = false;
           continue;
         }
-        T acc[1] = {bias ? bias[c] : T(0)};
+        Acc acc[1] = {bias ? bias[c] : Acc(0)};
         ok &= dwconv_site_gather<K, false, 1>(nbr + i * K * K, xv, w + c * K * K, 1, acc);
-        yp[s] = acc[0];
+        yp[s] = static_cast<T>(acc[0]);
       }
       fill.finish();
     }
@@ -200,9 +206,9 @@ void forward_planes(const T* x, const T* w, const T* bias, const int32_t* index,
   });
 }
 
-template <int K, typename T>
-void backward_planes(const T* gy, const T* x, const T* w, const int32_t* index, const int32_t* nbr, T* gx,
-                     T* gw_parts, T* gb_parts, const Geometry& g, const std::vector<int64_t>& start,
+template <int K, typename T, typename Acc>
+void backward_planes(const T* gy, const T* x, const Acc* w, const int32_t* index, const int32_t* nbr, T* gx,
+                     Acc* gw_parts, Acc* gb_parts, const Geometry& g, const std::vector<int64_t>& start,
                      std::atomic<bool>& valid) {
   const int64_t hw = g.plane();
   at::parallel_for(0, g.n * g.c, 1, [&](int64_t task_begin, int64_t task_end) {
@@ -212,8 +218,8 @@ void backward_planes(const T* gy, const T* x, const T* w, const int32_t* index, 
       const SiteView<T> gv{gy + task * hw, n * hw, hw, 1};
       const SiteView<T> xv{x + task * hw, n * hw, hw, 1};
       T* gxp = gx + task * hw;
-      T gw[K * K] = {};
-      T gb = 0;
+      Acc gw[K * K] = {};
+      Acc gb = 0;
       GapFiller<T> fill{gxp, 1, 0, hw};
       for (int64_t i = start[n]; i < start[n + 1]; ++i) {
         const int32_t* taps = nbr + i * K * K;
@@ -222,10 +228,10 @@ void backward_planes(const T* gy, const T* x, const T* w, const int32_t* index, 
           ok = false;
           continue;
         }
-        const T gs[1] = {gy[task * hw + s]};
-        T acc[1] = {0};
+        const Acc gs[1] = {static_cast<Acc>(gy[task * hw + s])};
+        Acc acc[1] = {0};
         ok &= dwconv_site_gather<K, true, 1>(taps, gv, w + c * K * K, 1, acc);
-        gxp[s] = acc[0];
+        gxp[s] = static_cast<T>(acc[0]);
         ok &= dwconv_site_weight_grad<K, 1>(taps, gs, xv, gw, 1);
         gb += gs[0];
       }
@@ -255,75 +261,91 @@ void reduce_chunks(const T* parts, int64_t chunks, int64_t c, int64_t taps, bool
 
 // ---------------------------------------------------------------------------------------------------
 
-template <typename T, int K>
+// x's (C, 1, k, k) weight (or (C,) bias) in the accumulation dtype, as the kernels read it: transposed to
+// (k*k, C) for the rows layout.
+at::Tensor kernel_weight(const at::Tensor& weight, const Geometry& g, at::ScalarType acc) {
+  const at::Tensor w = weight.to(acc);
+  return g.rows ? w.reshape({g.c, g.k * g.k}).t().contiguous() : w.contiguous();
+}
+
+template <typename scalar_t, int K>
 at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const at::Tensor& index, const at::Tensor& neighbors, const Geometry& g) {
+  using T = storage_t<scalar_t>;
+  using Acc = acc_t<scalar_t>;
   const at::Tensor xk = x.contiguous(g.memory_format());
   if (g.m == 0 || g.c == 0) return at::zeros_like(xk);
   at::Tensor y = at::empty_like(xk);  // every element is written: computed or zero
   const at::Tensor idx = index.contiguous(), nbr = neighbors.contiguous();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+  const auto acc = c10::CppTypeToScalarType<Acc>::value;
+  const at::Tensor b = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+  const Acc* bp = b.defined() ? b.const_data_ptr<Acc>() : nullptr;
+  const at::Tensor w = kernel_weight(weight, g, acc);
+  const T* xp = cpu::data_as<T>(xk);
+  T* yp = cpu::mutable_data_as<T>(y);
   std::atomic<bool> valid{true};
   if (g.rows) {
-    const at::Tensor wt = weight.reshape({g.c, K * K}).t().contiguous();
-    forward_rows<K, T>(xk.const_data_ptr<T>(), wt.const_data_ptr<T>(), bp, idx.const_data_ptr<int32_t>(),
-                       nbr.const_data_ptr<int32_t>(), y.mutable_data_ptr<T>(), g, valid);
+    forward_rows<K>(xp, w.const_data_ptr<Acc>(), bp, idx.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(),
+                    yp, g, valid);
   } else {
-    const at::Tensor w = weight.contiguous();
     const auto start = image_starts(idx.const_data_ptr<int32_t>(), g);
     valid = valid && start[g.n] == g.m;
-    forward_planes<K, T>(xk.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, idx.const_data_ptr<int32_t>(),
-                         nbr.const_data_ptr<int32_t>(), y.mutable_data_ptr<T>(), g, start, valid);
+    forward_planes<K>(xp, w.const_data_ptr<Acc>(), bp, idx.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(),
+                      yp, g, start, valid);
   }
   check_tables("dwconv_forward", valid);
   return y;
 }
 
-template <typename T, int K>
+template <typename scalar_t, int K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                                                             const at::Tensor& weight, const at::Tensor& index,
                                                             const at::Tensor& neighbors, const Geometry& g) {
+  using T = storage_t<scalar_t>;
+  using Acc = acc_t<scalar_t>;
+  const auto acc = c10::CppTypeToScalarType<Acc>::value;
   const at::Tensor xk = x.contiguous(g.memory_format());
   const at::Tensor gy = grad_out.contiguous(g.memory_format());
-  at::Tensor gw = at::zeros(weight.sizes(), weight.options());
-  at::Tensor gb = at::zeros({g.c}, weight.options());
-  if (g.m == 0 || g.c == 0) return {at::zeros_like(xk), gw, gb};
+  at::Tensor gw = at::zeros(weight.sizes(), weight.options().dtype(acc));
+  at::Tensor gb = at::zeros({g.c}, weight.options().dtype(acc));
+  if (g.m == 0 || g.c == 0) return {at::zeros_like(xk), gw.to(weight.scalar_type()), gb.to(weight.scalar_type())};
   at::Tensor gx = at::empty_like(xk);  // every element is written: computed or zero
   const at::Tensor idx = index.contiguous(), nbr = neighbors.contiguous();
+  const at::Tensor w = kernel_weight(weight, g, acc);
+  const T* gyp = cpu::data_as<T>(gy);
+  const T* xp = cpu::data_as<T>(xk);
+  T* gxp = cpu::mutable_data_as<T>(gx);
   std::atomic<bool> valid{true};
   int64_t chunks;
   at::Tensor gw_parts, gb_parts;
   if (g.rows) {
     const int64_t chunk_sites = rows_chunk_sites(g.c);
     chunks = (g.m + chunk_sites - 1) / chunk_sites;
-    gw_parts = at::empty({chunks, K * K, g.c}, x.options());
-    gb_parts = at::empty({chunks, g.c}, x.options());
-    const at::Tensor wt = weight.reshape({g.c, K * K}).t().contiguous();
-    backward_rows<K, T>(gy.const_data_ptr<T>(), xk.const_data_ptr<T>(), wt.const_data_ptr<T>(),
-                        idx.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(), gx.mutable_data_ptr<T>(),
-                        gw_parts.mutable_data_ptr<T>(), gb_parts.mutable_data_ptr<T>(), chunk_sites, chunks, g, valid);
+    gw_parts = at::empty({chunks, K * K, g.c}, x.options().dtype(acc));
+    gb_parts = at::empty({chunks, g.c}, x.options().dtype(acc));
+    backward_rows<K>(gyp, xp, w.const_data_ptr<Acc>(), idx.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(),
+                     gxp, gw_parts.mutable_data_ptr<Acc>(), gb_parts.mutable_data_ptr<Acc>(), chunk_sites, chunks, g,
+                     valid);
   } else {
     chunks = g.n;
-    gw_parts = at::empty({chunks, g.c, K * K}, x.options());
-    gb_parts = at::empty({chunks, g.c}, x.options());
-    const at::Tensor w = weight.contiguous();
+    gw_parts = at::empty({chunks, g.c, K * K}, x.options().dtype(acc));
+    gb_parts = at::empty({chunks, g.c}, x.options().dtype(acc));
     const auto start = image_starts(idx.const_data_ptr<int32_t>(), g);
     valid = valid && start[g.n] == g.m;
-    backward_planes<K, T>(gy.const_data_ptr<T>(), xk.const_data_ptr<T>(), w.const_data_ptr<T>(),
-                          idx.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(), gx.mutable_data_ptr<T>(),
-                          gw_parts.mutable_data_ptr<T>(), gb_parts.mutable_data_ptr<T>(), g, start, valid);
+    backward_planes<K>(gyp, xp, w.const_data_ptr<Acc>(), idx.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(),
+                       gxp, gw_parts.mutable_data_ptr<Acc>(), gb_parts.mutable_data_ptr<Acc>(), g, start, valid);
   }
   check_tables("dwconv_backward", valid);
-  reduce_chunks<T>(gw_parts.const_data_ptr<T>(), chunks, g.c, K * K, g.rows, gw.mutable_data_ptr<T>());
-  reduce_chunks<T>(gb_parts.const_data_ptr<T>(), chunks, g.c, 1, false, gb.mutable_data_ptr<T>());
-  return {gx, gw, gb};
+  reduce_chunks<Acc>(gw_parts.const_data_ptr<Acc>(), chunks, g.c, K * K, g.rows, gw.mutable_data_ptr<Acc>());
+  reduce_chunks<Acc>(gb_parts.const_data_ptr<Acc>(), chunks, g.c, 1, false, gb.mutable_data_ptr<Acc>());
+  // Weight gradients are summed in the accumulation dtype and rounded once, to the weight's dtype.
+  return {gx, gw.to(weight.scalar_type()), gb.to(weight.scalar_type())};
 }
 
 at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                           const at::Tensor& index, const at::Tensor& neighbors) {
   const Geometry g = check_args("dwconv_forward", x, weight, bias, index, neighbors);
-  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_forward", [&] {
+  return SK_CPU_DISPATCH(x.scalar_type(), "dwconv_forward", [&] {
     return g.k == 3 ? forward_impl<scalar_t, 3>(x, weight, bias, index, neighbors, g)
                     : forward_impl<scalar_t, 7>(x, weight, bias, index, neighbors, g);
   });
@@ -334,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward(const at::Tensor&
                                                                const at::Tensor& neighbors) {
   const Geometry g = check_args("dwconv_backward", x, weight, c10::nullopt, index, neighbors);
   check_dwconv_grad_out("cpu", grad_out, x);
-  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_backward", [&] {
+  return SK_CPU_DISPATCH(x.scalar_type(), "dwconv_backward", [&] {
     return g.k == 3 ? backward_impl<scalar_t, 3>(grad_out, x, weight, index, neighbors, g)
                     : backward_impl<scalar_t, 7>(grad_out, x, weight, index, neighbors, g);
   });

@@ -1,5 +1,6 @@
 // Masked LayerNorm primitives on the CPU (schemas and conventions: csrc/ops.cpp): normalization over the
-// C channels of each active site, with the row math of csrc/common/norm_row.h.
+// C channels of each active site, with the row math of csrc/common/norm_row.h, in the accumulation type
+// (float for float32, float16 and bfloat16 inputs; double for float64).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -7,6 +8,7 @@
 
 #include <optional>
 
+#include "cpu/dtypes.h"
 #include "cpu/norm_cpu.h"
 
 namespace spark_kernels::cpu {
@@ -26,7 +28,7 @@ std::optional<at::Tensor> checked_param(const std::optional<at::Tensor>& t, cons
 }
 
 void prepare(const at::Tensor& x, const at::Tensor& index, const char* op) {
-  check_norm_input(x, op, c10::DeviceType::CPU, {at::kFloat, at::kDouble});
+  check_norm_input(x, op, c10::DeviceType::CPU, {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16});
   TORCH_CHECK(x.size(1) > 0, op, ": x must have at least one channel");
   check_index(index, x, op);
 }
@@ -51,10 +53,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_forward(const at::Tenso
   at::Tensor mean_t = at::empty({count}, x_t.options().dtype(acc_type));
   at::Tensor rstd_t = at::empty({count}, x_t.options().dtype(acc_type));
   if (count == 0) return {y_t.zero_(), mean_t, rstd_t};
-  AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = x_t.const_data_ptr<scalar_t>();
-    scalar_t* y = y_t.data_ptr<scalar_t>();
+  SK_CPU_DISPATCH(x_t.scalar_type(), op, [&] {
+    using T = storage_t<scalar_t>;
+    using acc_t = cpu::acc_t<scalar_t>;
+    const T* x = data_as<T>(x_t);
+    T* y = mutable_data_as<T>(y_t);
     acc_t* mean = mean_t.data_ptr<acc_t>();
     acc_t* rstd = rstd_t.data_ptr<acc_t>();
     const acc_t* weight = optional_param<acc_t>(weight_t);
@@ -62,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_forward(const at::Tenso
     const acc_t eps_acc = static_cast<acc_t>(eps);
     const int64_t channels = g.channels;
     // One site, its C values contiguous (x, y rows of the tensor or of the planes path's buffers).
-    auto site = [&](const scalar_t* xr, scalar_t* yr, int64_t j) {
+    auto site = [&](const T* xr, T* yr, int64_t j) {
       const auto s = norm::row_stats<acc_t>(xr, 1, channels, eps_acc);
       norm::row_forward<acc_t>(xr, 1, yr, 1, channels, s, weight, bias);
       mean[j] = s.mean;
@@ -75,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_forward(const at::Tenso
         return;
       }
       thread_local std::vector<int64_t> bases;
-      thread_local std::vector<scalar_t> x_rows, y_rows;
+      thread_local std::vector<T> x_rows, y_rows;
       bases.resize(j1 - j0);
       x_rows.resize((j1 - j0) * channels);
       y_rows.resize((j1 - j0) * channels);
@@ -118,11 +121,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_backward(const at::Tens
   const int64_t chunks = norm::num_chunks(count, per_chunk);
   // Per-chunk partial sums of (dy * xhat, dy) per channel, added in chunk order below.
   std::vector<double> partials(chunks * 2 * channels, 0.0);
-  AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = x_t.const_data_ptr<scalar_t>();
-    const scalar_t* dy = dy_t.const_data_ptr<scalar_t>();
-    scalar_t* dx = dx_t.data_ptr<scalar_t>();
+  SK_CPU_DISPATCH(x_t.scalar_type(), op, [&] {
+    using T = storage_t<scalar_t>;
+    using acc_t = cpu::acc_t<scalar_t>;
+    const T* x = data_as<T>(x_t);
+    const T* dy = data_as<T>(dy_t);
+    T* dx = mutable_data_as<T>(dx_t);
     const acc_t* mean = mean_c.const_data_ptr<acc_t>();
     const acc_t* rstd = rstd_c.const_data_ptr<acc_t>();
     const acc_t* weight = optional_param<acc_t>(weight_t);
@@ -132,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_backward(const at::Tens
       double* __restrict sum_dy_xhat = partials.data() + k * 2 * channels;
       double* __restrict sum_dy = sum_dy_xhat + channels;
       // One site, its C values contiguous (rows of the tensors or of the planes path's buffers).
-      auto site = [&](const scalar_t* dyr, const scalar_t* xr, scalar_t* dxr, int64_t j) {
+      auto site = [&](const T* dyr, const T* xr, T* dxr, int64_t j) {
         const norm::RowStats<acc_t> s{mean[j], rstd[j]};
         norm::row_backward<acc_t>(dyr, 1, xr, 1, dxr, 1, channels, s, weight);
         for (int64_t c = 0; c < channels; ++c) {
@@ -150,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_backward(const at::Tens
         return;
       }
       thread_local std::vector<int64_t> bases;
-      thread_local std::vector<scalar_t> dy_rows, x_rows, dx_rows;
+      thread_local std::vector<T> dy_rows, x_rows, dx_rows;
       bases.resize(j1 - j0);
       for (auto* rows : {&dy_rows, &x_rows, &dx_rows}) rows->resize((j1 - j0) * channels);
       for (int64_t j = j0; j < j1; ++j) bases[j - j0] = g.base(index[j]);

@@ -158,7 +158,8 @@ struct MomentsLoad {
   int64_t channels, count;
   __device__ norm::Moments<double> operator()(int64_t block, int64_t c) const {
     const float* row = partials + block * 3 * channels + c;
-    const double sites = double(min<int64_t>(count - block * kSitesPerSumBlock, kSitesPerSumBlock));
+    const int64_t left = count - block * kSitesPerSumBlock;
+    const double sites = double(left < kSitesPerSumBlock ? left : kSitesPerSumBlock);
     return {sites, (double(row[0]) - double(partials[c])) + double(row[channels]), double(row[2 * channels])};
   }
 };

@@ -14,6 +14,7 @@ from .._layout import kernel_memory_format, to_kernel_layout
 from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, launch, layout_name,
                      per_channel, per_site, reduce_partials, register_op, site_offsets, site_programs, spatial,
                      sum_over_sites, tile_and, tile_sum, zero_tile)
+from . import config
 from .config import MERGE_CONFIG, config_for, table_entries
 
 
@@ -166,7 +167,8 @@ def _moments(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return x.new_zeros((2, c), dtype=torch.float64)
     layout = layout_name(x)
     cfg = config_for("bn", layout, c)
-    programs, blocks_per_program = site_programs(m, cfg.block_m)
+    programs, blocks_per_program = site_programs(m, cfg.block_m, config.REDUCTION_PROGRAMS,
+                                                   triton.cdiv(c, cfg.block_c))
     partials = x.new_empty((programs, 3, c), dtype=torch.float32)
     launch(bn_moments_kernel, (programs, triton.cdiv(c, cfg.block_c)),
         x, index, partials, m, c, hw, blocks_per_program, ROWS=layout == "rows", BLOCK_M=cfg.block_m,
@@ -186,7 +188,8 @@ def _backward_sums(x: torch.Tensor, grad_out: torch.Tensor, mean: torch.Tensor, 
         return x.new_zeros((2, c), dtype=torch.float64)
     layout = layout_name(x)
     cfg = config_for("bn", layout, c)
-    programs, blocks_per_program = site_programs(m, cfg.block_m)
+    programs, blocks_per_program = site_programs(m, cfg.block_m, config.REDUCTION_PROGRAMS,
+                                                   triton.cdiv(c, cfg.block_c))
     partials = x.new_empty((programs, 2, c), dtype=torch.float32)
     launch(bn_sums_kernel, (programs, triton.cdiv(c, cfg.block_c)),
         x, grad_out, mean, index, partials, m, c, hw, blocks_per_program,

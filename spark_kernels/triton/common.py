@@ -18,7 +18,7 @@ from torch.cuda import is_available as cuda_available
 from torch.library import triton_op, wrap_triton
 
 from .._layout import uses_rows
-from .config import MAX_SITE_PROGRAMS, REDUCE_CONFIG
+from .config import REDUCE_CONFIG
 
 # Decided once, when the kernels are first loaded (triton.jit reads it at decoration time too).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -172,10 +172,11 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         wrap_triton(kernel)[grid](*args, **kwargs)
 
 
-def site_programs(num_sites: int, block_m: int):
-    """(programs, site blocks per program) for a two-stage reduction over num_sites >= 1 sites."""
+def site_programs(num_sites: int, block_m: int, max_programs: int, channel_blocks: int = 1):
+    """(programs, site blocks per program) for a two-stage reduction over num_sites >= 1 sites: at most
+    max_programs programs in all over the channel_blocks blocks of channels."""
     blocks = triton.cdiv(num_sites, block_m)
-    per_program = triton.cdiv(blocks, min(blocks, MAX_SITE_PROGRAMS))
+    per_program = triton.cdiv(blocks, min(blocks, max(1, max_programs // channel_blocks)))
     return triton.cdiv(blocks, per_program), per_program
 
 

@@ -11,34 +11,81 @@ import triton.language as tl
 from .._layout import kernel_memory_format, to_kernel_layout
 from ..depthwise_conv import KERNEL_SIZES
 from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, launch, layout_name,
-                     per_channel, reduce_partials, register_op, site_offsets, site_programs, spatial,
-                     sum_over_sites, tile_and, tile_sum, zero_tile)
+                     per_channel, reduce_partials, register_op, site_offsets, site_programs, spatial, tile_and,
+                     tile_sum, zero_tile)
+from . import config
 from .config import config_for, table_entries
 
 
 @triton.jit
+def tap_offsets(neighbors_ptr, m, m_ok, c_ok, c_off, C, HW, KK: tl.constexpr, FIRST: tl.constexpr,
+                TAPS: tl.constexpr, ROWS: tl.constexpr):
+    """Neighbour addresses of taps FIRST .. FIRST+TAPS-1 (those < KK) for a tile of sites x channels, as a 3-D
+    tile with the taps in the middle: [sites, taps, channels] in rows, [channels, taps, sites] in planes. The
+    tile's neighbour indices come in one load, so every gather depends on one index load only. Returns
+    (offsets, in-bounds mask, taps)."""
+    t = FIRST + tl.arange(0, TAPS)
+    t_ok = t < KK
+    if ROWS:
+        nb = tl.load(neighbors_ptr + m.to(tl.int64)[:, None] * KK + t[None, :], mask=m_ok[:, None] & t_ok[None, :],
+                     other=-1)
+    else:
+        nb = tl.load(neighbors_ptr + m.to(tl.int64)[None, :] * KK + t[:, None], mask=m_ok[None, :] & t_ok[:, None],
+                     other=-1)
+    nb_ok = nb >= 0
+    sites = site_offsets(tl.where(nb_ok, nb, 0), C, HW, ROWS)
+    if ROWS:
+        offs = sites[:, :, None] + c_off[None, None, :]
+        ok = nb_ok[:, :, None] & c_ok[None, None, :]
+    else:
+        offs = c_off[:, None, None] + sites[None, :, :]
+        ok = nb_ok[None, :, :] & c_ok[:, None, None]
+    return offs, ok, t
+
+
+@triton.jit
+def taps_chunk(src_ptr, weight_ptr, neighbors_ptr, m, m_ok, c, c_ok, c_off, C, HW, mirror, KK: tl.constexpr,
+               FIRST: tl.constexpr, TAPS: tl.constexpr, ROWS: tl.constexpr):
+    """sum over taps t in [FIRST, FIRST + TAPS) of weight[tap(t), c] * src[neighbor_t(site), c], a 2-D tile
+    (weight (K*K, C), tap-major: a tile's weights are contiguous along the channels)."""
+    offs, ok, t = tap_offsets(neighbors_ptr, m, m_ok, c_ok, c_off, C, HW, KK, FIRST, TAPS, ROWS)
+    src = tl.load(src_ptr + offs, mask=ok, other=0.0)
+    tap = t + mirror * (KK - 1 - 2 * t)
+    w_ok = tile_and(t < KK, c_ok, ROWS)
+    if ROWS:
+        w = tl.load(weight_ptr + tap[:, None] * C + c[None, :], mask=w_ok, other=0.0)[None, :, :]
+    else:
+        w = tl.load(weight_ptr + tap[None, :] * C + c[:, None], mask=w_ok, other=0.0)[:, :, None]
+    return tl.sum(src.to(tl.float32) * w.to(tl.float32), axis=1)
+
+
+@triton.jit
 def dwconv_taps_kernel(src_ptr, weight_ptr, bias_ptr, out_ptr, index_ptr, neighbors_ptr, M, C, HW, mirror,
-                       K: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                       K: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                       TAP_CHUNK: tl.constexpr):
     """out[site] = bias + sum_t weight[tap(t)] * src[neighbor_t(site)] over one tile of active sites x
     channels. Forward: mirror = 0, tap(t) = t. Input gradient: src = grad_out, bias = 0, mirror = 1,
-    tap(t) = K*K-1-t (the neighbour at offset d receives this site's value through tap -d)."""
+    tap(t) = K*K-1-t (the neighbour at offset d receives this site's value through tap -d).
+
+    No loop: the K*K taps are cut into static chunks of TAP_CHUNK taps and then the power-of-two pieces of
+    the remainder (49 = 16 + 16 + 16 + 1, 9 = 8 + 1), each one [sites, taps, channels] gather, so no lane is
+    masked off for padding and no load waits for another tap's load."""
     KK: tl.constexpr = K * K
+    REST: tl.constexpr = KK % TAP_CHUNK
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     c_off = channel_offsets(c, HW, ROWS)
-    row_ptrs = neighbors_ptr + m.to(tl.int64) * KK
-    acc = zero_tile(BLOCK_M, BLOCK_C, ROWS)
-    # A loop, not unrolled: 49 unrolled taps hoist all their loads and run out of registers.
-    for t in range(0, KK):
-        nb = tl.load(row_ptrs + t, mask=m_ok, other=-1)
-        nb_ok = nb >= 0
-        src = tl.load(src_ptr + tile_sum(site_offsets(tl.where(nb_ok, nb, 0), C, HW, ROWS), c_off, ROWS),
-                      mask=tile_and(nb_ok, c_ok, ROWS), other=0.0)
-        w = tl.load(weight_ptr + c * KK + (t + mirror * (KK - 1 - 2 * t)), mask=c_ok, other=0.0)
-        acc += src.to(tl.float32) * per_channel(w.to(tl.float32), ROWS)
-    acc += per_channel(tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32), ROWS)
+    bias = per_channel(tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32), ROWS)
+    acc = bias + zero_tile(BLOCK_M, BLOCK_C, ROWS)
+    for i in tl.static_range(KK // TAP_CHUNK):
+        acc += taps_chunk(src_ptr, weight_ptr, neighbors_ptr, m, m_ok, c, c_ok, c_off, C, HW, mirror, KK,
+                          i * TAP_CHUNK, TAP_CHUNK, ROWS)
+    for j in tl.static_range(5):  # the remainder's power-of-two pieces (TAP_CHUNK <= 32)
+        if (REST >> j) & 1:
+            acc += taps_chunk(src_ptr, weight_ptr, neighbors_ptr, m, m_ok, c, c_ok, c_off, C, HW, mirror, KK,
+                              KK - REST % (2 << j), 1 << j, ROWS)
     sites = tl.load(index_ptr + m, mask=m_ok, other=0)
     tl.store(out_ptr + tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS), acc.to(out_ptr.dtype.element_ty),
              mask=tile_and(m_ok, c_ok, ROWS))
@@ -49,30 +96,40 @@ def dwconv_wgrad_kernel(grad_ptr, x_ptr, index_ptr, neighbors_ptr, partials_ptr,
                         K: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """First stage of grad_weight / grad_bias: partials[p, c, t] = sum over this program's chunk of sites of
     grad_out[site, c] * x[neighbor_t(site), c] (t < K*K) and partials[p, c, K*K] = sum grad_out[site, c].
-    Taps are the outer loop so that only one tile accumulator is live; the chunk's grad_out tiles are
-    re-read from cache."""
+
+    Sites are the loop, taps a tile dimension: each site block loads its grad_out tile once and gathers
+    the x values of all K*K taps as one [sites, taps, channels] tile (taps padded to a power of two; the
+    pad slot K*K is the bias, whose x is 1), so grad_out is read once and no load depends on another tap's."""
     KK: tl.constexpr = K * K
+    TAPS: tl.constexpr = triton.next_power_of_2(KK + 1)
     p = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     c_off = channel_offsets(c, HW, ROWS)
     first = p * blocks_per_program * BLOCK_M
-    out_ptrs = partials_ptr + p.to(tl.int64) * C * (KK + 1) + c * (KK + 1)
-    for t in range(0, KK + 1):
-        acc = zero_tile(BLOCK_M, BLOCK_C, ROWS)
-        for b in range(0, blocks_per_program):
-            m = first + b * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_ok = m < M
-            sites = tl.load(index_ptr + m, mask=m_ok, other=0)
-            g = tl.load(grad_ptr + tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS),
-                        mask=tile_and(m_ok, c_ok, ROWS), other=0.0).to(tl.float32)
-            # Tap KK is the bias: no neighbour is read and x counts as 1.
-            nb = tl.load(neighbors_ptr + m.to(tl.int64) * KK + t, mask=m_ok & (t < KK), other=-1)
-            nb_ok = nb >= 0
-            xv = tl.load(x_ptr + tile_sum(site_offsets(tl.where(nb_ok, nb, 0), C, HW, ROWS), c_off, ROWS),
-                         mask=tile_and(nb_ok, c_ok, ROWS), other=0.0).to(tl.float32)
-            acc += g * tl.where(t < KK, xv, 1.0)
-        tl.store(out_ptrs + t, sum_over_sites(acc, ROWS), mask=c_ok)
+    if ROWS:
+        acc = tl.zeros([BLOCK_M, TAPS, BLOCK_C], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_C, TAPS, BLOCK_M], dtype=tl.float32)
+    for b in range(0, blocks_per_program):
+        m = first + b * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        sites = tl.load(index_ptr + m, mask=m_ok, other=0)
+        g = tl.load(grad_ptr + tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS),
+                    mask=tile_and(m_ok, c_ok, ROWS), other=0.0).to(tl.float32)
+        offs, ok, t = tap_offsets(neighbors_ptr, m, m_ok, c_ok, c_off, C, HW, KK, 0, TAPS, ROWS)
+        xv = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        acc += g[:, None, :] * tl.where((t == KK)[None, :, None], 1.0, xv)
+    t = tl.arange(0, TAPS)
+    if ROWS:
+        sums = tl.sum(acc, axis=0)  # [TAPS, BLOCK_C]
+        out_ptrs = partials_ptr + p.to(tl.int64) * C * (KK + 1) + c[None, :] * (KK + 1) + t[:, None]
+        out_ok = (t <= KK)[:, None] & c_ok[None, :]
+    else:
+        sums = tl.sum(acc, axis=2)  # [BLOCK_C, TAPS]
+        out_ptrs = partials_ptr + p.to(tl.int64) * C * (KK + 1) + c[:, None] * (KK + 1) + t[None, :]
+        out_ok = c_ok[:, None] & (t <= KK)[None, :]
+    tl.store(out_ptrs, sums, mask=out_ok)
 
 
 def _fake_forward(x, weight, bias, index, neighbors):
@@ -87,12 +144,13 @@ def _fake_backward(grad_out, x, weight, index, neighbors):
 def _launch_taps(src, weight, bias, out, index, neighbors, mirror: int) -> None:
     c, hw = spatial(src)
     m = index.shape[0]
+    weight_taps = weight.reshape(c, -1).t().contiguous()  # (K*K, C): vector loads along the channels
     layout = layout_name(src)
     cfg = config_for("dwconv", layout, c)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c, cfg.block_c))
     launch(dwconv_taps_kernel, grid,
-        src, weight, bias, out, index, neighbors, m, c, hw, mirror, K=weight.shape[-1], ROWS=layout == "rows",
-        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+        src, weight_taps, bias, out, index, neighbors, m, c, hw, mirror, K=weight.shape[-1], ROWS=layout == "rows",
+        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, TAP_CHUNK=config.DWCONV_TAP_CHUNK, num_warps=cfg.num_warps)
 
 
 @register_op("dwconv_forward", _fake_forward)
@@ -103,7 +161,6 @@ def dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     y = torch.zeros_like(x, memory_format=kernel_memory_format(x))
     if index.shape[0] == 0:
         return y
-    weight = weight.contiguous()
     bias = weight.new_zeros(weight.shape[0]) if bias is None else bias.contiguous()
     _launch_taps(x, weight, bias, y, index, neighbors, mirror=0)
     return y
@@ -115,7 +172,6 @@ def dwconv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     check_tables(x, index, neighbors, weight.shape[-1])
     x = to_kernel_layout(x, x)
     grad_out = to_kernel_layout(grad_out.to(x.dtype), x)
-    weight = weight.contiguous()
     c, hw = spatial(x)
     kk = weight.shape[-1] * weight.shape[-1]
     grad_x = torch.zeros_like(x, memory_format=kernel_memory_format(x))
@@ -126,7 +182,8 @@ def dwconv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
     layout = layout_name(x)
     cfg = config_for("dwconv_wgrad", layout, c)
-    programs, blocks_per_program = site_programs(m, cfg.block_m)
+    programs, blocks_per_program = site_programs(m, cfg.block_m, config.wgrad_programs(x.device),
+                                                   triton.cdiv(c, cfg.block_c))
     partials = x.new_empty((programs, c, kk + 1), dtype=torch.float32)
     launch(dwconv_wgrad_kernel, (programs, triton.cdiv(c, cfg.block_c)),
         grad_out, x, index, neighbors, partials, m, c, hw, blocks_per_program, K=weight.shape[-1],
@@ -151,4 +208,6 @@ def compile_configs():
             for layout, cfg in table_entries(family):
                 for k in KERNEL_SIZES:
                     constexprs = {"K": k, "ROWS": layout == "rows", "BLOCK_M": cfg.block_m, "BLOCK_C": cfg.block_c}
+                    if kernel is dwconv_taps_kernel:
+                        constexprs["TAP_CHUNK"] = config.DWCONV_TAP_CHUNK
                     yield kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs, cfg.num_warps

@@ -12,6 +12,7 @@ from .._layout import kernel_memory_format, to_kernel_layout
 from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, launch, layout_name,
                      per_channel, per_site, reduce_partials, register_op, site_offsets, site_programs, spatial,
                      sum_over_channels, sum_over_sites, tile_and, tile_sum, zero_tile)
+from . import config
 from .config import config_for, table_entries
 
 
@@ -28,9 +29,11 @@ def ln_forward_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, mean_ptr, rstd_ptr, 
     offs = tile_sum(site_offsets(sites, C, HW, ROWS), channel_offsets(c, HW, ROWS), ROWS)
     ok = tile_and(m_ok, c_ok, ROWS)
     xv = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    mean = sum_over_channels(xv, ROWS) / C
+    # Correctly rounded division and sqrt, as IEEE float32 math on the CPU (on NVIDIA GPUs plain / and
+    # tl.sqrt compile to approximate instructions).
+    mean = tl.div_rn(sum_over_channels(xv, ROWS), (C * 1.0))
     diff = tl.where(ok, xv - per_site(mean, ROWS), 0.0)
-    rstd = 1.0 / tl.sqrt(sum_over_channels(diff * diff, ROWS) / C + eps)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sum_over_channels(diff * diff, ROWS), (C * 1.0)) + eps))
     w = per_channel(tl.load(weight_ptr + c, mask=c_ok, other=0.0), ROWS)
     b = per_channel(tl.load(bias_ptr + c, mask=c_ok, other=0.0), ROWS)
     y = diff * per_site(rstd, ROWS) * w + b
@@ -66,8 +69,8 @@ def ln_backward_kernel(grad_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, grad_x_p
         rstd = per_site(tl.load(rstd_ptr + m, mask=m_ok, other=0.0), ROWS)
         xhat = tl.where(ok, (xv - mean) * rstd, 0.0)
         g = dy * w
-        mean_g = per_site(sum_over_channels(g, ROWS) / C, ROWS)
-        mean_gx = per_site(sum_over_channels(g * xhat, ROWS) / C, ROWS)
+        mean_g = per_site(tl.div_rn(sum_over_channels(g, ROWS), (C * 1.0)), ROWS)
+        mean_gx = per_site(tl.div_rn(sum_over_channels(g * xhat, ROWS), (C * 1.0)), ROWS)
         grad_x = rstd * (g - mean_g - xhat * mean_gx)
         tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=ok)
         acc_dw += dy * xhat
@@ -128,7 +131,7 @@ def ln_backward(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, we
         return grad_x, x.new_zeros((c,), dtype=torch.float32), x.new_zeros((c,), dtype=torch.float32)
     layout = layout_name(x)
     cfg = config_for("ln", layout, c)
-    programs, blocks_per_program = site_programs(m, cfg.block_m)
+    programs, blocks_per_program = site_programs(m, cfg.block_m, config.REDUCTION_PROGRAMS)
     partials = x.new_empty((programs, 2, c), dtype=torch.float32)
     launch(ln_backward_kernel, (programs,),
         grad_out, x, _param_f32(weight, c, 1.0, x), mean.contiguous(), rstd.contiguous(), grad_x, partials, index,
