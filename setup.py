@@ -82,7 +82,8 @@ def main():
         python_requires=">=3.10",
         ext_modules=extension_modules(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-        entry_points={"console_scripts": ["spark-pretrain=spark.pretrain:main"]},
+        entry_points={"console_scripts": ["spark-pretrain=spark.pretrain:main", "spark-plot=spark.plot:main",
+                                          "spark-evaluate=spark.evaluate:main"]},
         zip_safe=False,
     )
 

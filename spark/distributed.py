@@ -69,6 +69,32 @@ class DenseSyncBatchNorm2d(nn.BatchNorm2d):
                                     process_group=self.process_group, backend="reference")
 
 
+def align_gradient_strides(model: nn.Module) -> int:
+    """Give each parameter's gradient exactly the parameter's strides, as soon as it is accumulated.
+
+    Some backward ops (convolutions, reductions) return gradients whose strides differ from the
+    parameter's only in dimensions of size 1, e.g. a 1x1 conv weight (C_out, C_in, 1, 1) with strides
+    (C_in, 1, C_in, C_in) instead of (C_in, 1, 1, 1). Autograd accepts that layout (strides of size-1
+    dimensions address no memory), but DistributedDataParallel compares strides exactly with its bucket
+    views (built with the parameter's strides) and warns on every run. Restriding the gradient to the
+    parameter's strides is a view of the same memory: no copy, no change of values. Returns the number of
+    parameters hooked."""
+    hooked = 0
+    for param in model.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(_restride_gradient)
+            hooked += 1
+    return hooked
+
+
+def _restride_gradient(param: torch.Tensor) -> None:
+    grad = param.grad
+    if grad is None or grad.is_sparse or grad.stride() == param.stride() or grad.shape != param.shape:
+        return
+    if all(a == b for a, b, n in zip(grad.stride(), param.stride(), param.shape) if n > 1):
+        param.grad = grad.as_strided(param.shape, param.stride(), grad.storage_offset())
+
+
 def synchronize_batch_norm(model: nn.Module, process_group=None) -> int:
     """Make every BatchNorm of `model` compute its statistics over the whole global batch: masked BNs get
     the process group; dense BNs (decoder, densify) become nn.SyncBatchNorm on GPUs and

@@ -4,10 +4,12 @@
     spark-pretrain --data /imagenet/train --model resnet50 --input-size 224 --batch-size 4096 --epochs 1600
     torchrun --nproc_per_node=8 -m spark.pretrain --data ... # one process per GPU (or CPU processes, gloo)
 
-Writes into --out: checkpoint.pth (latest, replaced atomically), log.jsonl, reconstruction.png (input /
-masked input / reconstruction of a fixed set of images) and, at the end, encoder.pth and
-encoder_features.pth. Exit codes: 0 done, 1 runtime error (unreadable data or checkpoint, NaN loss),
-2 usage error (bad option values, missing data folder), 130 interrupted.
+Writes into --out: checkpoint.pth (latest, replaced atomically), log.jsonl, loss.png (loss and lr against
+the step), reconstruction.png (input / masked input / reconstruction of a fixed set of images), with
+--tensorboard the same into tb/, and, at the end, encoder.pth and encoder_features.pth. Progress goes to
+stderr: a start-up summary, then a progress bar on a terminal, or a plain line every --log-every steps
+otherwise (log files, nohup, cluster jobs). Exit codes: 0 done, 1 runtime error (unreadable data or
+checkpoint, NaN loss), 2 usage error (bad option values, missing data folder), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
@@ -26,6 +30,7 @@ from . import distributed
 from . import precision as precision_mod
 from .data import (DataError, PretrainDataset, ResumableSampler, collate, default_photo_paths, find_images,
                    fixed_images, train_transform)
+from .plot import LOSS_PLOT_NAME, write_loss_plot
 from .recipe import recipe_for
 from .schedule import CLIP_GRAD_NORM, Schedule, apply_schedule, build_optimizer, default_warmup_steps, peak_lr
 from .visualize import reconstruction_grid, save_png
@@ -33,14 +38,18 @@ from .visualize import reconstruction_grid, save_png
 PROG = "spark-pretrain"
 PATCH = 32  # SparK's patch size: the encoder's downsample ratio
 # Defaults that depend on the data: the paper's recipe for an image folder, and a quick-start preset for the
-# embedded photographs (a few minutes on a 2-core CPU; a short run needs a larger step than 1600 epochs do).
-RECIPE = {"repeats": 1, "epochs": 1600, "base_lr": 2e-4}
-QUICK_START = {"repeats": 32, "epochs": 4, "base_lr": 2e-2}
+# embedded photographs (about 5 minutes on a 2-core CPU). A run this short needs a larger step than 1600 epochs
+# do, and batch 16 gives it twice the updates of batch 32 for the same images.
+RECIPE = {"repeats": 1, "epochs": 1600, "base_lr": 2e-4, "batch_size": 32}
+QUICK_START = {"repeats": 32, "epochs": 4, "base_lr": 0.16, "batch_size": 16}
 # Options that define the run: taken from the checkpoint on --resume (giving a different value is an error).
-RUN_OPTIONS = ("model", "drop_path", "input_size", "batch_size", "epochs", "steps", "warmup_epochs", "mask_ratio",
-               "base_lr", "weight_decay", "seed", "repeats")
-# Taken from the checkpoint on --resume unless given (a data set may move to another folder).
-RESUMED_DEFAULTS = ("data", "precision")
+RUN_OPTIONS = ("model", "drop_path", "input_size", "batch_size", "warmup_epochs", "mask_ratio", "base_lr",
+               "weight_decay", "seed", "repeats")
+# The run's length: taken from the checkpoint on --resume unless given; it may grow (to train longer), not shrink.
+LENGTH_OPTIONS = ("epochs", "steps")
+# Never taken from the checkpoint. Every other option (--data, --log-every, ...) is, unless given again.
+NOT_RESUMED = ("resume", "out")
+TENSORBOARD_DIR = "tb"
 
 
 class UsageError(Exception):
@@ -76,7 +85,9 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
                    help=f"random crops of each image per epoch (default: {RECIPE['repeats']} with --data, "
                         f"{QUICK_START['repeats']} without)")
     p.add_argument("--input-size", type=int, default=d(96), help="crop size in pixels, a multiple of 32")
-    p.add_argument("--batch-size", type=int, default=d(32), help="global batch, split across processes")
+    p.add_argument("--batch-size", type=int, default=d(None),
+                   help=f"global batch, split across processes (default: {RECIPE['batch_size']} with --data, "
+                        f"{QUICK_START['batch_size']} without)")
     p.add_argument("--epochs", type=int, default=d(None),
                    help=f"epochs to train (default: {RECIPE['epochs']} with --data, {QUICK_START['epochs']} "
                         f"without; ignored when --steps is given)")
@@ -103,7 +114,11 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d(0), help="seed of weights, crops and masks")
     p.add_argument("--save-every", type=int, default=d(1), metavar="EPOCHS",
                    help="write a checkpoint and reconstruction.png every this many epochs (and at the end)")
-    p.add_argument("--log-every", type=int, default=d(10), metavar="STEPS", help="log.jsonl record interval")
+    p.add_argument("--log-every", type=int, default=d(10), metavar="STEPS",
+                   help="interval of the log.jsonl records (and of the progress lines when stderr is not a terminal)")
+    p.add_argument("--tensorboard", action="store_true", default=d(False),
+                   help=f"also write the scalars and reconstructions for TensorBoard into --out's {TENSORBOARD_DIR}/ "
+                        f"(needs the tensorboard package)")
     p.add_argument("--num-vis", type=int, default=d(8), help="images in reconstruction.png")
     return p
 
@@ -151,6 +166,11 @@ def check_options(args: argparse.Namespace, world: distributed.World) -> None:
         raise UsageError(f"--device {args.device}: choose cpu or cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
+    if args.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401 - imports the tensorboard package
+        except ImportError as err:
+            raise UsageError(f"--tensorboard needs the tensorboard package (pip install tensorboard): {err}") from None
 
 
 def check_backend(backend: Optional[str], device: torch.device) -> None:
@@ -175,23 +195,37 @@ def resume_path(args: argparse.Namespace) -> Optional[str]:
     return path
 
 
+def option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def merge_resumed_options(args: argparse.Namespace, given: Dict, saved: Dict, path: str) -> None:
-    """Run-defining options come from the checkpoint; a different value on the command line is an error."""
-    for name in RUN_OPTIONS:
+    """Options of the checkpoint's run: run-defining ones must not change (a different value on the command
+    line is an error), the length may be given anew (checked against the checkpoint's once the steps are
+    known), every other option is kept unless given."""
+    for name in RUN_OPTIONS + LENGTH_OPTIONS:
         if name not in saved:
             raise RunError(f"--resume {path}: checkpoint lacks the option {name}")
-        value = saved[name]
-        if name in given and given[name] != value:
-            raise UsageError(f"--{name.replace('_', '-')} {given[name]} conflicts with the checkpoint's "
-                             f"{value} ({path}); leave it out to resume")
+    for name in RUN_OPTIONS:
+        if name in given and given[name] != saved[name]:
+            raise UsageError(f"{option_flag(name)} {given[name]} conflicts with the checkpoint's {saved[name]} "
+                             f"({path}); leave it out to resume")
+    length_given = any(name in given for name in LENGTH_OPTIONS)
+    for name, value in saved.items():
+        if not hasattr(args, name) or name in NOT_RESUMED or name in given:
+            continue
+        if name in LENGTH_OPTIONS and length_given:
+            value = None  # e.g. --epochs given on resuming a --steps run: the new length is in epochs
         setattr(args, name, value)
-    for name in RESUMED_DEFAULTS:
-        if name not in given and name in saved:
-            setattr(args, name, saved[name])
 
 
 def run_options(args: argparse.Namespace) -> Dict:
-    return {name: getattr(args, name) for name in RUN_OPTIONS + RESUMED_DEFAULTS}
+    """The options stored in checkpoints (all but NOT_RESUMED)."""
+    return {name: value for name, value in vars(args).items() if name not in NOT_RESUMED}
+
+
+def length_description(args: argparse.Namespace) -> str:
+    return f"--steps {args.steps}" if args.steps is not None else f"--epochs {args.epochs}"
 
 
 # -- pieces of the run -----------------------------------------------------------------------------------
@@ -257,14 +291,34 @@ class JsonLog:
             f.write(json.dumps({**record, **self.fixed}) + "\n")
 
 
+def peak_memory(device: torch.device) -> str:
+    """Peak memory so far: the CUDA caching allocator's peak on GPUs, this process's peak RSS on CPUs."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"  # ru_maxrss is in KiB
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
 class Progress:
     """Statistics of the steps since the last record, merged over all processes at each record: mean loss,
-    images/s, and the unreadable files met (warned about once, kept for the checkpoint)."""
+    images/s, and the unreadable files met (warned about once, kept for the checkpoint). Rank 0 writes each
+    record to log.jsonl, TensorBoard (when enabled) and the progress bar, or, when stderr is not a terminal,
+    as a plain progress line."""
 
-    def __init__(self, world: distributed.World, batch_size: int, steps_per_epoch: int, skipped: List[str],
-                 log: Optional[JsonLog], bar):
+    def __init__(self, world: distributed.World, batch_size: int, steps_per_epoch: int, total_steps: int,
+                 start_step: int, device: torch.device, skipped: List[str], log: Optional[JsonLog], bar,
+                 tensorboard=None, plain_lines: bool = False):
         self.world, self.batch_size, self.steps_per_epoch = world, batch_size, steps_per_epoch
-        self.skipped, self.log, self.bar = skipped, log, bar
+        self.total_steps, self.start_step, self.device = total_steps, start_step, device
+        self.skipped, self.log, self.bar, self.tensorboard = skipped, log, bar, tensorboard
+        self.plain_lines = plain_lines and world.is_main
+        self.run_start = time.perf_counter()
         self.last: Dict = {}
         self._reset()
 
@@ -290,18 +344,27 @@ class Progress:
                 self.skipped.append(path)
                 if self.world.is_main:
                     print(f"{PROG}: warning: skipping unreadable image {path}", file=sys.stderr)
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        now = time.perf_counter()
         self.last = {"step": step, "epoch": step / self.steps_per_epoch, "loss": mean_loss, "lr": lr, "wd": wd,
-                     "images_per_s": self.steps * self.batch_size / elapsed, "grad_norm": grad_norm,
-                     "skipped_images": len(self.skipped)}
+                     "images_per_s": self.steps * self.batch_size / max(now - self.start, 1e-9),
+                     "grad_norm": grad_norm, "skipped_images": len(self.skipped)}
         if self.log is not None:
             self.log.write(self.last)
+        if self.tensorboard is not None:
+            for name in ("loss", "lr", "wd", "grad_norm", "images_per_s"):
+                self.tensorboard.add_scalar(name, self.last[name], step)
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{self.last['images_per_s']:.1f}")
+        if self.plain_lines:
+            seconds_per_step = (now - self.run_start) / max(step - self.start_step, 1)
+            print(f"{PROG}: step {step}/{self.total_steps} epoch {self.last['epoch']:.2f} loss {mean_loss:.4f} "
+                  f"lr {lr:.2e} images/s {self.last['images_per_s']:.1f} "
+                  f"ETA {duration(seconds_per_step * (self.total_steps - step))} "
+                  f"peak mem {peak_memory(self.device)}", file=sys.stderr, flush=True)
         self._reset()
         return self.last
 
 
-def write_reconstructions(model, images: torch.Tensor, args: argparse.Namespace, path: str) -> None:
+def write_reconstructions(model, images: torch.Tensor, args: argparse.Namespace, path: str):
     """PNG of input / masked input / reconstruction for the fixed images, with a fixed mask, in eval mode
     (eval BN needs no other process, so rank 0 can do it alone)."""
     from spark_kernels.masks import patch_mask
@@ -315,7 +378,68 @@ def write_reconstructions(model, images: torch.Tensor, args: argparse.Namespace,
             inp, masked, rec = model.reconstruct(images.to(device), mask=mask.to(device))
     finally:
         model.train(was_training)
-    save_png(reconstruction_grid(inp, masked, rec), path)
+    grid = reconstruction_grid(inp, masked, rec)
+    save_png(grid, path)
+    return grid
+
+
+def open_tensorboard(out: str, start_step: int):
+    """A SummaryWriter on --out's tb/; on resume, events after the checkpoint's step are dropped (purge)."""
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(os.path.join(out, TENSORBOARD_DIR), purge_step=start_step if start_step else None)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def backend_summary(model, device: torch.device, precision: str) -> str:
+    """Which backend runs each kind of sparse op in `model` (and how many layers of each kind) on activations
+    of the run's precision."""
+    import spark_kernels as sk
+    kinds = (("depthwise conv", sk.nn.SparseDepthwiseConv2d, "sparse_depthwise_conv2d"),
+             ("masked batch norm", sk.nn.MaskedBatchNorm2d, "masked_batch_norm"),
+             ("masked layer norm", sk.nn.MaskedLayerNorm, "masked_layer_norm"))
+    probe = torch.empty(0, device=device, dtype=precision_mod.DTYPES[precision])
+    parts = []
+    for label, kind, op in kinds:
+        layers = [m for m in model.modules() if isinstance(m, kind)]
+        if not layers:
+            parts.append(f"{label}: not used")
+            continue
+        names = sorted({sk.select_backend(m.backend, probe, op).name for m in layers})
+        parts.append(f"{label}: {'/'.join(names)} ({len(layers)} layers)")
+    return ", ".join(parts) + "; dense convs and the decoder: PyTorch"
+
+
+def startup_summary(args: argparse.Namespace, model, device: torch.device, dataset: PretrainDataset,
+                    world: distributed.World, steps_per_epoch: int, total_steps: int, schedule: Schedule,
+                    start_step: int, saved: Optional[Dict], path: Optional[str], precision: str,
+                    why: str) -> List[str]:
+    source = f"--data {args.data}" if args.data is not None else "the embedded photographs"
+    encoder = count_parameters(model.encoder)
+    processes = f"{world.size} process{'es' if world.size > 1 else ''}"
+    lines = [
+        f"model {args.model} at {args.input_size} px: {encoder / 1e6:.1f}M encoder + "
+        f"{(count_parameters(model) - encoder) / 1e6:.1f}M decoder parameters, device {device}",
+        f"precision {precision} ({why})",
+        f"backends: {backend_summary(model, device, precision)}",
+        f"data: {len(dataset.paths)} image files from {source} x {args.repeats} crops = {len(dataset)} samples per "
+        f"epoch; batch {args.batch_size // world.size} per process x {processes}",
+        f"{total_steps} steps ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch}), peak lr "
+        f"{schedule.peak_lr:.3g}, warm-up {schedule.warmup_steps} steps; outputs in {args.out}",
+    ]
+    if saved is not None:
+        previous = int(saved["total_steps"])
+        if previous != total_steps:
+            lines.append(f"resuming at step {start_step} from {path}, extending the run from {previous} to "
+                         f"{total_steps} steps: lr and weight decay schedules recomputed for {total_steps} steps "
+                         f"(lr now {schedule.lr(start_step):.3g})")
+        else:
+            lines.append(f"resuming at step {start_step} of {total_steps} from {path}")
+        if saved.get("precision", "fp32") != precision:
+            lines.append(f"the checkpoint was trained in {saved.get('precision', 'fp32')}; resuming in {precision}")
+    return [f"{PROG}: {line}" for line in lines]
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -340,11 +464,6 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
         precision, why = precision_mod.resolve(args.precision, device)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if world.is_main:
-        print(f"{PROG}: precision {precision} ({why})", flush=True)
-        if saved is not None and saved.get("precision", "fp32") != precision:
-            print(f"{PROG}: the checkpoint was trained in {saved.get('precision', 'fp32')}; resuming in "
-                  f"{precision}", flush=True)
     scaler = precision_mod.grad_scaler(precision, device)
     dataset = build_dataset(args)
     batch_per_process = args.batch_size // world.size
@@ -357,6 +476,9 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
     warmup = (default_warmup_steps(total_steps) if args.warmup_epochs is None
               else max(1, round(args.warmup_epochs * steps_per_epoch)))
     schedule = Schedule(peak_lr(args.base_lr, args.batch_size), total_steps, warmup, *args.weight_decay)
+    if saved is not None and total_steps < saved["total_steps"]:
+        raise UsageError(f"{length_description(args)} gives {total_steps} steps, fewer than the {saved['total_steps']} "
+                         f"of the checkpoint's run ({path}): a resumed run can be extended, not shortened")
 
     if world.is_main:
         try:
@@ -370,10 +492,9 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
     start_step = 0
     skipped: List[str] = []
     if saved is not None:
-        if saved["total_steps"] != total_steps or saved.get("steps_per_epoch") != steps_per_epoch:
-            raise RunError(f"--resume {path}: the checkpoint's run has {saved['total_steps']} steps of which "
-                           f"{saved.get('steps_per_epoch')} per epoch, this data gives {total_steps} and "
-                           f"{steps_per_epoch}: was the data set changed?")
+        if saved.get("steps_per_epoch") != steps_per_epoch:
+            raise RunError(f"--resume {path}: the checkpoint's run has {saved.get('steps_per_epoch')} steps per "
+                           f"epoch, this data gives {steps_per_epoch}: was the data set changed?")
         try:
             ckpt_io.load_model_state(model, saved["model"], path)
             optimizer.load_state_dict(saved["optimizer"])
@@ -393,6 +514,7 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
     train_model = model
     if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
+        distributed.align_gradient_strides(model)
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     vis_images = None
@@ -403,60 +525,82 @@ def train(args: argparse.Namespace, given: Dict, world: distributed.World) -> Di
             raise RunError(str(err)) from None
     log = JsonLog(os.path.join(args.out, "log.jsonl"), start_step if saved is not None else None,
                   {"precision": precision}) if world.is_main else None
+    interactive = sys.stderr.isatty()
+    if world.is_main:
+        for line in startup_summary(args, model, device, dataset, world, steps_per_epoch, total_steps, schedule,
+                                    start_step, saved, path, precision, why):
+            print(line, file=sys.stderr, flush=True)
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_per_process, sampler=sampler,
                                          num_workers=args.workers, collate_fn=collate, drop_last=True,
                                          pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    grid = args.input_size // PATCH
     params = [p for p in model.parameters() if p.requires_grad]
     from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=start_step, desc=PROG, unit="step", disable=None if world.is_main else True,
-               dynamic_ncols=True)
-    progress = Progress(world, args.batch_size, steps_per_epoch, skipped, log, bar)
+    bar = tqdm(total=total_steps, initial=start_step, desc=PROG, unit="step",
+               disable=not (world.is_main and interactive), dynamic_ncols=True)
+    tensorboard = open_tensorboard(args.out, start_step) if args.tensorboard and world.is_main else None
+    progress = Progress(world, args.batch_size, steps_per_epoch, total_steps, start_step, device, skipped, log, bar,
+                        tensorboard, plain_lines=not interactive)
+    grid = args.input_size // PATCH
     step = start_step
-    model.train()
-    while step < total_steps:
-        sampler.set_position(step // steps_per_epoch, step % steps_per_epoch)
-        for images, bad in loader:
-            images = images.to(device, non_blocking=True)
-            mask = mask_for_step(args.seed, step, args.batch_size, grid, args.mask_ratio, world).to(device)
-            lr, wd = apply_schedule(optimizer, schedule, step)
-            with precision_mod.autocast(precision, device):
-                loss = train_model(images, mask=mask)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-            else:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)  # clip the true gradients
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, CLIP_GRAD_NORM))
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-                scaler.update()
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise RunError(f"the loss became {loss_value} at step {step + 1}; lower --base-lr?")
-            step += 1
-            progress.add(loss_value, bad)
-            end_of_epoch = step % steps_per_epoch == 0
-            if step % args.log_every == 0 or end_of_epoch or step == total_steps:
-                progress.record(step, lr, wd, grad_norm)
-            bar.update(1)
-            if (end_of_epoch and (step // steps_per_epoch) % args.save_every == 0) or step == total_steps:
-                if world.is_main:
-                    save(args, model, optimizer, step, total_steps, steps_per_epoch, skipped, world, precision,
-                         scaler)
-                    if vis_images is not None:
-                        write_reconstructions(model, vis_images, args, os.path.join(args.out, "reconstruction.png"))
-            if step == total_steps:
-                break
-    bar.close()
+    try:
+        model.train()
+        while step < total_steps:
+            sampler.set_position(step // steps_per_epoch, step % steps_per_epoch)
+            for images, bad in loader:
+                images = images.to(device, non_blocking=True)
+                mask = mask_for_step(args.seed, step, args.batch_size, grid, args.mask_ratio, world).to(device)
+                lr, wd = apply_schedule(optimizer, schedule, step)
+                with precision_mod.autocast(precision, device):
+                    loss = train_model(images, mask=mask)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)  # clip the true gradients
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, CLIP_GRAD_NORM))
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                    scaler.update()
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise RunError(f"the loss became {loss_value} at step {step + 1}; lower --base-lr?")
+                step += 1
+                progress.add(loss_value, bad)
+                end_of_epoch = step % steps_per_epoch == 0
+                if step % args.log_every == 0 or end_of_epoch or step == total_steps:
+                    progress.record(step, lr, wd, grad_norm)
+                bar.update(1)
+                if (end_of_epoch and (step // steps_per_epoch) % args.save_every == 0) or step == total_steps:
+                    if world.is_main:
+                        save(args, model, optimizer, step, total_steps, steps_per_epoch, skipped, world, precision,
+                             scaler)
+                        write_figures(args, model, vis_images, step, tensorboard)
+                if step == total_steps:
+                    break
+    finally:
+        bar.close()
+        if tensorboard is not None:
+            tensorboard.close()
     result = {"step": step, "total_steps": total_steps, "last_record": progress.last, "skipped_images": len(skipped)}
     if world.is_main:
         result["exported"] = ckpt_io.export_encoder(model.encoder.state_dict(), args.model, args.out)
     return result
+
+
+def write_figures(args: argparse.Namespace, model, vis_images: Optional[torch.Tensor], step: int,
+                  tensorboard) -> None:
+    """loss.png and reconstruction.png (and the reconstruction for TensorBoard), at each checkpoint."""
+    write_loss_plot([args.out], os.path.join(args.out, LOSS_PLOT_NAME))
+    if vis_images is None:
+        return
+    grid_image = write_reconstructions(model, vis_images, args, os.path.join(args.out, "reconstruction.png"))
+    if tensorboard is not None:
+        tensorboard.add_image("reconstruction", np.asarray(grid_image), step, dataformats="HWC")
+        tensorboard.flush()
 
 
 def save(args, model, optimizer, step: int, total_steps: int, steps_per_epoch: int, skipped: List[str],

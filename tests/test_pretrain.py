@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -341,7 +342,7 @@ def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     data = image_folder(str(root / "data"), good=4, corrupt=1)
     out = str(root / "full")
-    proc = cli([*TINY, "--data", data, "--epochs", "3", "--workers", "1", "--out", out])
+    proc = cli([*TINY, "--data", data, "--epochs", "3", "--workers", "1", "--out", out, "--tensorboard"])
     assert proc.returncode == 0, proc.stderr
     return data, out, proc
 
@@ -355,7 +356,7 @@ def test_cli_run_writes_log_checkpoint_export_and_figure(finished_run):
     assert set(log[0]) == {"step", "epoch", "loss", "lr", "wd", "images_per_s", "grad_norm", "skipped_images",
                            "precision"}
     precision, why = resolve_precision("auto", torch.device("cpu"))
-    assert f"precision {precision} ({why})" in proc.stdout
+    assert f"precision {precision} ({why})" in proc.stderr  # in the start-up summary
     assert {r["precision"] for r in log} == {precision}
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in log) and log[-1]["skipped_images"] == 1
     assert log[0]["wd"] == pytest.approx(0.04) and log[-1]["wd"] == pytest.approx(0.2)
@@ -366,9 +367,86 @@ def test_cli_run_writes_log_checkpoint_export_and_figure(finished_run):
     assert ckpt["args"]["drop_path"] == 0.0 and ckpt["architecture"] == ckpt_io.ARCHITECTURE
     grid = Image.open(os.path.join(out, "reconstruction.png"))
     assert grid.size == (3 * 66 + 2, 3 * 66 + 2)
+    assert Image.open(os.path.join(out, "loss.png")).format == "PNG"
     paths = {"features": os.path.join(out, "encoder_features.pth"), "model": os.path.join(out, "encoder.pth")}
     encoder_state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     check_export(paths, "resnet18", {"fc.weight", "fc.bias"}, encoder_state)
+
+
+def test_cli_without_a_terminal_prints_the_summary_and_a_line_per_record(finished_run):
+    _, out, proc = finished_run  # stderr is a pipe
+    lines = proc.stderr.splitlines()
+    summary = "\n".join(lines[:lines.index(next(line for line in lines if line.startswith("spark-pretrain: step ")))])
+    precision, _ = resolve_precision("auto", torch.device("cpu"))
+    for phrase in ("model resnet18 at 64 px", "M encoder + ", "M decoder parameters", f"precision {precision}",
+                   "masked batch norm: cpu (", "depthwise conv: not used", "5 image files from --data",
+                   "batch 2 per process x 1 process", "6 steps (3 epochs of 2)"):
+        assert phrase in summary, summary
+    progress = [line for line in lines if line.startswith("spark-pretrain: step ")]
+    assert [line.split()[2] for line in progress] == [f"{k}/6" for k in range(1, 7)]  # --log-every 1
+    for line, record in zip(progress, read_log(out)):
+        for phrase in (f"epoch {record['epoch']:.2f}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
+                       "images/s ", "ETA ", "peak mem ", " GiB"):
+            assert phrase in line, line
+    assert progress[-1].split("ETA ")[1].startswith("0m00s")
+    assert "\r" not in proc.stderr  # no progress bar
+
+
+def test_cli_on_a_terminal_shows_the_summary_and_a_progress_bar(finished_run, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+    data, _, _ = finished_run
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 rows, 120 columns
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "spark.pretrain", *TINY, "--data", data, "--steps", "2",
+                             "--workers", "0", "--num-vis", "0", "--out", str(tmp_path / "tty")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    chunks = []
+
+    def read_terminal():
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    stdout, _ = proc.communicate(timeout=240)
+    reader.join(timeout=30)
+    os.close(leader)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, terminal
+    assert b"done, 2/2 steps" in stdout
+    assert "precision " in terminal and "batch 2 per process" in terminal and "2 steps (1 epochs" in terminal
+    assert "2/2 [" in terminal and "s/step" in terminal, terminal  # tqdm's bar
+    assert "spark-pretrain: step 1/2" not in terminal  # no plain progress lines
+
+
+def test_tensorboard_events_and_a_clear_error_without_the_package(finished_run, tmp_path, capsys, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, out, _ = finished_run
+    events = EventAccumulator(os.path.join(out, "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert set(tags["scalars"]) == {"loss", "lr", "wd", "grad_norm", "images_per_s"}
+    log = read_log(out)
+    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in log]
+    np.testing.assert_allclose([e.value for e in events.Scalars("loss")], [r["loss"] for r in log], rtol=1e-6)
+    assert tags["images"] == ["reconstruction"] and [e.step for e in events.Images("reconstruction")] == [2, 4, 6]
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    for name in [m for m in sys.modules if m.startswith("torch.utils.tensorboard")]:
+        monkeypatch.delitem(sys.modules, name)
+    proc = run_main(["--tensorboard", "--out", str(tmp_path / "out")], capsys)
+    assert_one_line_error(proc, 2, "--tensorboard needs the tensorboard package", "pip install tensorboard")
 
 
 def test_cli_sigkill_then_resume_matches_the_uninterrupted_run(finished_run, tmp_path, capsys):
@@ -403,9 +481,34 @@ def test_cli_sigkill_then_resume_matches_the_uninterrupted_run(finished_run, tmp
     trained_in = ckpt_io.load_checkpoint(checkpoint)["precision"]
     other = "bf16" if trained_in == "fp32" else "fp32"
     switched = run_main([*args, "--resume", checkpoint, "--precision", other], capsys)
-    assert switched.returncode == 0 and f"trained in {trained_in}; resuming in {other}" in switched.stdout
+    assert switched.returncode == 0 and f"trained in {trained_in}; resuming in {other}" in switched.stderr
     conflict = run_main([*args, "--resume", "--batch-size", "4"], capsys)
     assert_one_line_error(conflict, 2, "--batch-size 4 conflicts with the checkpoint's 2")
+
+
+def test_cli_resume_extends_the_run_and_keeps_the_other_options(finished_run, tmp_path, capsys):
+    """--resume with a larger --epochs continues the finished 6-step run to 8 steps on the schedule of an
+    8-step run; --data, --log-every 1 and --num-vis 3 of the checkpoint's run are kept without being given."""
+    _, full, _ = finished_run
+    source = os.path.join(full, "checkpoint.pth")
+    out = str(tmp_path / "longer")
+    proc = run_main(["--resume", source, "--out", out, "--epochs", "4", "--workers", "0"], capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert "done, 8/8 steps" in proc.stdout
+    assert f"resuming at step 6 from {source}, extending the run from 6 to 8 steps" in proc.stderr
+    log = read_log(out)
+    assert [r["step"] for r in log] == [7, 8]                      # --log-every 1, not the default 10
+    longer = Schedule(peak_lr(2e-4, 2), total_steps=8, warmup_steps=1)
+    assert [r["lr"] for r in log] == pytest.approx([longer.lr(6), longer.lr(7)])
+    assert [r["wd"] for r in log] == pytest.approx([longer.weight_decay(6), longer.weight_decay(7)])
+    assert Image.open(os.path.join(out, "reconstruction.png")).size == (3 * 66 + 2, 3 * 66 + 2)  # --num-vis 3
+    ckpt = ckpt_io.load_checkpoint(os.path.join(out, "checkpoint.pth"))
+    assert ckpt["step"] == 8 and ckpt["total_steps"] == 8 and ckpt["args"]["epochs"] == 4
+
+    shorter = run_main(["--resume", source, "--out", out, "--steps", "4"], capsys)
+    assert_one_line_error(shorter, 2, "--steps 4 gives 4 steps, fewer than the 6", "extended, not shortened")
+    other_seed = run_main(["--resume", source, "--out", out, "--epochs", "5", "--seed", "1"], capsys)
+    assert_one_line_error(other_seed, 2, "--seed 1 conflicts with the checkpoint's 0")
 
 
 def test_cli_refuses_truncated_and_incompatible_checkpoints(finished_run, tmp_path, capsys):
@@ -469,10 +572,11 @@ def test_torchrun_two_processes_follow_the_single_process_run(finished_run, tmp_
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("done, 2/2 steps") == 1   # only rank 0 reports and writes
+    assert "Grad strides do not match" not in proc.stderr
     two, one = read_log(out), read_log(full)[:2]
     assert [r["lr"] for r in two] == pytest.approx([r["lr"] for r in one])
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
-    assert sorted(os.listdir(out)) == ["checkpoint.pth", "encoder.pth", "encoder_features.pth", "log.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "encoder.pth", "encoder_features.pth", "log.jsonl", "loss.png"]
 
 
 def gradient_problem():
@@ -489,16 +593,31 @@ def gradient_problem():
 
 def gradient_worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
-    from spark.distributed import synchronize_batch_norm
+    from spark.distributed import align_gradient_strides, synchronize_batch_norm
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
+        # In float32 (oneDNN's convolutions), 1x1 conv weights get gradients whose size-1 strides differ
+        # from the parameters'; DDP warns about that unless they are aligned. Aligned first, and before the
+        # float64 runs: PyTorch emits this warning once per process.
+        for aligned in (True, False):
+            model, images, mask = gradient_problem()
+            model.float()
+            if aligned:
+                align_gradient_strides(model)
+            ddp = DistributedDataParallel(model)  # kept alive through backward: its reducer hooks check
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ddp(images.float()[rank::world], mask=mask[rank::world]).backward()
+            results[f"stride_warnings_aligned_{aligned}"] = sum("Grad strides do not match" in str(w.message)
+                                                                for w in caught)
         for synced in (True, False):
             model, images, mask = gradient_problem()
-            if synced:
+            if synced:  # as spark-pretrain sets up DDP; the control has neither
                 synchronize_batch_norm(model)
+                align_gradient_strides(model)
             ddp = DistributedDataParallel(model)
             loss = ddp(images[rank::world], mask=mask[rank::world])
             loss.backward()
@@ -540,3 +659,4 @@ def test_two_gloo_processes_give_the_gradient_of_one_process_with_the_whole_batc
                 / torch.cat([single[n].flatten() for n in names]).norm()).item()
     assert relative_error(synced["grads"]) < 2e-9  # the same 1e-8 guard, nothing else
     assert relative_error(unsynced["grads"]) > 0.1, "control: without synchronized BN the gradients differ"
+    assert results["stride_warnings_aligned_True"] == 0 and results["stride_warnings_aligned_False"] > 0
