@@ -153,6 +153,62 @@ def test_all_masked(backend, dtype):
     assert torch.equal(out["running_var"], running[1].to(dtype))
 
 
+# Statistics computed by hand (the running-statistics update is code every backend shares, so comparing
+# backends cannot see a bug in it). One active site: PyTorch's batch_norm refuses it in training
+# (F.batch_norm raises; the official SparK calls BatchNorm1d on the active rows, which raises too; the
+# aten op would store NaN in running_var). Ours normalizes with variance 0 (output = bias) and treats the
+# unbiased variance of one value as 0, so running_var decays towards 0 and running_mean moves as usual.
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_statistics_by_hand_one_and_two_active_sites(backend, layout):
+    x = torch.zeros(2, 2, 3, 4, dtype=F64)
+    x[1, :, 2, 1] = torch.tensor([3.0, -2.0])  # site a
+    x[0, :, 0, 3] = torch.tensor([1.0, 4.0])  # site b
+    x[0, :, 1, 1] = 50.0  # an inactive site
+    weight, bias = torch.tensor([2.0, -1.0], dtype=F64), torch.tensor([0.5, 0.25], dtype=F64)
+    running = (torch.tensor([1.0, -1.0], dtype=F64), torch.tensor([2.0, 3.0], dtype=F64))
+    grad_out = torch.ones_like(x)
+    one = torch.zeros(2, 1, 3, 4, dtype=torch.bool)
+    one[1, 0, 2, 1] = True
+    out = run(backend, x, one, weight, bias, running, grad_out, momentum=0.25, layout=layout)
+    assert torch.equal(out["running_mean"], torch.tensor([0.75 * 1.0 + 0.25 * 3.0, 0.75 * -1.0 + 0.25 * -2.0],
+                                                         dtype=F64))
+    assert torch.equal(out["running_var"], torch.tensor([0.75 * 2.0, 0.75 * 3.0], dtype=F64))
+    expected_y = torch.zeros_like(x)
+    expected_y[1, :, 2, 1] = bias
+    torch.testing.assert_close(out["y"], expected_y, rtol=0, atol=1e-9)
+
+    two = one.clone()
+    two[0, 0, 0, 3] = True
+    out = run(backend, x, two, weight, bias, running, grad_out, momentum=0.25, layout=layout)
+    # mean (a + b) / 2 = (2, 1); biased variance ((a - b) / 2)^2 = (1, 9); unbiased twice that.
+    torch.testing.assert_close(out["running_mean"], torch.tensor([0.75 * 1 + 0.25 * 2, 0.75 * -1 + 0.25 * 1],
+                                                                 dtype=F64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(out["running_var"], torch.tensor([0.75 * 2 + 0.25 * 2, 0.75 * 3 + 0.25 * 18],
+                                                                dtype=F64), rtol=0, atol=1e-15)
+    xhat_a = torch.tensor([1.0 / (1 + 1e-5) ** 0.5, -3.0 / (9 + 1e-5) ** 0.5], dtype=F64)
+    expected_y = torch.zeros_like(x)
+    expected_y[1, :, 2, 1] = xhat_a * weight + bias
+    expected_y[0, :, 0, 3] = -xhat_a * weight + bias
+    torch.testing.assert_close(out["y"], expected_y, rtol=1e-12, atol=1e-12)
+    # dL/dbias = sum of grad_out over active sites; dL/dweight = sum of grad_out * xhat = 0 here.
+    torch.testing.assert_close(out["grad_bias"], torch.tensor([2.0, 2.0], dtype=F64))
+    torch.testing.assert_close(out["grad_weight"], torch.zeros(2, dtype=F64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_eval_uses_running_statistics_by_hand(backend):
+    x, weight, bias, running, grad_out = inputs(2, 3, seed=7)
+    active = make_active("spark", 2)
+    out = run(backend, x, active, weight, bias, running, grad_out, training=False)
+    scale = weight / (running[1] + 1e-5).sqrt()
+    expected = ((x - running[0][:, None, None]) * scale[:, None, None] + bias[:, None, None]) * active
+    torch.testing.assert_close(out["y"], expected, rtol=RTOL[F64], atol=ATOL[F64])
+    torch.testing.assert_close(out["grad_x"], grad_out * scale[:, None, None] * active, rtol=RTOL[F64],
+                               atol=ATOL[F64])
+    assert torch.equal(out["running_mean"], running[0]) and torch.equal(out["running_var"], running[1])
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_inactive_garbage_does_not_leak(backend, layout):

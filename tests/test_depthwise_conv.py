@@ -333,3 +333,16 @@ def test_outputs_in_kernel_layout(backend, layout):
     assert y.is_contiguous(memory_format=fmt)
     gx, _, _ = torch.ops.spark_kernels.dwconv_backward(torch.randn_like(x), x, weight, index, neighbors)
     assert gx.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_module_defaults_are_those_of_a_depthwise_conv2d(k):
+    """SparseDepthwiseConv2d(C, k) built directly: a bias, 'same' padding, one group per channel, so that
+    with every site active it equals F.conv2d with its parameters."""
+    torch.manual_seed(0)
+    module = sk.nn.SparseDepthwiseConv2d(4, k, backend="reference")
+    assert module.bias is not None and module.padding == (k // 2, k // 2) and module.groups == 4
+    x = torch.randn(2, 4, 6, 5)
+    with sk.active(torch.ones(2, 1, 6, 5, dtype=torch.bool)):
+        y = module(x)
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, module.weight, module.bias, padding=k // 2, groups=4))

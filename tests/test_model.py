@@ -577,3 +577,14 @@ def test_user_encoder_with_feature_info_trains():
 def test_encoder_without_feature_info_raises():
     with pytest.raises(ValueError, match="feature_info"):
         SparK(nn.Sequential(nn.Conv2d(3, 8, 3)))
+
+
+def test_feature_info_without_reductions_raises():
+    class ChannelsOnly(list):
+        def channels(self):
+            return [16, 32]
+
+    encoder = TinyEncoder()
+    encoder.feature_info = ChannelsOnly([16, 32])
+    with pytest.raises(ValueError, match="feature_info"):
+        SparK(encoder, input_size=64)

@@ -108,3 +108,14 @@ def test_layer_norm_zero_at_inactive_sites():
     y = reference.masked_layer_norm(x, mask, torch.ones(5), torch.ones(5), 1e-6, False)
     assert (y * (~mask)).abs().sum() == 0
     assert (y[mask.expand_as(y)] != 0).all()
+
+
+def test_conv_one_element_and_empty_inputs():
+    """A 1 x 1 x 1 x 1 input: the centre tap times x plus the bias (active) or 0 (inactive); an empty
+    input gives an empty output."""
+    x, w, b = torch.tensor([[[[2.0]]]]), torch.arange(9.0).reshape(1, 1, 3, 3), torch.tensor([0.5])
+    on, off = torch.ones(1, 1, 1, 1, dtype=torch.bool), torch.zeros(1, 1, 1, 1, dtype=torch.bool)
+    assert reference.sparse_depthwise_conv2d(x, w, b, on).item() == 4.0 * 2.0 + 0.5
+    assert reference.sparse_depthwise_conv2d(x, w, b, off).item() == 0.0
+    empty = torch.zeros(0, 1, 4, 4)
+    assert reference.sparse_depthwise_conv2d(empty, w, b, torch.ones(0, 1, 4, 4, dtype=torch.bool)).shape == empty.shape

@@ -144,6 +144,39 @@ class TestSitesCache:
             as_sites(3)
 
 
+def test_upsample_mask_by_hand():
+    """Nearest repetition, with different factors for height (2) and width (3)."""
+    mask = torch.tensor([[[[True, False], [False, True]]]])
+    expected = torch.tensor([[[[1, 1, 1, 0, 0, 0],
+                               [1, 1, 1, 0, 0, 0],
+                               [0, 0, 0, 1, 1, 1],
+                               [0, 0, 0, 1, 1, 1]]]], dtype=torch.bool)
+    assert torch.equal(upsample_mask(mask, 4, 6), expected)
+    with pytest.raises(ValueError, match="integer factor"):
+        upsample_mask(mask, 5, 6)
+
+
+def test_at_upsamples_by_hand_and_downsamples_any_child():
+    mask = torch.tensor([[[[True, False, False], [False, False, True]]]])
+    sites = sk.ActiveSites(mask)
+    fine = sites.at(4, 6).mask[0, 0].int().tolist()
+    assert fine == [[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1]]
+    assert sites.at(4, 6).index.tolist() == [0, 1, 6, 7, 16, 17, 22, 23]
+    pixel = torch.zeros(1, 1, 4, 6, dtype=torch.bool)
+    pixel[0, 0, 3, 0] = pixel[0, 0, 0, 5] = True
+    coarse = sk.ActiveSites(pixel).at(2, 3)
+    assert coarse.mask[0, 0].int().tolist() == [[0, 0, 1], [1, 0, 0]] and coarse.num_active == 2
+
+
+def test_patch_mask_draws_every_layout():
+    """Uniform draws: over many images every one of the C(4, 2) = 6 layouts of 2 visible patches among
+    4 appears, with frequency near 1/6."""
+    m = patch_mask(3000, (2, 2), 0.5, generator=torch.Generator().manual_seed(0)).reshape(3000, 4)
+    layouts = torch.unique(m.int(), dim=0, return_counts=True)
+    assert layouts[0].shape[0] == 6 and bool((layouts[0].sum(1) == 2).all())
+    assert bool(((layouts[1] / 3000 - 1 / 6).abs() < 0.03).all()), layouts[1]
+
+
 def test_more_sites_than_int32_addresses_are_refused():
     """The int32 site index would wrap past 2^31 sites: the limit is checked on sizes, before allocating."""
     check_site_count(1, 1, MAX_SITES)
@@ -155,3 +188,13 @@ def test_more_sites_than_int32_addresses_are_refused():
     huge = torch.ones(1, 1, 1, 1, dtype=torch.bool).expand(2**16, 1, 2**8, 2**8)
     with pytest.raises(ValueError, match="has 4294967296 sites"):
         sk.ActiveSites(huge)
+
+
+def test_cached_scales_do_not_answer_other_sizes():
+    """A non-square pyramid: each scale is found under its own (H, W) only, so a size that is not a scale
+    of the mask is refused even when another scale with that width is cached."""
+    sites = sk.ActiveSites(torch.ones(1, 1, 2, 4, dtype=torch.bool))
+    up = sites.at(4, 8)
+    assert sites.at(4, 8) is up and up.at(2, 4) is sites and up.at(8, 16).at(4, 8) is up
+    with pytest.raises(ValueError, match="cannot be resampled"):
+        sites.at(8, 8)
