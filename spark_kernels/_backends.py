@@ -44,9 +44,14 @@ def reset_fallback_counts() -> None:
     _fallbacks.clear()
 
 
-def _note_fallback(op: str, reason: str) -> None:
+# Reasons a backend is unavailable that were already announced once for the whole process (the extension
+# failing to load warns at import): falling back because of them alone is counted but not warned again.
+announced_unavailable: set = set()
+
+
+def _note_fallback(op: str, reason: str, announced: bool = False) -> None:
     key = (op, reason)
-    if key not in _fallbacks:
+    if key not in _fallbacks and not announced:
         warnings.warn(f"{op}: running on the slow masked-dense 'reference' backend because {reason}",
                       FallbackWarning, stacklevel=4)
     _fallbacks[key] += 1
@@ -148,13 +153,14 @@ def select_backend(requested: Optional[str], x: torch.Tensor, op: str) -> Backen
         if why:
             raise RuntimeError(f"{op}: backend {requested!r} (from {source}) cannot run this call: {why}")
         return backend
-    reasons = []
+    reasons, announced = [], True
     for name in DEFAULT_ORDER.get(x.device.type, (REFERENCE,)):
         backend = _REGISTRY.get(name)
         why = "not registered in this build" if backend is None else backend.unsupported_reason(x)
         if why is None:
             if name == REFERENCE and reasons:
-                _note_fallback(op, "; ".join(reasons))
+                _note_fallback(op, "; ".join(reasons), announced)
             return backend
         reasons.append(f"{name}: {why}")
+        announced = announced and why in announced_unavailable
     raise RuntimeError(f"{op}: no backend supports this call: " + "; ".join(reasons))

@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._backends import announced_unavailable
 from ._layout import accumulation_dtype, kernel_memory_format
 
 _load_error: Optional[str] = None
@@ -35,6 +36,7 @@ def _warn_once() -> None:
     global _warned
     if _load_error and not _warned:
         _warned = True
+        announced_unavailable.add(_load_error)
         warnings.warn(f"spark_kernels: {_load_error}. Only the 'reference' backend (and 'triton' on GPUs) "
                       f"is available.", RuntimeWarning, stacklevel=3)
 

@@ -57,7 +57,13 @@ def check_conv_args(x, weight, bias) -> int:
 def _autocast(x, weight, bias):
     """x, weight and bias in the autocast dtype when autocast is on for x's device (float32, float16 and
     bfloat16 tensors are cast, float64 ones are not: autocast's rule for conv2d)."""
-    if not (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)):
+    if not isinstance(x, torch.Tensor):
+        return x, weight, bias
+    try:
+        enabled = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta) is never autocast
+        return x, weight, bias
+    if not enabled:
         return x, weight, bias
     dtype = torch.get_autocast_dtype(x.device.type)
     cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (  # noqa: E731
