@@ -32,6 +32,16 @@ TORCH_LIBRARY(spark_kernels, m) {
   // grad_out * a[c] + x * b[c] + d[c] at active sites, 0 elsewhere.
   m.def("masked_bn_backward_elemt(Tensor grad_out, Tensor x, Tensor index, Tensor a, Tensor b, Tensor d)"
         " -> Tensor");
+  // Masked GroupNorm, staged like BN with per-(image, channel) coefficients: (N, C) vectors in the
+  // accumulation dtype. (N, 2, C) float64: [mean, M2] per image and channel over the image's active sites.
+  m.def("masked_gn_stats(Tensor x, Tensor index) -> Tensor");
+  // (N, 2, C) float64: [sum dy, sum dy * (x - center)] per image and channel over the image's active sites.
+  m.def("masked_gn_backward_stats(Tensor grad_out, Tensor x, Tensor index, Tensor center) -> Tensor");
+  // (x - center[n, c]) * scale[n, c] + shift[n, c] at active sites, 0 elsewhere.
+  m.def("masked_gn_elemt(Tensor x, Tensor index, Tensor center, Tensor scale, Tensor shift) -> Tensor");
+  // grad_out * a[n, c] + (x - center[n, c]) * b[n, c] + d[n, c] at active sites, 0 elsewhere.
+  m.def("masked_gn_backward_elemt(Tensor grad_out, Tensor x, Tensor index, Tensor center, Tensor a, Tensor b,"
+        " Tensor d) -> Tensor");
   // (y, mean, rstd): LayerNorm over C at each active site; mean and rstd (M,) per active site.
   m.def("masked_ln_forward(Tensor x, Tensor index, Tensor? weight, Tensor? bias, float eps)"
         " -> (Tensor, Tensor, Tensor)");

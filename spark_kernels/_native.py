@@ -74,6 +74,20 @@ def _register_fakes() -> None:
     def _(grad_out, x, index, a, b, d):
         return torch.empty_like(x, memory_format=kernel_memory_format(x))
 
+    def image_channel_stats(x, index, *rest):
+        return x.new_empty((x.shape[0], 2, x.shape[1]), dtype=torch.float64)
+
+    torch.library.register_fake(lib + "masked_gn_stats", image_channel_stats)
+    torch.library.register_fake(lib + "masked_gn_backward_stats", image_channel_stats)
+
+    @torch.library.register_fake(lib + "masked_gn_elemt")
+    def _(x, index, center, scale, shift):
+        return torch.empty_like(x, memory_format=kernel_memory_format(x))
+
+    @torch.library.register_fake(lib + "masked_gn_backward_elemt")
+    def _(grad_out, x, index, center, a, b, d):
+        return torch.empty_like(x, memory_format=kernel_memory_format(x))
+
     @torch.library.register_fake(lib + "masked_ln_forward")
     def _(x, index, weight, bias, eps):
         m = index.shape[0]
@@ -99,7 +113,9 @@ def _kernels() -> SimpleNamespace:
         dwconv_forward=ops.dwconv_forward, dwconv_backward=ops.dwconv_backward,
         bn_stats=ops.masked_bn_stats, bn_backward_stats=ops.masked_bn_backward_stats,
         bn_elemt=ops.masked_bn_elemt, bn_backward_elemt=ops.masked_bn_backward_elemt,
-        ln_forward=ops.masked_ln_forward, ln_backward=ops.masked_ln_backward)
+        ln_forward=ops.masked_ln_forward, ln_backward=ops.masked_ln_backward,
+        gn_stats=ops.masked_gn_stats, gn_backward_stats=ops.masked_gn_backward_stats,
+        gn_elemt=ops.masked_gn_elemt, gn_backward_elemt=ops.masked_gn_backward_elemt)
 
 
 def load_cpu() -> Tuple[object, Optional[str]]:

@@ -97,6 +97,7 @@ OP_PRIMITIVES = {
     "conv": ("dwconv_forward", "dwconv_backward"),
     "batch_norm": ("masked_bn_stats", "masked_bn_elemt", "masked_bn_backward_stats", "masked_bn_backward_elemt"),
     "layer_norm": ("masked_ln_forward", "masked_ln_backward"),
+    "group_norm": ("masked_gn_stats", "masked_gn_elemt", "masked_gn_backward_stats", "masked_gn_backward_elemt"),
 }
 
 

@@ -11,6 +11,7 @@
 
 #include "common/norm_checks.h"
 #include "common/norm_row.h"
+#include "cpu/dtypes.h"
 
 namespace spark_kernels::cpu {
 
@@ -178,6 +179,36 @@ void scatter_rows(const NormGeometry& g, const T* rows, const std::vector<int64_
 // A dense output in x's kernel layout whose every element is written by the caller or zero_inactive.
 inline at::Tensor empty_dense(const at::Tensor& x_kernel_layout) {
   return at::empty_like(x_kernel_layout, kernel_memory_format(x_kernel_layout));
+}
+
+// out = elem(offset, c, image) at the active sites, 0 elsewhere, in x's kernel layout; T: the storage type.
+template <typename T, typename Elem>
+at::Tensor dense_map(const at::Tensor& x_kernel_layout, const NormGeometry& g, const int32_t* index, int64_t count,
+                     const Elem& elem) {
+  at::Tensor out = empty_dense(x_kernel_layout);
+  if (count == 0) return out.zero_();
+  T* y = mutable_data_as<T>(out);
+  for_each_chunk(count, norm::sites_per_chunk(g.channels), [&](int64_t, int64_t j0, int64_t j1) {
+    zero_inactive(g, index, count, j0, j1, y);
+    if (g.rows) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t base = static_cast<int64_t>(index[j]) * g.channels;
+        const int64_t image = index[j] / g.plane;
+        T* __restrict row = y + base;
+        for (int64_t c = 0; c < g.channels; ++c) row[c] = elem(base + c, c, image);
+      }
+    } else {  // channel by channel: consecutive sites of a plane are mostly adjacent in memory
+      std::vector<int64_t> bases(j1 - j0), images(j1 - j0);
+      for (int64_t j = j0; j < j1; ++j) {
+        bases[j - j0] = g.base(index[j]);
+        images[j - j0] = index[j] / g.plane;
+      }
+      for (int64_t c = 0; c < g.channels; ++c) {
+        for (int64_t s = 0; s < j1 - j0; ++s) y[bases[s] + c * g.plane] = elem(bases[s] + c * g.plane, c, images[s]);
+      }
+    }
+  });
+  return out;
 }
 
 }  // namespace spark_kernels::cpu
