@@ -194,10 +194,15 @@ class MaskedGroupNorm(nn.GroupNorm):
     @classmethod
     def from_dense(cls, gn: nn.GroupNorm, backend: Optional[str] = None) -> "MaskedGroupNorm":
         """A MaskedGroupNorm with gn's groups, eps, parameters, mode and requires_grad flags. Subclasses of
-        nn.GroupNorm (timm's GroupNorm, GroupNorm1) are accepted when their forward is a plain group norm;
-        one that adds more (timm's GroupNormAct applies an activation) must be converted by the model layer."""
+        nn.GroupNorm whose forward is a plain group norm (timm's GroupNorm, GroupNorm1) are accepted; one with
+        submodules does more than that (timm's GroupNormAct applies its drop and act after the norm) and is
+        refused: the model layer converts it, keeping those submodules."""
         if not isinstance(gn, nn.GroupNorm):
             raise TypeError(f"MaskedGroupNorm.from_dense expects an nn.GroupNorm, got {type(gn).__name__}")
+        children = [name for name, _ in gn.named_children()]
+        if children:
+            raise ValueError(f"MaskedGroupNorm.from_dense converts a plain group norm; this {type(gn).__name__} "
+                             f"has submodules {children} that its forward applies too")
         masked = cls(gn.num_groups, gn.num_channels, gn.eps, gn.affine, backend=backend)
         _copy_state(masked, gn)
         return masked

@@ -47,15 +47,15 @@ def inputs(n, c, seed=0, h=H, w=W, offset=0.5):
 
 def cancelled_terms(x, active, groups, weight, grad_out, eps=1e-5) -> float:
     """helpers.assert_close_to_reference's `terms`: the largest gain 1/sqrt(var + eps) of a group with active
-    sites times the largest |x|, |grad_out|, |weight| (a one-site group's input gradient is 0 = the
-    difference of two terms of that size)."""
+    sites times the largest |grad_out| and |weight| (a one-site group's input gradient is 0 = the difference
+    of two terms of that size). |x| does not enter: the kernels centre x on its group's mean first."""
     n, c = x.shape[:2]
     sites = active.reshape(n, 1, -1).expand(n, c, -1).reshape(n, groups, -1)
     values = x.reshape(n, groups, -1)
     gains = [(values[i, j][sites[i, j]].var(unbiased=False).item() + eps) ** -0.5
              for i in range(n) for j in range(groups) if sites[i, j].any()]
     w = 1.0 if weight is None else max(1.0, weight.abs().max().item())
-    return max(gains, default=0.0) * w * max(1.0, x.abs().max().item(), grad_out.abs().max().item())
+    return max(gains, default=0.0) * w * max(1.0, grad_out.abs().max().item())
 
 
 def check_against_reference(backend, x, active, groups, weight, bias, grad_out, dtype, layout="contiguous",
@@ -336,3 +336,18 @@ def test_module_errors():
         sk.nn.MaskedGroupNorm.from_dense(nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match=r"num_channels \(4\) must be divisible by num_groups \(3\)"):
         sk.nn.MaskedGroupNorm(3, 4)
+
+
+def test_module_from_timm_group_norms():
+    """timm's plain GroupNorm subclasses convert; GroupNormAct (norm, then drop and act) is refused by the
+    module (the model layer keeps its drop and act)."""
+    layers = pytest.importorskip("timm.layers")
+    x = inputs(2, 8)[0].float()
+    active = make_active("visible", 2)
+    for dense in (layers.GroupNorm(8, num_groups=4), layers.GroupNorm1(8)):
+        module = sk.nn.MaskedGroupNorm.from_dense(dense)
+        assert module.num_groups == dense.num_groups
+        with sk.active(active):
+            torch.testing.assert_close(module(x), dense(x), rtol=RTOL[F32], atol=ATOL[F32])
+    with pytest.raises(ValueError, match=r"GroupNormAct has submodules \['drop', 'act'\]"):
+        sk.nn.MaskedGroupNorm.from_dense(layers.GroupNormAct(8, num_groups=4))

@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from spark_kernels.triton import batch_norm, common, dwconv, layer_norm
+from spark_kernels.triton import batch_norm, common, dwconv, group_norm, layer_norm
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -31,6 +31,7 @@ def all_configs():
     yield from dwconv.compile_configs()
     yield from batch_norm.compile_configs()
     yield from layer_norm.compile_configs()
+    yield from group_norm.compile_configs()
     yield from common.reduce_compile_configs()
 
 

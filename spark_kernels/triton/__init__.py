@@ -1,7 +1,7 @@
 """Backend "triton": Triton kernels for CUDA GPUs, also runnable on CPU tensors in Triton's interpreter.
 
 Nothing heavy happens at package import: ``load()`` imports triton and compiles nothing until a kernel
-is first launched. The kernels (spark_kernels/triton/{dwconv,batch_norm,layer_norm}.py) are registered
+is first launched. The kernels (spark_kernels/triton/{dwconv,batch_norm,layer_norm,group_norm}.py) are registered
 as custom ops ``spark_kernels::triton_*``; their launch parameters come from ``config.py``.
 """
 from __future__ import annotations
@@ -27,12 +27,14 @@ def load() -> Tuple[object, Optional[str]]:
         return None, ("no CUDA device is available (torch.cuda.is_available() is False) and TRITON_INTERPRET "
                       "is not set (set TRITON_INTERPRET=1 before triton is first imported to run the kernels "
                       "in Triton's interpreter on CPU tensors)")
-    from . import batch_norm, dwconv, layer_norm
+    from . import batch_norm, dwconv, group_norm, layer_norm
     kernels = SimpleNamespace(
         dwconv_forward=dwconv.dwconv_forward, dwconv_backward=dwconv.dwconv_backward,
         bn_stats=batch_norm.bn_stats, bn_backward_stats=batch_norm.bn_backward_stats,
         bn_elemt=batch_norm.bn_elemt, bn_backward_elemt=batch_norm.bn_backward_elemt,
-        ln_forward=layer_norm.ln_forward, ln_backward=layer_norm.ln_backward)
+        ln_forward=layer_norm.ln_forward, ln_backward=layer_norm.ln_backward,
+        gn_stats=group_norm.gn_stats, gn_backward_stats=group_norm.gn_backward_stats,
+        gn_elemt=group_norm.gn_elemt, gn_backward_elemt=group_norm.gn_backward_elemt)
     return kernels, None
 
 
