@@ -1,6 +1,7 @@
 """What every benchmark shares: the shapes of docs/design.md section 6, timing, and the environment record."""
 from __future__ import annotations
 
+import math
 import os
 import platform
 import resource
@@ -19,8 +20,16 @@ BATCH = 32
 MASK_RATIO = 0.6
 THREADS = 2
 
-# docs/design.md section 6: minimum speedup of the fused op over the reference, forward + backward.
-TARGETS = {"dwconv7": 3.0, "dwconv3": 2.0, "batch_norm": 2.0, "layer_norm_cf": 2.0, "layer_norm_cl": 2.0}
+# docs/design.md section 6: minimum speedup of the fused op over the reference, forward + backward
+# (group_norm, which section 6 does not list, is held to the other norms' target).
+TARGETS = {"dwconv7": 3.0, "dwconv3": 2.0, "batch_norm": 2.0, "layer_norm_cf": 2.0, "layer_norm_cl": 2.0,
+           "group_norm": 2.0}
+# GroupNorm's groups at the benchmark shapes (timm's and the GN papers' default); fewer where C has fewer.
+GROUP_NORM_GROUPS = 32
+
+
+def group_norm_groups(channels: int) -> int:
+    return math.gcd(GROUP_NORM_GROUPS, channels)
 # docs/design.md section 6: minimum images/s ratio of the fused SparK training step over the reference model,
 # with peak memory no higher (ResNet-50: "faster, never slower").
 MODEL_TARGETS = {"convnext_tiny": 1.5, "resnet50": 1.0}

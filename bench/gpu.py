@@ -34,14 +34,14 @@ import torch
 import spark_kernels as sk
 from spark_kernels.masks import patch_mask, upsample_mask
 
-from .common import CONVNEXT_T_STAGES, MASK_RATIO, RESNET50_STAGES
+from .common import CONVNEXT_T_STAGES, MASK_RATIO, RESNET50_STAGES, group_norm_groups
 from .roofline import op_cost
 
 GPU_BATCH = 256
 GPU_BACKENDS = ("triton", "cuda")
 REFERENCE = "reference"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-OPS = ("dwconv7", "dwconv3", "batch_norm", "layer_norm_cf", "layer_norm_cl")
+OPS = ("dwconv7", "dwconv3", "batch_norm", "layer_norm_cf", "layer_norm_cl", "group_norm")
 # The targets of the GPU acceptance (fp16/bf16 and fp32, forward + backward).
 SPEEDUP_TARGET = 2.0
 ROOFLINE_TARGET = {"default": 0.6, "dwconv_backward": 0.5}
@@ -50,6 +50,8 @@ ROOFLINE_TARGET = {"default": 0.6, "dwconv_backward": 0.5}
 def _shapes(op: str, quick: bool):
     if quick:
         return [(8, 8, 2)]
+    if op == "group_norm":
+        return RESNET50_STAGES
     return CONVNEXT_T_STAGES + (RESNET50_STAGES if op == "batch_norm" else [])
 
 
@@ -160,6 +162,9 @@ def _runner(op: str, backend: str, sites, x, weight, bias):
         running = (torch.zeros(x.shape[1], device=x.device, dtype=x.dtype),
                    torch.ones(x.shape[1], device=x.device, dtype=x.dtype))
         return lambda x, w, b: sk.masked_batch_norm(x, sites, *running, w, b, training=True, backend=backend)
+    if op == "group_norm":
+        groups = group_norm_groups(x.shape[1])
+        return lambda x, w, b: sk.masked_group_norm(x, sites, groups, w, b, backend=backend)
     data_format = "channels_last" if op == "layer_norm_cl" else "channels_first"
     return lambda x, w, b: sk.masked_layer_norm(x, sites, w, b, data_format=data_format, backend=backend)
 

@@ -73,8 +73,9 @@ def check_against_reference(backend, x, active, groups, weight, bias, grad_out, 
 
 
 DTYPE_LAYOUTS = [(F32, "contiguous", None), (F32, "channels_last", None), (F64, "channels_last", None),
-                 (F64, "contiguous", None), (torch.bfloat16, "channels_last", F32), (torch.bfloat16, "contiguous", None),
-                 (torch.float16, "channels_last", F32), (torch.float16, "contiguous", None)]
+                 (F64, "contiguous", None), (torch.bfloat16, "channels_last", F32),
+                 (torch.bfloat16, "contiguous", None), (torch.float16, "channels_last", F32),
+                 (torch.float16, "contiguous", None)]
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -36,13 +36,35 @@ __device__ __forceinline__ int64_t site_of(const int32_t* index, int64_t j, int6
   return site;
 }
 
+// The active sites [j0, j1) of stage-1 block `block` (a fixed chunk of index, so results never depend on timing).
+// ContiguousChunks: the index cut into kSitesPerSumBlock-site chunks. ImageChunks: each image's run of sites
+// index[starts[n] .. starts[n + 1]) cut the same way, `parts` blocks per image (the trailing ones may be empty),
+// so that no block mixes two images.
+struct ContiguousChunks {
+  int64_t count;
+  __device__ void operator()(int64_t block, int64_t& j0, int64_t& j1) const {
+    j0 = block * kSitesPerSumBlock;
+    j1 = min(count, j0 + kSitesPerSumBlock);
+  }
+};
+
+struct ImageChunks {
+  const int64_t* starts;  // (N + 1)
+  int64_t parts;
+  __device__ void operator()(int64_t block, int64_t& j0, int64_t& j1) const {
+    const int64_t image = block / parts;
+    j0 = starts[image] + (block % parts) * kSitesPerSumBlock;
+    j1 = min(starts[image + 1], j0 + kSitesPerSumBlock);
+  }
+};
+
 // Stage 1: partials[block][0 or 1][c] = sum over the block's sites of term(j, offset, c) (two terms).
 // Rows: threadIdx.x runs over 32 channels (coalesced), threadIdx.y over sites.
 // Planes: threadIdx.y runs over 8 channels, threadIdx.x over sites (coalesced within a plane).
 // The block then adds its 256 threads' sums in a fixed order, so the result does not depend on timing.
-template <typename Acc, typename Term>
+template <typename Acc, typename Term, typename Chunks>
 __global__ void __launch_bounds__(kWarp * kTileRows)
-channel_partials_kernel(NormGeometry g, const int32_t* __restrict__ index, int64_t count, Term term,
+channel_partials_kernel(NormGeometry g, const int32_t* __restrict__ index, Chunks chunks, Term term,
                         Acc* __restrict__ partials) {
   __shared__ Acc first_sums[kTileRows][kWarp];
   __shared__ Acc second_sums[kTileRows][kWarp];
@@ -50,8 +72,8 @@ channel_partials_kernel(NormGeometry g, const int32_t* __restrict__ index, int64
   const int64_t c = g.rows ? int64_t(blockIdx.y) * kWarp + tx : int64_t(blockIdx.y) * kTileRows + ty;
   const int lane = g.rows ? ty : tx;
   const int lanes = g.rows ? kTileRows : kWarp;
-  const int64_t j0 = int64_t(blockIdx.x) * kSitesPerSumBlock;
-  const int64_t j1 = min(count, j0 + kSitesPerSumBlock);
+  int64_t j0, j1;
+  chunks(blockIdx.x, j0, j1);
   Acc first = 0, second = 0;
   if (c < g.channels) {
     for (int64_t j = j0 + lane; j < j1; j += lanes) {
@@ -109,7 +131,7 @@ void channel_sums(const NormGeometry& g, const at::Tensor& index, const Term& te
     const int64_t tile = g.rows ? kWarp : kTileRows;
     const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((g.channels + tile - 1) / tile));
     channel_partials_kernel<Acc><<<grid, dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
-        g, index.const_data_ptr<int32_t>(), count, term, partials.data_ptr<Acc>());
+        g, index.const_data_ptr<int32_t>(), ContiguousChunks{count}, term, partials.data_ptr<Acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   reduce_columns<Sum>(blocks, width, SumLoad<Acc, Out>{partials.const_data_ptr<Acc>(), width},
@@ -119,17 +141,17 @@ void channel_sums(const NormGeometry& g, const at::Tensor& index, const Term& te
 // BN statistics, stage 1 (common/norm_row.h): each thread sums shifted values around its first value over
 // its sites of the block's chunk; the block's lanes are merged (Chan) in lane order relative to lane 0's
 // pivot r. partials (blocks, 3, C) float: [r, mean - r, M2]. Lanes as in channel_partials_kernel.
-template <typename T>
+template <typename T, typename Chunks>
 __global__ void __launch_bounds__(kWarp * kTileRows)
-channel_moments_kernel(NormGeometry g, const int32_t* __restrict__ index, int64_t count, const T* __restrict__ x,
+channel_moments_kernel(NormGeometry g, const int32_t* __restrict__ index, Chunks chunks, const T* __restrict__ x,
                        float* __restrict__ partials) {
   __shared__ norm::ShiftedSums<float> lane_sums[kTileRows][kWarp];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c = g.rows ? int64_t(blockIdx.y) * kWarp + tx : int64_t(blockIdx.y) * kTileRows + ty;
   const int lane = g.rows ? ty : tx;
   const int lanes = g.rows ? kTileRows : kWarp;
-  const int64_t j0 = int64_t(blockIdx.x) * kSitesPerSumBlock;
-  const int64_t j1 = min(count, j0 + kSitesPerSumBlock);
+  int64_t j0, j1;
+  chunks(blockIdx.x, j0, j1);
   norm::ShiftedSums<float> sums{};
   if (c < g.channels) {
     for (int64_t j = j0 + lane; j < j1; j += lanes) {
@@ -185,7 +207,7 @@ void channel_moments(const NormGeometry& g, const at::Tensor& index, const T* x,
     const int64_t tile = g.rows ? kWarp : kTileRows;
     const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((g.channels + tile - 1) / tile));
     channel_moments_kernel<T><<<grid, dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
-        g, index.const_data_ptr<int32_t>(), count, x, partials.data_ptr<float>());
+        g, index.const_data_ptr<int32_t>(), ContiguousChunks{count}, x, partials.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const float* table = partials.const_data_ptr<float>();
@@ -193,7 +215,7 @@ void channel_moments(const NormGeometry& g, const at::Tensor& index, const T* x,
                                         MomentsStore{table, out, g.channels});
 }
 
-// out[offset] = elem(offset, c) for every (active site, channel). Rows: consecutive threads take
+// out[offset] = elem(offset, c, site) for every (active site, channel). Rows: consecutive threads take
 // consecutive channels of a site; planes: consecutive active sites of a channel.
 template <typename T, typename Elem>
 __global__ void active_map_kernel(NormGeometry g, const int32_t* __restrict__ index, int64_t count, Elem elem,
@@ -203,8 +225,9 @@ __global__ void active_map_kernel(NormGeometry g, const int32_t* __restrict__ in
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t j = g.rows ? i / g.channels : i % count;
     const int64_t c = g.rows ? i % g.channels : i / count;
-    const int64_t offset = g.base(site_of(index, j, g.sites())) + c * g.channel_stride();
-    out[offset] = elem(offset, c);
+    const int64_t site = site_of(index, j, g.sites());
+    const int64_t offset = g.base(site) + c * g.channel_stride();
+    out[offset] = elem(offset, c, site);
   }
 }
 
