@@ -21,9 +21,10 @@ import torch
 
 from . import reference
 from ._backends import select_backend
-from ._layout import accumulation_dtype
+from ._layout import accumulation_dtype, uses_rows
 from ._sites import resolve_sites
 from ._validation import check_input, check_param, check_param_dtypes
+from .batch_norm import _compact_rows, _from_compact_rows
 
 
 def group_moments(moments: torch.Tensor, counts: torch.Tensor, num_groups: int):
@@ -72,15 +73,17 @@ class _MaskedGroupNorm(torch.autograd.Function):
         scale = w * rstd_c
         shift = b + (center.to(torch.float64) - mean_c) * scale  # the centre's rounding, undone
         y = kernels.gn_elemt(x, index, center, scale.to(acc), shift.to(acc))
-        ctx.save_for_backward(x, index, counts, mean_c, rstd_c, w)
-        ctx.num_groups, ctx.kernels = num_groups, kernels
+        # A channels_last x is kept as its active rows only (backward reads nothing else), as masked BN does.
+        ctx.save_for_backward(_compact_rows(x, index) if uses_rows(x) else x, index, counts, mean_c, rstd_c, w)
+        ctx.dense_shape, ctx.num_groups, ctx.kernels = x.shape, num_groups, kernels
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, index, counts, mean_c, rstd_c, w = ctx.saved_tensors
+        saved_x, index, counts, mean_c, rstd_c, w = ctx.saved_tensors
+        x = _from_compact_rows(saved_x, index, ctx.dense_shape) if saved_x.dim() == 2 else saved_x
         acc = accumulation_dtype(x.dtype)
         n, c = x.shape[:2]
         groups = ctx.num_groups

@@ -1,7 +1,8 @@
 // Masked GroupNorm primitives on the CPU (schemas and conventions: csrc/ops.cpp). The autograd function in
 // spark_kernels/group_norm.py composes them; it merges a group's channels and computes the per-(image,
-// channel) coefficients between them. The reductions are those of masked BatchNorm (cpu/norm_cpu.h) run
-// over one image's active sites at a time, so every per-image result is deterministic.
+// channel) coefficients between them. The reductions are those of masked BatchNorm (cpu/norm_cpu.h) over
+// fixed chunks that never straddle two images (one parallel region for the whole batch), merged per image in
+// chunk order, so the results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -15,11 +16,13 @@
 namespace spark_kernels::cpu {
 namespace {
 
-// x in the kernel layout, the geometry, the validated index and where each image's sites start in it.
+// x in the kernel layout, the geometry, the validated index, and the reductions' chunks: each image's run of
+// active sites index[starts[n] .. starts[n + 1]) cut into fixed chunks, image n's being chunks
+// [first_chunk[n], first_chunk[n + 1]).
 struct Prepared {
   at::Tensor x, index;
   NormGeometry g;
-  std::vector<int64_t> starts;  // (N + 1): image n's active sites are index[starts[n] .. starts[n + 1])
+  std::vector<int64_t> bounds, first_chunk;
 
   const int32_t* index_data() const { return index.const_data_ptr<int32_t>(); }
   int64_t count() const { return index.numel(); }
@@ -28,14 +31,20 @@ struct Prepared {
 Prepared prepare(const at::Tensor& x, const at::Tensor& index, const char* op) {
   check_norm_input(x, op, c10::DeviceType::CPU, {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16});
   check_index(index, x, op);
-  Prepared p{to_kernel_layout(x, x), index.contiguous(), {}, {}};
+  Prepared p{to_kernel_layout(x, x), index.contiguous(), {}, {}, {}};
   p.g = NormGeometry::of(p.x);
   const int32_t* sites = p.index_data();
   check_index_values(sites, p.count(), p.g.sites(), op);
-  p.starts.resize(p.g.batch + 1);
-  for (int64_t n = 0; n <= p.g.batch; ++n) {
-    p.starts[n] = std::lower_bound(sites, sites + p.count(), n * p.g.plane) - sites;
+  const int64_t per_chunk = norm::sites_per_chunk(p.g.channels);
+  p.first_chunk.resize(p.g.batch + 1);
+  int64_t first = 0;
+  for (int64_t n = 0; n < p.g.batch; ++n) {
+    const int64_t end = std::lower_bound(sites, sites + p.count(), (n + 1) * p.g.plane) - sites;
+    p.first_chunk[n] = chunk_count(p.bounds);
+    append_chunks(first, end, per_chunk, p.bounds);
+    first = end;
   }
+  p.first_chunk[p.g.batch] = chunk_count(p.bounds);
   return p;
 }
 
@@ -63,15 +72,11 @@ at::Tensor masked_gn_stats(const at::Tensor& x_in, const at::Tensor& index_in) {
   SK_CPU_DISPATCH(p.x.scalar_type(), op, [&] {
     const auto* x = data_as<storage_t<scalar_t>>(p.x);
     auto value = [=](int64_t off) { return static_cast<double>(x[off]); };
+    const ChunkMoments moments = p.g.rows ? chunk_moments<true>(p.g, p.index_data(), p.bounds, value)
+                                          : chunk_moments<false>(p.g, p.index_data(), p.bounds, value);
     for (int64_t n = 0; n < p.g.batch; ++n) {
-      const int32_t* sites = p.index_data() + p.starts[n];
-      const int64_t count = p.starts[n + 1] - p.starts[n];
-      double* image_out = result + n * 2 * p.g.channels;
-      if (p.g.rows) {
-        channel_moments<true>(p.g, sites, count, value, image_out);
-      } else {
-        channel_moments<false>(p.g, sites, count, value, image_out);
-      }
+      merge_chunk_moments(moments, p.bounds, p.first_chunk[n], p.first_chunk[n + 1], p.g.channels,
+                          result + n * 2 * p.g.channels);
     }
   });
   return out;
@@ -90,20 +95,19 @@ at::Tensor masked_gn_backward_stats(const at::Tensor& grad_out_in, const at::Ten
     using acc_t = cpu::acc_t<scalar_t>;
     const auto* x = data_as<storage_t<scalar_t>>(p.x);
     const auto* dy = data_as<storage_t<scalar_t>>(grad_out);
+    const acc_t* center = center_t.const_data_ptr<acc_t>();
+    const int32_t* index = p.index_data();
+    const int64_t channels = p.g.channels, plane = p.g.plane;
     const norm::BnBackwardTerms<double> terms;
+    auto term = [=](int64_t j, int64_t off, int64_t c, double& a, double& b) {
+      const int64_t image = index[j] / plane;
+      terms(static_cast<double>(dy[off]), static_cast<double>(x[off]), static_cast<double>(center[image * channels + c]),
+            a, b);
+    };
+    const std::vector<double> partials = p.g.rows ? chunk_sums<true>(p.g, index, p.bounds, term)
+                                                  : chunk_sums<false>(p.g, index, p.bounds, term);
     for (int64_t n = 0; n < p.g.batch; ++n) {
-      const acc_t* center = center_t.const_data_ptr<acc_t>() + n * p.g.channels;
-      auto term = [=](int64_t, int64_t off, int64_t c, double& a, double& b) {
-        terms(static_cast<double>(dy[off]), static_cast<double>(x[off]), static_cast<double>(center[c]), a, b);
-      };
-      const int32_t* sites = p.index_data() + p.starts[n];
-      const int64_t count = p.starts[n + 1] - p.starts[n];
-      double* image_out = result + n * 2 * p.g.channels;
-      if (p.g.rows) {
-        channel_sums<true>(p.g, sites, count, term, image_out);
-      } else {
-        channel_sums<false>(p.g, sites, count, term, image_out);
-      }
+      combine_chunk_sums(partials, p.first_chunk[n], p.first_chunk[n + 1], channels, result + n * 2 * channels);
     }
   });
   return out;

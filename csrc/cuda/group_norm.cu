@@ -10,6 +10,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/searchsorted.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "cuda/norm_cuda.cuh"
@@ -119,8 +120,11 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& index, const char* op) {
 
 // (N + 1) int64: image n's active sites are index[starts[n] .. starts[n + 1]). Call under the device guard.
 at::Tensor image_starts(const Prepared& p) {
-  const at::Tensor bounds = at::arange(p.g.batch + 1, p.index.options().dtype(at::kLong)) * p.g.plane;
-  return at::searchsorted(p.index, bounds.to(at::kInt));
+  const auto options = p.index.options().dtype(at::kInt);
+  if (p.g.plane == 0) return at::zeros({p.g.batch + 1}, options.dtype(at::kLong));  // no sites, none active
+  // Image boundaries n * H * W for n = 0 .. N (below 2^31: ActiveSites refuses more sites).
+  const at::Tensor bounds = at::arange(0, (p.g.batch + 1) * p.g.plane, p.g.plane, options);
+  return at::searchsorted(p.index, bounds);
 }
 
 // A (N, C) per-(image, channel) table in x's accumulation dtype.
