@@ -1,4 +1,4 @@
-// Masked GroupNorm primitives on CUDA (schemas and conventions: csrc/ops.cpp), float32 / float16 / bfloat16,
+// Masked GroupNorm kernels on CUDA (host code: csrc/norm_ops.h), float32 / float16 / bfloat16,
 // accumulating in float32. The autograd function in spark_kernels/group_norm.py composes them; it merges a
 // group's channels and computes the per-(image, channel) coefficients between them.
 //
@@ -6,14 +6,15 @@
 // (ImageChunks): image n's active sites are the run index[starts[n] .. starts[n + 1]) of the ascending index,
 // found by a searchsorted on the device (no host sync), cut into the same fixed chunks for every image; the
 // second stage then reduces each (image, channel) column over its image's chunks in a fixed order.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "cuda/norm_cuda.cuh"
+#include "norm_ops.h"
 
 namespace spark_kernels::cuda {
 namespace {
@@ -103,23 +104,13 @@ struct ImageSumStore {
   __device__ void operator()(int64_t col, Sum total) const { out[col] = total.value; }
 };
 
-struct Prepared {
-  at::Tensor x, index;
-  NormGeometry g;
-  int64_t parts;  // stage-1 blocks per image: enough chunks for an image whose every site is active
-};
-
-Prepared prepare(const at::Tensor& x, const at::Tensor& index, const char* op) {
-  check_norm_input(x, op, c10::DeviceType::CUDA, {at::kFloat, at::kHalf, at::kBFloat16});
-  check_index(index, x, op);
-  Prepared p{to_kernel_layout(x, x), index.contiguous(), {}, 0};
-  p.g = NormGeometry::of(p.x);
-  p.parts = std::max<int64_t>(1, norm::num_chunks(p.g.plane, kSitesPerSumBlock));
-  return p;
+// Stage-1 blocks per image: enough chunks for an image whose every site is active.
+int64_t parts_per_image(const NormGeometry& g) {
+  return std::max<int64_t>(1, norm::num_chunks(g.plane, kSitesPerSumBlock));
 }
 
-// (N + 1) int64: image n's active sites are index[starts[n] .. starts[n + 1]). Call under the device guard.
-at::Tensor image_starts(const Prepared& p) {
+// (N + 1) int64: image n's active sites are index[starts[n] .. starts[n + 1]) (on the device, no host sync).
+at::Tensor image_starts(const NormArgs& p) {
   const auto options = p.index.options().dtype(at::kInt);
   if (p.g.plane == 0) return at::zeros({p.g.batch + 1}, options.dtype(at::kLong));  // no sites, none active
   // Image boundaries n * H * W for n = 0 .. N (below 2^31: ActiveSites refuses more sites).
@@ -127,119 +118,66 @@ at::Tensor image_starts(const Prepared& p) {
   return at::searchsorted(p.index, bounds);
 }
 
-// A (N, C) per-(image, channel) table in x's accumulation dtype.
-at::Tensor checked_image_table(const at::Tensor& t, const char* name, const Prepared& p, const at::Tensor& x,
-                               const char* op) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == p.g.batch && t.size(1) == p.g.channels, op, ": ", name,
-              " must have shape (", p.g.batch, ", ", p.g.channels, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must have dtype Float (the accumulation dtype of ",
-              x.scalar_type(), " inputs), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
-  return t.contiguous();
-}
+struct Kernels {
+  using Backend = CudaBackend;
 
-dim3 stage1_grid(const Prepared& p) {
-  const int64_t tile = p.g.rows ? kWarp : kTileRows;
-  return dim3(static_cast<unsigned>(p.g.batch * p.parts), static_cast<unsigned>((p.g.channels + tile - 1) / tile));
-}
-
-at::Tensor masked_gn_stats(const at::Tensor& x_in, const at::Tensor& index_in) {
-  constexpr const char* op = "masked_gn_stats";
-  const Prepared p = prepare(x_in, index_in, op);
-  const c10::cuda::CUDAGuard guard(p.x.device());
-  at::Tensor out = at::empty({p.g.batch, 2, p.g.channels}, p.x.options().dtype(at::kDouble));
-  if (out.numel() == 0) return out;
-  const at::Tensor starts = image_starts(p);
-  at::Tensor partials = at::empty({p.g.batch * p.parts, 3, p.g.channels}, p.x.options().dtype(at::kFloat));
-  SK_DISPATCH_CUDA_FLOATS(p.x.scalar_type(), op, [&] {
-    channel_moments_kernel<scalar_t><<<stage1_grid(p), dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
-        p.g, p.index.const_data_ptr<int32_t>(), ImageChunks{starts.const_data_ptr<int64_t>(), p.parts},
-        p.x.const_data_ptr<scalar_t>(), partials.data_ptr<float>());
+  template <typename scalar_t>
+  static void gn_stats(const NormArgs& p, at::Tensor& out) {
+    const int64_t parts = parts_per_image(p.g);
+    const at::Tensor starts = image_starts(p);
+    at::Tensor partials = at::empty({p.g.batch * parts, 3, p.g.channels}, p.x.options().dtype(at::kFloat));
+    channel_moments_kernel<scalar_t>
+        <<<sum_grid(p.g, p.g.batch * parts), dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
+            p.g, p.index.const_data_ptr<int32_t>(), ImageChunks{starts.const_data_ptr<int64_t>(), parts},
+            p.x.const_data_ptr<scalar_t>(), partials.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  const float* table = partials.const_data_ptr<float>();
-  reduce_columns<norm::Moments<double>>(
-      p.parts, p.g.batch * p.g.channels,
-      ImageMomentsLoad{table, starts.const_data_ptr<int64_t>(), p.g.channels, p.parts},
-      ImageMomentsStore{table, out.data_ptr<double>(), p.g.channels, p.parts});
-  return out;
-}
+    const float* table = partials.const_data_ptr<float>();
+    reduce_columns<norm::Moments<double>>(
+        parts, p.g.batch * p.g.channels, ImageMomentsLoad{table, starts.const_data_ptr<int64_t>(), p.g.channels, parts},
+        ImageMomentsStore{table, out.data_ptr<double>(), p.g.channels, parts});
+  }
 
-at::Tensor masked_gn_backward_stats(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& index_in,
-                                    const at::Tensor& center_in) {
-  constexpr const char* op = "masked_gn_backward_stats";
-  const Prepared p = prepare(x_in, index_in, op);
-  check_like_x(grad_out_in, "grad_out", x_in, op);
-  const at::Tensor center = checked_image_table(center_in, "center", p, x_in, op);
-  const c10::cuda::CUDAGuard guard(p.x.device());
-  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
-  at::Tensor out = at::empty({p.g.batch, 2, p.g.channels}, p.x.options().dtype(at::kDouble));
-  if (out.numel() == 0) return out;
-  const at::Tensor starts = image_starts(p);
-  const int64_t width = 2 * p.g.channels;
-  at::Tensor partials = at::empty({p.g.batch * p.parts, width}, p.x.options().dtype(at::kFloat));
-  SK_DISPATCH_CUDA_FLOATS(p.x.scalar_type(), op, [&] {
+  template <typename scalar_t>
+  static void gn_backward_stats(const NormArgs& p, const at::Tensor& grad_out, const at::Tensor& center,
+                                at::Tensor& out) {
+    const int64_t parts = parts_per_image(p.g);
+    const at::Tensor starts = image_starts(p);
+    const int64_t width = 2 * p.g.channels;
+    at::Tensor partials = at::empty({p.g.batch * parts, width}, p.x.options().dtype(at::kFloat));
     const BackwardStatsTerm<scalar_t, float> term{grad_out.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(),
                                                   p.index.const_data_ptr<int32_t>(), center.const_data_ptr<float>(),
                                                   p.g.channels, p.g.plane};
-    channel_partials_kernel<float><<<stage1_grid(p), dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
-        p.g, p.index.const_data_ptr<int32_t>(), ImageChunks{starts.const_data_ptr<int64_t>(), p.parts}, term,
-        partials.data_ptr<float>());
+    channel_partials_kernel<float>
+        <<<sum_grid(p.g, p.g.batch * parts), dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
+            p.g, p.index.const_data_ptr<int32_t>(), ImageChunks{starts.const_data_ptr<int64_t>(), parts}, term,
+            partials.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  reduce_columns<Sum>(p.parts, p.g.batch * width, ImageSumLoad<float>{partials.const_data_ptr<float>(), width, p.parts},
-                      ImageSumStore{out.data_ptr<double>()});
-  return out;
-}
+    reduce_columns<Sum>(parts, p.g.batch * width, ImageSumLoad<float>{partials.const_data_ptr<float>(), width, parts},
+                        ImageSumStore{out.data_ptr<double>()});
+  }
 
-at::Tensor masked_gn_elemt(const at::Tensor& x_in, const at::Tensor& index_in, const at::Tensor& center_in,
-                           const at::Tensor& scale_in, const at::Tensor& shift_in) {
-  constexpr const char* op = "masked_gn_elemt";
-  const Prepared p = prepare(x_in, index_in, op);
-  const at::Tensor center = checked_image_table(center_in, "center", p, x_in, op);
-  const at::Tensor scale = checked_image_table(scale_in, "scale", p, x_in, op);
-  const at::Tensor shift = checked_image_table(shift_in, "shift", p, x_in, op);
-  const c10::cuda::CUDAGuard guard(p.x.device());
-  at::Tensor out;
-  SK_DISPATCH_CUDA_FLOATS(p.x.scalar_type(), op, [&] {
+  template <typename scalar_t>
+  static at::Tensor gn_elemt(const NormArgs& p, const at::Tensor& center, const at::Tensor& scale,
+                             const at::Tensor& shift) {
     const AffineElem<scalar_t, float> elem{p.x.const_data_ptr<scalar_t>(), center.const_data_ptr<float>(),
                                            scale.const_data_ptr<float>(), shift.const_data_ptr<float>(),
                                            p.g.channels, p.g.plane};
-    out = dense_from_active<scalar_t>(p.x, p.g, p.index, elem);
-  });
-  return out;
-}
+    return dense_from_active<scalar_t>(p.x, p.g, p.index, elem);
+  }
 
-at::Tensor masked_gn_backward_elemt(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& index_in,
-                                    const at::Tensor& center_in, const at::Tensor& a_in, const at::Tensor& b_in,
-                                    const at::Tensor& d_in) {
-  constexpr const char* op = "masked_gn_backward_elemt";
-  const Prepared p = prepare(x_in, index_in, op);
-  check_like_x(grad_out_in, "grad_out", x_in, op);
-  const at::Tensor center = checked_image_table(center_in, "center", p, x_in, op);
-  const at::Tensor a = checked_image_table(a_in, "a", p, x_in, op);
-  const at::Tensor b = checked_image_table(b_in, "b", p, x_in, op);
-  const at::Tensor d = checked_image_table(d_in, "d", p, x_in, op);
-  const c10::cuda::CUDAGuard guard(p.x.device());
-  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
-  at::Tensor out;
-  SK_DISPATCH_CUDA_FLOATS(p.x.scalar_type(), op, [&] {
+  template <typename scalar_t>
+  static at::Tensor gn_backward_elemt(const NormArgs& p, const at::Tensor& grad_out, const at::Tensor& center,
+                                      const at::Tensor& a, const at::Tensor& b, const at::Tensor& d) {
     const BackwardElem<scalar_t, float> elem{grad_out.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(),
                                              center.const_data_ptr<float>(), a.const_data_ptr<float>(),
-                                             b.const_data_ptr<float>(), d.const_data_ptr<float>(),
-                                             p.g.channels, p.g.plane};
-    out = dense_from_active<scalar_t>(p.x, p.g, p.index, elem);
-  });
-  return out;
-}
+                                             b.const_data_ptr<float>(), d.const_data_ptr<float>(), p.g.channels,
+                                             p.g.plane};
+    return dense_from_active<scalar_t>(p.x, p.g, p.index, elem);
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(spark_kernels, CUDA, m) {
-  m.impl("masked_gn_stats", &masked_gn_stats);
-  m.impl("masked_gn_backward_stats", &masked_gn_backward_stats);
-  m.impl("masked_gn_elemt", &masked_gn_elemt);
-  m.impl("masked_gn_backward_elemt", &masked_gn_backward_elemt);
-}
+SK_REGISTER_GROUP_NORM(CUDA, Kernels)
 
 }  // namespace spark_kernels::cuda

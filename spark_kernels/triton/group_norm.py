@@ -129,22 +129,6 @@ def gn_elemt_kernel(x_ptr, grad_ptr, center_ptr, scale_ptr, shift_ptr, grad_scal
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _fake_stats(x, index):
-    return x.new_empty((x.shape[0], 2, x.shape[1]), dtype=torch.float64)
-
-
-def _fake_backward_stats(grad_out, x, index, center):
-    return x.new_empty((x.shape[0], 2, x.shape[1]), dtype=torch.float64)
-
-
-def _fake_elemt(x, index, center, scale, shift):
-    return torch.empty_like(x, memory_format=kernel_memory_format(x))
-
-
-def _fake_backward_elemt(grad_out, x, index, center, a, b, d):
-    return torch.empty_like(x, memory_format=kernel_memory_format(x))
-
-
 def _image_starts(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(N + 1,) int32: image n's active sites are index[starts[n]:starts[n + 1]]."""
     bounds = torch.arange(x.shape[0] + 1, device=index.device, dtype=torch.int64) * (x.shape[2] * x.shape[3])
@@ -208,13 +192,13 @@ def _table_f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
-@register_op("gn_stats", _fake_stats)
+@register_op
 def gn_stats(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     check_tables(x, index)
     return _moments(to_kernel_layout(x, x), index)
 
 
-@register_op("gn_backward_stats", _fake_backward_stats)
+@register_op
 def gn_backward_stats(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor,
                       center: torch.Tensor) -> torch.Tensor:
     check_tables(x, index)
@@ -223,7 +207,7 @@ def gn_backward_stats(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tens
     return _backward_sums(x, grad_out, _table_f32(center), index)
 
 
-@register_op("gn_elemt", _fake_elemt)
+@register_op
 def gn_elemt(x: torch.Tensor, index: torch.Tensor, center: torch.Tensor, scale: torch.Tensor,
              shift: torch.Tensor) -> torch.Tensor:
     check_tables(x, index)
@@ -232,7 +216,7 @@ def gn_elemt(x: torch.Tensor, index: torch.Tensor, center: torch.Tensor, scale: 
     return _elemt(x, x, index, _table_f32(center), scale, _table_f32(shift), scale, backward=False)
 
 
-@register_op("gn_backward_elemt", _fake_backward_elemt)
+@register_op
 def gn_backward_elemt(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, center: torch.Tensor,
                       a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     check_tables(x, index)
