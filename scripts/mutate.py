@@ -65,7 +65,8 @@ PYTHON_TARGETS: Dict[str, List[str]] = {
     "spark_kernels/group_norm.py": ["tests/test_group_norm.py"],
     "spark_kernels/depthwise_conv.py": ["tests/test_depthwise_conv.py"],
     "spark_kernels/_layout.py": ["tests/test_depthwise_conv.py", "tests/test_batch_norm.py", "tests/test_layer_norm.py"],
-    "spark_kernels/_backends.py": ["tests/test_backends.py", "tests/test_reference.py"],
+    "spark_kernels/_backends.py": ["tests/test_backends.py", "tests/test_reference.py", "tests/test_registry.py"],
+    "spark_kernels/_registry.py": ["tests/test_registry.py", "tests/test_backends.py"],
     "spark_kernels/nn.py": ["tests/test_sparse_encoder.py", "tests/test_model_semantics.py",
                             "tests/test_batch_norm.py", "tests/test_layer_norm.py", "tests/test_depthwise_conv.py"],
     "spark/model.py": MODEL_TESTS,
@@ -76,6 +77,9 @@ CPP_TARGETS: Dict[str, List[str]] = {
     "csrc/common/norm_row.h": ["tests/test_batch_norm.py", "tests/test_layer_norm.py", "tests/test_group_norm.py"],
     "csrc/common/layout.h": ["tests/test_depthwise_conv.py", "tests/test_batch_norm.py", "tests/test_layer_norm.py"],
     "csrc/common/norm_checks.h": ["tests/test_batch_norm.py", "tests/test_layer_norm.py"],
+    "csrc/common/dispatch.h": ["tests/test_depthwise_conv.py", "tests/test_batch_norm.py", "tests/test_layer_norm.py"],
+    "csrc/norm_ops.h": ["tests/test_batch_norm.py", "tests/test_layer_norm.py"],
+    "csrc/dwconv_ops.h": ["tests/test_depthwise_conv.py"],
 }
 DEFAULT_PYTHON_BUDGET = 50
 DEFAULT_CPP_BUDGET = 12
