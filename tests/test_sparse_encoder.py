@@ -178,3 +178,39 @@ def test_convnext_block_equals_definition(backend, conv_mlp):
     with sk.active(sk.ActiveSites(mask)):
         got = sparse(x)
     torch.testing.assert_close(got, expected, rtol=RTOL[F64], atol=ATOL[F64])
+
+
+@pytest.mark.parametrize("conv_mlp", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_convnextv2_block_grn_over_active_sites(backend, conv_mlp):
+    """ConvNeXt-V2: the MLP's GRN takes each channel's L2 norm over the image's active sites only (ConvNeXt-V2's
+    sparse FCMAE encoder); an image without active sites stays zero and gets finite gradients."""
+    torch.manual_seed(0)
+    block = ConvNeXtBlock(8, conv_mlp=conv_mlp, use_grn=True, ls_init_value=None).to(F64)
+    with torch.no_grad():
+        block.mlp.grn.weight.normal_()
+        block.mlp.grn.bias.normal_()
+    mask = random_mask(3, 7, 6, 0.5, seed=5)
+    mask[2] = False
+    x = torch.randn(3, 8, 7, 6, generator=torch.Generator().manual_seed(6), dtype=F64) * mask
+
+    dw = F.conv2d(x, block.conv_dw.weight, block.conv_dw.bias, padding=3, groups=8) * mask
+    rows = dw.permute(0, 2, 3, 1)
+    rows = F.layer_norm(rows, (8,), block.norm.weight, block.norm.bias, block.norm.eps)
+    fc1, fc2, grn = block.mlp.fc1, block.mlp.fc2, block.mlp.grn
+    hidden = F.gelu(rows @ fc1.weight.reshape(32, 8).T + fc1.bias)  # (N, H, W, 32)
+    active = mask.permute(0, 2, 3, 1)
+    norm = torch.stack([hidden[i][active[i, ..., 0]].square().sum(0).sqrt() for i in range(3)])  # (N, 32)
+    scale = (norm / (norm.mean(1, keepdim=True) + grn.eps))[:, None, None, :]
+    hidden = hidden + grn.bias + grn.weight * hidden * scale
+    branch = hidden @ fc2.weight.reshape(8, 32).T + fc2.bias
+    expected = x + branch.permute(0, 3, 1, 2) * mask
+
+    sparse = sparse_encoder_(nn.Sequential(block), None if backend == "cpu" else "reference")
+    assert type(sparse[0]) is (SparseConvNeXtBlock if backend == "cpu" else ConvNeXtBlock)
+    x = x.clone().requires_grad_()
+    with sk.active(sk.ActiveSites(mask)):
+        got = sparse(x)
+    torch.testing.assert_close(got, expected, rtol=RTOL[F64], atol=ATOL[F64])
+    got.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in block.parameters())
