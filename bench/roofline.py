@@ -11,7 +11,7 @@ from typing import Dict
 
 import torch
 
-from .common import median_time
+from .common import BENCH_CASES, median_time
 
 BYTES = 4  # fp32
 
@@ -33,11 +33,12 @@ def op_cost(op: str, channels: int, size: int, batch: int, active_fraction: floa
     sites = batch * size * size
     active = channels * sites * active_fraction  # active elements
     dense = channels * sites
-    kind = "dwconv" if op.startswith("dwconv") else "norm"
+    k = BENCH_CASES[op][1].kernel_size
+    kind = "dwconv" if k is not None else "norm"
     flops = bytes_ = 0.0
     for pass_ in ("forward", "backward") if backward else ("forward",):
         c = _COSTS[kind][pass_]
-        per_element = c["flops_per_tap"] * int(op[-1]) ** 2 if kind == "dwconv" else c["flops"]
+        per_element = c["flops_per_tap"] * k ** 2 if kind == "dwconv" else c["flops"]
         flops += per_element * active
         bytes_ += BYTES * (c["reads"] * active + c["writes"] * dense)
     return {"flops": flops, "bytes": bytes_}

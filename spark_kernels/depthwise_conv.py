@@ -1,4 +1,4 @@
-"""Submanifold depthwise conv (k = 3 or 7, stride 1, 'same' padding, groups = channels).
+"""Submanifold depthwise conv ('same' padding, groups = channels; kernel sizes and strides: _registry.py).
 
 Output at active sites only, from active neighbours only, bias at active sites only, exact zeros
 elsewhere; the input gradient is zero at inactive sites. Under torch.autocast the conv runs in the
@@ -12,10 +12,17 @@ import torch
 
 from . import reference
 from ._backends import select_backend
+from ._registry import DWCONV
 from ._sites import resolve_sites
 from ._validation import check_input, check_param
 
-KERNEL_SIZES = (3, 7)
+KERNEL_SIZES = DWCONV.kernel_sizes()  # those some backend supports
+
+
+def either(values) -> str:
+    """(3, 7) -> "3 or 7"; (3, 5, 7) -> "3, 5 or 7"."""
+    words = [str(v) for v in values]
+    return " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
 
 
 class _SparseDepthwiseConv(torch.autograd.Function):
@@ -48,7 +55,7 @@ def check_conv_args(x, weight, bias) -> int:
                          f"C = {c}, got {tuple(weight.shape)}")
     k = weight.shape[-1]
     if k not in KERNEL_SIZES:
-        raise ValueError(f"weight: kernel size must be 3 or 7, got {k}")
+        raise ValueError(f"weight: kernel size must be {either(KERNEL_SIZES)}, got {k}")
     check_param(weight, "weight", (c, 1, k, k), x, optional=False, same_dtype=True)
     check_param(bias, "bias", (c,), x, same_dtype=True)
     return k
@@ -73,7 +80,8 @@ def _autocast(x, weight, bias):
 
 def sparse_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], active,
                             backend: Optional[str] = None) -> torch.Tensor:
-    """Submanifold depthwise conv of x (N, C, H, W), any memory format, with weight (C, 1, k, k), k in {3, 7}.
+    """Submanifold depthwise conv of x (N, C, H, W), any memory format, with weight (C, 1, k, k), k in
+    KERNEL_SIZES.
 
     active: bool mask (N, 1, H, W) (True = active) or an ActiveSites. Returns a dense tensor with
     exact zeros at inactive sites.
@@ -81,7 +89,7 @@ def sparse_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     x, weight, bias = _autocast(x, weight, bias)
     k = check_conv_args(x, weight, bias)
     sites = resolve_sites(active, x)
-    chosen = select_backend(backend, x, "sparse_depthwise_conv2d")
+    chosen = select_backend(backend, x, DWCONV.name, kernel_size=k, stride=1)
     if chosen.name == "reference" or x.numel() == 0:  # an empty x: nothing for a kernel to do
         return reference.sparse_depthwise_conv2d(x, weight, bias, sites.mask)
     return _SparseDepthwiseConv.apply(x, weight, bias, sites.index, sites.neighbors(k), chosen.kernels)

@@ -21,7 +21,7 @@
 #include "common/dwconv_site.h"
 #include "common/layout.h"
 #include "cpu/dtypes.h"
-#include "dwconv_args.h"
+#include "dwconv_ops.h"
 
 namespace spark_kernels {
 namespace {
@@ -34,12 +34,6 @@ template <typename Acc>
 constexpr int kBlock = 128 / sizeof(Acc);
 
 using Geometry = DwconvGeometry;
-
-Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                    const at::Tensor& index, const at::Tensor& neighbors) {
-  return check_dwconv_args(op, "cpu", {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16}, cpu::kCpuDtypeNames,
-                           at::kCPU, x, weight, bias, index, neighbors);
-}
 
 void check_tables(const char* op, bool valid) {
   TORCH_CHECK(valid, op, ": index/neighbors hold site numbers outside x (or taps across images); "
@@ -342,31 +336,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   return {gx, gw.to(weight.scalar_type()), gb.to(weight.scalar_type())};
 }
 
-at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          const at::Tensor& index, const at::Tensor& neighbors) {
-  const Geometry g = check_args("dwconv_forward", x, weight, bias, index, neighbors);
-  return SK_CPU_DISPATCH(x.scalar_type(), "dwconv_forward", [&] {
-    return g.k == 3 ? forward_impl<scalar_t, 3>(x, weight, bias, index, neighbors, g)
-                    : forward_impl<scalar_t, 7>(x, weight, bias, index, neighbors, g);
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                               const at::Tensor& weight, const at::Tensor& index,
-                                                               const at::Tensor& neighbors) {
-  const Geometry g = check_args("dwconv_backward", x, weight, c10::nullopt, index, neighbors);
-  check_dwconv_grad_out("cpu", grad_out, x);
-  return SK_CPU_DISPATCH(x.scalar_type(), "dwconv_backward", [&] {
-    return g.k == 3 ? backward_impl<scalar_t, 3>(grad_out, x, weight, index, neighbors, g)
-                    : backward_impl<scalar_t, 7>(grad_out, x, weight, index, neighbors, g);
-  });
-}
+// The kernels the shared host code (dwconv_ops.h) dispatches to.
+struct Kernels {
+  using Backend = CpuBackend;
+  template <typename scalar_t, int K>
+  static constexpr auto forward = &forward_impl<scalar_t, K>;
+  template <typename scalar_t, int K>
+  static constexpr auto backward = &backward_impl<scalar_t, K>;
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(spark_kernels, CPU, m) {
-  m.impl("dwconv_forward", &dwconv_forward);
-  m.impl("dwconv_backward", &dwconv_backward);
-}
+SK_REGISTER_DWCONV(CPU, Kernels)
 
 }  // namespace spark_kernels

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .._layout import kernel_memory_format, to_kernel_layout
-from ..depthwise_conv import KERNEL_SIZES
+from .._registry import DWCONV
 from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, launch, layout_name,
                      per_channel, reduce_partials, register_op, site_offsets, site_programs, spatial, tile_and,
                      tile_sum, zero_tile)
@@ -132,15 +132,6 @@ def dwconv_wgrad_kernel(grad_ptr, x_ptr, index_ptr, neighbors_ptr, partials_ptr,
     tl.store(out_ptrs, sums, mask=out_ok)
 
 
-def _fake_forward(x, weight, bias, index, neighbors):
-    return torch.empty_like(x, memory_format=kernel_memory_format(x))
-
-
-def _fake_backward(grad_out, x, weight, index, neighbors):
-    return (torch.empty_like(x, memory_format=kernel_memory_format(x)), torch.empty_like(weight),
-            weight.new_empty((weight.shape[0],)))
-
-
 def _launch_taps(src, weight, bias, out, index, neighbors, mirror: int) -> None:
     c, hw = spatial(src)
     m = index.shape[0]
@@ -153,7 +144,7 @@ def _launch_taps(src, weight, bias, out, index, neighbors, mirror: int) -> None:
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, TAP_CHUNK=config.DWCONV_TAP_CHUNK, num_warps=cfg.num_warps)
 
 
-@register_op("dwconv_forward", _fake_forward)
+@register_op
 def dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], index: torch.Tensor,
                    neighbors: torch.Tensor) -> torch.Tensor:
     check_tables(x, index, neighbors, weight.shape[-1])
@@ -166,7 +157,7 @@ def dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return y
 
 
-@register_op("dwconv_backward", _fake_backward)
+@register_op
 def dwconv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
                     neighbors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_tables(x, index, neighbors, weight.shape[-1])
@@ -206,7 +197,7 @@ def compile_configs():
         for kernel, family, signature in ((dwconv_taps_kernel, "dwconv", taps),
                                           (dwconv_wgrad_kernel, "dwconv_wgrad", wgrad)):
             for layout, cfg in table_entries(family):
-                for k in KERNEL_SIZES:
+                for k in DWCONV.support["triton"].kernel_sizes.values:
                     constexprs = {"K": k, "ROWS": layout == "rows", "BLOCK_M": cfg.block_m, "BLOCK_C": cfg.block_c}
                     if kernel is dwconv_taps_kernel:
                         constexprs["TAP_CHUNK"] = config.DWCONV_TAP_CHUNK
