@@ -4,8 +4,8 @@ defaults (``spark-pretrain``'s drop path, LAMB betas), the benchmarks and the te
 A family is a row: the timm names it covers (a regular expression), the official SparK recipe values, the
 timm block classes the converter may treat as containers (their ``forward`` was read and only composes
 their children with zero-preserving tensor ops: add, concatenate, split, slice), the (conv, norm) children
-a block applies back to back, the benchmark shapes, and the models of the support matrix with a small
-configuration for the float64 parity test. Adding a family is adding a row (plus sparse layers, if it brings
+a block applies back to back, and the models of the support matrix with a small configuration for the
+float64 parity test. Adding a family is adding a row (plus sparse layers, if it brings
 a layer the converter does not know).
 """
 from __future__ import annotations
@@ -16,10 +16,6 @@ from typing import Dict, Mapping, Optional, Tuple
 
 RESNET_BETAS = (0.9, 0.95)      # LAMB betas of the official ResNet recipe, the default of every other family
 CONVNEXT_BETAS = (0.9, 0.999)
-
-# (channels, spatial size, SparK patch size in pixels at that scale) per stage at 224 (batch 32, ratio 0.6).
-Stages = Tuple[Tuple[int, int, int], ...]
-
 
 @dataclass(frozen=True)
 class MatrixModel:
@@ -37,7 +33,6 @@ class ModelFamily:
     drop_path_rates: Mapping[str, float] = field(default_factory=dict)   # official values by exact timm name
     containers: Tuple[str, ...] = ()                # qualified names of reviewed container blocks
     conv_then_norm: Mapping[str, Tuple[Tuple[str, str], ...]] = field(default_factory=dict)
-    bench_stages: Mapping[str, Stages] = field(default_factory=dict)   # op benchmark shapes by timm name
     matrix: Mapping[str, MatrixModel] = field(default_factory=dict)
 
     def matches(self, model_name: str) -> bool:
@@ -55,8 +50,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         containers=(_RESNET + "BasicBlock", _RESNET + "Bottleneck"),
         conv_then_norm={_RESNET + "BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
                         _RESNET + "Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))},
-        bench_stages={"resnet50": ((256, 56, 8), (512, 28, 4), (1024, 14, 2), (2048, 7, 1))},
-        matrix={"resnet50": _TINY_RESNET, "resnext50_32x4d": _TINY_RESNET, "seresnet50": _TINY_RESNET,
+        matrix={"resnet18": _TINY_RESNET, "resnet50": _TINY_RESNET, "resnext50_32x4d": _TINY_RESNET, "seresnet50": _TINY_RESNET,
                 "ecaresnet50d": _TINY_RESNET,
                 "resnet50_gn": MatrixModel(dict(layers=[1, 1, 1, 1]), pending="GroupNorm")}),
     ModelFamily(
@@ -112,7 +106,6 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         lamb_betas=CONVNEXT_BETAS,
         drop_path_rates={"convnext_small": 0.2, "convnext_base": 0.3, "convnext_large": 0.4},
         containers=("timm.models.convnext.ConvNeXtStage",),
-        bench_stages={"convnext_tiny": ((96, 56, 8), (192, 28, 4), (384, 14, 2), (768, 7, 1))},
         matrix={name: MatrixModel(dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)), test_size=(64, 64))
                 for name in ("convnext_tiny", "convnextv2_tiny")}),
 )
@@ -146,10 +139,3 @@ def matrix_models() -> Dict[str, MatrixModel]:
     """The support matrix: timm name -> its parity-test configuration, in table order."""
     return {name: m for f in FAMILIES for name, m in f.matrix.items()}
 
-
-def bench_stages(model_name: str) -> Stages:
-    family = family_of(model_name)
-    stages = family.bench_stages.get(base_name(model_name)) if family else None
-    if stages is None:
-        raise KeyError(f"no benchmark stages for {model_name!r}")
-    return stages

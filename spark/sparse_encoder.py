@@ -404,3 +404,35 @@ def sparse_encoder_(encoder: nn.Module, backend: Optional[str] = None) -> nn.Mod
     if new is not encoder:
         raise UnsupportedLayerError(f"the encoder itself must be a container of layers, got {_qualname(encoder)}")
     return encoder
+
+
+def _layer_kind(module: nn.Module) -> Optional[Tuple[str, bool]]:
+    """(kind, runs fused) of a converted layer, None for layers that are not converted ones."""
+    if isinstance(module, (SparseDepthwiseConv2d, MaskedConv2d)):
+        k, stride = module.kernel_size[0], module.stride[0]
+        depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
+        kind = f"depthwise {k}x{k}" + (f" stride {stride}" if stride > 1 else "") if depthwise else "conv"
+        return kind, type(module) is SparseDepthwiseConv2d and module.backend != REFERENCE
+    if isinstance(module, ConvNeXtBlock):
+        kind = "ConvNeXt-V2 MLP + GRN" if isinstance(module.mlp, GlobalResponseNormMlp) else "ConvNeXt MLP"
+        return kind, type(module) is SparseConvNeXtBlock
+    for cls, kind in ((MaskedBatchNorm2d, "BatchNorm"), (MaskedLayerNorm, "LayerNorm"),
+                      (MaskedMaxPool2d, "max pool"), (MaskedAvgPool2d, "avg pool")):
+        if isinstance(module, cls):
+            return kind, cls in (MaskedBatchNorm2d, MaskedLayerNorm) and module.backend != REFERENCE
+    if type(module) in MASKED_POOLING.values():
+        return type(module).__mro__[2].__name__, module.fused  # the timm class after the mixin
+    return None
+
+
+def execution_report(encoder: nn.Module) -> Dict[str, Dict[str, int]]:
+    """How a converted encoder runs: {"fused": {kind: count}, "masked-dense": {kind: count}}. Fused layers
+    read or compute active sites only (sparse depthwise convs, masked norm kernels, the ConvNeXt MLP on active
+    rows, pooling that skips the masking pass); masked-dense ones run the dense op, then zero inactive sites."""
+    report: Dict[str, Dict[str, int]] = {"fused": {}, "masked-dense": {}}
+    for module in encoder.modules():
+        kind = _layer_kind(module)
+        if kind is not None:
+            counts = report["fused" if kind[1] else "masked-dense"]
+            counts[kind[0]] = counts.get(kind[0], 0) + 1
+    return report

@@ -14,6 +14,7 @@ from torch import nn
 import spark_kernels as sk
 from spark import UnsupportedLayerError, sparse_encoder_
 from spark.families import matrix_models
+from spark.sparse_encoder import execution_report
 from spark_kernels.masks import upsample_mask
 
 from helpers import ATOL, MODEL_GRAD_RTOL, RTOL, patch_mask_with_both
@@ -72,10 +73,22 @@ def test_fused_encoder_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
-def test_state_dict_keys_unchanged(name):
+def test_state_dict_keys_unchanged_and_norms_fused(name):
     dense = timm.create_model(name, features_only=True, pretrained=False, **MATRIX[name].test_kwargs)
     keys = list(dense.state_dict())
-    assert list(sparse_encoder_(dense).state_dict()) == keys
+    reference = sparse_encoder_(copy.deepcopy(dense), "reference")
+    fused = sparse_encoder_(dense)
+    assert list(fused.state_dict()) == keys == list(reference.state_dict())
+    assert execution_report(reference)["fused"] == {}
+    assert not {"BatchNorm", "LayerNorm"} & set(execution_report(fused)["masked-dense"])
+
+
+def test_timm_block_with_unseen_global_pooling_raises():
+    """SKNet's selective-kernel block averages its branches over the whole map inside its own forward: the
+    converter cannot see that pool, so the block is refused rather than run dense."""
+    dense = timm.create_model("skresnet18", features_only=True, pretrained=False)
+    with pytest.raises(UnsupportedLayerError, match=r"'layer1\.0' of type timm\.models\.sknet\.SelectiveKernelBasic"):
+        sparse_encoder_(dense)
 
 
 @pytest.mark.parametrize("name", PENDING)
