@@ -10,6 +10,7 @@ a layer the converter does not know).
 """
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
@@ -20,7 +21,11 @@ CONVNEXT_BETAS = (0.9, 0.999)
 @dataclass(frozen=True)
 class MatrixModel:
     """A model of the support matrix and the small configuration its float64 parity test builds."""
-    test_kwargs: Mapping[str, object] = field(default_factory=dict)   # timm.create_model keyword arguments
+    test_kwargs: Mapping[str, object] = field(default_factory=dict)   # keyword arguments of the factory
+    # The factory, a dotted path called as factory(timm name, **test_kwargs, features_only=True,
+    # pretrained=False): timm.create_model, or timm's own generator of the family where create_model fixes
+    # the width (float64 grouped convs on CPU run one group at a time: full-width depthwise layers are slow).
+    test_factory: str = "timm.create_model"
     test_size: Tuple[int, int] = (32, 64)                               # (height, width) of the test images
     pending: str = ""   # why the model cannot be converted yet: the layer UnsupportedLayerError names
 
@@ -43,6 +48,10 @@ _RESNET = "timm.models.resnet."
 _EFFNET = "timm.models._efficientnet_blocks."
 _TINY_RESNET = MatrixModel(dict(layers=[1, 1, 1, 1]))
 
+
+def _quarter_width(generator: str) -> MatrixModel:
+    return MatrixModel(dict(channel_multiplier=0.25), generator)
+
 FAMILIES: Tuple[ModelFamily, ...] = (
     ModelFamily(
         "resnet", r"(se|eca|)res(net|next)\d|wide_resnet",
@@ -58,7 +67,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         containers=("timm.models.regnet.Bottleneck", "timm.models.regnet.RegStage",
                     "timm.layers.conv_bn_act.ConvNormAct"),
         conv_then_norm={"timm.layers.conv_bn_act.ConvNormAct": (("conv", "bn"),)},
-        matrix={"regnety_016": MatrixModel(test_size=(96, 96))}),
+        matrix={"regnety_016": MatrixModel()}),
     ModelFamily(
         "res2net", r"res2ne(t|xt)",
         containers=("timm.models.res2net.Bottle2neck",),
@@ -69,14 +78,13 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         containers=("timm.models.dla.DlaBasic", "timm.models.dla.DlaRoot", "timm.models.dla.DlaTree"),
         conv_then_norm={"timm.models.dla.DlaBasic": (("conv1", "bn1"), ("conv2", "bn2")),
                         "timm.models.dla.DlaRoot": (("conv", "bn"),)},
-        matrix={"dla34": MatrixModel(dict(levels=[1, 1, 1, 1, 1, 1], channels=[8, 16, 16, 32, 64, 128]),
-                                     test_size=(96, 96))}),
+        matrix={"dla34": MatrixModel(dict(levels=[1, 1, 1, 1, 1, 1], channels=[8, 16, 16, 32, 64, 128]))}),
     ModelFamily(
         "cspnet", r"csp",
         containers=("timm.models.cspnet.BottleneckBlock", "timm.models.cspnet.CrossStage",
                     "timm.layers.conv_bn_act.ConvNormAct"),
         conv_then_norm={"timm.layers.conv_bn_act.ConvNormAct": (("conv", "bn"),)},
-        matrix={"cspresnet50": MatrixModel(test_size=(96, 96))}),
+        matrix={"cspresnet50": MatrixModel()}),
     ModelFamily(
         "densenet", r"densenet",
         containers=("timm.models.densenet.DenseBlock", "timm.models.densenet.DenseLayer",
@@ -94,19 +102,20 @@ FAMILIES: Tuple[ModelFamily, ...] = (
                         _EFFNET + "ConvBnAct": (("conv", "bn1"),),
                         "timm.models.efficientnet.EfficientNetFeatures": (("conv_stem", "bn1"),),
                         "timm.models.mobilenetv3.MobileNetV3Features": (("conv_stem", "bn1"),)},
-        matrix={"mobilenetv2_100": MatrixModel(test_size=(64, 64)), "mobilenetv3_large_100": MatrixModel(test_size=(64, 64)),
-                "efficientnet_b0": MatrixModel(test_size=(64, 64))}),
+        matrix={"mobilenetv2_100": _quarter_width("timm.models.efficientnet._gen_mobilenet_v2"),
+                "mobilenetv3_large_100": _quarter_width("timm.models.mobilenetv3._gen_mobilenet_v3"),
+                "efficientnet_b0": _quarter_width("timm.models.efficientnet._gen_efficientnet")}),
     ModelFamily(
         "ghostnet", r"ghostnet_",
         containers=("timm.models.ghostnet.GhostBottleneck", "timm.models.ghostnet.GhostModule"),
         conv_then_norm={"timm.models.ghostnet.GhostBottleneck": (("conv_dw", "bn_dw"),)},
-        matrix={"ghostnet_100": MatrixModel(test_size=(64, 64))}),
+        matrix={"ghostnet_100": MatrixModel(dict(width=0.25), "timm.models.ghostnet._create_ghostnet")}),
     ModelFamily(
         "convnext", r"convnext",   # ConvNeXt V1 and V2
         lamb_betas=CONVNEXT_BETAS,
         drop_path_rates={"convnext_small": 0.2, "convnext_base": 0.3, "convnext_large": 0.4},
         containers=("timm.models.convnext.ConvNeXtStage",),
-        matrix={name: MatrixModel(dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)), test_size=(64, 64))
+        matrix={name: MatrixModel(dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)))
                 for name in ("convnext_tiny", "convnextv2_tiny")}),
 )
 
@@ -133,6 +142,14 @@ def reviewed_containers() -> Tuple[str, ...]:
 
 def conv_then_norm_pairs() -> Dict[str, Tuple[Tuple[str, str], ...]]:
     return {block: pairs for f in FAMILIES for block, pairs in f.conv_then_norm.items()}
+
+
+def build_test_model(name: str):
+    """The support-matrix model `name` in its small test configuration (timm features_only, random init)."""
+    entry = matrix_models()[name]
+    module, _, factory = entry.test_factory.rpartition(".")
+    return getattr(importlib.import_module(module), factory)(name, features_only=True, pretrained=False,
+                                                              **entry.test_kwargs)
 
 
 def matrix_models() -> Dict[str, MatrixModel]:

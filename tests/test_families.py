@@ -7,7 +7,7 @@ import importlib
 import pytest
 import timm
 
-from spark.families import FAMILIES, family_of, matrix_models
+from spark.families import FAMILIES, build_test_model, family_of, matrix_models
 
 
 def resolve(qualname: str) -> type:
@@ -33,7 +33,7 @@ def test_conv_then_norm_pairs_name_children_of_the_matrix_models():
     mask the fused flavour could skip)."""
     seen = set()
     for name in matrix_models():
-        model = timm.create_model(name, features_only=True, pretrained=False, **matrix_models()[name].test_kwargs)
+        model = build_test_model(name)
         for module in model.modules():
             qualname = f"{type(module).__module__}.{type(module).__qualname__}"
             for family in FAMILIES:
