@@ -50,6 +50,8 @@ ROOFLINE_TARGET = {"default": 0.6, "dwconv_backward": 0.5}
 def _shapes(op: str, quick: bool):
     if quick:
         return [(8, 8, 2)]
+    if op == "group_norm":
+        return RESNET50_STAGES
     return CONVNEXT_T_STAGES + (RESNET50_STAGES if op == "batch_norm" else [])
 
 
