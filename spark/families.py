@@ -59,9 +59,8 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         containers=(_RESNET + "BasicBlock", _RESNET + "Bottleneck"),
         conv_then_norm={_RESNET + "BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
                         _RESNET + "Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))},
-        matrix={"resnet18": _TINY_RESNET, "resnet50": _TINY_RESNET, "resnext50_32x4d": _TINY_RESNET, "seresnet50": _TINY_RESNET,
-                "ecaresnet50d": _TINY_RESNET,
-                "resnet50_gn": MatrixModel(dict(layers=[1, 1, 1, 1]), pending="GroupNorm")}),
+        matrix={"resnet18": _TINY_RESNET, "resnet50": _TINY_RESNET, "resnext50_32x4d": _TINY_RESNET,
+                "seresnet50": _TINY_RESNET, "ecaresnet50d": _TINY_RESNET, "resnet50_gn": _TINY_RESNET}),
     ModelFamily(
         "regnet", r"regnet",
         containers=("timm.models.regnet.Bottleneck", "timm.models.regnet.RegStage",

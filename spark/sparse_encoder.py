@@ -29,14 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import spark_kernels as sk
-from spark_kernels.nn import MaskedBatchNorm2d, MaskedLayerNorm, SparseDepthwiseConv2d
+from spark_kernels.nn import MaskedBatchNorm2d, MaskedGroupNorm, MaskedLayerNorm, SparseDepthwiseConv2d
 
+from timm.layers import GroupNorm as TimmGroupNorm, GroupNorm1 as TimmGroupNorm1
 from timm.layers import LayerNorm as TimmLayerNorm, LayerNorm2d as TimmLayerNorm2d
 from timm.layers import activations as timm_act
 from timm.layers.drop import DropPath
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.mlp import GlobalResponseNormMlp, Mlp
-from timm.layers.norm_act import BatchNormAct2d
+from timm.layers.norm_act import BatchNormAct2d, GroupNorm1Act, GroupNormAct
 from timm.models.convnext import ConvNeXtBlock
 
 from . import masked_pooling
@@ -100,6 +101,13 @@ class MaskedAvgPool2d(nn.AvgPool2d):
 
 class MaskedBatchNormAct2d(MaskedBatchNorm2d):
     """timm's BatchNormAct2d (BN -> drop -> act) over active sites; the same state_dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class MaskedGroupNormAct(MaskedGroupNorm):
+    """timm's GroupNormAct / GroupNorm1Act (GN -> drop -> act) over active sites; the same state_dict keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(super().forward(x)))
@@ -206,6 +214,8 @@ def _qualname(module: nn.Module) -> str:
 
 
 _CONTAINERS = frozenset(reviewed_containers())
+# Masked norms that read a conv's output at active sites only (so the conv's own mask may be skipped).
+_NORMS_READING_ACTIVE_SITES_ONLY = (MaskedBatchNorm2d, MaskedLayerNorm, MaskedGroupNorm)
 # Within these blocks the forward applies the named norm directly to the named conv's output.
 _CONV_THEN_NORM = conv_then_norm_pairs()
 # Containers whose forward runs their children one after the other.
@@ -262,7 +272,7 @@ class _Converter:
         if self.fused:
             for conv_name, norm_name in _conv_norm_pairs(module):
                 conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
-                if type(conv) is MaskedConv2d and isinstance(norm, (MaskedBatchNorm2d, MaskedLayerNorm)):
+                if type(conv) is MaskedConv2d and isinstance(norm, _NORMS_READING_ACTIVE_SITES_ONLY):
                     conv.mask_output = False
 
     def convert(self, module: nn.Module, path: str) -> nn.Module:
@@ -304,17 +314,31 @@ def _convert_conv(converter: _Converter, conv: nn.Conv2d, path: str) -> nn.Modul
     return _masked_dense(MaskedConv2d)(converter, conv, path)
 
 
-def _convert_batch_norm_act(converter: _Converter, bn: BatchNormAct2d, path: str) -> nn.Module:
-    for part in ("drop", "act"):
-        if type(getattr(bn, part)) not in ZERO_PRESERVING:
-            converter.fail(getattr(bn, part), f"{path}.{part}", "does not map 0 to 0")
-    masked = MaskedBatchNormAct2d.from_dense(bn, backend=converter.backend)
-    masked.drop, masked.act = bn.drop, bn.act
-    return masked
+def _norm_act(cls: type) -> Conversion:
+    """timm's norm + drop + act layers: the masked norm, keeping the (zero-preserving) drop and act."""
+    def convert(converter: _Converter, norm: nn.Module, path: str) -> nn.Module:
+        for part in ("drop", "act"):
+            if type(getattr(norm, part)) not in ZERO_PRESERVING:
+                converter.fail(getattr(norm, part), f"{path}.{part}", "does not map 0 to 0")
+        drop, act = norm.drop, norm.act
+        # from_dense takes a plain norm (MaskedGroupNorm's refuses one with submodules); drop and act hold
+        # no state and are handed to the masked norm as they are.
+        del norm.drop, norm.act
+        try:
+            masked = cls.from_dense(norm, backend=converter.backend)
+        finally:
+            norm.drop, norm.act = drop, act
+        masked.drop, masked.act = drop, act
+        return masked
+    return convert
 
 
 def _convert_batch_norm(converter: _Converter, bn: nn.Module, path: str) -> nn.Module:
     return MaskedBatchNorm2d.from_dense(bn, backend=converter.backend)
+
+
+def _convert_group_norm(converter: _Converter, gn: nn.GroupNorm, path: str) -> nn.Module:
+    return MaskedGroupNorm.from_dense(gn, backend=converter.backend)
 
 
 def _layer_norm(data_format: str) -> Conversion:
@@ -379,9 +403,12 @@ CONVERSIONS: Dict[Type[nn.Module], Conversion] = {
     nn.MaxPool2d: _masked_dense(MaskedMaxPool2d),
     nn.AvgPool2d: _masked_dense(MaskedAvgPool2d),
     **{t: _convert_pooling for t in MASKED_POOLING},
-    BatchNormAct2d: _convert_batch_norm_act,
+    BatchNormAct2d: _norm_act(MaskedBatchNormAct2d),
     nn.BatchNorm2d: _convert_batch_norm,
     nn.SyncBatchNorm: _convert_batch_norm,
+    **{t: _convert_group_norm for t in (nn.GroupNorm, TimmGroupNorm, TimmGroupNorm1)},
+    GroupNormAct: _norm_act(MaskedGroupNormAct),
+    GroupNorm1Act: _norm_act(MaskedGroupNormAct),
     TimmLayerNorm2d: _layer_norm("channels_first"),
     nn.LayerNorm: _layer_norm("channels_last"),
     TimmLayerNorm: _layer_norm("channels_last"),
