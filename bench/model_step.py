@@ -197,12 +197,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    (sys.argv[1:] if argv is None else argv)),
                "environment": environment(), "mask_ratio": MASK_RATIO, "memory_method": MEMORY_METHOD,
                "models": []}
-    matrix = matrix_models()
-    models = list(matrix) if args.models == ["matrix"] else args.models
+    models = list(matrix_models()) if args.models == ["matrix"] else args.models
     for name in models:
-        if name in matrix and matrix[name].pending:  # cannot be converted on this branch: say why
-            results["models"].append({"model": name, "error": f"needs {matrix[name].pending} support"})
-            continue
         for precision in args.precision:
             r = compare(name, args.backend, args.batch, args.steps, args.warmup, args.input_size,
                         memory=not args.no_memory, precision=precision)

@@ -27,7 +27,6 @@ class MatrixModel:
     # the width (float64 grouped convs on CPU run one group at a time: full-width depthwise layers are slow).
     test_factory: str = "timm.create_model"
     test_size: Tuple[int, int] = (32, 64)                               # (height, width) of the test images
-    pending: str = ""   # why the model cannot be converted yet: the layer UnsupportedLayerError names
 
 
 @dataclass(frozen=True)

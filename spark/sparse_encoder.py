@@ -260,7 +260,7 @@ class _Converter:
         raise UnsupportedLayerError(
             f"cannot make layer {path or '<root>'!r} of type {_qualname(module)} sparse{': ' + why if why else ''}. "
             f"Supported: Conv2d, MaxPool2d/AvgPool2d, global (adaptive 1x1) pooling, BatchNorm2d/SyncBatchNorm/"
-            f"BatchNormAct2d, LayerNorm (channels_last) and LayerNorm2d, ConvNeXt V1/V2 blocks, GRN, timm's "
+            f"BatchNormAct2d, GroupNorm/GroupNorm1/GroupNormAct, LayerNorm (channels_last) and LayerNorm2d, ConvNeXt V1/V2 blocks, GRN, timm's "
             f"SE/EffectiveSE/SqueezeExcite/ECA/CECA/GatherExcite attention, zero-preserving activations and "
             f"dropouts, and containers of these (spark/families.py lists the reviewed timm blocks)")
 
@@ -443,10 +443,10 @@ def _layer_kind(module: nn.Module) -> Optional[Tuple[str, bool]]:
     if isinstance(module, ConvNeXtBlock):
         kind = "ConvNeXt-V2 MLP + GRN" if isinstance(module.mlp, GlobalResponseNormMlp) else "ConvNeXt MLP"
         return kind, type(module) is SparseConvNeXtBlock
-    for cls, kind in ((MaskedBatchNorm2d, "BatchNorm"), (MaskedLayerNorm, "LayerNorm"),
+    for cls, kind in ((MaskedBatchNorm2d, "BatchNorm"), (MaskedLayerNorm, "LayerNorm"), (MaskedGroupNorm, "GroupNorm"),
                       (MaskedMaxPool2d, "max pool"), (MaskedAvgPool2d, "avg pool")):
         if isinstance(module, cls):
-            return kind, cls in (MaskedBatchNorm2d, MaskedLayerNorm) and module.backend != REFERENCE
+            return kind, cls in _NORMS_READING_ACTIVE_SITES_ONLY and module.backend != REFERENCE
     if type(module) in MASKED_POOLING.values():
         return type(module).__mro__[2].__name__, module.fused  # the timm class after the mixin
     return None
