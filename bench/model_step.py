@@ -1,6 +1,6 @@
 """SparK training steps: the fused model against the masked-dense reference model, side by side.
 
-    python -m bench.model_step [--models convnext_tiny resnet50] [--precision fp32 bf16] [--batch 16]
+    python -m bench.model_step [--models convnext_tiny resnet50 | matrix] [--precision fp32 bf16] [--batch 16]
                                [--input-size 224] [--steps 5] [--warmup 1] [--threads 2] [--backend cpu]
                                [--out FILE.json]
 
@@ -8,7 +8,9 @@ A step is forward + backward + LAMB step (timm.optim.Lamb, the recipe's betas an
 on fixed images and a fixed sequence of random patch masks (ratio 0.6), the forward pass in fp32 or under
 autocast to bf16 / fp16 (--precision; parameters and optimizer stay float32). Both models of a network get the
 same weights and run in one process, their steps interleaved so that machine load hits both alike;
-the figure is the median step time after warm-up. Peak memory is the peak RSS (VmHWM) of a fresh
+the figure is the median step time after warm-up. ``--models matrix`` runs every model of the support
+matrix (spark/families.py); each result lists which layers of the fused encoder run fused and which
+masked-dense. Peak memory is the peak RSS (VmHWM) of a fresh
 subprocess that builds only that configuration and runs warm-up + 1 steps; its RSS after building the
 model, before the first step, is reported too. The allocator is glibc malloc unless LD_PRELOAD names
 another (reported).
@@ -30,6 +32,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `spark` impor
 
 from bench.common import MASK_RATIO, THREADS, allocator, environment, interleaved_times, median_time  # noqa: E402
 from spark import precision as precision_mod  # noqa: E402
+from spark.families import matrix_models  # noqa: E402
+from spark.sparse_encoder import execution_report  # noqa: E402
 
 REFERENCE = "reference"
 MEMORY_METHOD = ("peak RSS (/proc/self/status VmHWM) of a fresh subprocess that builds only this configuration "
@@ -146,6 +150,7 @@ def compare(name: str, backend: Optional[str], batch: int, steps: int, warmup: i
     ref, ref_opt = build(name, REFERENCE, input_size, batch)
     fused, fused_opt = build(name, backend, input_size, batch)
     fused.load_state_dict(ref.state_dict())
+    layers = execution_report(fused.encoder)
     images, masks = inputs(batch, input_size, steps + warmup)
     label = backend or "default"
     times = interleaved_times({REFERENCE: stepper(ref, ref_opt, images, masks, precision),
@@ -157,7 +162,7 @@ def compare(name: str, backend: Optional[str], batch: int, steps: int, warmup: i
         mem = peak_memory(name, b, batch, input_size, warmup, torch.get_num_threads(), precision) if memory else {}
         rows[key] = _row(times[key], batch, mem)
     result = {"model": name, "precision": precision, "batch": batch, "input_size": input_size, "steps": steps,
-              "warmup": warmup, "rows": rows}
+              "warmup": warmup, "rows": rows, "layers": layers}
     if "images_per_s" in rows[label] and "images_per_s" in rows[REFERENCE]:
         result["speedup"] = rows[label]["images_per_s"] / rows[REFERENCE]["images_per_s"]
         if "peak_memory_bytes" in rows[label] and "peak_memory_bytes" in rows[REFERENCE]:
@@ -168,7 +173,8 @@ def compare(name: str, backend: Optional[str], batch: int, steps: int, warmup: i
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.model_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["convnext_tiny", "resnet50"])
+    parser.add_argument("--models", nargs="+", default=["convnext_tiny", "resnet50"],
+                        help='timm model names, or "matrix" for every model of the support matrix')
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16", "fp16"), default=["fp32"],
                         help="forward pass in fp32 or under autocast to bf16 / fp16; several: one run each")
     parser.add_argument("--batch", type=int, default=16)
@@ -191,7 +197,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    (sys.argv[1:] if argv is None else argv)),
                "environment": environment(), "mask_ratio": MASK_RATIO, "memory_method": MEMORY_METHOD,
                "models": []}
-    for name in args.models:
+    models = list(matrix_models()) if args.models == ["matrix"] else args.models
+    for name in models:
         for precision in args.precision:
             r = compare(name, args.backend, args.batch, args.steps, args.warmup, args.input_size,
                         memory=not args.no_memory, precision=precision)

@@ -78,7 +78,7 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--model", default=d("resnet18"), help="timm model name (ResNets, ConvNeXts, ...)")
     p.add_argument("--drop-path", type=float, default=d(None), metavar="RATE",
                    help="drop path (stochastic depth) rate of the encoder (default: the official recipe's for "
-                        "the model, spark/recipe.py: 0.05 for resnet50 ... 0.4 for convnext_large, else 0)")
+                        "the model, spark/families.py: 0.05 for resnet50 ... 0.4 for convnext_large, else 0)")
     p.add_argument("--data", default=d(None), metavar="DIR",
                    help="folder of JPEG/PNG images, class subfolders allowed; default: the embedded photographs")
     p.add_argument("--repeats", type=int, default=d(None),

@@ -31,6 +31,18 @@ def random_mask(n: int, h: int, w: int, ratio: float, seed: int = 0) -> torch.Te
     return torch.rand(n, 1, h, w, generator=g) >= ratio
 
 
+def patch_mask_with_both(n: int, gh: int, gw: int, seed: int = 1) -> torch.Tensor:
+    """A fixed bool (n, 1, gh, gw) patch mask with visible and masked patches in every image."""
+    if gh * gw < 2:
+        raise ValueError(f"a {gh} x {gw} patch grid cannot hold both a visible and a masked patch")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        mask = torch.rand(n, 1, gh, gw, generator=g) < 0.5
+        per_image = mask.flatten(1).sum(1)
+        if bool((per_image > 0).all() and (per_image < gh * gw).all()):
+            return mask
+
+
 def spark_mask(n: int, h: int, w: int, ratio: float, patch: int, seed: int = 0) -> torch.Tensor:
     """SparK patch mask at resolution h x w with patch x patch blocks (h, w rounded up to a multiple)."""
     g = torch.Generator().manual_seed(seed)

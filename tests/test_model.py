@@ -14,7 +14,7 @@ import spark_kernels as sk
 from spark import SparK, UnsupportedLayerError, sparse_encoder_
 from spark_kernels.masks import upsample_mask
 
-from helpers import AUTOCAST_FLOOR, ERROR_MULTIPLE, MODEL_GRAD_RTOL, RTOL, ATOL
+from helpers import AUTOCAST_FLOOR, ERROR_MULTIPLE, MODEL_GRAD_RTOL, RTOL, ATOL, patch_mask_with_both
 
 MODELS = ["resnet18", "resnet50", "convnext_tiny", "mobilenetv2_100"]
 DTYPE = torch.float64
@@ -71,12 +71,7 @@ def model_pair(name: str, input_size: int = 64, **kwargs):
 
 def patch_mask_for(h: int, w: int, seed: int = 1) -> torch.Tensor:
     """A fixed (BATCH, 1, h/32, w/32) patch mask with visible and masked patches in every image."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        mask = torch.rand(BATCH, 1, h // 32, w // 32, generator=g) < 0.5
-        per_image = mask.flatten(1).sum(1)
-        if bool((per_image > 0).all() and (per_image < mask[0].numel()).all()):
-            return mask
+    return patch_mask_with_both(BATCH, h // 32, w // 32, seed)
 
 
 def images_for(h: int, w: int, seed: int = 2) -> torch.Tensor:

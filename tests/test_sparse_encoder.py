@@ -178,3 +178,85 @@ def test_convnext_block_equals_definition(backend, conv_mlp):
     with sk.active(sk.ActiveSites(mask)):
         got = sparse(x)
     torch.testing.assert_close(got, expected, rtol=RTOL[F64], atol=ATOL[F64])
+
+
+@pytest.mark.parametrize("conv_mlp", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_convnextv2_block_grn_over_active_sites(backend, conv_mlp):
+    """ConvNeXt-V2: the MLP's GRN takes each channel's L2 norm over the image's active sites only (ConvNeXt-V2's
+    sparse FCMAE encoder); an image without active sites stays zero and gets finite gradients."""
+    torch.manual_seed(0)
+    block = ConvNeXtBlock(8, conv_mlp=conv_mlp, use_grn=True, ls_init_value=None).to(F64)
+    with torch.no_grad():
+        block.mlp.grn.weight.normal_()
+        block.mlp.grn.bias.normal_()
+    mask = random_mask(3, 7, 6, 0.5, seed=5)
+    mask[2] = False
+    x = torch.randn(3, 8, 7, 6, generator=torch.Generator().manual_seed(6), dtype=F64) * mask
+
+    dw = F.conv2d(x, block.conv_dw.weight, block.conv_dw.bias, padding=3, groups=8) * mask
+    rows = dw.permute(0, 2, 3, 1)
+    rows = F.layer_norm(rows, (8,), block.norm.weight, block.norm.bias, block.norm.eps)
+    fc1, fc2, grn = block.mlp.fc1, block.mlp.fc2, block.mlp.grn
+    hidden = F.gelu(rows @ fc1.weight.reshape(32, 8).T + fc1.bias)  # (N, H, W, 32)
+    active = mask.permute(0, 2, 3, 1)
+    norm = torch.stack([hidden[i][active[i, ..., 0]].square().sum(0).sqrt() for i in range(3)])  # (N, 32)
+    scale = (norm / (norm.mean(1, keepdim=True) + grn.eps))[:, None, None, :]
+    hidden = hidden + grn.bias + grn.weight * hidden * scale
+    branch = hidden @ fc2.weight.reshape(8, 32).T + fc2.bias
+    expected = x + branch.permute(0, 3, 1, 2) * mask
+
+    sparse = sparse_encoder_(nn.Sequential(block), None if backend == "cpu" else "reference")
+    assert type(sparse[0]) is (SparseConvNeXtBlock if backend == "cpu" else ConvNeXtBlock)
+    x = x.clone().requires_grad_()
+    with sk.active(sk.ActiveSites(mask)):
+        got = sparse(x)
+    torch.testing.assert_close(got, expected, rtol=RTOL[F64], atol=ATOL[F64])
+    got.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+def group_norm_by_hand(x: torch.Tensor, mask: torch.Tensor, gn: nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm with mean and biased variance per (image, group) over the active sites, zeros elsewhere."""
+    n, c, h, w = x.shape
+    y = torch.zeros_like(x)
+    for i in range(n):
+        for g in range(gn.num_groups):
+            chans = slice(g * c // gn.num_groups, (g + 1) * c // gn.num_groups)
+            values = x[i, chans][:, mask[i, 0]]
+            if values.numel():
+                y[i, chans] = (x[i, chans] - values.mean()) / (values.var(unbiased=False) + gn.eps).sqrt()
+    return (y * gn.weight[:, None, None] + gn.bias[:, None, None]) * mask
+
+
+@pytest.mark.parametrize("backend", FLAVOURS)
+def test_group_norm_variants_over_active_sites(backend):
+    """nn.GroupNorm and timm's GroupNorm, GroupNorm1 and GroupNormAct (act kept) become masked group norms
+    with their state_dict keys; a conv feeding one directly skips its mask in the fused flavour."""
+    from timm.layers import GroupNorm, GroupNorm1
+    from timm.layers.norm_act import GroupNormAct
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), GroupNormAct(8, 4, act_layer=nn.ReLU),
+                            GroupNorm(8, num_groups=2), nn.Conv2d(8, 8, 1), GroupNorm1(8), nn.GroupNorm(4, 8)).to(F64)
+    with torch.no_grad():
+        for gn in list(encoder)[1:3] + list(encoder)[4:]:
+            gn.weight.normal_()
+            gn.bias.normal_()
+    keys = list(encoder.state_dict())
+    mask = random_mask(2, 6, 5, 0.5, seed=7)
+    x = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(8), dtype=F64) * mask
+    conv1, gn_act, gn, conv2, gn1, plain = encoder
+    y = torch.relu(group_norm_by_hand(F.conv2d(x, conv1.weight, conv1.bias, padding=1) * mask, mask, gn_act))
+    y = group_norm_by_hand(y, mask, gn)
+    y = group_norm_by_hand(F.conv2d(y, conv2.weight, conv2.bias) * mask, mask, gn1)
+    expected = group_norm_by_hand(y, mask, plain)
+
+    sparse = sparse_encoder_(encoder, backend)
+    assert list(sparse.state_dict()) == keys
+    assert [type(m).__name__ for m in sparse] == ["MaskedConv2d", "MaskedGroupNormAct", "MaskedGroupNorm",
+                                                  "MaskedConv2d", "MaskedGroupNorm", "MaskedGroupNorm"]
+    assert type(sparse[1].act) is nn.ReLU
+    assert [sparse[0].mask_output, sparse[3].mask_output] == [backend is not None] * 2
+    with sk.active(sk.ActiveSites(mask)):
+        got = sparse(x)
+    torch.testing.assert_close(got, expected, rtol=RTOL[F64], atol=ATOL[F64])
