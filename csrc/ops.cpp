@@ -17,11 +17,16 @@
 
 TORCH_LIBRARY(spark_kernels, m) {
   m.def("built_with_cuda() -> bool", []() { return spark_kernels::kBuiltWithCuda; });
-  // y = submanifold depthwise conv of x with weight (C, 1, k, k), k = sqrt(neighbors.size(1)).
-  m.def("dwconv_forward(Tensor x, Tensor weight, Tensor? bias, Tensor index, Tensor neighbors) -> Tensor");
-  // (grad_x, grad_weight, grad_bias); grad_x in x's kernel layout, zero at inactive sites.
-  m.def("dwconv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor index, Tensor neighbors)"
-        " -> (Tensor, Tensor, Tensor)");
+  // y (N, C, ceil(H/stride), ceil(W/stride)) = submanifold depthwise conv of x with weight (C, 1, k, k),
+  // k in {3, 5, 7}, stride 1 or 2, padding k//2. index: the active OUTPUT sites (numbered in y's grid);
+  // neighbors: for each, the x site read by each tap or -1 (ActiveSites.strided_neighbors).
+  m.def("dwconv_forward(Tensor x, Tensor weight, Tensor? bias, Tensor index, Tensor neighbors, int stride=1)"
+        " -> Tensor");
+  // (grad_x, grad_weight, grad_bias); grad_x in x's kernel layout, zero at inactive sites. At stride 2,
+  // input_index (x's active sites) and input_taps (ActiveSites.transposed_taps: the output site whose
+  // tap t reads each, or -1) give the input gradient; at stride 1 they are None (mirrored neighbors).
+  m.def("dwconv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor index, Tensor neighbors, int stride=1,"
+        " Tensor? input_index=None, Tensor? input_taps=None) -> (Tensor, Tensor, Tensor)");
   // (2, C) float64: [mean, M2 = sum (x - mean)^2] over active sites (0 and 0 when there are none), by the
   // shifted-sum / Chan-merge algorithm of csrc/common/norm_row.h.
   m.def("masked_bn_stats(Tensor x, Tensor index) -> Tensor");

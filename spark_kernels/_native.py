@@ -17,6 +17,7 @@ import torch
 
 from ._backends import announced_unavailable
 from ._layout import accumulation_dtype, kernel_memory_format
+from .depthwise_conv import dwconv_backward_fake, dwconv_forward_fake
 
 _load_error: Optional[str] = None
 _warned = False
@@ -51,14 +52,8 @@ def _built_with_cuda() -> bool:
 def _register_fakes() -> None:
     lib = "spark_kernels::"
 
-    @torch.library.register_fake(lib + "dwconv_forward")
-    def _(x, weight, bias, index, neighbors):
-        return torch.empty_like(x, memory_format=kernel_memory_format(x))
-
-    @torch.library.register_fake(lib + "dwconv_backward")
-    def _(grad_out, x, weight, index, neighbors):
-        return (torch.empty_like(x, memory_format=kernel_memory_format(x)), torch.empty_like(weight),
-                weight.new_empty((weight.shape[0],)))
+    torch.library.register_fake(lib + "dwconv_forward", dwconv_forward_fake)
+    torch.library.register_fake(lib + "dwconv_backward", dwconv_backward_fake)
 
     def channel_stats(x, index, *rest):
         return x.new_empty((2, x.shape[1]), dtype=torch.float64)

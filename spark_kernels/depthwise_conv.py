@@ -1,7 +1,9 @@
-"""Submanifold depthwise conv (k = 3 or 7, stride 1, 'same' padding, groups = channels).
+"""Submanifold depthwise conv (k = 3, 5 or 7, stride 1 or 2, padding k//2, groups = channels).
 
-Output at active sites only, from active neighbours only, bias at active sites only, exact zeros
-elsewhere; the input gradient is zero at inactive sites. Under torch.autocast the conv runs in the
+Output at the active output sites only (``ActiveSites.strided(stride)``: an output site is active if any
+input site of its stride x stride block is), from active input neighbours only, bias at active output
+sites only, exact zeros elsewhere; the input gradient is zero at inactive input sites. The output has
+nn.Conv2d's size, ceil(H / stride) x ceil(W / stride). Under torch.autocast the conv runs in the
 autocast dtype, as F.conv2d does (the kernels accumulate in float32).
 """
 from __future__ import annotations
@@ -12,29 +14,51 @@ import torch
 
 from . import reference
 from ._backends import select_backend
+from ._layout import kernel_memory_format
 from ._sites import resolve_sites
 from ._validation import check_input, check_param
 
-KERNEL_SIZES = (3, 7)
+# The kernel sizes and strides every backend implements (the C++ kernels check the same set in
+# csrc/dwconv_args.h, where the kernel size becomes a template argument).
+KERNEL_SIZES = (3, 5, 7)
+STRIDES = (1, 2)
+
+
+def output_shape(x: torch.Tensor, stride: int):
+    """nn.Conv2d's output shape for padding k//2 (odd k): ceil(H / stride) x ceil(W / stride)."""
+    n, c, h, w = x.shape
+    return (n, c, -(-h // stride), -(-w // stride))
+
+
+def dwconv_forward_fake(x, weight, bias, index, neighbors, stride=1):
+    """The shapes, dtypes and layouts the dwconv_forward op returns (its fake implementation)."""
+    return x.new_empty(output_shape(x, stride)).contiguous(memory_format=kernel_memory_format(x))
+
+
+def dwconv_backward_fake(grad_out, x, weight, index, neighbors, stride=1, input_index=None, input_taps=None):
+    return (torch.empty_like(x, memory_format=kernel_memory_format(x)), torch.empty_like(weight),
+            weight.new_empty((weight.shape[0],)))
 
 
 class _SparseDepthwiseConv(torch.autograd.Function):
     """Autograd over a backend's primitives ``dwconv_forward`` and ``dwconv_backward``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, index, neighbors, kernels):
-        ctx.save_for_backward(x, weight, index, neighbors)
+    def forward(ctx, x, weight, bias, index, neighbors, stride, input_index, input_taps, kernels):
+        ctx.save_for_backward(x, weight, index, neighbors, input_index, input_taps)
+        ctx.stride = stride
         ctx.kernels = kernels
-        return kernels.dwconv_forward(x, weight, bias, index, neighbors)
+        return kernels.dwconv_forward(x, weight, bias, index, neighbors, stride)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, weight, index, neighbors = ctx.saved_tensors
-        grad_x, grad_w, grad_b = ctx.kernels.dwconv_backward(grad_out, x, weight, index, neighbors)
+        x, weight, index, neighbors, input_index, input_taps = ctx.saved_tensors
+        grad_x, grad_w, grad_b = ctx.kernels.dwconv_backward(grad_out, x, weight, index, neighbors, ctx.stride,
+                                                             input_index, input_taps)
         return (grad_x if ctx.needs_input_grad[0] else None,
                 grad_w if ctx.needs_input_grad[1] else None,
-                grad_b if ctx.needs_input_grad[2] else None, None, None, None)
+                grad_b if ctx.needs_input_grad[2] else None, None, None, None, None, None, None)
 
 
 def check_conv_args(x, weight, bias) -> int:
@@ -48,10 +72,16 @@ def check_conv_args(x, weight, bias) -> int:
                          f"C = {c}, got {tuple(weight.shape)}")
     k = weight.shape[-1]
     if k not in KERNEL_SIZES:
-        raise ValueError(f"weight: kernel size must be 3 or 7, got {k}")
+        raise ValueError(f"weight: kernel size must be one of {KERNEL_SIZES}, got {k}")
     check_param(weight, "weight", (c, 1, k, k), x, optional=False, same_dtype=True)
     check_param(bias, "bias", (c,), x, same_dtype=True)
     return k
+
+
+def check_stride(stride) -> int:
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride not in STRIDES:
+        raise ValueError(f"stride must be an int in {STRIDES}, got {stride!r}")
+    return stride
 
 
 def _autocast(x, weight, bias):
@@ -72,16 +102,25 @@ def _autocast(x, weight, bias):
 
 
 def sparse_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], active,
-                            backend: Optional[str] = None) -> torch.Tensor:
-    """Submanifold depthwise conv of x (N, C, H, W), any memory format, with weight (C, 1, k, k), k in {3, 7}.
+                            stride: int = 1, backend: Optional[str] = None) -> torch.Tensor:
+    """Submanifold depthwise conv of x (N, C, H, W), any memory format, with weight (C, 1, k, k), k in {3, 5, 7},
+    padding k//2 and stride 1 or 2.
 
-    active: bool mask (N, 1, H, W) (True = active) or an ActiveSites. Returns a dense tensor with
-    exact zeros at inactive sites.
+    active: x's active sites, a bool mask (N, 1, H, W) (True = active) or an ActiveSites. Returns a dense
+    (N, C, ceil(H / stride), ceil(W / stride)) tensor with exact zeros at the inactive sites of
+    ``active.strided(stride)``.
     """
     x, weight, bias = _autocast(x, weight, bias)
     k = check_conv_args(x, weight, bias)
+    stride = check_stride(stride)
     sites = resolve_sites(active, x)
     chosen = select_backend(backend, x, "sparse_depthwise_conv2d")
     if chosen.name == "reference" or x.numel() == 0:  # an empty x: nothing for a kernel to do
-        return reference.sparse_depthwise_conv2d(x, weight, bias, sites.mask)
-    return _SparseDepthwiseConv.apply(x, weight, bias, sites.index, sites.neighbors(k), chosen.kernels)
+        return reference.sparse_depthwise_conv2d(x, weight, bias, sites.mask, stride)
+    if stride == 1:  # the input gradient gathers through the mirrored forward table
+        out_index, table, input_index, input_taps = sites.index, sites.neighbors(k), None, None
+    else:
+        out_index, table = sites.strided(stride).index, sites.strided_neighbors(k, stride)
+        input_index, input_taps = sites.index, sites.transposed_taps(k, stride)
+    return _SparseDepthwiseConv.apply(x, weight, bias, out_index, table, stride, input_index, input_taps,
+                                      chosen.kernels)
