@@ -18,7 +18,7 @@ import torch
 
 from . import reference
 from ._backends import select_backend
-from ._layout import accumulation_dtype, to_kernel_layout
+from ._layout import accumulation_dtype, to_kernel_layout, uses_rows
 from ._sites import resolve_sites
 from ._validation import check_input, check_param, check_param_dtypes
 
@@ -55,6 +55,19 @@ def _gather_moments(count: int, moments: torch.Tensor, process_group):
     return n, mean, m2
 
 
+def _compact_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The active rows (M, C) of a channels_last x: what backward needs, at the active fraction of x's size."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).index_select(0, index)
+
+
+def _from_compact_rows(rows: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A channels_last tensor holding rows at the active sites. Inactive sites are left unwritten: the kernels
+    never read them (tests/test_batch_norm.py::test_inactive_garbage_does_not_leak)."""
+    x = torch.empty(shape, dtype=rows.dtype, device=rows.device, memory_format=torch.channels_last)
+    x.permute(0, 2, 3, 1).reshape(-1, shape[1]).index_copy_(0, index.long(), rows)
+    return x
+
+
 class _MaskedBatchNorm(torch.autograd.Function):
     """Backend primitives used (all take the (M,) int32 site index):
 
@@ -85,7 +98,9 @@ class _MaskedBatchNorm(torch.autograd.Function):
         scale = w * invstd
         shift = b - mean * scale
         y = kernels.bn_elemt(x, index, scale.to(acc), shift.to(acc))
-        ctx.save_for_backward(x, index, mean, invstd, w)
+        saved_x = _compact_rows(x, index) if uses_rows(x) else x
+        ctx.save_for_backward(saved_x, index, mean, invstd, w)
+        ctx.dense_shape = x.shape
         ctx.training, ctx.count, ctx.process_group, ctx.kernels = training, n, process_group, kernels
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return y
@@ -93,7 +108,8 @@ class _MaskedBatchNorm(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, index, mean, invstd, w = ctx.saved_tensors
+        saved_x, index, mean, invstd, w = ctx.saved_tensors
+        x = _from_compact_rows(saved_x, index, ctx.dense_shape) if saved_x.dim() == 2 else saved_x
         acc = accumulation_dtype(x.dtype)
         c = x.shape[1]
         mean_acc = mean.to(acc)

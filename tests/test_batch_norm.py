@@ -226,6 +226,22 @@ def test_inactive_garbage_does_not_leak(backend, layout):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+def test_backward_keeps_active_rows_only(backend):
+    """A channels_last x is kept for backward as its active rows, not whole: the fused model must not keep
+    more for backward than the reference's gather -> batch_norm -> scatter (issue 13, peak memory)."""
+    x, weight, bias, running, _ = inputs(4, 16, h=16, w=16)
+    x = x.float().contiguous(memory_format=torch.channels_last).requires_grad_()
+    active = sk.ActiveSites(make_active("spark", 4, 16, 16))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sk.masked_batch_norm(x, active, running[0].float(), running[1].float(), weight.float(), bias.float(),
+                             backend=backend)
+    kept = sum(t.numel() * t.element_size() for t in saved if t.dtype == x.dtype and t.dim() > 1)
+    assert 0 < active.num_active < x.shape[0] * 16 * 16
+    assert kept == active.num_active * x.shape[1] * x.element_size()
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_deterministic_across_runs_and_threads(backend, layout, dtype):
