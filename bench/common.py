@@ -6,21 +6,37 @@ import platform
 import resource
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
 # (channels, spatial size, SparK patch size in pixels at that scale) per stage, batch 32, ratio 0.6.
 CONVNEXT_T_STAGES = [(96, 56, 8), (192, 28, 4), (384, 14, 2), (768, 7, 1)]
 RESNET50_STAGES = [(256, 56, 8), (512, 28, 4), (1024, 14, 2), (2048, 7, 1)]
+# The (channels, size) inputs of EfficientNet-B0's depthwise convs at 224 (96@112 3x3/2, 144@56 5x5/2, 240@28 5x5
+# and 3x3/2, 672@14 5x5 and 5x5/2, 1152@7 5x5), which also cover MobileNetV3-Large's 5x5 and strided ones.
+EFFICIENTNET_B0_DW_STAGES = [(96, 112, 16), (144, 56, 8), (240, 28, 4), (672, 14, 2), (1152, 7, 1)]
 # The shape sets by network name (the timm names the model benchmark uses).
-STAGES = {"convnext_tiny": CONVNEXT_T_STAGES, "resnet50": RESNET50_STAGES}
+STAGES = {"convnext_tiny": CONVNEXT_T_STAGES, "resnet50": RESNET50_STAGES, "efficientnet_b0": EFFICIENTNET_B0_DW_STAGES}
 BATCH = 32
 MASK_RATIO = 0.6
 THREADS = 2
 
 # docs/design.md section 6: minimum speedup of the fused op over the reference, forward + backward.
 TARGETS = {"dwconv7": 3.0, "dwconv3": 2.0, "batch_norm": 2.0, "layer_norm_cf": 2.0, "layer_norm_cl": 2.0}
+# Depthwise convs without a design target, measured at the shapes of the networks that have them:
+# "dwconv{k}" is k x k at stride 1, "dwconv{k}s{stride}" strided.
+DWCONV_EXTRA_OPS = ("dwconv5", "dwconv3s2", "dwconv5s2")
+# The ops measured at each network's stages.
+NET_OPS = {"convnext_tiny": tuple(TARGETS), "resnet50": tuple(TARGETS), "efficientnet_b0": DWCONV_EXTRA_OPS}
+
+
+def dwconv_geometry(op: str) -> Tuple[int, int]:
+    """(kernel size, stride) of a depthwise conv op name: "dwconv7" -> (7, 1), "dwconv5s2" -> (5, 2)."""
+    k, _, stride = op[len("dwconv"):].partition("s")
+    return int(k), int(stride or 1)
+
+
 # docs/design.md section 6: minimum images/s ratio of the fused SparK training step over the reference model,
 # with peak memory no higher (ResNet-50: "faster, never slower").
 MODEL_TARGETS = {"convnext_tiny": 1.5, "resnet50": 1.0}

@@ -34,14 +34,15 @@ import torch
 import spark_kernels as sk
 from spark_kernels.masks import patch_mask, upsample_mask
 
-from .common import CONVNEXT_T_STAGES, MASK_RATIO, RESNET50_STAGES
+from .common import (CONVNEXT_T_STAGES, DWCONV_EXTRA_OPS, EFFICIENTNET_B0_DW_STAGES, MASK_RATIO, RESNET50_STAGES,
+                     dwconv_geometry)
 from .roofline import op_cost
 
 GPU_BATCH = 256
 GPU_BACKENDS = ("triton", "cuda")
 REFERENCE = "reference"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-OPS = ("dwconv7", "dwconv3", "batch_norm", "layer_norm_cf", "layer_norm_cl")
+OPS = ("dwconv7", "dwconv3", "batch_norm", "layer_norm_cf", "layer_norm_cl") + DWCONV_EXTRA_OPS
 # The targets of the GPU acceptance (fp16/bf16 and fp32, forward + backward).
 SPEEDUP_TARGET = 2.0
 ROOFLINE_TARGET = {"default": 0.6, "dwconv_backward": 0.5}
@@ -50,6 +51,8 @@ ROOFLINE_TARGET = {"default": 0.6, "dwconv_backward": 0.5}
 def _shapes(op: str, quick: bool):
     if quick:
         return [(8, 8, 2)]
+    if op in DWCONV_EXTRA_OPS:
+        return EFFICIENTNET_B0_DW_STAGES
     return CONVNEXT_T_STAGES + (RESNET50_STAGES if op == "batch_norm" else [])
 
 
@@ -146,16 +149,18 @@ def _case(op: str, channels: int, size: int, patch: int, batch: int, dtype, devi
     x = torch.randn(batch, channels, size, size, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
     if op == "layer_norm_cl":
         x = x.permute(0, 2, 3, 1).contiguous()
-    k = int(op[-1]) if op.startswith("dwconv") else 1
+    k, stride = dwconv_geometry(op) if op.startswith("dwconv") else (1, 1)
     weight = (torch.randn(channels, 1, k, k, generator=g) if op.startswith("dwconv") else torch.randn(channels, generator=g))
     bias = torch.randn(channels, generator=g)
-    grad = torch.randn(x.shape, generator=g).to(device, dtype)
+    out_shape = x.shape if stride == 1 else (batch, channels, -(-size // stride), -(-size // stride))
+    grad = torch.randn(out_shape, generator=g).to(device, dtype)
     return sites, x, weight.to(device, dtype), bias.to(device, dtype), grad
 
 
 def _runner(op: str, backend: str, sites, x, weight, bias):
     if op.startswith("dwconv"):
-        return lambda x, w, b: sk.sparse_depthwise_conv2d(x, w, b, sites, backend=backend)
+        stride = dwconv_geometry(op)[1]
+        return lambda x, w, b: sk.sparse_depthwise_conv2d(x, w, b, sites, stride=stride, backend=backend)
     if op == "batch_norm":
         running = (torch.zeros(x.shape[1], device=x.device, dtype=x.dtype),
                    torch.ones(x.shape[1], device=x.device, dtype=x.dtype))

@@ -3,8 +3,9 @@
     python -m bench.ops [--backend cpu] [--batch 32] [--repeats 7] [--ops dwconv7 dwconv3 ...] [--compile]
                         [--json FILE]
 
-Forward + backward per ConvNeXt-T stage shape (docs/design.md section 6), fp32, channels_last inputs, SparK
-patch masks at ratio 0.6; prints the median times and the speedup per shape next to the target. The
+Forward + backward per ConvNeXt-T stage shape (docs/design.md section 6; the 5x5 and strided depthwise convs
+at EfficientNet-B0's shapes), fp32, channels_last inputs, SparK patch masks at ratio 0.6; prints the median
+times and the speedup per shape next to the target. The
 full suite (`python -m bench`) builds on the cases defined here.
 The reference is the official SparK formulation: dense conv then mask (its best layout,
 channels_last), and gather -> BatchNorm/LayerNorm -> scatter for the norms.
@@ -23,9 +24,10 @@ import spark_kernels as sk
 from spark_kernels import reference
 from spark_kernels.masks import patch_mask, upsample_mask
 
-from .common import BATCH, CONVNEXT_T_STAGES, MASK_RATIO, TARGETS, THREADS
+from .common import (BATCH, CONVNEXT_T_STAGES, DWCONV_EXTRA_OPS, EFFICIENTNET_B0_DW_STAGES, MASK_RATIO, NET_OPS,
+                     TARGETS, THREADS, dwconv_geometry)
 
-OPS = tuple(TARGETS)
+OPS = tuple(TARGETS) + DWCONV_EXTRA_OPS
 REFERENCE = "reference"
 COMPILED = "reference+compile"  # the reference under torch.compile (inductor): what a user would try instead
 
@@ -37,7 +39,8 @@ _compiled: Dict[str, Callable] = {}
 def _reference_fn(op: str) -> Callable:
     """The plain masked-dense reference of `op` taking (x, mask, weight, bias, running stats)."""
     if op.startswith("dwconv"):
-        return lambda x, mask, w, b, rm, rv: reference.sparse_depthwise_conv2d(x, w, b, mask)
+        stride = dwconv_geometry(op)[1]
+        return lambda x, mask, w, b, rm, rv: reference.sparse_depthwise_conv2d(x, w, b, mask, stride)
     if op == "batch_norm":
         return lambda x, mask, w, b, rm, rv: reference.masked_batch_norm(x, mask, rm, rv, w, b, True, 0.1, 1e-5)
     channels_last = op == "layer_norm_cl"
@@ -72,14 +75,20 @@ class Case:
         # Activations in dtype; the conv weights too (a conv under autocast), norm parameters in float32
         # (the mixed-precision contract of the masked norms).
         x = torch.where(self.mask, x, 0).to(dtype).contiguous(memory_format=torch.channels_last)
-        self.grad = torch.randn(x.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        self.stride = dwconv_geometry(op)[1] if op.startswith("dwconv") else 1
+        out_size = -(-size // self.stride)
+        self.grad = torch.randn(batch, channels, out_size, out_size, generator=g).to(dtype).contiguous(
+            memory_format=torch.channels_last)
         if op == "layer_norm_cl":
             x, self.grad = x.permute(0, 2, 3, 1).contiguous(), self.grad.permute(0, 2, 3, 1).contiguous()
         self.x = x.requires_grad_()
         if op.startswith("dwconv"):
-            k = int(op[-1])
+            k = dwconv_geometry(op)[0]
             self.weight = torch.randn(channels, 1, k, k, generator=g).to(dtype).requires_grad_()
-            self.sites.neighbors(k)  # built once per mask and scale in real use
+            # Built once per mask and scale in real use.
+            self.sites.strided_neighbors(k, self.stride)
+            if self.stride > 1:
+                self.sites.transposed_taps(k, self.stride)
         else:
             self.weight = torch.randn(channels, generator=g).requires_grad_()
         self.bias = torch.randn(channels, generator=g).to(dtype if op.startswith("dwconv") else torch.float32)
@@ -93,7 +102,7 @@ class Case:
             return lambda: fn(x, self.mask, w, b, rm, rv)
         active = self.mask if impl == REFERENCE else self.sites
         if self.op.startswith("dwconv"):
-            return lambda: sk.sparse_depthwise_conv2d(x, w, b, active, impl)
+            return lambda: sk.sparse_depthwise_conv2d(x, w, b, active, stride=self.stride, backend=impl)
         if self.op == "batch_norm":
             return lambda: sk.masked_batch_norm(x, active, rm, rv, w, b, training=True, backend=impl)
         fmt = "channels_last" if self.op == "layer_norm_cl" else "channels_first"
@@ -135,7 +144,8 @@ def main(argv=None) -> int:
         print(f"backend {args.backend!r} unavailable: {sk.unavailable_reasons().get(args.backend)}", file=sys.stderr)
         return 1
     settings = suite.Settings(batch=args.batch, repeats=args.repeats, threads=args.threads, ops=tuple(args.ops),
-                              stages={"convnext_tiny": CONVNEXT_T_STAGES}, passes=("forward_backward",),
+                              stages={"convnext_tiny": CONVNEXT_T_STAGES,
+                                      "efficientnet_b0": EFFICIENTNET_B0_DW_STAGES}, passes=("forward_backward",),
                               backends=[args.backend], compile_stages=None if args.compile else ())
     results = suite.run(settings, ("ops",))
     print("\n".join(report.ops_table(results)))
