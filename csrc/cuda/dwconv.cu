@@ -39,6 +39,13 @@ struct Lanes {
   __device__ static int site() { return kRows ? threadIdx.y : threadIdx.x; }
 };
 
+// The image of `site` in a grid of hw sites per image; only the planes layout needs it (32-bit division:
+// site numbers are int32).
+template <bool kRows>
+__device__ inline int64_t image_of(int32_t site, int64_t hw) {
+  return kRows ? 0 : site / static_cast<int32_t>(hw);
+}
+
 // Where channel ch of `site` (of image n) lives in a tensor of hw sites per image.
 template <bool kRows>
 __device__ inline int64_t site_at(int32_t site, int64_t n, int64_t ch, int64_t c, int64_t hw) {
@@ -62,9 +69,10 @@ __device__ inline int64_t weight_tap_stride(int64_t c, int taps) {
   return kRows ? c : 1;
 }
 
-// The sites of the two tensors of a pass: `hw` per image, `sites` in all.
+// The sites of the two tensors of a pass: `hw` per image, `sites` in all (both int32: check_dwconv_args
+// refuses more sites than int32 site numbers address; 32-bit fields keep the 7x7 gather from spilling).
 struct Grid {
-  int64_t hw, sites;
+  int32_t hw, sites;
 };
 
 // y = the gather at every site of the tile (numbered in y's grid; taps in x's): the conv (kMirrored =
@@ -73,9 +81,10 @@ template <int K, bool kMirrored, bool kRows, typename T>
 __global__ void __launch_bounds__(kThreads) gather_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                           const T* __restrict__ bias, const int32_t* __restrict__ index,
                                                           const int32_t* __restrict__ nbr, T* __restrict__ y, int64_t m,
-                                                          int64_t c, Grid x_grid, Grid y_grid) {
+                                                          int32_t c, Grid x_grid, Grid y_grid) {
   using L = Lanes<kRows>;
-  const int64_t ch = static_cast<int64_t>(blockIdx.y) * L::channels + L::channel();
+  // 32-bit channel numbers (C < 2^31): one register less each, which keeps the 7x7 gather from spilling.
+  const int32_t ch = static_cast<int32_t>(blockIdx.y) * L::channels + L::channel();
   if (ch >= c) return;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kTileSites;
   const int64_t end = min(m, begin + kTileSites);
@@ -84,11 +93,12 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(const T* __restrict__ 
   for (int64_t i = begin + L::site(); i < end; i += L::sites) {
     const int32_t site = index[i];
     if (site < 0 || site >= y_grid.sites) continue;
-    const int64_t n = site / static_cast<int32_t>(y_grid.hw);  // 32-bit division: site numbers are int32
+    const int64_t n = image_of<kRows>(site, y_grid.hw);
+    const int64_t at = site_at<kRows>(site, n, ch, c, y_grid.hw);
     const SiteView<T> xv = image_view<kRows>(x, n, ch, c, x_grid.hw, x_grid.sites);
     float acc[1] = {b};
     dwconv_site_gather<K, kMirrored, 1>(nbr + i * K * K, xv, wc, weight_tap_stride<kRows>(c, K * K), acc);
-    y[site_at<kRows>(site, n, ch, c, y_grid.hw)] = static_cast<T>(acc[0]);
+    y[at] = static_cast<T>(acc[0]);
   }
 }
 
@@ -114,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const T* __restri
     for (int64_t i = begin + L::site(); i < end; i += L::sites) {
       const int32_t site = index[i];
       if (site < 0 || site >= gy_grid.sites) continue;
-      const int64_t n = site / static_cast<int32_t>(gy_grid.hw);
+      const int64_t n = image_of<kRows>(site, gy_grid.hw);
       const SiteView<T> xv = image_view<kRows>(x, n, ch, c, x_grid.hw, x_grid.sites);
       const float g[1] = {static_cast<float>(gy[site_at<kRows>(site, n, ch, c, gy_grid.hw)])};
       dwconv_site_weight_grad<K, 1>(nbr + i * K * K, g, xv, gw, 1);
@@ -173,8 +183,12 @@ void check_grid(int64_t m, int64_t c) {
               "dwconv (cuda backend): too many active sites or channels for one launch");
 }
 
-Grid input_grid(const DwconvGeometry& g) { return Grid{g.plane(), g.sites()}; }
-Grid output_grid(const DwconvGeometry& g) { return Grid{g.out_plane(), g.out_sites()}; }
+Grid input_grid(const DwconvGeometry& g) {
+  return Grid{static_cast<int32_t>(g.plane()), static_cast<int32_t>(g.sites())};
+}
+Grid output_grid(const DwconvGeometry& g) {
+  return Grid{static_cast<int32_t>(g.out_plane()), static_cast<int32_t>(g.out_sites())};
+}
 
 // y (x_grid -> y_grid) = the gather at the m sites of index.
 template <typename T, int K, bool kMirrored, bool kRows>
@@ -185,7 +199,8 @@ void launch_gather(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
   gather_kernel<K, kMirrored, kRows, T><<<grid<kRows>(m, c), dim3(kWarp, kOtherLanes), 0,
                                           at::cuda::getCurrentCUDAStream()>>>(
       x.const_data_ptr<T>(), w.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr,
-      index.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(), y.mutable_data_ptr<T>(), m, c, x_grid, y_grid);
+      index.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(), y.mutable_data_ptr<T>(), m,
+      static_cast<int32_t>(c), x_grid, y_grid);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
