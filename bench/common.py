@@ -10,6 +10,8 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+from spark_kernels._registry import VARIANTS
+
 # (channels, spatial size, SparK patch size in pixels at that scale) per stage, batch 32, ratio 0.6.
 CONVNEXT_T_STAGES = [(96, 56, 8), (192, 28, 4), (384, 14, 2), (768, 7, 1)]
 RESNET50_STAGES = [(256, 56, 8), (512, 28, 4), (1024, 14, 2), (2048, 7, 1)]
@@ -24,17 +26,15 @@ THREADS = 2
 
 # docs/design.md section 6: minimum speedup of the fused op over the reference, forward + backward.
 TARGETS = {"dwconv7": 3.0, "dwconv3": 2.0, "batch_norm": 2.0, "layer_norm_cf": 2.0, "layer_norm_cl": 2.0}
-# Depthwise convs without a design target, measured at the shapes of the networks that have them:
-# "dwconv{k}" is k x k at stride 1, "dwconv{k}s{stride}" strided.
-DWCONV_EXTRA_OPS = ("dwconv5", "dwconv3s2", "dwconv5s2")
+# The benchmarked ops: the op registry's test cases that have a benchmark name (op spec, variant) by that name.
+BENCH_CASES = {v.bench_name: (op, v) for op, v in VARIANTS.values() if v.bench_name}
+if not set(TARGETS) <= set(BENCH_CASES):
+    raise RuntimeError(f"bench targets {sorted(TARGETS)} are not all in the op registry's {sorted(BENCH_CASES)}")
+# Benchmarked ops without a design target (the 5x5 and strided depthwise convs), measured at the shapes of the
+# networks that have them.
+UNTARGETED_OPS = tuple(name for name in BENCH_CASES if name not in TARGETS)
 # The ops measured at each network's stages.
-NET_OPS = {"convnext_tiny": tuple(TARGETS), "resnet50": tuple(TARGETS), "efficientnet_b0": DWCONV_EXTRA_OPS}
-
-
-def dwconv_geometry(op: str) -> Tuple[int, int]:
-    """(kernel size, stride) of a depthwise conv op name: "dwconv7" -> (7, 1), "dwconv5s2" -> (5, 2)."""
-    k, _, stride = op[len("dwconv"):].partition("s")
-    return int(k), int(stride or 1)
+NET_OPS = {"convnext_tiny": tuple(TARGETS), "resnet50": tuple(TARGETS), "efficientnet_b0": UNTARGETED_OPS}
 
 
 # docs/design.md section 6: minimum images/s ratio of the fused SparK training step over the reference model,

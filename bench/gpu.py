@@ -34,15 +34,15 @@ import torch
 import spark_kernels as sk
 from spark_kernels.masks import patch_mask, upsample_mask
 
-from .common import (CONVNEXT_T_STAGES, DWCONV_EXTRA_OPS, EFFICIENTNET_B0_DW_STAGES, MASK_RATIO, RESNET50_STAGES,
-                     dwconv_geometry)
+from .common import (BENCH_CASES, CONVNEXT_T_STAGES, EFFICIENTNET_B0_DW_STAGES, MASK_RATIO, RESNET50_STAGES,
+                     UNTARGETED_OPS)
 from .roofline import op_cost
 
 GPU_BATCH = 256
 GPU_BACKENDS = ("triton", "cuda")
 REFERENCE = "reference"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-OPS = ("dwconv7", "dwconv3", "batch_norm", "layer_norm_cf", "layer_norm_cl") + DWCONV_EXTRA_OPS
+OPS = tuple(BENCH_CASES)
 # The targets of the GPU acceptance (fp16/bf16 and fp32, forward + backward).
 SPEEDUP_TARGET = 2.0
 ROOFLINE_TARGET = {"default": 0.6, "dwconv_backward": 0.5}
@@ -51,7 +51,7 @@ ROOFLINE_TARGET = {"default": 0.6, "dwconv_backward": 0.5}
 def _shapes(op: str, quick: bool):
     if quick:
         return [(8, 8, 2)]
-    if op in DWCONV_EXTRA_OPS:
+    if op in UNTARGETED_OPS:
         return EFFICIENTNET_B0_DW_STAGES
     return CONVNEXT_T_STAGES + (RESNET50_STAGES if op == "batch_norm" else [])
 
@@ -147,10 +147,11 @@ def _case(op: str, channels: int, size: int, patch: int, batch: int, dtype, devi
     mask = upsample_mask(patch_mask(batch, (grid, grid), MASK_RATIO, generator=g), size, size)[:, :, :size, :size]
     sites = sk.ActiveSites(mask.contiguous().to(device))
     x = torch.randn(batch, channels, size, size, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
-    if op == "layer_norm_cl":
+    _, variant = BENCH_CASES[op]
+    if variant.channels_last_input:
         x = x.permute(0, 2, 3, 1).contiguous()
-    k, stride = dwconv_geometry(op) if op.startswith("dwconv") else (1, 1)
-    weight = (torch.randn(channels, 1, k, k, generator=g) if op.startswith("dwconv") else torch.randn(channels, generator=g))
+    k, stride = variant.kernel_size, variant.stride or 1
+    weight = torch.randn(channels, 1, k, k, generator=g) if k is not None else torch.randn(channels, generator=g)
     bias = torch.randn(channels, generator=g)
     out_shape = x.shape if stride == 1 else (batch, channels, -(-size // stride), -(-size // stride))
     grad = torch.randn(out_shape, generator=g).to(device, dtype)
@@ -158,15 +159,11 @@ def _case(op: str, channels: int, size: int, patch: int, batch: int, dtype, devi
 
 
 def _runner(op: str, backend: str, sites, x, weight, bias):
-    if op.startswith("dwconv"):
-        stride = dwconv_geometry(op)[1]
-        return lambda x, w, b: sk.sparse_depthwise_conv2d(x, w, b, sites, stride=stride, backend=backend)
-    if op == "batch_norm":
-        running = (torch.zeros(x.shape[1], device=x.device, dtype=x.dtype),
-                   torch.ones(x.shape[1], device=x.device, dtype=x.dtype))
-        return lambda x, w, b: sk.masked_batch_norm(x, sites, *running, w, b, training=True, backend=backend)
-    data_format = "channels_last" if op == "layer_norm_cl" else "channels_first"
-    return lambda x, w, b: sk.masked_layer_norm(x, sites, w, b, data_format=data_format, backend=backend)
+    _, variant = BENCH_CASES[op]
+    c = weight.shape[0]
+    running = dict(running_mean=torch.zeros(c, device=x.device, dtype=x.dtype),
+                   running_var=torch.ones(c, device=x.device, dtype=x.dtype))
+    return lambda x, w, b: variant.call(dict(x=x, weight=w, bias=b, **running), sites, backend)
 
 
 def measure_op(op, channels, size, patch, batch, dtype_name, backend, device, machine, repeats, warmup):

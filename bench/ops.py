@@ -24,10 +24,9 @@ import spark_kernels as sk
 from spark_kernels import reference
 from spark_kernels.masks import patch_mask, upsample_mask
 
-from .common import (BATCH, CONVNEXT_T_STAGES, DWCONV_EXTRA_OPS, EFFICIENTNET_B0_DW_STAGES, MASK_RATIO, NET_OPS,
-                     TARGETS, THREADS, dwconv_geometry)
+from .common import BATCH, BENCH_CASES, CONVNEXT_T_STAGES, EFFICIENTNET_B0_DW_STAGES, MASK_RATIO, THREADS
 
-OPS = tuple(TARGETS) + DWCONV_EXTRA_OPS
+OPS = tuple(BENCH_CASES)
 REFERENCE = "reference"
 COMPILED = "reference+compile"  # the reference under torch.compile (inductor): what a user would try instead
 
@@ -38,12 +37,12 @@ _compiled: Dict[str, Callable] = {}
 
 def _reference_fn(op: str) -> Callable:
     """The plain masked-dense reference of `op` taking (x, mask, weight, bias, running stats)."""
-    if op.startswith("dwconv"):
-        stride = dwconv_geometry(op)[1]
-        return lambda x, mask, w, b, rm, rv: reference.sparse_depthwise_conv2d(x, w, b, mask, stride)
-    if op == "batch_norm":
+    spec, variant = BENCH_CASES[op]
+    if spec.name == "sparse_depthwise_conv2d":
+        return lambda x, mask, w, b, rm, rv: reference.sparse_depthwise_conv2d(x, w, b, mask, variant.stride)
+    if spec.name == "masked_batch_norm":
         return lambda x, mask, w, b, rm, rv: reference.masked_batch_norm(x, mask, rm, rv, w, b, True, 0.1, 1e-5)
-    channels_last = op == "layer_norm_cl"
+    channels_last = variant.channels_last_input
     return lambda x, mask, w, b, rm, rv: reference.masked_layer_norm(x, mask, w, b, 1e-6, channels_last)
 
 
@@ -75,15 +74,16 @@ class Case:
         # Activations in dtype; the conv weights too (a conv under autocast), norm parameters in float32
         # (the mixed-precision contract of the masked norms).
         x = torch.where(self.mask, x, 0).to(dtype).contiguous(memory_format=torch.channels_last)
-        self.stride = dwconv_geometry(op)[1] if op.startswith("dwconv") else 1
+        _, self.variant = BENCH_CASES[op]
+        k = self.variant.kernel_size  # None for the norms
+        self.stride = self.variant.stride or 1
         out_size = -(-size // self.stride)
         self.grad = torch.randn(batch, channels, out_size, out_size, generator=g).to(dtype).contiguous(
             memory_format=torch.channels_last)
-        if op == "layer_norm_cl":
+        if self.variant.channels_last_input:
             x, self.grad = x.permute(0, 2, 3, 1).contiguous(), self.grad.permute(0, 2, 3, 1).contiguous()
         self.x = x.requires_grad_()
-        if op.startswith("dwconv"):
-            k = dwconv_geometry(op)[0]
+        if k is not None:
             self.weight = torch.randn(channels, 1, k, k, generator=g).to(dtype).requires_grad_()
             # Built once per mask and scale in real use.
             self.sites.strided_neighbors(k, self.stride)
@@ -91,7 +91,7 @@ class Case:
                 self.sites.transposed_taps(k, self.stride)
         else:
             self.weight = torch.randn(channels, generator=g).requires_grad_()
-        self.bias = torch.randn(channels, generator=g).to(dtype if op.startswith("dwconv") else torch.float32)
+        self.bias = torch.randn(channels, generator=g).to(dtype if k is not None else torch.float32)
         self.bias.requires_grad_()
         self.running_mean, self.running_var = torch.zeros(channels), torch.ones(channels)
 
@@ -101,12 +101,8 @@ class Case:
             fn = compiled_reference(self.op)
             return lambda: fn(x, self.mask, w, b, rm, rv)
         active = self.mask if impl == REFERENCE else self.sites
-        if self.op.startswith("dwconv"):
-            return lambda: sk.sparse_depthwise_conv2d(x, w, b, active, stride=self.stride, backend=impl)
-        if self.op == "batch_norm":
-            return lambda: sk.masked_batch_norm(x, active, rm, rv, w, b, training=True, backend=impl)
-        fmt = "channels_last" if self.op == "layer_norm_cl" else "channels_first"
-        return lambda: sk.masked_layer_norm(x, active, w, b, 1e-6, fmt, impl)
+        tensors = dict(x=x, weight=w, bias=b, running_mean=rm, running_var=rv)
+        return lambda: self.variant.call(tensors, active, impl)
 
     def runner(self, impl: str, backward: bool = True) -> Callable[[], None]:
         forward = self._forward(impl)

@@ -11,7 +11,7 @@ from typing import Dict
 
 import torch
 
-from .common import dwconv_geometry, median_time
+from .common import BENCH_CASES, median_time
 
 BYTES = 4  # fp32
 
@@ -29,14 +29,15 @@ _COSTS = {
 
 def op_cost(op: str, channels: int, size: int, batch: int, active_fraction: float,
             backward: bool) -> Dict[str, float]:
-    """FLOPs and bytes of the least work `op` (a key of TARGETS) needs, forward or forward + backward."""
+    """FLOPs and bytes of the least work `op` (a key of BENCH_CASES) needs, forward or forward + backward."""
     sites = batch * size * size
     active = channels * sites * active_fraction  # active elements
     dense = channels * sites
     passes = ("forward", "backward") if backward else ("forward",)
     flops = bytes_ = 0.0
-    if op.startswith("dwconv"):
-        k, stride = dwconv_geometry(op)
+    variant = BENCH_CASES[op][1]
+    if variant.kernel_size is not None:
+        k, stride = variant.kernel_size, variant.stride
         out_dense = channels * batch * (-(-size // stride)) ** 2
         out_active = out_dense * active_fraction  # exact for SparK masks whose patches the stride divides
         for pass_ in passes:

@@ -6,7 +6,8 @@
 #
 # 1. builds the C++/CUDA extension in place against the installed torch (no pip, no download), for this
 #    GPU's architecture only;
-# 2. runs the Triton and CUDA test files compiled (TRITON_INTERPRET=0: "triton" and "cuda" on CUDA tensors);
+# 2. runs the Triton, CUDA and generated-support tests compiled (TRITON_INTERPRET=0: "triton" and "cuda" on
+#    CUDA tensors);
 # 3. measures the GPU (copy bandwidth, fp32 FMA rate), then every op on both GPU backends against the
 #    reference, fp32 and bf16, with each pass's roofline fraction (python -m bench.gpu);
 # 4. SparK training steps of resnet50 and convnext_tiny at 224, fused vs reference, bf16 autocast and fp32.
@@ -56,10 +57,11 @@ part build 140 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 print('unavailable:', sk.unavailable_reasons()); assert torch.ops.spark_kernels.built_with_cuda()" \
   >> "$OUT/build.log" 2>&1 || echo "   the CUDA kernels are not available: see $OUT/build.log"
 
-# 2. Tests, compiled: test_triton.py runs "triton" and "cuda" on CUDA tensors; the property tests and the
-#    large-offset statistics tests take every fused backend on its device (tests/helpers.fused_backends).
-part tests 140 env TRITON_INTERPRET=0 "$PYTHON" -m pytest -q -p no:cacheprovider -x \
-  tests/test_triton.py tests/test_properties.py -k "triton or cuda or large_offsets"
+# 2. Tests, compiled: test_triton.py runs "triton" and "cuda" on CUDA tensors; test_registry.py runs every
+#    combination the op registry declares for them, and their opcheck, on CUDA tensors; the property tests
+#    and the large-offset statistics tests take every fused backend on its device (tests/helpers.fused_backends).
+part tests 155 env TRITON_INTERPRET=0 "$PYTHON" -m pytest -q -p no:cacheprovider -x \
+  tests/test_triton.py tests/test_registry.py tests/test_properties.py -k "triton or cuda or large_offsets"
 
 # 3. The GPU's bounds, then the ops with their rooflines.
 part machine 25 env TRITON_INTERPRET=0 "$PYTHON" -m bench.gpu --section machine --out "$OUT/machine.json"

@@ -3,8 +3,6 @@
 Public API (see docs/design.md section 3): ActiveSites, sparse_depthwise_conv2d, masked_batch_norm,
 masked_layer_norm, available_backends, active, and the modules in spark_kernels.nn.
 """
-import torch
-
 from . import _native
 from ._backends import (BACKEND_NAMES, Backend, FallbackWarning, available_backends, fallback_counts,
                         register_backend, reset_fallback_counts, select_backend, unavailable_reasons)
@@ -16,12 +14,11 @@ from . import nn
 from .nn import active, current_sites
 from .triton import device_unsupported_reason as _triton_device_check, load as _load_triton
 
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-register_backend(Backend("reference", ("cpu", "cuda", "meta"), _FLOATS, lambda: (None, None)))
-register_backend(Backend("cpu", ("cpu",), _FLOATS, _native.load_cpu))
-register_backend(Backend("cuda", ("cuda",), (torch.float32, torch.float16, torch.bfloat16), _native.load_cuda))
-register_backend(Backend("triton", ("cuda", "cpu"), (torch.float32, torch.float16, torch.bfloat16), _load_triton,
-                         device_check=_triton_device_check))
+# Where each backend runs; what it supports of each op is declared in the op registry (_registry.py).
+register_backend(Backend("reference", ("cpu", "cuda", "meta"), lambda: (None, None)))
+register_backend(Backend("cpu", ("cpu",), _native.load_cpu))
+register_backend(Backend("cuda", ("cuda",), _native.load_cuda))
+register_backend(Backend("triton", ("cuda", "cpu"), _load_triton, device_check=_triton_device_check))
 
 __all__ = ["ActiveSites", "sparse_depthwise_conv2d", "masked_batch_norm", "masked_layer_norm",
            "available_backends", "unavailable_reasons", "active", "current_sites", "nn", "BACKEND_NAMES",

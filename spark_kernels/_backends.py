@@ -1,8 +1,9 @@
 """Backend registry and dispatch.
 
-Each backend declares what it supports (devices, dtypes) and why it is unavailable when it is; the
-dispatcher picks the first backend in the device's preference order that supports the call, or raises
-with every backend's reason. A call that the preferred backends cannot take and that lands on the slow
+Each backend declares where it runs (device types) and why it is unavailable when it is; what it supports
+of each op (dtypes, kernel sizes, strides, layouts, channel limits) is declared in the op registry
+(_registry.py). The dispatcher picks the first backend in the device's preference order whose
+declarations support the call, or raises with every backend's reason. A call that the preferred backends cannot take and that lands on the slow
 masked-dense "reference" backend is never silent: it warns (FallbackWarning, once per op and reason) and
 is counted (fallback_counts()).
 """
@@ -12,9 +13,11 @@ import collections
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from ._registry import Call, get_op
 
 BACKEND_NAMES: Tuple[str, ...] = ("reference", "cpu", "triton", "cuda")
 # Preference order per device type when the caller does not name a backend.
@@ -59,7 +62,7 @@ def _note_fallback(op: str, reason: str, announced: bool = False) -> None:
 
 @dataclass
 class Backend:
-    """A backend: where it runs, which dtypes it takes, and its kernel primitives.
+    """A backend: where it runs and its kernel primitives (what it supports of each op: _registry.py).
 
     ``kernels`` is an object with the primitives the generic autograd functions call (see
     ``depthwise_conv.py``, ``batch_norm.py``, ``layer_norm.py``); None for the reference backend.
@@ -70,7 +73,6 @@ class Backend:
 
     name: str
     device_types: Tuple[str, ...]
-    dtypes: Tuple[torch.dtype, ...]
     load: Callable[[], Tuple[object, Optional[str]]]
     device_check: Optional[Callable[[str], Optional[str]]] = None
     _loaded: Optional[Tuple[object, Optional[str]]] = field(default=None, repr=False)
@@ -87,20 +89,28 @@ class Backend:
     def unavailable_reason(self) -> Optional[str]:
         return self._ensure_loaded()[1]
 
-    def unsupported_reason(self, x: torch.Tensor) -> Optional[str]:
+    def device_reason(self, device_type: str) -> Optional[str]:
+        """Why the backend cannot run on tensors of this device type (None if it can)."""
         why = self.unavailable_reason()
         if why:
             return why
-        if x.device.type not in self.device_types:
-            return f"runs on {'/'.join(self.device_types)} tensors, not {x.device.type}"
+        if device_type not in self.device_types:
+            return f"runs on {'/'.join(self.device_types)} tensors, not {device_type}"
         if self.device_check is not None:
-            why = self.device_check(x.device.type)
-            if why:
-                return why
-        if x.dtype not in self.dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-            return f"supports dtypes {names}, not {str(x.dtype).replace('torch.', '')}"
+            return self.device_check(device_type)
         return None
+
+    def unsupported_reason(self, op: str, call: Call, device_type: str) -> Optional[str]:
+        """Why the backend cannot take this call of op (None if it can): its device, then every limit
+        the op's declaration for this backend puts on the call."""
+        why = self.device_reason(device_type)
+        if why:
+            return why
+        support = get_op(op).support.get(self.name)
+        if support is None:
+            return f"has no kernels for {op}"
+        reasons = support.reasons(call, device_type)
+        return "; ".join(reasons) if reasons else None
 
 
 _REGISTRY: Dict[str, Backend] = {}
@@ -137,9 +147,14 @@ def unavailable_reasons() -> Dict[str, str]:
     return out
 
 
-def select_backend(requested: Optional[str], x: torch.Tensor, op: str) -> Backend:
-    """The backend that runs `op` on x: the requested one, else $SPARK_KERNELS_BACKEND, else the first
-    supporting backend of the device's preference order."""
+def select_backend(requested: Optional[str], x: torch.Tensor, op: str, kernel_size: Optional[int] = None,
+                   stride: Optional[int] = None) -> Backend:
+    """The backend that runs `op` (a name in the op registry) on x, the logically (N, C, H, W) input: the
+    requested one, else $SPARK_KERNELS_BACKEND, else the first backend of the device's preference order
+    whose declaration supports the call. A backend that was asked for by name and cannot take the call, or
+    a call no backend takes, raises with every reason."""
+    call = Call.of(x, kernel_size, stride)
+    device_type = x.device.type
     source = "backend"
     if requested is None:
         env = os.environ.get(ENV_VAR, "").strip()
@@ -149,14 +164,14 @@ def select_backend(requested: Optional[str], x: torch.Tensor, op: str) -> Backen
         if not isinstance(requested, str) or requested not in BACKEND_NAMES:
             raise ValueError(f"{source} must be one of {list(BACKEND_NAMES)} or None, got {requested!r}")
         backend = get_backend(requested)
-        why = backend.unsupported_reason(x)
+        why = backend.unsupported_reason(op, call, device_type)
         if why:
             raise RuntimeError(f"{op}: backend {requested!r} (from {source}) cannot run this call: {why}")
         return backend
     reasons, announced = [], True
-    for name in DEFAULT_ORDER.get(x.device.type, (REFERENCE,)):
+    for name in DEFAULT_ORDER.get(device_type, (REFERENCE,)):
         backend = _REGISTRY.get(name)
-        why = "not registered in this build" if backend is None else backend.unsupported_reason(x)
+        why = "not registered in this build" if backend is None else backend.unsupported_reason(op, call, device_type)
         if why is None:
             if name == REFERENCE and reasons:
                 _note_fallback(op, "; ".join(reasons), announced)

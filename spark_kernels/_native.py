@@ -1,23 +1,21 @@
 """Backends "cpu" and "cuda": the C++ extension ``spark_kernels._C``.
 
-Both register kernels for the same custom ops (``torch.ops.spark_kernels.*``, schemas in
-csrc/ops.cpp) under the CPU and CUDA dispatch keys. This module loads the extension, registers the
-fake (meta) implementations that make the ops traceable by torch.compile, and exposes the
-primitives the autograd functions call.
+Both register kernels for the same custom ops (``torch.ops.spark_kernels.*``) under the CPU and CUDA
+dispatch keys. This module loads the extension, defines the ops' schemas and registers their fake (meta)
+implementations from the op registry (_registry.py; the fakes make the ops traceable by torch.compile),
+and exposes the primitives the autograd functions call.
 """
 from __future__ import annotations
 
 import importlib.machinery
 import os
 import warnings
-from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
 
 from ._backends import announced_unavailable
-from ._layout import accumulation_dtype, kernel_memory_format
-from .depthwise_conv import dwconv_backward_fake, dwconv_forward_fake
+from ._registry import PRIMITIVES, kernels_namespace
 
 _load_error: Optional[str] = None
 _warned = False
@@ -31,6 +29,29 @@ except Exception as e:  # noqa: BLE001 - any failure to load means "backend unav
     cause = f"{type(e).__name__}: {e}" if built else f"no _C extension file is built in {here}"
     _load_error = f"the C++ extension spark_kernels._C could not be loaded ({cause}); " \
                   f"build it with `pip install -e . --no-build-isolation`"
+
+
+def _define_schemas() -> Optional[str]:
+    """Define the native ops' schemas from the op registry (the extension registers only their kernels);
+    None, or why the extension does not match the registry (an extension built from older sources)."""
+    library = torch.library.Library("spark_kernels", "FRAGMENT")
+    for p in PRIMITIVES:
+        existing = getattr(torch.ops.spark_kernels, p.native, None)
+        try:
+            if existing is None:
+                library.define(p.native + p.schema)
+            elif str(existing.default._schema) != f"spark_kernels::{p.native}{p.schema}":
+                raise RuntimeError(f"it defines {existing.default._schema}")
+        except RuntimeError as e:
+            return (f"the C++ extension spark_kernels._C does not match the op registry for {p.native} ({e}); "
+                    f"rebuild it with `pip install -e . --no-build-isolation`")
+    _libraries.append(library)  # the definitions last as long as the library object
+    return None
+
+
+_libraries: list = []
+if _load_error is None:
+    _load_error = _define_schemas()
 
 
 def _warn_once() -> None:
@@ -50,51 +71,16 @@ def _built_with_cuda() -> bool:
 
 
 def _register_fakes() -> None:
-    lib = "spark_kernels::"
-
-    torch.library.register_fake(lib + "dwconv_forward", dwconv_forward_fake)
-    torch.library.register_fake(lib + "dwconv_backward", dwconv_backward_fake)
-
-    def channel_stats(x, index, *rest):
-        return x.new_empty((2, x.shape[1]), dtype=torch.float64)
-
-    torch.library.register_fake(lib + "masked_bn_stats", channel_stats)
-    torch.library.register_fake(lib + "masked_bn_backward_stats", channel_stats)
-
-    @torch.library.register_fake(lib + "masked_bn_elemt")
-    def _(x, index, scale, shift):
-        return torch.empty_like(x, memory_format=kernel_memory_format(x))
-
-    @torch.library.register_fake(lib + "masked_bn_backward_elemt")
-    def _(grad_out, x, index, a, b, d):
-        return torch.empty_like(x, memory_format=kernel_memory_format(x))
-
-    @torch.library.register_fake(lib + "masked_ln_forward")
-    def _(x, index, weight, bias, eps):
-        m = index.shape[0]
-        acc = accumulation_dtype(x.dtype)
-        return (torch.empty_like(x, memory_format=kernel_memory_format(x)),
-                x.new_empty((m,), dtype=acc), x.new_empty((m,), dtype=acc))
-
-    @torch.library.register_fake(lib + "masked_ln_backward")
-    def _(grad_out, x, index, weight, mean, rstd):
-        acc = accumulation_dtype(x.dtype)
-        c = x.shape[1]
-        return (torch.empty_like(x, memory_format=kernel_memory_format(x)),
-                x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc))
+    for p in PRIMITIVES:
+        torch.library.register_fake(f"spark_kernels::{p.native}", p.fake)
 
 
 if _load_error is None:
     _register_fakes()
 
 
-def _kernels() -> SimpleNamespace:
-    ops = torch.ops.spark_kernels
-    return SimpleNamespace(
-        dwconv_forward=ops.dwconv_forward, dwconv_backward=ops.dwconv_backward,
-        bn_stats=ops.masked_bn_stats, bn_backward_stats=ops.masked_bn_backward_stats,
-        bn_elemt=ops.masked_bn_elemt, bn_backward_elemt=ops.masked_bn_backward_elemt,
-        ln_forward=ops.masked_ln_forward, ln_backward=ops.masked_ln_backward)
+def _kernels():
+    return kernels_namespace(lambda p: getattr(torch.ops.spark_kernels, p.native))
 
 
 def load_cpu() -> Tuple[object, Optional[str]]:

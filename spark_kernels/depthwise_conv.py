@@ -1,4 +1,4 @@
-"""Submanifold depthwise conv (k = 3, 5 or 7, stride 1 or 2, padding k//2, groups = channels).
+"""Submanifold depthwise conv (padding k//2, groups = channels; kernel sizes and strides: _registry.py).
 
 Output at the active output sites only (``ActiveSites.strided(stride)``: an output site is active if any
 input site of its stride x stride block is), from active input neighbours only, bias at active output
@@ -14,30 +14,18 @@ import torch
 
 from . import reference
 from ._backends import select_backend
-from ._layout import kernel_memory_format
+from ._registry import DWCONV
 from ._sites import resolve_sites
 from ._validation import check_input, check_param
 
-# The kernel sizes and strides every backend implements (the C++ kernels check the same set in
-# csrc/dwconv_args.h, where the kernel size becomes a template argument).
-KERNEL_SIZES = (3, 5, 7)
-STRIDES = (1, 2)
+KERNEL_SIZES = DWCONV.kernel_sizes()  # those some backend supports
+STRIDES = DWCONV.strides()
 
 
-def output_shape(x: torch.Tensor, stride: int):
-    """nn.Conv2d's output shape for padding k//2 (odd k): ceil(H / stride) x ceil(W / stride)."""
-    n, c, h, w = x.shape
-    return (n, c, -(-h // stride), -(-w // stride))
-
-
-def dwconv_forward_fake(x, weight, bias, index, neighbors, stride=1):
-    """The shapes, dtypes and layouts the dwconv_forward op returns (its fake implementation)."""
-    return x.new_empty(output_shape(x, stride)).contiguous(memory_format=kernel_memory_format(x))
-
-
-def dwconv_backward_fake(grad_out, x, weight, index, neighbors, stride=1, input_index=None, input_taps=None):
-    return (torch.empty_like(x, memory_format=kernel_memory_format(x)), torch.empty_like(weight),
-            weight.new_empty((weight.shape[0],)))
+def either(values) -> str:
+    """(3, 7) -> "3 or 7"; (3, 5, 7) -> "3, 5 or 7"."""
+    words = [str(v) for v in values]
+    return " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
 
 
 class _SparseDepthwiseConv(torch.autograd.Function):
@@ -72,7 +60,7 @@ def check_conv_args(x, weight, bias) -> int:
                          f"C = {c}, got {tuple(weight.shape)}")
     k = weight.shape[-1]
     if k not in KERNEL_SIZES:
-        raise ValueError(f"weight: kernel size must be one of {KERNEL_SIZES}, got {k}")
+        raise ValueError(f"weight: kernel size must be {either(KERNEL_SIZES)}, got {k}")
     check_param(weight, "weight", (c, 1, k, k), x, optional=False, same_dtype=True)
     check_param(bias, "bias", (c,), x, same_dtype=True)
     return k
@@ -80,7 +68,7 @@ def check_conv_args(x, weight, bias) -> int:
 
 def check_stride(stride) -> int:
     if isinstance(stride, bool) or not isinstance(stride, int) or stride not in STRIDES:
-        raise ValueError(f"stride must be an int in {STRIDES}, got {stride!r}")
+        raise ValueError(f"stride must be {either(STRIDES)}, got {stride!r}")
     return stride
 
 
@@ -103,8 +91,8 @@ def _autocast(x, weight, bias):
 
 def sparse_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], active,
                             stride: int = 1, backend: Optional[str] = None) -> torch.Tensor:
-    """Submanifold depthwise conv of x (N, C, H, W), any memory format, with weight (C, 1, k, k), k in {3, 5, 7},
-    padding k//2 and stride 1 or 2.
+    """Submanifold depthwise conv of x (N, C, H, W), any memory format, with weight (C, 1, k, k), k in
+    KERNEL_SIZES, padding k//2 and a stride in STRIDES.
 
     active: x's active sites, a bool mask (N, 1, H, W) (True = active) or an ActiveSites. Returns a dense
     (N, C, ceil(H / stride), ceil(W / stride)) tensor with exact zeros at the inactive sites of
@@ -114,7 +102,7 @@ def sparse_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     k = check_conv_args(x, weight, bias)
     stride = check_stride(stride)
     sites = resolve_sites(active, x)
-    chosen = select_backend(backend, x, "sparse_depthwise_conv2d")
+    chosen = select_backend(backend, x, DWCONV.name, kernel_size=k, stride=stride)
     if chosen.name == "reference" or x.numel() == 0:  # an empty x: nothing for a kernel to do
         return reference.sparse_depthwise_conv2d(x, weight, bias, sites.mask, stride)
     if stride == 1:  # the input gradient gathers through the mirrored forward table

@@ -73,9 +73,9 @@ def masked_layer_norm(x: torch.Tensor, active, weight: Optional[torch.Tensor], b
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     sites = _sites_for_layer_norm(active, x, channels_last)
-    chosen = select_backend(backend, x, "masked_layer_norm")
+    x_nchw = x.permute(0, 3, 1, 2) if channels_last else x
+    chosen = select_backend(backend, x_nchw, "masked_layer_norm")
     if chosen.name == "reference" or x.numel() == 0:  # an empty x: nothing for a kernel to do
         return reference.masked_layer_norm(x, sites.mask, weight, bias, float(eps), channels_last)
-    x_nchw = x.permute(0, 3, 1, 2) if channels_last else x
     y = _MaskedLayerNorm.apply(x_nchw, weight, bias, sites.index, float(eps), chosen.kernels)
     return y.permute(0, 2, 3, 1) if channels_last else y

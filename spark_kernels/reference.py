@@ -57,6 +57,23 @@ def _update_running_stats(running_mean, running_var, mean, var, count: int, mome
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
+class _SumAcrossProcesses(torch.autograd.Function):
+    """All-reduce (sum) that gradients flow through: every process's sum depends on every process's input, so
+    the input gradient is the sum of the output gradients of all processes."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, process_group) -> torch.Tensor:
+        import torch.distributed as dist
+        ctx.process_group = process_group
+        t = t.clone()
+        dist.all_reduce(t, group=process_group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _SumAcrossProcesses.apply(grad, ctx.process_group), None
+
+
 def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, running_mean, running_var, weight, bias,
                       training: bool, momentum: float, eps: float, process_group=None) -> torch.Tensor:
     """Gather active (n, h, w) rows -> BatchNorm over them -> scatter into zeros. mask: bool (N, 1, H, W)."""
@@ -82,14 +99,13 @@ def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, running_mean, running
         acc = rows.to(torch.float64) if rows.dtype == torch.float64 else rows.float()
         first = torch.cat([acc.new_tensor([float(count)]), acc.sum(0)])
         if process_group is not None:
-            import torch.distributed.nn.functional as dist_fn
-            first = dist_fn.all_reduce(first, group=process_group)
+            first = _SumAcrossProcesses.apply(first, process_group)
         total = int(round(first[0].item()))
         denom = max(total, 1)
         mean = first[1:] / denom
         m2 = ((acc - mean) ** 2).sum(0)
         if process_group is not None:
-            m2 = dist_fn.all_reduce(m2, group=process_group)
+            m2 = _SumAcrossProcesses.apply(m2, process_group)
         var = m2 / denom
         _update_running_stats(running_mean, running_var, mean.detach(), var.detach(), total, momentum)
     else:

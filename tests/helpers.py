@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from spark_kernels._registry import OPS
 from spark_kernels.masks import patch_mask, upsample_mask
 
 # Error of a backend against a float64 evaluation of the reference must be within
@@ -91,13 +92,9 @@ def assert_close_to_reference(out: torch.Tensor, ref_lowp: torch.Tensor, ref_f64
 
 
 # -- backends under test ------------------------------------------------------------------------------
-# The native primitives each op needs (csrc/ops.cpp); a backend whose kernels for an op are not built
+# The native primitives each op needs (the op registry); a backend whose kernels for an op are not built
 # yet is reported as an expected failure with that reason (never skipped, never counted as passing).
-OP_PRIMITIVES = {
-    "conv": ("dwconv_forward", "dwconv_backward"),
-    "batch_norm": ("masked_bn_stats", "masked_bn_elemt", "masked_bn_backward_stats", "masked_bn_backward_elemt"),
-    "layer_norm": ("masked_ln_forward", "masked_ln_backward"),
-}
+OP_PRIMITIVES = {op.short: tuple(p.native for p in op.primitives) for op in OPS.values()}
 
 
 def cpu_tensor_backends() -> list:
@@ -142,18 +139,17 @@ def tensor_device(backend: str) -> str:
 def fused_backends(*dtypes: torch.dtype) -> list:
     """pytest params (backend, device, dtype) for every fused backend that runs here, on the device its
     tensors live on (tensor_device: so on a GPU machine with TRITON_INTERPRET=0, "triton" and "cuda" run
-    CUDA tensors), for each of `dtypes` the backend takes."""
+    CUDA tensors), for each of `dtypes` the backend takes for every op."""
     import pytest
     import spark_kernels as sk
-    from spark_kernels._backends import get_backend
     params = []
     for name in sk.available_backends():
         if name == "reference":
             continue
-        backend, device = get_backend(name), tensor_device(name)
+        device = tensor_device(name)
         if device == "cuda" and not torch.cuda.is_available():
             continue
         for dtype in dtypes:
-            if dtype in backend.dtypes:
+            if all(dtype in op.support[name].dtypes.values for op in OPS.values() if name in op.support):
                 params.append(pytest.param(name, device, dtype, id=f"{name}-{device}-{str(dtype)[6:]}"))
     return params

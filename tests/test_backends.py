@@ -1,3 +1,4 @@
+import dataclasses
 import warnings
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 
 import spark_kernels as sk
 from spark_kernels._backends import _REGISTRY, ENV_VAR, Backend, select_backend
+from spark_kernels._registry import OPS, Limit
 
 from helpers import random_mask
 
@@ -35,13 +37,13 @@ def test_default_cpu_choice_and_env_override(monkeypatch):
     x = torch.zeros(1, 2, 3, 3)
     monkeypatch.delenv(ENV_VAR, raising=False)
     expected = "cpu" if "cpu" in sk.available_backends() else "reference"
-    assert select_backend(None, x, "op").name == expected
+    assert select_backend(None, x, "masked_batch_norm").name == expected
     monkeypatch.setenv(ENV_VAR, "reference")
-    assert select_backend(None, x, "op").name == "reference"
-    assert select_backend("reference", x, "op").name == "reference"  # explicit argument wins
+    assert select_backend(None, x, "masked_batch_norm").name == "reference"
+    assert select_backend("reference", x, "masked_batch_norm").name == "reference"  # explicit argument wins
     monkeypatch.setenv(ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match=ENV_VAR):
-        select_backend(None, x, "op")
+        select_backend(None, x, "masked_batch_norm")
 
 
 def test_unknown_backend_name():
@@ -54,16 +56,20 @@ def test_cpu_backend_takes_every_float_dtype():
     if "cpu" not in sk.available_backends():
         pytest.skip("the C++ extension is not built here")
     for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-        assert select_backend(None, torch.zeros(1, 2, 3, 3, dtype=dtype), "op").name == "cpu"
+        for op in OPS:
+            assert select_backend(None, torch.zeros(1, 2, 3, 3, dtype=dtype), op).name == "cpu"
     with pytest.raises(RuntimeError, match="backend 'cpu'.*int32"):
-        select_backend("cpu", torch.zeros(1, 2, 3, 3, dtype=torch.int32), "op")
+        select_backend("cpu", torch.zeros(1, 2, 3, 3, dtype=torch.int32), "masked_batch_norm")
 
 
 def test_fallback_to_reference_warns_once_per_op_and_reason_and_is_counted(monkeypatch):
     """A call the default backend cannot take runs on the reference, never silently."""
     monkeypatch.delenv(ENV_VAR, raising=False)
-    restricted = Backend("cpu", ("cpu",), (torch.float64,), lambda: (object(), None))
-    monkeypatch.setitem(_REGISTRY, "cpu", restricted)  # a cpu backend that takes float64 only
+    restricted = Backend("cpu", ("cpu",), lambda: (object(), None))
+    monkeypatch.setitem(_REGISTRY, "cpu", restricted)
+    for op in OPS.values():  # a cpu backend that takes float64 only
+        monkeypatch.setitem(op.support, "cpu", dataclasses.replace(op.support["cpu"], dtypes=Limit((torch.float64,),
+                                                                                               "a test")))
     sk.reset_fallback_counts()
     mask = random_mask(2, 5, 5, 0.5)
     x, weight = torch.randn(2, 3, 5, 5), torch.randn(3, 1, 3, 3)
@@ -77,15 +83,15 @@ def test_fallback_to_reference_warns_once_per_op_and_reason_and_is_counted(monke
     assert all(w.category is sk.FallbackWarning for w in caught)
     assert [str(w.message) for w in caught] == [
         "sparse_depthwise_conv2d: running on the slow masked-dense 'reference' backend because cpu: supports "
-        "dtypes float64, not float32",
+        "dtypes float64, not float32 (a test)",
         "masked_layer_norm: running on the slow masked-dense 'reference' backend because cpu: supports dtypes "
-        "float64, not float32",
+        "float64, not float32 (a test)",
         "sparse_depthwise_conv2d: running on the slow masked-dense 'reference' backend because cpu: supports "
-        "dtypes float64, not float16"]
+        "dtypes float64, not float16 (a test)"]
     counts = sk.fallback_counts()
-    assert counts == {("sparse_depthwise_conv2d", "cpu: supports dtypes float64, not float32"): 3,
-                      ("masked_layer_norm", "cpu: supports dtypes float64, not float32"): 1,
-                      ("sparse_depthwise_conv2d", "cpu: supports dtypes float64, not float16"): 1}
+    assert counts == {("sparse_depthwise_conv2d", "cpu: supports dtypes float64, not float32 (a test)"): 3,
+                      ("masked_layer_norm", "cpu: supports dtypes float64, not float32 (a test)"): 1,
+                      ("sparse_depthwise_conv2d", "cpu: supports dtypes float64, not float16 (a test)"): 1}
     # Naming the reference is a choice, not a fallback; and as an error the warning stops the call.
     sk.reset_fallback_counts()
     with warnings.catch_warnings():

@@ -434,8 +434,7 @@ SYNC_OFFSETS = torch.tensor([2e4, -2e4, 2e3, 0.0, 2e2, 2e4], dtype=torch.float64
 
 
 def _sync_offset_backends():
-    interpreted = "triton" in sk.available_backends() and sk._backends.get_backend("triton").unsupported_reason(
-        torch.empty(1, 1, 1, 1)) is None
+    interpreted = "triton" in sk.available_backends() and sk._backends.get_backend("triton").device_reason("cpu") is None
     return ["reference"] + FUSED + (["triton"] if interpreted else [])
 
 

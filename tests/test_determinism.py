@@ -4,20 +4,19 @@ gradient, BN's running statistics) run to run and across torch.set_num_threads(1
 The kernels split the active sites into a fixed partition that does not depend on the thread count
 and reduce partial results in a fixed order. The extension links the libgomp that torch ships (same
 soname, loaded by torch first), so torch.set_num_threads sets the kernels' OpenMP thread count too.
-Only the "cpu" backend is covered: the reference's own determinism is PyTorch's business. The per-op
-files test the conv (both layouts), BN in training and LN in the natural layout of each format
-(test_*::test_*_across_runs_and_threads); this file adds BN in eval and LN in the other kernel layout.
+Only the "cpu" backend is covered: the reference's own determinism is PyTorch's business. Every test
+case of the op registry runs in both memory orders of x (so both kernel layouts); the per-op files add
+larger shapes and bfloat16 for BN and LN (test_*::test_*_across_runs_and_threads).
 """
 import pytest
 import torch
 
 from helpers import kernel_backends
-from test_hostile_inputs import kernel_op, make_inputs, run
+from test_hostile_inputs import KERNEL_LAYOUTS, OPS, kernel_layout_views, kernel_op, make_inputs, run
 
 N, C, H, W = 4, 24, 20, 20  # enough sites per image for every thread to get work
-# (op, memory order of the logical (N, C, H, W) x) not covered by the per-op files.
-CASES = [("bn_eval", "contiguous"), ("bn_eval", "channels_last"), ("ln_channels_first", "channels_last"),
-         ("ln_channels_last", "contiguous")]
+# (op, the kernel layout x is processed in).
+CASES = [(op, layout) for op in OPS for layout in KERNEL_LAYOUTS]
 
 
 def cpu_backend_params():
@@ -35,14 +34,7 @@ def results(op, layout, threads):
     try:
         inputs = make_inputs(op, N, C, H, W, dtype=torch.float32, seed=21)
         mask = torch.rand(N, 1, H, W, generator=torch.Generator().manual_seed(22)) > 0.6
-        # layout: the memory order of the logical (N, C, H, W) x, so both kernel paths ("planes", "rows") run.
-        if op == "ln_channels_last":  # x is (N, H, W, C): contiguous means a permuted NCHW-contiguous view
-            views = {"x": lambda t: t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)} \
-                if layout == "contiguous" else {}
-        else:
-            views = {"x": lambda t: t.contiguous(memory_format=torch.channels_last)} \
-                if layout == "channels_last" else {}
-        y, grads, args = run(op, "cpu", inputs, mask, views=views)
+        y, grads, args = run(op, "cpu", inputs, mask, views=kernel_layout_views(op, layout))
     finally:
         torch.set_num_threads(before)
     tensors = {"output": y, **{f"gradient of {k}": g for k, g in grads.items()}}

@@ -14,29 +14,32 @@ import torch
 from torch import nn
 
 import spark_kernels as sk
+from spark_kernels._registry import VARIANTS
 
 from helpers import assert_close_to_reference, cpu_tensor_backends, kernel_backends, random_mask
 
 F64 = torch.float64
 N, C, H, W = 2, 3, 5, 6
 LN_FORMATS = ["channels_first", "channels_last"]
-# op ids: the conv at kernel sizes 3 and 7 and 5 at stride 2 (H = 5 is odd: a half block at the border), BN
-# in both modes, LN in both formats.
-OPS = ["conv3", "conv7", "conv5s2", "bn_train", "bn_eval", "ln_channels_first", "ln_channels_last"]
+# op ids: every test case (Variant) of the op registry: the conv at each kernel size (and 5x5 at stride 2; H = 5 is odd: a half block
+# at the border), BN in both modes, LN
+# in both formats.
+OPS = list(VARIANTS)
 DIFFERENTIABLE = ("x", "weight", "bias")
 
 
 def kernel_op(op: str) -> str:
-    return "conv" if op.startswith("conv") else {"bn": "batch_norm", "ln": "layer_norm"}[op.split("_")[0]]
+    return VARIANTS[op][0].short
 
 
 def conv_stride(op: str) -> int:
-    return 2 if op.endswith("s2") else 1
+    return VARIANTS[op][1].stride or 1
 
 
 def out_sites(op: str, mask: torch.Tensor) -> torch.Tensor:
-    """The op's output's active sites (the mask itself but for a strided conv)."""
-    return sk.ActiveSites(mask).strided(conv_stride(op)).mask if op.startswith("conv") else mask
+    """The op's output's active sites: the mask itself but for a strided conv."""
+    stride = conv_stride(op)
+    return mask if stride == 1 else sk.ActiveSites(mask).strided(stride).mask
 
 
 def op_backends():
@@ -50,36 +53,32 @@ def op_backends():
 
 def make_inputs(op: str, n=N, c=C, h=H, w=W, dtype=F64, seed=0) -> dict:
     """The tensors of op (x in the op's logical layout) with random values, float64 by default."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, dtype=F64).to(dtype)
-
-    x = randn(n, c, h, w)
-    if op.startswith("conv"):
-        k = int(op[len("conv")])
-        return dict(x=x, weight=randn(c, 1, k, k), bias=randn(c))
-    if op.startswith("bn"):
-        return dict(x=x, weight=randn(c), bias=randn(c), running_mean=randn(c),
-                    running_var=(torch.rand(c, generator=g, dtype=F64) + 0.5).to(dtype))
-    if op == "ln_channels_last":
-        x = x.permute(0, 2, 3, 1).contiguous()
-    return dict(x=x, weight=randn(c), bias=randn(c))
+    return VARIANTS[op][1].inputs(n, c, h, w, dtype, torch.Generator().manual_seed(seed))
 
 
 def call(op: str, backend: str, t: dict, active):
-    if op.startswith("conv"):
-        return sk.sparse_depthwise_conv2d(t["x"], t["weight"], t.get("bias"), active, stride=conv_stride(op),
-                                          backend=backend)
-    if op.startswith("bn"):
-        return sk.masked_batch_norm(t["x"], active, t.get("running_mean"), t.get("running_var"), t.get("weight"),
-                                    t.get("bias"), training=op == "bn_train", momentum=0.3, backend=backend)
-    return sk.masked_layer_norm(t["x"], active, t.get("weight"), t.get("bias"), eps=1e-6,
-                                data_format=op[len("ln_"):], backend=backend)
+    return VARIANTS[op][1].call(t, active, backend)
+
+
+def channels_last_input(op: str) -> bool:
+    """x is (N, H, W, C) for this op id."""
+    return VARIANTS[op][1].channels_last_input
 
 
 def x_to_nchw(op: str, t: torch.Tensor) -> torch.Tensor:
-    return t.permute(0, 3, 1, 2) if op == "ln_channels_last" else t
+    return t.permute(0, 3, 1, 2) if channels_last_input(op) else t
+
+
+KERNEL_LAYOUTS = ("planes", "rows")  # spark_kernels/_layout.py
+
+
+def kernel_layout_views(op: str, layout: str) -> dict:
+    """views for run() that hand x to op in the memory order the kernels process as `layout`: "planes"
+    (NCHW-contiguous) or "rows" (channels_last). A channels_last-format x is (N, H, W, C): contiguous it
+    is rows, and planes is a permuted NCHW-contiguous view."""
+    if channels_last_input(op):
+        return {"x": lambda t: t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)} if layout == "planes" else {}
+    return {"x": lambda t: t.contiguous(memory_format=torch.channels_last)} if layout == "rows" else {}
 
 
 def run(op, backend, inputs, active, views=None, grad_out="random"):
@@ -194,7 +193,7 @@ def test_mask_of_wrong_rank_or_channels(backend, op):
     inputs = make_inputs(op)
     mask = random_mask(N, H, W, 0.5)
     bad = [mask.expand(N, 2, H, W), mask[None], mask[0, 0]]
-    if op != "ln_channels_last":
+    if not channels_last_input(op):
         bad.append(mask[:, 0])  # (N, H, W) is accepted for channels_last only
     for m in bad:
         with pytest.raises(ValueError, match=r"^active must have shape \(N, 1, H, W\)"):
@@ -287,7 +286,7 @@ def param_view(kind: str, t: torch.Tensor) -> torch.Tensor:
 def test_hostile_input_layouts(op, backend, layout):
     inputs = make_inputs(op)
     mask = random_mask(N, H, W, 0.4, seed=3)
-    if op == "ln_channels_last":
+    if channels_last_input(op):
         inputs["x"] = inputs["x"].permute(0, 3, 1, 2)  # views are built on the NCHW form, then permuted back
 
         def view(t):
@@ -316,7 +315,7 @@ def test_hostile_parameter_layouts(op, backend, kind):
 @pytest.mark.parametrize("op, backend", op_backends())
 def test_hostile_gradient_layouts(op, backend, grad_out, x_layout):
     views = {}
-    if x_layout == "channels_last" and op != "ln_channels_last":
+    if x_layout == "channels_last" and not channels_last_input(op):
         views["x"] = lambda t: t.contiguous(memory_format=torch.channels_last)
     assert_same_as_reference(op, backend, make_inputs(op), random_mask(N, H, W, 0.4, seed=5), views=views,
                              grad_out=grad_out)
@@ -378,7 +377,7 @@ def test_nonfinite_at_active_sites_propagates_like_the_reference(op, backend, va
     core[0, :, 1:4, 1:5] = True
     x = x_to_nchw(op, inputs["x"])
     x = with_values_at(x, core, value, count=2, seed=8)
-    inputs["x"] = x.permute(0, 2, 3, 1).contiguous() if op == "ln_channels_last" else x
+    inputs["x"] = x.permute(0, 2, 3, 1).contiguous() if channels_last_input(op) else x
     y, grads = assert_same_as_reference(op, backend, inputs, mask)
     assert not x_to_nchw(op, y).isfinite()[0].all()  # the bad values did reach the output
 
@@ -390,7 +389,7 @@ def test_nonfinite_next_to_inactive_sites(op, backend):
     inputs = make_inputs(op, seed=9)
     mask = random_mask(N, H, W, 0.5, seed=9)
     x = with_values_at(x_to_nchw(op, inputs["x"]), mask, math.nan, count=2, seed=10)
-    inputs["x"] = x.permute(0, 2, 3, 1).contiguous() if op == "ln_channels_last" else x
+    inputs["x"] = x.permute(0, 2, 3, 1).contiguous() if channels_last_input(op) else x
     if not op.startswith("conv"):
         assert_same_as_reference(op, backend, inputs, mask)
         return
@@ -413,10 +412,9 @@ def test_nonfinite_at_inactive_sites_does_not_leak(op, backend, value):
     x = x_to_nchw(op, inputs["x"])
     clean_x = torch.where(mask, x, 0.0)
     dirty_x = torch.where(mask, x, value)
-    y_mask = out_sites(op, mask)
-    g = torch.randn(x.shape[:2] + y_mask.shape[2:], generator=torch.Generator().manual_seed(12), dtype=F64)
-    clean_g, dirty_g = torch.where(y_mask, g, 0.0), torch.where(y_mask, g, value)
-    to_op = (lambda t: t.permute(0, 2, 3, 1).contiguous()) if op == "ln_channels_last" else (lambda t: t)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(12), dtype=F64)
+    clean_g, dirty_g = torch.where(mask, g, 0.0), torch.where(mask, g, value)
+    to_op = (lambda t: t.permute(0, 2, 3, 1).contiguous()) if channels_last_input(op) else (lambda t: t)
     y_clean, grads_clean, _ = run(op, backend, dict(inputs, x=to_op(clean_x)), mask, grad_out=to_op(clean_g))
     y_dirty, grads_dirty, _ = run(op, backend, dict(inputs, x=to_op(dirty_x)), mask, grad_out=to_op(dirty_g))
     assert y_dirty.isfinite().all()

@@ -22,15 +22,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from spark_kernels.triton import batch_norm, common, dwconv, layer_norm
+from spark_kernels.triton import common, kernel_modules, layer_norm
 
+KERNEL_MODULES = kernel_modules()  # every Triton module of the op registry; importing one registers its ops
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
 def all_configs():
-    yield from dwconv.compile_configs()
-    yield from batch_norm.compile_configs()
-    yield from layer_norm.compile_configs()
+    """Every kernel configuration of every Triton module of the op registry, and the shared reduction."""
+    for module in KERNEL_MODULES:
+        yield from module.compile_configs()
     yield from common.reduce_compile_configs()
 
 

@@ -4,8 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <initializer_list>
-
+#include "common/dispatch.h"
 #include "common/host_device.h"
 #include "common/layout.h"
 
@@ -29,15 +28,13 @@ inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// x: a 4-D (N, C, H, W) tensor of one of `dtypes` on `device_type`.
-inline void check_norm_input(const at::Tensor& x, const char* op, c10::DeviceType device_type,
-                             std::initializer_list<at::ScalarType> dtypes) {
-  TORCH_CHECK(x.device().type() == device_type, op, ": x must be a ", c10::DeviceTypeName(device_type),
+// x: a 4-D (N, C, H, W) tensor of one of the backend's dtypes on its device type.
+template <typename Backend>
+void check_norm_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().type() == Backend::device, op, ": x must be a ", c10::DeviceTypeName(Backend::device),
               " tensor, got one on ", x.device());
-  bool supported = false;
-  for (auto t : dtypes) supported = supported || x.scalar_type() == t;
-  TORCH_CHECK(supported, op, ": x has unsupported dtype ", x.scalar_type(), " for the ",
-              c10::DeviceTypeName(device_type), " kernels");
+  TORCH_CHECK(Backend::Dtypes::contains(x.scalar_type()), op, ": x has unsupported dtype ", x.scalar_type(),
+              " for the ", Backend::name, " kernels (expected ", Backend::Dtypes::names(), ")");
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
 }
 
@@ -48,6 +45,15 @@ inline void check_index(const at::Tensor& index, const at::Tensor& x, const char
   TORCH_CHECK(index.device() == x.device(), op, ": index is on ", index.device(), " but x is on ", x.device());
   TORCH_CHECK(index.numel() <= x.size(0) * x.size(2) * x.size(3), op, ": index has ", index.numel(),
               " entries but x has only ", x.size(0) * x.size(2) * x.size(3), " sites");
+}
+
+// Index values (sites in range, strictly ascending), read on the host before any kernel dereferences them.
+inline void check_index_values(const int32_t* index, int64_t count, int64_t sites, const char* op) {
+  bool ok = true;
+  for (int64_t j = 0; j < count; ++j) {
+    ok &= index[j] >= 0 && index[j] < sites && (j == 0 || index[j] > index[j - 1]);
+  }
+  TORCH_CHECK(ok, op, ": index must hold strictly ascending site numbers in [0, ", sites, ")");
 }
 
 // t must match x in shape, dtype and device (e.g. grad_out).
@@ -84,5 +90,23 @@ struct NormGeometry {
     return rows ? site * channels : (site / plane) * channels * plane + site % plane;
   }
 };
+
+// x in the kernel layout, the contiguous index, and x's geometry: what every norm kernel starts from.
+struct NormArgs {
+  at::Tensor x, index;
+  NormGeometry g;
+};
+
+template <typename Backend>
+NormArgs prepare_norm(const at::Tensor& x, const at::Tensor& index, const char* op) {
+  check_norm_input<Backend>(x, op);
+  check_index(index, x, op);
+  NormArgs p{to_kernel_layout(x, x), index.contiguous(), {}};
+  p.g = NormGeometry::of(p.x);
+  if constexpr (Backend::validates_index) {
+    check_index_values(p.index.const_data_ptr<int32_t>(), p.index.numel(), p.g.sites(), op);
+  }
+  return p;
+}
 
 }  // namespace spark_kernels

@@ -1,8 +1,7 @@
-// The dtypes of the CPU kernels and how a kernel sees each: its storage type T (what it reads and
-// writes) and its accumulation type (what it computes in: float for the 16-bit types and float32,
-// double for float64).
+// How a CPU kernel sees each of its dtypes (the list: CpuBackend in common/dispatch.h): its storage type
+// T (what it reads and writes) and its accumulation type (what it computes in: float for the 16-bit
+// types and float32, double for float64).
 #pragma once
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 
@@ -11,11 +10,6 @@
 #include "cpu/half_types.h"
 
 namespace spark_kernels::cpu {
-
-// Runs the lambda with scalar_t bound to x's dtype: float64, float32, float16 or bfloat16.
-#define SK_CPU_DISPATCH(dtype, name, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
-
-constexpr const char* kCpuDtypeNames = "float64, float32, float16 or bfloat16";
 
 template <typename scalar_t>
 struct StorageOf {

@@ -26,7 +26,7 @@
 #include "common/dwconv_site.h"
 #include "common/layout.h"
 #include "cpu/dtypes.h"
-#include "dwconv_args.h"
+#include "dwconv_ops.h"
 
 namespace spark_kernels {
 namespace {
@@ -39,12 +39,6 @@ template <typename Acc>
 constexpr int kBlock = 128 / sizeof(Acc);
 
 using Geometry = DwconvGeometry;
-
-Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                    const at::Tensor& index, const at::Tensor& neighbors, int64_t stride) {
-  return check_dwconv_args(op, "cpu", {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16}, cpu::kCpuDtypeNames,
-                           at::kCPU, x, weight, bias, index, neighbors, stride);
-}
 
 // One gather pass: the `m` destination sites of an index, numbered in a grid of dst_plane sites per
 // image, read their taps from a grid of src_plane sites per image.
@@ -388,36 +382,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   return {gx, gw.to(weight.scalar_type()), gb.to(weight.scalar_type())};
 }
 
-at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          const at::Tensor& index, const at::Tensor& neighbors, int64_t stride) {
-  const Geometry g = check_args("dwconv_forward", x, weight, bias, index, neighbors, stride);
-  return SK_CPU_DISPATCH(x.scalar_type(), "dwconv_forward", [&] {
-    return dispatch_kernel_size("dwconv_forward", g.k, [&](auto k) {
-      return forward_impl<scalar_t, decltype(k)::value>(x, weight, bias, index, neighbors, g);
-    });
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                               const at::Tensor& weight, const at::Tensor& index,
-                                                               const at::Tensor& neighbors, int64_t stride,
-                                                               const c10::optional<at::Tensor>& input_index,
-                                                               const c10::optional<at::Tensor>& input_taps) {
-  const Geometry g = check_args("dwconv_backward", x, weight, c10::nullopt, index, neighbors, stride);
-  check_dwconv_backward_args("cpu", g, grad_out, x, input_index, input_taps);
-  return SK_CPU_DISPATCH(x.scalar_type(), "dwconv_backward", [&] {
-    return dispatch_kernel_size("dwconv_backward", g.k, [&](auto k) {
-      return backward_impl<scalar_t, decltype(k)::value>(grad_out, x, weight, index, neighbors, input_index,
-                                                         input_taps, g);
-    });
-  });
-}
+// The kernels the shared host code (dwconv_ops.h) dispatches to.
+struct Kernels {
+  using Backend = CpuBackend;
+  template <typename scalar_t, int K>
+  static constexpr auto forward = &forward_impl<scalar_t, K>;
+  template <typename scalar_t, int K>
+  static constexpr auto backward = &backward_impl<scalar_t, K>;
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(spark_kernels, CPU, m) {
-  m.impl("dwconv_forward", &dwconv_forward);
-  m.impl("dwconv_backward", &dwconv_backward);
-}
+SK_REGISTER_DWCONV(CPU, Kernels)
 
 }  // namespace spark_kernels

@@ -1,4 +1,4 @@
-// Masked LayerNorm primitives on the CPU (schemas and conventions: csrc/ops.cpp): normalization over the
+// Masked LayerNorm kernels on the CPU (conventions: csrc/ops.cpp; host code: csrc/norm_ops.h): normalization over the
 // C channels of each active site, with the row math of csrc/common/norm_row.h, in the accumulation type
 // (float for float32, float16 and bfloat16 inputs; double for float64).
 #include <ATen/Dispatch.h>
@@ -10,6 +10,7 @@
 
 #include "cpu/dtypes.h"
 #include "cpu/norm_cpu.h"
+#include "norm_ops.h"
 
 namespace spark_kernels::cpu {
 namespace {
@@ -20,43 +21,21 @@ const acc_t* optional_param(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<acc_t>() : nullptr;
 }
 
-std::optional<at::Tensor> checked_param(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x,
-                                        const char* op) {
-  if (!t.has_value()) return std::nullopt;
-  check_vector(*t, name, x.size(1), x, op);
-  return t->contiguous();
-}
+// The kernels the shared host code (csrc/norm_ops.h) dispatches to.
+struct Kernels {
+  using Backend = CpuBackend;
 
-void prepare(const at::Tensor& x, const at::Tensor& index, const char* op) {
-  check_norm_input(x, op, c10::DeviceType::CPU, {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16});
-  TORCH_CHECK(x.size(1) > 0, op, ": x must have at least one channel");
-  check_index(index, x, op);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_forward(const at::Tensor& x_in, const at::Tensor& index_in,
-                                                                 const std::optional<at::Tensor>& weight_in,
-                                                                 const std::optional<at::Tensor>& bias_in,
-                                                                 double eps) {
-  constexpr const char* op = "masked_ln_forward";
-  prepare(x_in, index_in, op);
-  const auto weight_t = checked_param(weight_in, "weight", x_in, op);
-  const auto bias_t = checked_param(bias_in, "bias", x_in, op);
-  const at::Tensor x_t = to_kernel_layout(x_in, x_in);
-  const at::Tensor index_t = index_in.contiguous();
-  const NormGeometry g = NormGeometry::of(x_t);
-  const int64_t count = index_t.numel();
-  const int32_t* index = index_t.const_data_ptr<int32_t>();
-  check_index_values(index, count, g.sites(), op);
-
-  const auto acc_type = accumulation_type(x_t.scalar_type());
-  at::Tensor y_t = empty_dense(x_t);
-  at::Tensor mean_t = at::empty({count}, x_t.options().dtype(acc_type));
-  at::Tensor rstd_t = at::empty({count}, x_t.options().dtype(acc_type));
-  if (count == 0) return {y_t.zero_(), mean_t, rstd_t};
-  SK_CPU_DISPATCH(x_t.scalar_type(), op, [&] {
+  template <typename scalar_t>
+  static at::Tensor ln_forward(const NormArgs& p, const std::optional<at::Tensor>& weight_t,
+                               const std::optional<at::Tensor>& bias_t, double eps, at::Tensor& mean_t,
+                               at::Tensor& rstd_t) {
     using T = storage_t<scalar_t>;
     using acc_t = cpu::acc_t<scalar_t>;
-    const T* x = data_as<T>(x_t);
+    const NormGeometry g = p.g;
+    const int64_t count = p.index.numel();
+    const int32_t* index = p.index.const_data_ptr<int32_t>();
+    at::Tensor y_t = empty_dense(p.x);
+    const T* x = data_as<T>(p.x);
     T* y = mutable_data_as<T>(y_t);
     acc_t* mean = mean_t.data_ptr<acc_t>();
     acc_t* rstd = rstd_t.data_ptr<acc_t>();
@@ -87,44 +66,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_forward(const at::Tenso
       for (int64_t j = j0; j < j1; ++j) site(x_rows.data() + (j - j0) * channels, y_rows.data() + (j - j0) * channels, j);
       scatter_rows(g, y_rows.data(), bases, y);
     });
-  });
-  return {y_t, mean_t, rstd_t};
-}
+    return y_t;
+  }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
-                                                                  const at::Tensor& index_in,
-                                                                  const std::optional<at::Tensor>& weight_in,
-                                                                  const at::Tensor& mean_in, const at::Tensor& rstd_in) {
-  constexpr const char* op = "masked_ln_backward";
-  prepare(x_in, index_in, op);
-  check_like_x(grad_out_in, "grad_out", x_in, op);
-  const auto weight_t = checked_param(weight_in, "weight", x_in, op);
-  check_vector(mean_in, "mean", index_in.numel(), x_in, op);
-  check_vector(rstd_in, "rstd", index_in.numel(), x_in, op);
-  const at::Tensor x_t = to_kernel_layout(x_in, x_in);
-  const at::Tensor dy_t = to_kernel_layout(grad_out_in, x_t);
-  const at::Tensor index_t = index_in.contiguous();
-  const at::Tensor mean_c = mean_in.contiguous(), rstd_c = rstd_in.contiguous();
-  const NormGeometry g = NormGeometry::of(x_t);
-  const int64_t count = index_t.numel();
-  const int32_t* index = index_t.const_data_ptr<int32_t>();
-  check_index_values(index, count, g.sites(), op);
-
-  const int64_t channels = g.channels;
-  const auto acc_type = accumulation_type(x_t.scalar_type());
-  at::Tensor dx_t = empty_dense(x_t);
-  at::Tensor grad_weight = at::empty({channels}, x_t.options().dtype(acc_type));
-  at::Tensor grad_bias = at::empty({channels}, x_t.options().dtype(acc_type));
-  if (count == 0) return {dx_t.zero_(), grad_weight.zero_(), grad_bias.zero_()};
-
-  const int64_t per_chunk = norm::sites_per_chunk(channels);
-  const int64_t chunks = norm::num_chunks(count, per_chunk);
-  // Per-chunk partial sums of (dy * xhat, dy) per channel, added in chunk order below.
-  std::vector<double> partials(chunks * 2 * channels, 0.0);
-  SK_CPU_DISPATCH(x_t.scalar_type(), op, [&] {
+  template <typename scalar_t>
+  static at::Tensor ln_backward(const NormArgs& p, const at::Tensor& dy_t, const std::optional<at::Tensor>& weight_t,
+                                const at::Tensor& mean_c, const at::Tensor& rstd_c, at::Tensor& grad_weight,
+                                at::Tensor& grad_bias) {
     using T = storage_t<scalar_t>;
     using acc_t = cpu::acc_t<scalar_t>;
-    const T* x = data_as<T>(x_t);
+    const NormGeometry g = p.g;
+    const int64_t count = p.index.numel();
+    const int32_t* index = p.index.const_data_ptr<int32_t>();
+    const int64_t channels = g.channels;
+    at::Tensor dx_t = empty_dense(p.x);
+    const int64_t per_chunk = norm::sites_per_chunk(channels);
+    const int64_t chunks = norm::num_chunks(count, per_chunk);
+    // Per-chunk partial sums of (dy * xhat, dy) per channel, added in chunk order below.
+    std::vector<double> partials(chunks * 2 * channels, 0.0);
+    const T* x = data_as<T>(p.x);
     const T* dy = data_as<T>(dy_t);
     T* dx = mutable_data_as<T>(dx_t);
     const acc_t* mean = mean_c.const_data_ptr<acc_t>();
@@ -172,15 +132,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_backward(const at::Tens
       gw[c] = static_cast<acc_t>(norm::combine_column(partials.data(), chunks, 2 * channels, c));
       gb[c] = static_cast<acc_t>(norm::combine_column(partials.data(), chunks, 2 * channels, channels + c));
     }
-  });
-  return {dx_t, grad_weight, grad_bias};
-}
+    return dx_t;
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(spark_kernels, CPU, m) {
-  m.impl("masked_ln_forward", &masked_ln_forward);
-  m.impl("masked_ln_backward", &masked_ln_backward);
-}
+SK_REGISTER_LAYER_NORM(CPU, Kernels)
 
 }  // namespace spark_kernels::cpu

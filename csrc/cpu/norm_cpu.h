@@ -14,15 +14,6 @@
 
 namespace spark_kernels::cpu {
 
-// Validates index values (sites in range, strictly ascending) before any kernel dereferences them.
-inline void check_index_values(const int32_t* index, int64_t count, int64_t sites, const char* op) {
-  bool ok = true;
-  for (int64_t j = 0; j < count; ++j) {
-    ok &= index[j] >= 0 && index[j] < sites && (j == 0 || index[j] > index[j - 1]);
-  }
-  TORCH_CHECK(ok, op, ": index must hold strictly ascending site numbers in [0, ", sites, ")");
-}
-
 // Runs fn(chunk, first_site, end_site) for each chunk of the fixed partition of [0, count), in parallel.
 template <typename Fn>
 inline void for_each_chunk(int64_t count, int64_t per_chunk, const Fn& fn) {

@@ -1,4 +1,4 @@
-// Masked BatchNorm primitives on CUDA (schemas and conventions: csrc/ops.cpp), float32 / float16 /
+// Masked BatchNorm kernels on CUDA (conventions: csrc/ops.cpp; host code: csrc/norm_ops.h), float32 / float16 /
 // bfloat16, accumulating in float32. The autograd function in spark_kernels/batch_norm.py
 // composes them; per-channel arithmetic between them happens there.
 #include <ATen/Dispatch.h>
@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cuda/norm_cuda.cuh"
+#include "norm_ops.h"
 
 namespace spark_kernels::cuda {
 namespace {
@@ -43,97 +44,46 @@ struct BackwardElem {
   }
 };
 
-struct Prepared {
-  at::Tensor x, index;
-  NormGeometry g;
-};
+// The kernels the shared host code (csrc/norm_ops.h) dispatches to.
+struct Kernels {
+  using Backend = CudaBackend;
 
-Prepared prepare(const at::Tensor& x, const at::Tensor& index, const char* op) {
-  check_norm_input(x, op, c10::DeviceType::CUDA, {at::kFloat, at::kHalf, at::kBFloat16});
-  check_index(index, x, op);
-  Prepared p{to_kernel_layout(x, x), index.contiguous(), {}};
-  p.g = NormGeometry::of(p.x);
-  return p;
-}
-
-at::Tensor masked_bn_stats(const at::Tensor& x_in, const at::Tensor& index_in) {
-  constexpr const char* op = "masked_bn_stats";
-  const Prepared p = prepare(x_in, index_in, op);
-  const c10::cuda::CUDAGuard guard(p.x.device());
-  at::Tensor out = at::empty({2, p.g.channels}, p.x.options().dtype(at::kDouble));
-  SK_DISPATCH_CUDA_FLOATS(p.x.scalar_type(), op, [&] {
+  template <typename scalar_t>
+  static void bn_stats(const NormArgs& p, at::Tensor& out) {
     channel_moments<scalar_t>(p.g, p.index, p.x.const_data_ptr<scalar_t>(), out.data_ptr<double>(), p.x.options());
-  });
-  return out;
-}
+  }
 
-at::Tensor masked_bn_backward_stats(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& index_in,
-                                    const at::Tensor& mean_in) {
-  constexpr const char* op = "masked_bn_backward_stats";
-  const Prepared p = prepare(x_in, index_in, op);
-  check_like_x(grad_out_in, "grad_out", x_in, op);
-  check_vector(mean_in, "mean", p.g.channels, x_in, op);
-  const c10::cuda::CUDAGuard guard(p.x.device());
-  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
-  const at::Tensor mean = mean_in.contiguous();
-  at::Tensor out = at::empty({2, p.g.channels}, p.x.options().dtype(at::kDouble));
-  SK_DISPATCH_CUDA_FLOATS(p.x.scalar_type(), op, [&] {
+  template <typename scalar_t>
+  static void bn_backward_stats(const NormArgs& p, const at::Tensor& grad_out, const at::Tensor& mean,
+                                at::Tensor& out) {
     using acc_t = at::opmath_type<scalar_t>;
     double* sums = out.data_ptr<double>();
-    const BackwardStatsTerm<scalar_t, acc_t> term{grad_out.const_data_ptr<scalar_t>(),
-                                                  p.x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>()};
+    const BackwardStatsTerm<scalar_t, acc_t> term{grad_out.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(),
+                                                  mean.const_data_ptr<acc_t>()};
     channel_sums<acc_t>(p.g, p.index, term, sums, sums + p.g.channels, p.x.options());
-  });
-  return out;
-}
+  }
 
-at::Tensor masked_bn_elemt(const at::Tensor& x_in, const at::Tensor& index_in, const at::Tensor& scale_in,
-                           const at::Tensor& shift_in) {
-  constexpr const char* op = "masked_bn_elemt";
-  const Prepared p = prepare(x_in, index_in, op);
-  check_vector(scale_in, "scale", p.g.channels, x_in, op);
-  check_vector(shift_in, "shift", p.g.channels, x_in, op);
-  const c10::cuda::CUDAGuard guard(p.x.device());
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  at::Tensor out;
-  SK_DISPATCH_CUDA_FLOATS(p.x.scalar_type(), op, [&] {
+  template <typename scalar_t>
+  static at::Tensor bn_elemt(const NormArgs& p, const at::Tensor& scale, const at::Tensor& shift) {
     using acc_t = at::opmath_type<scalar_t>;
     const AffineElem<scalar_t, acc_t> elem{p.x.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(),
                                            shift.const_data_ptr<acc_t>()};
-    out = dense_from_active<scalar_t>(p.x, p.g, p.index, elem);
-  });
-  return out;
-}
+    return dense_from_active<scalar_t>(p.x, p.g, p.index, elem);
+  }
 
-at::Tensor masked_bn_backward_elemt(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& index_in,
-                                    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& d_in) {
-  constexpr const char* op = "masked_bn_backward_elemt";
-  const Prepared p = prepare(x_in, index_in, op);
-  check_like_x(grad_out_in, "grad_out", x_in, op);
-  check_vector(a_in, "a", p.g.channels, x_in, op);
-  check_vector(b_in, "b", p.g.channels, x_in, op);
-  check_vector(d_in, "d", p.g.channels, x_in, op);
-  const c10::cuda::CUDAGuard guard(p.x.device());
-  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
-  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), d = d_in.contiguous();
-  at::Tensor out;
-  SK_DISPATCH_CUDA_FLOATS(p.x.scalar_type(), op, [&] {
+  template <typename scalar_t>
+  static at::Tensor bn_backward_elemt(const NormArgs& p, const at::Tensor& grad_out, const at::Tensor& a,
+                                      const at::Tensor& b, const at::Tensor& d) {
     using acc_t = at::opmath_type<scalar_t>;
     const BackwardElem<scalar_t, acc_t> elem{grad_out.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(),
                                              a.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
                                              d.const_data_ptr<acc_t>()};
-    out = dense_from_active<scalar_t>(p.x, p.g, p.index, elem);
-  });
-  return out;
-}
+    return dense_from_active<scalar_t>(p.x, p.g, p.index, elem);
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(spark_kernels, CUDA, m) {
-  m.impl("masked_bn_stats", &masked_bn_stats);
-  m.impl("masked_bn_backward_stats", &masked_bn_backward_stats);
-  m.impl("masked_bn_elemt", &masked_bn_elemt);
-  m.impl("masked_bn_backward_elemt", &masked_bn_backward_elemt);
-}
+SK_REGISTER_BATCH_NORM(CUDA, Kernels)
 
 }  // namespace spark_kernels::cuda

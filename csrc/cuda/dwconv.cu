@@ -15,12 +15,11 @@
 // that would cost a device synchronization per call.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common/dwconv_site.h"
 #include "cuda/reduce_columns.cuh"
-#include "dwconv_args.h"
+#include "dwconv_ops.h"
 
 namespace spark_kernels {
 namespace {
@@ -272,58 +271,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   return {gx, gw, gb};
 }
 
-constexpr const char* kDtypeNames = "float32, float16 or bfloat16";
-
-DwconvGeometry check_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                          const c10::optional<at::Tensor>& bias, const at::Tensor& index, const at::Tensor& neighbors,
-                          int64_t stride) {
-  return check_dwconv_args(op, "cuda", {at::kFloat, at::kHalf, at::kBFloat16}, kDtypeNames, at::kCUDA, x, weight, bias,
-                           index, neighbors, stride);
-}
-
-// f(value of the C++ type of dtype), for the dtypes of this backend (check_args accepted dtype).
-template <typename F>
-auto dispatch_dtype(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kHalf) return f(at::Half{});
-  if (dtype == at::kBFloat16) return f(at::BFloat16{});
-  TORCH_CHECK(dtype == at::kFloat, "dwconv (cuda backend): unsupported dtype ", dtype);
-  return f(float{});
-}
-
-at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          const at::Tensor& index, const at::Tensor& neighbors, int64_t stride) {
-  const DwconvGeometry g = check_args("dwconv_forward", x, weight, bias, index, neighbors, stride);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return dispatch_dtype(x.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    return dispatch_kernel_size("dwconv_forward", g.k, [&](auto k) {
-      return forward_impl<scalar_t, decltype(k)::value>(x, weight, bias, index, neighbors, g);
-    });
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                               const at::Tensor& weight, const at::Tensor& index,
-                                                               const at::Tensor& neighbors, int64_t stride,
-                                                               const c10::optional<at::Tensor>& input_index,
-                                                               const c10::optional<at::Tensor>& input_taps) {
-  const DwconvGeometry g = check_args("dwconv_backward", x, weight, c10::nullopt, index, neighbors, stride);
-  check_dwconv_backward_args("cuda", g, grad_out, x, input_index, input_taps);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return dispatch_dtype(x.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    return dispatch_kernel_size("dwconv_backward", g.k, [&](auto k) {
-      return backward_impl<scalar_t, decltype(k)::value>(grad_out, x, weight, index, neighbors, input_index,
-                                                         input_taps, g);
-    });
-  });
-}
+// The kernels the shared host code (dwconv_ops.h) dispatches to.
+struct Kernels {
+  using Backend = CudaBackend;
+  template <typename scalar_t, int K>
+  static constexpr auto forward = &forward_impl<scalar_t, K>;
+  template <typename scalar_t, int K>
+  static constexpr auto backward = &backward_impl<scalar_t, K>;
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(spark_kernels, CUDA, m) {
-  m.impl("dwconv_forward", &dwconv_forward);
-  m.impl("dwconv_backward", &dwconv_backward);
-}
+SK_REGISTER_DWCONV(CUDA, Kernels)
 
 }  // namespace spark_kernels

@@ -1,4 +1,4 @@
-// Masked LayerNorm primitives on CUDA (schemas and conventions: csrc/ops.cpp), float32 / float16 /
+// Masked LayerNorm kernels on CUDA (conventions: csrc/ops.cpp; host code: csrc/norm_ops.h), float32 / float16 /
 // bfloat16, accumulating in float32. Rows (channels_last): one warp per active site, lanes
 // over channels. Planes (NCHW): one thread per active site running the shared row math of
 // common/norm_row.h (consecutive threads read consecutive sites of a plane).
@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "cuda/norm_cuda.cuh"
+#include "norm_ops.h"
 
 namespace spark_kernels::cuda {
 namespace {
@@ -122,22 +123,9 @@ struct ParamGradTerm {
   }
 };
 
-std::optional<at::Tensor> checked_param(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x,
-                                        const char* op) {
-  if (!t.has_value()) return std::nullopt;
-  check_vector(*t, name, x.size(1), x, op);
-  return t->contiguous();
-}
-
 template <typename Acc>
 const Acc* optional_param(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<Acc>() : nullptr;
-}
-
-void check_inputs(const at::Tensor& x, const at::Tensor& index, const char* op) {
-  check_norm_input(x, op, c10::DeviceType::CUDA, {at::kFloat, at::kHalf, at::kBFloat16});
-  TORCH_CHECK(x.size(1) > 0, op, ": x must have at least one channel");
-  check_index(index, x, op);
 }
 
 // Rows: one warp per site; planes: one thread per site.
@@ -145,79 +133,50 @@ unsigned row_grid(const NormGeometry& g, int64_t count) {
   return grid_for(g.rows ? count * kWarp : count, kThreads);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_forward(const at::Tensor& x_in, const at::Tensor& index_in,
-                                                                 const std::optional<at::Tensor>& weight_in,
-                                                                 const std::optional<at::Tensor>& bias_in,
-                                                                 double eps) {
-  constexpr const char* op = "masked_ln_forward";
-  check_inputs(x_in, index_in, op);
-  const auto weight = checked_param(weight_in, "weight", x_in, op);
-  const auto bias = checked_param(bias_in, "bias", x_in, op);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = to_kernel_layout(x_in, x_in);
-  const at::Tensor index = index_in.contiguous();
-  const NormGeometry g = NormGeometry::of(x);
-  const int64_t count = index.numel();
-  const auto acc_type = accumulation_type(x.scalar_type());
-  at::Tensor y = at::zeros_like(x, kernel_memory_format(x));
-  at::Tensor mean = at::empty({count}, x.options().dtype(acc_type));
-  at::Tensor rstd = at::empty({count}, x.options().dtype(acc_type));
-  if (count == 0) return {y, mean, rstd};
-  SK_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
+// The kernels the shared host code (csrc/norm_ops.h) dispatches to.
+struct Kernels {
+  using Backend = CudaBackend;
+
+  template <typename scalar_t>
+  static at::Tensor ln_forward(const NormArgs& p, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, double eps, at::Tensor& mean,
+                               at::Tensor& rstd) {
     using acc_t = at::opmath_type<scalar_t>;
+    const NormGeometry& g = p.g;
+    const int64_t count = p.index.numel();
+    at::Tensor y = at::zeros_like(p.x, kernel_memory_format(p.x));
     auto kernel = g.rows ? ln_forward_rows_kernel<scalar_t, acc_t> : ln_forward_planes_kernel<scalar_t, acc_t>;
     kernel<<<row_grid(g, count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        g, index.const_data_ptr<int32_t>(), count, x.const_data_ptr<scalar_t>(), optional_param<acc_t>(weight),
+        g, p.index.const_data_ptr<int32_t>(), count, p.x.const_data_ptr<scalar_t>(), optional_param<acc_t>(weight),
         optional_param<acc_t>(bias), static_cast<acc_t>(eps), y.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
         rstd.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {y, mean, rstd};
-}
+    return y;
+  }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
-                                                                  const at::Tensor& index_in,
-                                                                  const std::optional<at::Tensor>& weight_in,
-                                                                  const at::Tensor& mean_in, const at::Tensor& rstd_in) {
-  constexpr const char* op = "masked_ln_backward";
-  check_inputs(x_in, index_in, op);
-  check_like_x(grad_out_in, "grad_out", x_in, op);
-  const auto weight = checked_param(weight_in, "weight", x_in, op);
-  check_vector(mean_in, "mean", index_in.numel(), x_in, op);
-  check_vector(rstd_in, "rstd", index_in.numel(), x_in, op);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = to_kernel_layout(x_in, x_in);
-  const at::Tensor dy = to_kernel_layout(grad_out_in, x);
-  const at::Tensor index = index_in.contiguous();
-  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
-  const NormGeometry g = NormGeometry::of(x);
-  const int64_t count = index.numel();
-  const auto acc_type = accumulation_type(x.scalar_type());
-  at::Tensor dx = at::zeros_like(x, kernel_memory_format(x));
-  at::Tensor grad_weight = at::empty({g.channels}, x.options().dtype(acc_type));
-  at::Tensor grad_bias = at::empty({g.channels}, x.options().dtype(acc_type));
-  SK_DISPATCH_CUDA_FLOATS(x.scalar_type(), op, [&] {
+  template <typename scalar_t>
+  static at::Tensor ln_backward(const NormArgs& p, const at::Tensor& dy, const std::optional<at::Tensor>& weight,
+                                const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& grad_weight,
+                                at::Tensor& grad_bias) {
     using acc_t = at::opmath_type<scalar_t>;
-    if (count > 0) {
-      auto kernel = g.rows ? ln_backward_rows_kernel<scalar_t, acc_t> : ln_backward_planes_kernel<scalar_t, acc_t>;
-      kernel<<<row_grid(g, count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          g, index.const_data_ptr<int32_t>(), count, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-          optional_param<acc_t>(weight), mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
-          dx.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    const ParamGradTerm<scalar_t, acc_t> term{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+    const NormGeometry& g = p.g;
+    const int64_t count = p.index.numel();
+    at::Tensor dx = at::zeros_like(p.x, kernel_memory_format(p.x));
+    auto kernel = g.rows ? ln_backward_rows_kernel<scalar_t, acc_t> : ln_backward_planes_kernel<scalar_t, acc_t>;
+    kernel<<<row_grid(g, count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        g, p.index.const_data_ptr<int32_t>(), count, dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(),
+        optional_param<acc_t>(weight), mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
+        dx.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const ParamGradTerm<scalar_t, acc_t> term{dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(),
                                               mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>()};
-    channel_sums<acc_t>(g, index, term, grad_weight.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>(), x.options());
-  });
-  return {dx, grad_weight, grad_bias};
-}
+    channel_sums<acc_t>(g, p.index, term, grad_weight.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>(), p.x.options());
+    return dx;
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(spark_kernels, CUDA, m) {
-  m.impl("masked_ln_forward", &masked_ln_forward);
-  m.impl("masked_ln_backward", &masked_ln_backward);
-}
+SK_REGISTER_LAYER_NORM(CUDA, Kernels)
 
 }  // namespace spark_kernels::cuda

@@ -2,23 +2,15 @@
 // moments over the active sites, and elementwise maps into a zeroed dense output. Per-site math and the
 // BN statistics algorithm: common/norm_row.h.
 #pragma once
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include "common/norm_checks.h"
 #include "common/norm_row.h"
 #include "cuda/reduce_columns.cuh"
-
-// The dtypes of the CUDA kernels (those the "cuda" backend declares); statistics in float32.
-#define SK_DISPATCH_CUDA_FLOATS(TYPE, NAME, ...)                                                \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                       \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                    \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace spark_kernels::cuda {
 
@@ -36,40 +28,66 @@ __device__ __forceinline__ int64_t site_of(const int32_t* index, int64_t j, int6
   return site;
 }
 
-// Stage 1: partials[block][0 or 1][c] = sum over the block's sites of term(j, offset, c) (two terms).
+// How a block of the per-channel reduction kernels covers its chunk of kSitesPerSumBlock active sites.
 // Rows: threadIdx.x runs over 32 channels (coalesced), threadIdx.y over sites.
 // Planes: threadIdx.y runs over 8 channels, threadIdx.x over sites (coalesced within a plane).
-// The block then adds its 256 threads' sums in a fixed order, so the result does not depend on timing.
+// Each thread takes every lanes-th site from j0 + lane; the lane-0 thread of each channel (the leader)
+// then combines the channel's lanes from shared memory in lane order, so results do not depend on timing.
+struct SumLanes {
+  int64_t channel, j0, j1;
+  int lane, lanes;
+  bool rows, leader;
+
+  __device__ SumLanes(const NormGeometry& g, int64_t count)
+      : channel(g.rows ? int64_t(blockIdx.y) * kWarp + threadIdx.x : int64_t(blockIdx.y) * kTileRows + threadIdx.y),
+        j0(int64_t(blockIdx.x) * kSitesPerSumBlock),
+        j1(min(count, j0 + kSitesPerSumBlock)),
+        lane(g.rows ? threadIdx.y : threadIdx.x),
+        lanes(g.rows ? kTileRows : kWarp),
+        rows(g.rows),
+        leader(lane == 0) {}
+
+  // This thread's slot of a per-thread shared table, and lane k's slot for this thread's channel.
+  template <typename S>
+  __device__ S& own(S (&table)[kTileRows][kWarp]) const { return table[threadIdx.y][threadIdx.x]; }
+  template <typename S>
+  __device__ const S& of_lane(const S (&table)[kTileRows][kWarp], int k) const {
+    return rows ? table[k][threadIdx.x] : table[threadIdx.y][k];
+  }
+};
+
+// The grid of a per-channel reduction over `blocks` chunks of sites.
+inline dim3 sum_grid(const NormGeometry& g, int64_t blocks) {
+  const int64_t tile = g.rows ? kWarp : kTileRows;
+  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>((g.channels + tile - 1) / tile));
+}
+
+// Stage 1: partials[block][0 or 1][c] = sum over the block's sites of term(j, offset, c) (two terms).
 template <typename Acc, typename Term>
 __global__ void __launch_bounds__(kWarp * kTileRows)
 channel_partials_kernel(NormGeometry g, const int32_t* __restrict__ index, int64_t count, Term term,
                         Acc* __restrict__ partials) {
   __shared__ Acc first_sums[kTileRows][kWarp];
   __shared__ Acc second_sums[kTileRows][kWarp];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t c = g.rows ? int64_t(blockIdx.y) * kWarp + tx : int64_t(blockIdx.y) * kTileRows + ty;
-  const int lane = g.rows ? ty : tx;
-  const int lanes = g.rows ? kTileRows : kWarp;
-  const int64_t j0 = int64_t(blockIdx.x) * kSitesPerSumBlock;
-  const int64_t j1 = min(count, j0 + kSitesPerSumBlock);
+  const SumLanes l(g, count);
+  const int64_t c = l.channel;
   Acc first = 0, second = 0;
   if (c < g.channels) {
-    for (int64_t j = j0 + lane; j < j1; j += lanes) {
+    for (int64_t j = l.j0 + l.lane; j < l.j1; j += l.lanes) {
       Acc a, b;
       term(j, g.base(site_of(index, j, g.sites())) + c * g.channel_stride(), c, a, b);
       first += a;
       second += b;
     }
   }
-  first_sums[ty][tx] = first;
-  second_sums[ty][tx] = second;
+  l.own(first_sums) = first;
+  l.own(second_sums) = second;
   __syncthreads();
-  const bool leader = g.rows ? ty == 0 : tx == 0;
-  if (leader && c < g.channels) {
+  if (l.leader && c < g.channels) {
     Acc a = 0, b = 0;
-    for (int k = 0; k < lanes; ++k) {
-      a += g.rows ? first_sums[k][tx] : first_sums[ty][k];
-      b += g.rows ? second_sums[k][tx] : second_sums[ty][k];
+    for (int k = 0; k < l.lanes; ++k) {
+      a += l.of_lane(first_sums, k);
+      b += l.of_lane(second_sums, k);
     }
     Acc* out = partials + int64_t(blockIdx.x) * 2 * g.channels;
     out[c] = a;
@@ -106,9 +124,7 @@ void channel_sums(const NormGeometry& g, const at::Tensor& index, const Term& te
   at::Tensor partials = at::empty({std::max<int64_t>(blocks, 1), width},
                                   options.dtype(c10::CppTypeToScalarType<Acc>::value));
   if (blocks > 0) {
-    const int64_t tile = g.rows ? kWarp : kTileRows;
-    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((g.channels + tile - 1) / tile));
-    channel_partials_kernel<Acc><<<grid, dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
+    channel_partials_kernel<Acc><<<sum_grid(g, blocks), dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
         g, index.const_data_ptr<int32_t>(), count, term, partials.data_ptr<Acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -118,33 +134,26 @@ void channel_sums(const NormGeometry& g, const at::Tensor& index, const Term& te
 
 // BN statistics, stage 1 (common/norm_row.h): each thread sums shifted values around its first value over
 // its sites of the block's chunk; the block's lanes are merged (Chan) in lane order relative to lane 0's
-// pivot r. partials (blocks, 3, C) float: [r, mean - r, M2]. Lanes as in channel_partials_kernel.
+// pivot r. partials (blocks, 3, C) float: [r, mean - r, M2].
 template <typename T>
 __global__ void __launch_bounds__(kWarp * kTileRows)
 channel_moments_kernel(NormGeometry g, const int32_t* __restrict__ index, int64_t count, const T* __restrict__ x,
                        float* __restrict__ partials) {
   __shared__ norm::ShiftedSums<float> lane_sums[kTileRows][kWarp];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t c = g.rows ? int64_t(blockIdx.y) * kWarp + tx : int64_t(blockIdx.y) * kTileRows + ty;
-  const int lane = g.rows ? ty : tx;
-  const int lanes = g.rows ? kTileRows : kWarp;
-  const int64_t j0 = int64_t(blockIdx.x) * kSitesPerSumBlock;
-  const int64_t j1 = min(count, j0 + kSitesPerSumBlock);
+  const SumLanes l(g, count);
+  const int64_t c = l.channel;
   norm::ShiftedSums<float> sums{};
   if (c < g.channels) {
-    for (int64_t j = j0 + lane; j < j1; j += lanes) {
+    for (int64_t j = l.j0 + l.lane; j < l.j1; j += l.lanes) {
       sums.add(static_cast<float>(x[g.base(site_of(index, j, g.sites())) + c * g.channel_stride()]));
     }
   }
-  lane_sums[ty][tx] = sums;
+  l.own(lane_sums) = sums;
   __syncthreads();
-  const bool leader = g.rows ? ty == 0 : tx == 0;
-  if (leader && c < g.channels) {
+  if (l.leader && c < g.channels) {
     const float reference = sums.pivot;  // the leader is lane 0, whose first site is the chunk's first
     norm::Moments<float> merged{};
-    for (int k = 0; k < lanes; ++k) {
-      merged.merge(norm::moments_of(g.rows ? lane_sums[k][tx] : lane_sums[ty][k], reference));
-    }
+    for (int k = 0; k < l.lanes; ++k) merged.merge(norm::moments_of(l.of_lane(lane_sums, k), reference));
     float* out = partials + int64_t(blockIdx.x) * 3 * g.channels + c;
     out[0] = reference;
     out[g.channels] = merged.offset;
@@ -182,9 +191,7 @@ void channel_moments(const NormGeometry& g, const at::Tensor& index, const T* x,
   const int64_t blocks = norm::num_chunks(count, kSitesPerSumBlock);
   at::Tensor partials = at::empty({std::max<int64_t>(blocks, 1), 3, g.channels}, options.dtype(at::kFloat));
   if (blocks > 0) {
-    const int64_t tile = g.rows ? kWarp : kTileRows;
-    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((g.channels + tile - 1) / tile));
-    channel_moments_kernel<T><<<grid, dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
+    channel_moments_kernel<T><<<sum_grid(g, blocks), dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
         g, index.const_data_ptr<int32_t>(), count, x, partials.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -1,13 +1,14 @@
 """Backend "triton": Triton kernels for CUDA GPUs, also runnable on CPU tensors in Triton's interpreter.
 
 Nothing heavy happens at package import: ``load()`` imports triton and compiles nothing until a kernel
-is first launched. The kernels (spark_kernels/triton/{dwconv,batch_norm,layer_norm}.py) are registered
-as custom ops ``spark_kernels::triton_*``; their launch parameters come from ``config.py``.
+is first launched. Each primitive of the op registry (spark_kernels/_registry.py) is implemented by the
+function of its name in the module it names here, registered as the custom op
+``spark_kernels::triton_<name>`` with the registry's fake; launch parameters come from ``config.py``.
 """
 from __future__ import annotations
 
+import importlib
 import os
-from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
@@ -27,13 +28,20 @@ def load() -> Tuple[object, Optional[str]]:
         return None, ("no CUDA device is available (torch.cuda.is_available() is False) and TRITON_INTERPRET "
                       "is not set (set TRITON_INTERPRET=1 before triton is first imported to run the kernels "
                       "in Triton's interpreter on CPU tensors)")
-    from . import batch_norm, dwconv, layer_norm
-    kernels = SimpleNamespace(
-        dwconv_forward=dwconv.dwconv_forward, dwconv_backward=dwconv.dwconv_backward,
-        bn_stats=batch_norm.bn_stats, bn_backward_stats=batch_norm.bn_backward_stats,
-        bn_elemt=batch_norm.bn_elemt, bn_backward_elemt=batch_norm.bn_backward_elemt,
-        ln_forward=layer_norm.ln_forward, ln_backward=layer_norm.ln_backward)
-    return kernels, None
+    from .._registry import kernels_namespace
+    return kernels_namespace(lambda p: getattr(kernel_module(p.triton_module), p.name)), None
+
+
+def kernel_module(name: str):
+    """The module spark_kernels.triton.<name> (importing it registers its ops)."""
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def kernel_modules():
+    """Every module holding Triton kernels of the op registry, in registry order (the compile check)."""
+    from .._registry import PRIMITIVES
+    names = dict.fromkeys(p.triton_module for p in PRIMITIVES)
+    return [kernel_module(n) for n in names]
 
 
 def device_unsupported_reason(device_type: str) -> Optional[str]:

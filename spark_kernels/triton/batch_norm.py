@@ -12,8 +12,8 @@ import triton.language as tl
 
 from .._layout import kernel_memory_format, to_kernel_layout
 from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, launch, layout_name,
-                     per_channel, per_site, reduce_partials, register_op, site_offsets, site_programs, spatial,
-                     sum_over_sites, tile_and, tile_sum, zero_tile)
+                     per_channel, per_site, reduce_partials, register_op, site_programs, site_tile, spatial,
+                     sum_over_sites, zero_tile)
 from . import config
 from .config import MERGE_CONFIG, config_for, table_entries
 
@@ -31,19 +31,13 @@ def bn_moments_kernel(x_ptr, index_ptr, partials_ptr, M, C, HW, blocks_per_progr
     c_off = channel_offsets(c, HW, ROWS)
     first = p * blocks_per_program * BLOCK_M
     lane = tl.arange(0, BLOCK_M)
-    m = first + lane
-    m_ok = m < M
-    sites = tl.load(index_ptr + m, mask=m_ok, other=0)
-    ok = tile_and(m_ok, c_ok, ROWS)
-    pivot = tl.load(x_ptr + tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS), mask=ok, other=0.0).to(tl.float32)
+    offs, ok, _ = site_tile(index_ptr, first + lane, c_off, c_ok, M, C, HW, ROWS)
+    pivot = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     s1 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
     s2 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
     for b in range(1, blocks_per_program):
-        m = first + b * BLOCK_M + lane
-        m_ok = m < M
-        sites = tl.load(index_ptr + m, mask=m_ok, other=0)
-        ok = tile_and(m_ok, c_ok, ROWS)
-        xv = tl.load(x_ptr + tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS), mask=ok, other=0.0)
+        offs, ok, _ = site_tile(index_ptr, first + b * BLOCK_M + lane, c_off, c_ok, M, C, HW, ROWS)
+        xv = tl.load(x_ptr + offs, mask=ok, other=0.0)
         d = tl.where(ok, xv.to(tl.float32) - pivot, 0.0)
         s1 += d
         s2 += d * d
@@ -110,11 +104,7 @@ def bn_sums_kernel(x_ptr, grad_ptr, mean_ptr, index_ptr, partials_ptr, M, C, HW,
     acc0 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
     acc1 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
     for b in range(0, blocks_per_program):
-        m = first + b * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = m < M
-        sites = tl.load(index_ptr + m, mask=m_ok, other=0)
-        offs = tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS)
-        ok = tile_and(m_ok, c_ok, ROWS)
+        offs, ok, _ = site_tile(index_ptr, first + b * BLOCK_M + tl.arange(0, BLOCK_M), c_off, c_ok, M, C, HW, ROWS)
         xv = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         g = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         acc0 += g
@@ -129,12 +119,9 @@ def bn_elemt_kernel(x_ptr, grad_ptr, scale_ptr, shift_ptr, grad_scale_ptr, out_p
                     BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """out = x * scale[c] + shift[c] (+ grad * grad_scale[c] when BACKWARD) at one tile of active sites."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < M
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    sites = tl.load(index_ptr + m, mask=m_ok, other=0)
-    offs = tile_sum(site_offsets(sites, C, HW, ROWS), channel_offsets(c, HW, ROWS), ROWS)
-    ok = tile_and(m_ok, c_ok, ROWS)
+    offs, ok, _ = site_tile(index_ptr, m, channel_offsets(c, HW, ROWS), c_ok, M, C, HW, ROWS)
     scale = per_channel(tl.load(scale_ptr + c, mask=c_ok, other=0.0), ROWS)
     shift = per_channel(tl.load(shift_ptr + c, mask=c_ok, other=0.0), ROWS)
     out = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) * scale + shift
@@ -144,56 +131,38 @@ def bn_elemt_kernel(x_ptr, grad_ptr, scale_ptr, shift_ptr, grad_scale_ptr, out_p
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _fake_stats(x, index):
-    return x.new_empty((2, x.shape[1]), dtype=torch.float64)
-
-
-def _fake_backward_stats(grad_out, x, index, mean):
-    return x.new_empty((2, x.shape[1]), dtype=torch.float64)
-
-
-def _fake_elemt(x, index, scale, shift):
-    return torch.empty_like(x, memory_format=kernel_memory_format(x))
-
-
-def _fake_backward_elemt(grad_out, x, index, a, b, d):
-    return torch.empty_like(x, memory_format=kernel_memory_format(x))
+def _site_reduction(kernel, x: torch.Tensor, index: torch.Tensor, rows: int, *tensors):
+    """First stage of a BN reduction over x's (>= 1) active sites: kernel(*tensors, index, partials, M, C, HW,
+    blocks_per_program) writes partials (P, rows, C) float32. Returns (partials, sites per program)."""
+    c, hw = spatial(x)
+    m = index.shape[0]
+    layout = layout_name(x)
+    cfg = config_for("bn", layout, c)
+    channel_blocks = triton.cdiv(c, cfg.block_c)
+    programs, blocks_per_program = site_programs(m, cfg.block_m, config.REDUCTION_PROGRAMS, channel_blocks)
+    partials = x.new_empty((programs, rows, c), dtype=torch.float32)
+    launch(kernel, (programs, channel_blocks), *tensors, index, partials, m, c, hw, blocks_per_program,
+           ROWS=layout == "rows", BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+    return partials, blocks_per_program * cfg.block_m
 
 
 def _moments(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    c, hw = spatial(x)
-    m = index.shape[0]
+    c, m = x.shape[1], index.shape[0]
     if m == 0:
         return x.new_zeros((2, c), dtype=torch.float64)
-    layout = layout_name(x)
-    cfg = config_for("bn", layout, c)
-    programs, blocks_per_program = site_programs(m, cfg.block_m, config.REDUCTION_PROGRAMS,
-                                                   triton.cdiv(c, cfg.block_c))
-    partials = x.new_empty((programs, 3, c), dtype=torch.float32)
-    launch(bn_moments_kernel, (programs, triton.cdiv(c, cfg.block_c)),
-        x, index, partials, m, c, hw, blocks_per_program, ROWS=layout == "rows", BLOCK_M=cfg.block_m,
-        BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+    partials, sites_per_program = _site_reduction(bn_moments_kernel, x, index, 3, x)
     out = x.new_empty((2, c), dtype=torch.float64)
     merge = MERGE_CONFIG
     launch(bn_merge_moments_kernel, (triton.cdiv(c, merge.block_c),),
-        partials, out, programs, c, m, blocks_per_program * cfg.block_m, BLOCK_P=merge.block_m,
+        partials, out, partials.shape[0], c, m, sites_per_program, BLOCK_P=merge.block_m,
         BLOCK_C=merge.block_c, num_warps=merge.num_warps)
     return out
 
 
 def _backward_sums(x: torch.Tensor, grad_out: torch.Tensor, mean: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    c, hw = spatial(x)
-    m = index.shape[0]
-    if m == 0:
-        return x.new_zeros((2, c), dtype=torch.float64)
-    layout = layout_name(x)
-    cfg = config_for("bn", layout, c)
-    programs, blocks_per_program = site_programs(m, cfg.block_m, config.REDUCTION_PROGRAMS,
-                                                   triton.cdiv(c, cfg.block_c))
-    partials = x.new_empty((programs, 2, c), dtype=torch.float32)
-    launch(bn_sums_kernel, (programs, triton.cdiv(c, cfg.block_c)),
-        x, grad_out, mean, index, partials, m, c, hw, blocks_per_program,
-        ROWS=layout == "rows", BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+    if index.shape[0] == 0:
+        return x.new_zeros((2, x.shape[1]), dtype=torch.float64)
+    partials, _ = _site_reduction(bn_sums_kernel, x, index, 2, x, grad_out, mean)
     return reduce_partials(partials, torch.float64)
 
 
@@ -216,13 +185,13 @@ def _per_channel_f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
-@register_op("bn_stats", _fake_stats)
+@register_op
 def bn_stats(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     check_tables(x, index)
     return _moments(to_kernel_layout(x, x), index)
 
 
-@register_op("bn_backward_stats", _fake_backward_stats)
+@register_op
 def bn_backward_stats(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     check_tables(x, index)
     x = to_kernel_layout(x, x)
@@ -230,7 +199,7 @@ def bn_backward_stats(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tens
     return _backward_sums(x, grad_out, _per_channel_f32(mean), index)
 
 
-@register_op("bn_elemt", _fake_elemt)
+@register_op
 def bn_elemt(x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     check_tables(x, index)
     x = to_kernel_layout(x, x)
@@ -238,7 +207,7 @@ def bn_elemt(x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, shift: t
     return _elemt(x, x, index, scale, _per_channel_f32(shift), scale, backward=False)
 
 
-@register_op("bn_backward_elemt", _fake_backward_elemt)
+@register_op
 def bn_backward_elemt(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, a: torch.Tensor,
                       b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     check_tables(x, index)

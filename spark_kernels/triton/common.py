@@ -18,6 +18,7 @@ from torch.cuda import is_available as cuda_available
 from torch.library import triton_op, wrap_triton
 
 from .._layout import uses_rows
+from .._registry import primitive
 from .config import REDUCE_CONFIG
 
 # Decided once, when the kernels are first loaded (triton.jit reads it at decoration time too).
@@ -103,6 +104,15 @@ def sum_over_channels(t, ROWS: tl.constexpr):
     else:
         s = tl.sum(t, axis=0)
     return s
+
+
+@triton.jit
+def site_tile(index_ptr, m, c_off, c_ok, M, C, HW, ROWS: tl.constexpr):
+    """A tile of active sites (positions m of the index) x channels (offsets c_off, valid c_ok): the
+    element offsets, the tile's mask and the sites' mask."""
+    m_ok = m < M
+    sites = tl.load(index_ptr + m, mask=m_ok, other=0)
+    return tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS), tile_and(m_ok, c_ok, ROWS), m_ok
 
 
 @triton.jit
@@ -211,20 +221,18 @@ def check_tables(x: torch.Tensor, index: torch.Tensor, neighbors: Optional[torch
                              f"{neighbors.dtype} {tuple(neighbors.shape)} on {neighbors.device}")
 
 
-def register_op(name: str, fake: Callable) -> Callable:
-    """Register fn as the custom op spark_kernels::triton_<name>.
+def register_op(fn: Callable) -> Callable:
+    """Register fn, the implementation of the op registry's primitive of its name, as the custom op
+    spark_kernels::triton_<name>.
 
     On GPUs it is a ``triton_op`` (torch.compile sees and schedules the Triton kernels inside it). The
     interpreter's kernels are plain Python that torch.compile cannot trace, so there it is an opaque
-    ``custom_op`` with the given fake implementation.
+    ``custom_op`` with the registry's fake implementation.
     """
-    qualname = f"spark_kernels::triton_{name}"
+    qualname = f"spark_kernels::triton_{fn.__name__}"
+    if INTERPRET:
+        op = torch.library.custom_op(qualname, mutates_args=())(fn)
+        op.register_fake(primitive(fn.__name__).fake)
+        return op
+    return triton_op(qualname, mutates_args=())(fn)
 
-    def decorate(fn: Callable):
-        if INTERPRET:
-            op = torch.library.custom_op(qualname, mutates_args=())(fn)
-            op.register_fake(fake)
-            return op
-        return triton_op(qualname, mutates_args=())(fn)
-
-    return decorate

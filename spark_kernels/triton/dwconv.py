@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .._layout import kernel_memory_format, to_kernel_layout
-from ..depthwise_conv import KERNEL_SIZES, STRIDES, dwconv_backward_fake, dwconv_forward_fake, output_shape
+from .._registry import DWCONV, dwconv_output_shape
 from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, launch, layout_name,
                      per_channel, reduce_partials, register_op, site_offsets, site_programs, spatial, tile_and,
                      tile_sum, zero_tile)
@@ -154,18 +154,19 @@ def _launch_taps(src, weight, bias, out, index, neighbors, mirror: int) -> None:
 
 
 def _check_conv_tables(x, weight, index, neighbors, stride) -> None:
-    if stride not in STRIDES:
-        raise ValueError(f"stride must be one of {STRIDES}, got {stride}")
-    n, _, ho, wo = output_shape(x, stride)
+    strides = DWCONV.support["triton"].strides.values
+    if stride not in strides:
+        raise ValueError(f"stride must be one of {strides}, got {stride}")
+    n, _, ho, wo = dwconv_output_shape(x, stride)
     check_tables(x, index, neighbors, weight.shape[-1], num_sites=n * ho * wo)
 
 
-@register_op("dwconv_forward", dwconv_forward_fake)
+@register_op
 def dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], index: torch.Tensor,
                    neighbors: torch.Tensor, stride: int = 1) -> torch.Tensor:
     _check_conv_tables(x, weight, index, neighbors, stride)
     x = to_kernel_layout(x, x)
-    y = x.new_zeros(output_shape(x, stride)).contiguous(memory_format=kernel_memory_format(x))
+    y = x.new_zeros(dwconv_output_shape(x, stride)).contiguous(memory_format=kernel_memory_format(x))
     if index.shape[0] == 0:
         return y
     bias = weight.new_zeros(weight.shape[0]) if bias is None else bias.contiguous()
@@ -173,7 +174,7 @@ def dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return y
 
 
-@register_op("dwconv_backward", dwconv_backward_fake)
+@register_op
 def dwconv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
                     neighbors: torch.Tensor, stride: int = 1, input_index: Optional[torch.Tensor] = None,
                     input_taps: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,8 +186,8 @@ def dwconv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     if stride != 1:
         check_tables(x, input_index, input_taps, weight.shape[-1], names=("input_index", "input_taps"))
     x = to_kernel_layout(x, x)
-    if tuple(grad_out.shape) != output_shape(x, stride):
-        raise ValueError(f"grad_out must have the output's shape {output_shape(x, stride)}, got "
+    if tuple(grad_out.shape) != dwconv_output_shape(x, stride):
+        raise ValueError(f"grad_out must have the output's shape {dwconv_output_shape(x, stride)}, got "
                          f"{tuple(grad_out.shape)}")
     grad_out = to_kernel_layout(grad_out.to(x.dtype), x)
     c, hw = spatial(x)
@@ -227,7 +228,7 @@ def compile_configs():
         for kernel, family, signature in ((dwconv_taps_kernel, "dwconv", taps),
                                           (dwconv_wgrad_kernel, "dwconv_wgrad", wgrad)):
             for layout, cfg in table_entries(family):
-                for k in KERNEL_SIZES:
+                for k in DWCONV.support["triton"].kernel_sizes.values:
                     constexprs = {"K": k, "ROWS": layout == "rows", "BLOCK_M": cfg.block_m, "BLOCK_C": cfg.block_c}
                     if kernel is dwconv_taps_kernel:
                         constexprs["TAP_CHUNK"] = config.DWCONV_TAP_CHUNK

@@ -10,8 +10,8 @@ import triton.language as tl
 
 from .._layout import kernel_memory_format, to_kernel_layout
 from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, launch, layout_name,
-                     per_channel, per_site, reduce_partials, register_op, site_offsets, site_programs, spatial,
-                     sum_over_channels, sum_over_sites, tile_and, tile_sum, zero_tile)
+                     per_channel, per_site, reduce_partials, register_op, site_programs, site_tile, spatial,
+                     sum_over_channels, sum_over_sites, zero_tile)
 from . import config
 from .config import config_for, table_entries
 
@@ -22,12 +22,9 @@ def ln_forward_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, mean_ptr, rstd_ptr, 
     """y = (x - mean) * rstd * weight + bias over the channels of BLOCK_M active sites (BLOCK_C >= C);
     mean and rstd (float32) per active site."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < M
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
-    sites = tl.load(index_ptr + m, mask=m_ok, other=0)
-    offs = tile_sum(site_offsets(sites, C, HW, ROWS), channel_offsets(c, HW, ROWS), ROWS)
-    ok = tile_and(m_ok, c_ok, ROWS)
+    offs, ok, m_ok = site_tile(index_ptr, m, channel_offsets(c, HW, ROWS), c_ok, M, C, HW, ROWS)
     xv = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     # Correctly rounded division and sqrt, as IEEE float32 math on the CPU (on NVIDIA GPUs plain / and
     # tl.sqrt compile to approximate instructions).
@@ -59,10 +56,7 @@ def ln_backward_kernel(grad_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, grad_x_p
     acc_db = zero_tile(BLOCK_M, BLOCK_C, ROWS)
     for b in range(0, blocks_per_program):
         m = first + b * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = m < M
-        sites = tl.load(index_ptr + m, mask=m_ok, other=0)
-        offs = tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS)
-        ok = tile_and(m_ok, c_ok, ROWS)
+        offs, ok, m_ok = site_tile(index_ptr, m, c_off, c_ok, M, C, HW, ROWS)
         dy = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         xv = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         mean = per_site(tl.load(mean_ptr + m, mask=m_ok, other=0.0), ROWS)
@@ -80,25 +74,13 @@ def ln_backward_kernel(grad_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, grad_x_p
     tl.store(out_ptrs + C, sum_over_sites(acc_db, ROWS), mask=c_ok)
 
 
-def _fake_forward(x, index, weight, bias, eps):
-    m = index.shape[0]
-    return (torch.empty_like(x, memory_format=kernel_memory_format(x)),
-            x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32))
-
-
-def _fake_backward(grad_out, x, index, weight, mean, rstd):
-    c = x.shape[1]
-    return (torch.empty_like(x, memory_format=kernel_memory_format(x)),
-            x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32))
-
-
 def _param_f32(t: Optional[torch.Tensor], c: int, fill: float, like: torch.Tensor) -> torch.Tensor:
     if t is None:
         return like.new_full((c,), fill, dtype=torch.float32)
     return t.to(torch.float32).contiguous()
 
 
-@register_op("ln_forward", _fake_forward)
+@register_op
 def ln_forward(x: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_tables(x, index)
@@ -118,7 +100,7 @@ def ln_forward(x: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tens
     return y, mean, rstd
 
 
-@register_op("ln_backward", _fake_backward)
+@register_op
 def ln_backward(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor],
                 mean: torch.Tensor, rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_tables(x, index)

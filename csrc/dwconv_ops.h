@@ -1,31 +1,24 @@
 #pragma once
-// Argument checks, geometry and kernel-size dispatch of the dwconv ops, shared by the CPU
-// (csrc/cpu/dwconv.cpp) and CUDA (csrc/cuda/dwconv.cu) kernels. The Python wrapper validates first;
-// these checks keep the ops safe when called directly (torch.ops.spark_kernels.*).
+// Host code of the dwconv ops, shared by the CPU (csrc/cpu/dwconv.cpp) and CUDA (csrc/cuda/dwconv.cu)
+// registrations: argument checks, geometry, device guard, dtype and kernel-size dispatch, registration.
+// The per-key files hold the kernels and a `Kernels` struct naming them: Backend (common/dispatch.h) and
+// the functions forward<scalar_t, K> and backward<scalar_t, K> (the signatures of forward_impl and
+// backward_impl in csrc/cpu/dwconv.cpp).
+// The Python wrapper validates first; these checks keep the ops safe when called directly
+// (torch.ops.spark_kernels.*).
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
+#include <vector>
 
+#include "common/dispatch.h"
 #include "common/layout.h"
 
 namespace spark_kernels {
-
-// The strides the ops take (the tables carry the stride: kernels never branch on it); the kernel sizes
-// are those of dispatch_kernel_size below. spark_kernels/depthwise_conv.py lists the same sets.
-constexpr int64_t kDwconvStrides[] = {1, 2};
-
-// f(std::integral_constant<int, K>{}) for the kernel size k: the one place where a runtime k becomes a
-// template argument, so an unsupported k never reaches a template.
-template <typename F>
-auto dispatch_kernel_size(const char* op, int64_t k, F&& f) {
-  if (k == 3) return f(std::integral_constant<int, 3>{});
-  if (k == 5) return f(std::integral_constant<int, 5>{});
-  TORCH_CHECK(k == 7, op, ": weight: kernel size must be 3, 5 or 7, got ", k);
-  return f(std::integral_constant<int, 7>{});
-}
 
 // Input sites (n, h, w) and output sites (n, out_h, out_w) of a stride-`stride` conv with padding k//2.
 struct DwconvGeometry {
@@ -39,13 +32,14 @@ struct DwconvGeometry {
   int64_t out_sites() const { return n * out_h * out_w; }
   int64_t out_plane() const { return out_h * out_w; }
   at::MemoryFormat memory_format() const { return rows ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
-  // The dense output (or grad_out) shape.
+  // The dense output (and grad_out) shape.
   std::vector<int64_t> out_shape() const { return {n, c, out_h, out_w}; }
 };
 
 // nn.Conv2d's output size for padding k//2: (size + 2*(k//2) - k) / stride + 1 = ceil(size / stride).
 inline int64_t dwconv_out_size(int64_t size, int64_t stride) { return size == 0 ? 0 : (size - 1) / stride + 1; }
 
+// An index of sites and its (M, k*k) table of tap sites, on `device`, with at most max_entries entries.
 inline void check_site_table(const char* op, const char* index_name, const char* table_name, const at::Tensor& index,
                              const at::Tensor& table, const at::Device device, int64_t k, int64_t max_entries,
                              const char* sites_name) {
@@ -62,18 +56,16 @@ inline void check_site_table(const char* op, const char* index_name, const char*
               max_entries, " ", sites_name);
 }
 
-// dtypes: the dtypes this backend takes, named in `dtype_names` for the message.
-inline DwconvGeometry check_dwconv_args(const char* op, const char* backend, std::initializer_list<at::ScalarType> dtypes,
-                                        const char* dtype_names, at::DeviceType device_type, const at::Tensor& x,
-                                        const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                        const at::Tensor& index, const at::Tensor& neighbors, int64_t stride) {
+template <typename Backend>
+DwconvGeometry check_dwconv_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias, const at::Tensor& index,
+                                 const at::Tensor& neighbors, int64_t stride) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be a 4-D tensor (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(std::find(dtypes.begin(), dtypes.end(), x.scalar_type()) != dtypes.end(), op, ": x must be ",
-              dtype_names, " on the ", backend, " backend, got ", x.scalar_type());
-  TORCH_CHECK(x.device().type() == device_type, op, ": x must be a ", c10::DeviceTypeName(device_type),
-              " tensor on the ", backend, " backend, got device ", x.device());
-  TORCH_CHECK(std::find(std::begin(kDwconvStrides), std::end(kDwconvStrides), stride) != std::end(kDwconvStrides), op,
-              ": stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(Backend::Dtypes::contains(x.scalar_type()), op, ": x must be ", Backend::Dtypes::names(), " on the ",
+              Backend::name, " backend, got ", x.scalar_type());
+  TORCH_CHECK(x.device().type() == Backend::device, op, ": x must be a ", c10::DeviceTypeName(Backend::device),
+              " tensor on the ", Backend::name, " backend, got device ", x.device());
+  TORCH_CHECK(DwconvStrides::contains(stride), op, ": stride must be ", DwconvStrides::names(), ", got ", stride);
   const at::Device device = x.device();
   const int64_t c = x.size(1);
   TORCH_CHECK(weight.device() == device, op, ": weight must be on x's device ", device, ", got ", weight.device());
@@ -82,7 +74,8 @@ inline DwconvGeometry check_dwconv_args(const char* op, const char* backend, std
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == c && weight.size(1) == 1 && weight.size(2) == weight.size(3),
               op, ": weight must have shape (C, 1, k, k) with C = ", c, ", got ", weight.sizes());
   const int64_t k = weight.size(2);
-  dispatch_kernel_size(op, k, [](auto) {});  // refuses an unsupported k here, before any table check names k
+  TORCH_CHECK(DwconvKernelSizes::contains(k), op, ": weight: kernel size must be ", DwconvKernelSizes::names(),
+              ", got ", k);
   if (bias.has_value()) {
     TORCH_CHECK(bias->device() == device, op, ": bias must be on x's device ", device, ", got ", bias->device());
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype ", x.scalar_type(), ", got ",
@@ -124,4 +117,45 @@ inline void check_dwconv_backward_args(const char* backend, const DwconvGeometry
                    "input sites");
 }
 
+// The ops, for a per-key `Kernels` struct: checks, then the kernels of x's dtype and the weight's kernel size.
+template <typename Kernels>
+at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          const at::Tensor& index, const at::Tensor& neighbors, int64_t stride) {
+  using Backend = typename Kernels::Backend;
+  constexpr const char* op = "dwconv_forward";
+  const DwconvGeometry g = check_dwconv_args<Backend>(op, x, weight, bias, index, neighbors, stride);
+  const c10::DeviceGuard guard(x.device());
+  return Backend::Dtypes::dispatch(x.scalar_type(), op, [&](auto dtype) {
+    return DwconvKernelSizes::dispatch(g.k, op, [&](auto k) {
+      return Kernels::template forward<decltype(dtype), decltype(k)::value>(x, weight, bias, index, neighbors, g);
+    });
+  });
+}
+
+template <typename Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                               const at::Tensor& weight, const at::Tensor& index,
+                                                               const at::Tensor& neighbors, int64_t stride,
+                                                               const c10::optional<at::Tensor>& input_index,
+                                                               const c10::optional<at::Tensor>& input_taps) {
+  using Backend = typename Kernels::Backend;
+  constexpr const char* op = "dwconv_backward";
+  const DwconvGeometry g = check_dwconv_args<Backend>(op, x, weight, c10::nullopt, index, neighbors, stride);
+  check_dwconv_backward_args(Backend::name, g, grad_out, x, input_index, input_taps);
+  const c10::DeviceGuard guard(x.device());
+  return Backend::Dtypes::dispatch(x.scalar_type(), op, [&](auto dtype) {
+    return DwconvKernelSizes::dispatch(g.k, op, [&](auto k) {
+      return Kernels::template backward<decltype(dtype), decltype(k)::value>(grad_out, x, weight, index, neighbors,
+                                                                             input_index, input_taps, g);
+    });
+  });
+}
+
 }  // namespace spark_kernels
+
+// Registers the dwconv ops of a per-key Kernels struct under dispatch key KEY (CPU or CUDA).
+#define SK_REGISTER_DWCONV(KEY, KERNELS)                                                             \
+  TORCH_LIBRARY_IMPL(spark_kernels, KEY, m) {                                                        \
+    m.impl("dwconv_forward", &::spark_kernels::dwconv_forward<KERNELS>);                             \
+    m.impl("dwconv_backward", &::spark_kernels::dwconv_backward<KERNELS>);                           \
+  }

@@ -1,0 +1,172 @@
+#pragma once
+// Host code of the masked-norm ops (schemas: spark_kernels/_registry.py), shared by the CPU
+// (csrc/cpu/{batch_norm,layer_norm}.cpp) and CUDA (csrc/cuda/{batch_norm,layer_norm}.cu) registrations:
+// argument checks, layout preparation, output allocation, device guard and dtype dispatch. The per-key
+// files hold the kernels and a struct naming them (Backend plus the primitives below, templated on
+// scalar_t), as ATen's DispatchStub separates host code from per-device kernels.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "common/dispatch.h"
+#include "common/norm_checks.h"
+
+namespace spark_kernels {
+
+// -- BatchNorm: Kernels::bn_stats<scalar_t>(p, out), bn_backward_stats<scalar_t>(p, grad_out, mean, out)
+// write (2, C) float64 sums into out; bn_elemt<scalar_t>(p, scale, shift) and
+// bn_backward_elemt<scalar_t>(p, grad_out, a, b, d) return the dense output in x's kernel layout.
+
+template <typename Kernels>
+at::Tensor masked_bn_stats(const at::Tensor& x_in, const at::Tensor& index_in) {
+  using Backend = typename Kernels::Backend;
+  constexpr const char* op = "masked_bn_stats";
+  const NormArgs p = prepare_norm<Backend>(x_in, index_in, op);
+  const c10::DeviceGuard guard(p.x.device());
+  at::Tensor out = at::empty({2, p.g.channels}, p.x.options().dtype(at::kDouble));
+  Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
+    Kernels::template bn_stats<decltype(dtype)>(p, out);
+  });
+  return out;
+}
+
+template <typename Kernels>
+at::Tensor masked_bn_backward_stats(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& index_in,
+                                    const at::Tensor& mean_in) {
+  using Backend = typename Kernels::Backend;
+  constexpr const char* op = "masked_bn_backward_stats";
+  const NormArgs p = prepare_norm<Backend>(x_in, index_in, op);
+  check_like_x(grad_out_in, "grad_out", x_in, op);
+  check_vector(mean_in, "mean", p.g.channels, x_in, op);
+  const c10::DeviceGuard guard(p.x.device());
+  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
+  const at::Tensor mean = mean_in.contiguous();
+  at::Tensor out = at::empty({2, p.g.channels}, p.x.options().dtype(at::kDouble));
+  Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
+    Kernels::template bn_backward_stats<decltype(dtype)>(p, grad_out, mean, out);
+  });
+  return out;
+}
+
+template <typename Kernels>
+at::Tensor masked_bn_elemt(const at::Tensor& x_in, const at::Tensor& index_in, const at::Tensor& scale_in,
+                           const at::Tensor& shift_in) {
+  using Backend = typename Kernels::Backend;
+  constexpr const char* op = "masked_bn_elemt";
+  const NormArgs p = prepare_norm<Backend>(x_in, index_in, op);
+  check_vector(scale_in, "scale", p.g.channels, x_in, op);
+  check_vector(shift_in, "shift", p.g.channels, x_in, op);
+  const c10::DeviceGuard guard(p.x.device());
+  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  return Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
+    return Kernels::template bn_elemt<decltype(dtype)>(p, scale, shift);
+  });
+}
+
+template <typename Kernels>
+at::Tensor masked_bn_backward_elemt(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& index_in,
+                                    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& d_in) {
+  using Backend = typename Kernels::Backend;
+  constexpr const char* op = "masked_bn_backward_elemt";
+  const NormArgs p = prepare_norm<Backend>(x_in, index_in, op);
+  check_like_x(grad_out_in, "grad_out", x_in, op);
+  check_vector(a_in, "a", p.g.channels, x_in, op);
+  check_vector(b_in, "b", p.g.channels, x_in, op);
+  check_vector(d_in, "d", p.g.channels, x_in, op);
+  const c10::DeviceGuard guard(p.x.device());
+  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), d = d_in.contiguous();
+  return Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
+    return Kernels::template bn_backward_elemt<decltype(dtype)>(p, grad_out, a, b, d);
+  });
+}
+
+// -- LayerNorm: Kernels::ln_forward<scalar_t>(p, weight, bias, eps, mean, rstd) returns y and fills the
+// per-site mean and rstd; ln_backward<scalar_t>(p, grad_out, weight, mean, rstd, grad_weight, grad_bias)
+// returns grad_x and fills the parameter gradients. Both see at least one active site; weight and bias
+// are contiguous in the accumulation dtype, or absent.
+
+// An optional (C,) parameter, checked and made contiguous.
+inline std::optional<at::Tensor> checked_param(const std::optional<at::Tensor>& t, const char* name,
+                                               const at::Tensor& x, const char* op) {
+  if (!t.has_value()) return std::nullopt;
+  check_vector(*t, name, x.size(1), x, op);
+  return t->contiguous();
+}
+
+template <typename Backend>
+NormArgs prepare_layer_norm(const at::Tensor& x, const at::Tensor& index, const char* op) {
+  TORCH_CHECK(x.dim() != 4 || x.size(1) > 0, op, ": x must have at least one channel");
+  return prepare_norm<Backend>(x, index, op);
+}
+
+template <typename Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_forward(const at::Tensor& x_in, const at::Tensor& index_in,
+                                                                 const std::optional<at::Tensor>& weight_in,
+                                                                 const std::optional<at::Tensor>& bias_in,
+                                                                 double eps) {
+  using Backend = typename Kernels::Backend;
+  constexpr const char* op = "masked_ln_forward";
+  const NormArgs p = prepare_layer_norm<Backend>(x_in, index_in, op);
+  const auto weight = checked_param(weight_in, "weight", x_in, op);
+  const auto bias = checked_param(bias_in, "bias", x_in, op);
+  const c10::DeviceGuard guard(p.x.device());
+  const int64_t count = p.index.numel();
+  const auto acc_options = p.x.options().dtype(accumulation_type(p.x.scalar_type()));
+  at::Tensor mean = at::empty({count}, acc_options), rstd = at::empty({count}, acc_options);
+  if (count == 0) return {at::zeros_like(p.x, kernel_memory_format(p.x)), mean, rstd};
+  at::Tensor y = Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
+    return Kernels::template ln_forward<decltype(dtype)>(p, weight, bias, eps, mean, rstd);
+  });
+  return {y, mean, rstd};
+}
+
+template <typename Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                                                  const at::Tensor& index_in,
+                                                                  const std::optional<at::Tensor>& weight_in,
+                                                                  const at::Tensor& mean_in, const at::Tensor& rstd_in) {
+  using Backend = typename Kernels::Backend;
+  constexpr const char* op = "masked_ln_backward";
+  const NormArgs p = prepare_layer_norm<Backend>(x_in, index_in, op);
+  check_like_x(grad_out_in, "grad_out", x_in, op);
+  const auto weight = checked_param(weight_in, "weight", x_in, op);
+  check_vector(mean_in, "mean", index_in.numel(), x_in, op);
+  check_vector(rstd_in, "rstd", index_in.numel(), x_in, op);
+  const c10::DeviceGuard guard(p.x.device());
+  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const auto acc_options = p.x.options().dtype(accumulation_type(p.x.scalar_type()));
+  if (p.index.numel() == 0) {
+    return {at::zeros_like(p.x, kernel_memory_format(p.x)), at::zeros({p.g.channels}, acc_options),
+            at::zeros({p.g.channels}, acc_options)};
+  }
+  at::Tensor grad_weight = at::empty({p.g.channels}, acc_options), grad_bias = at::empty({p.g.channels}, acc_options);
+  at::Tensor grad_x = Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
+    return Kernels::template ln_backward<decltype(dtype)>(p, grad_out, weight, mean, rstd, grad_weight, grad_bias);
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace spark_kernels
+
+// Register the BatchNorm / LayerNorm ops of a per-key Kernels struct under dispatch key KEY (CPU or CUDA).
+#define SK_REGISTER_BATCH_NORM(KEY, KERNELS)                                                         \
+  TORCH_LIBRARY_IMPL(spark_kernels, KEY, m) {                                                        \
+    m.impl("masked_bn_stats", &::spark_kernels::masked_bn_stats<KERNELS>);                           \
+    m.impl("masked_bn_backward_stats", &::spark_kernels::masked_bn_backward_stats<KERNELS>);         \
+    m.impl("masked_bn_elemt", &::spark_kernels::masked_bn_elemt<KERNELS>);                           \
+    m.impl("masked_bn_backward_elemt", &::spark_kernels::masked_bn_backward_elemt<KERNELS>);         \
+  }
+
+#define SK_REGISTER_LAYER_NORM(KEY, KERNELS)                                                         \
+  TORCH_LIBRARY_IMPL(spark_kernels, KEY, m) {                                                        \
+    m.impl("masked_ln_forward", &::spark_kernels::masked_ln_forward<KERNELS>);                       \
+    m.impl("masked_ln_backward", &::spark_kernels::masked_ln_backward<KERNELS>);                     \
+  }
