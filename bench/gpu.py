@@ -53,6 +53,8 @@ def _shapes(op: str, quick: bool):
         return [(8, 8, 2)]
     if op in UNTARGETED_OPS:
         return EFFICIENTNET_B0_DW_STAGES
+    if op == "group_norm":
+        return RESNET50_STAGES
     return CONVNEXT_T_STAGES + (RESNET50_STAGES if op == "batch_norm" else [])
 
 

@@ -1,14 +1,18 @@
-"""Microbenchmark of the three ops: fused backend vs the masked-dense reference, in one process.
+"""Microbenchmark of the ops: fused backend vs the masked-dense reference, in one process.
 
     python -m bench.ops [--backend cpu] [--batch 32] [--repeats 7] [--ops dwconv7 dwconv3 ...] [--compile]
-                        [--json FILE]
+                        [--net convnext_tiny|resnet50] [--json FILE]
 
-Forward + backward per ConvNeXt-T stage shape (docs/design.md section 6; the 5x5 and strided depthwise convs
-at EfficientNet-B0's shapes), fp32, channels_last inputs, SparK patch masks at ratio 0.6; prints the median
-times and the speedup per shape next to the target. The
-full suite (`python -m bench`) builds on the cases defined here.
+Forward + backward per ConvNeXt-T (or ResNet-50, or EfficientNet-B0 for the 5x5 and strided depthwise convs)
+stage shape (docs/design.md section 6), fp32, channels_last inputs, SparK patch masks at ratio 0.6; prints the
+median times and the speedup per shape next to the target.
+The full suite (`python -m bench`) builds on the cases defined here.
 The reference is the official SparK formulation: dense conv then mask (its best layout,
-channels_last), and gather -> BatchNorm/LayerNorm -> scatter for the norms.
+channels_last), and gather -> BatchNorm/LayerNorm -> scatter for the norms. GroupNorm (32 groups) has no
+official formulation; its reference is the one the official code uses for every other norm: per image,
+gather the active rows -> F.group_norm -> scatter (official_group_norm below). Its torch.compile contender
+compiles the masked-dense reference of the "reference" backend instead (no per-image host syncs to break
+the graph).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import spark_kernels as sk
 from spark_kernels import reference
 from spark_kernels.masks import patch_mask, upsample_mask
 
-from .common import BATCH, BENCH_CASES, CONVNEXT_T_STAGES, EFFICIENTNET_B0_DW_STAGES, MASK_RATIO, THREADS
+from .common import BATCH, BENCH_CASES, CONVNEXT_T_STAGES, MASK_RATIO, STAGES, TARGETS, THREADS, group_norm_groups
 
 OPS = tuple(BENCH_CASES)
 REFERENCE = "reference"
@@ -42,6 +46,9 @@ def _reference_fn(op: str) -> Callable:
         return lambda x, mask, w, b, rm, rv: reference.sparse_depthwise_conv2d(x, w, b, mask, variant.stride)
     if spec.name == "masked_batch_norm":
         return lambda x, mask, w, b, rm, rv: reference.masked_batch_norm(x, mask, rm, rv, w, b, True, 0.1, 1e-5)
+    if spec.name == "masked_group_norm":
+        return lambda x, mask, w, b, rm, rv: reference.masked_group_norm(x, mask, group_norm_groups(x.shape[1]), w,
+                                                                         b, 1e-5)
     channels_last = variant.channels_last_input
     return lambda x, mask, w, b, rm, rv: reference.masked_layer_norm(x, mask, w, b, 1e-6, channels_last)
 
@@ -54,6 +61,20 @@ def compiled_reference(op: str) -> Callable:
                 setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
         _compiled[op] = torch.compile(_reference_fn(op))
     return _compiled[op]
+
+
+def official_group_norm(x: torch.Tensor, mask: torch.Tensor, num_groups: int, weight, bias,
+                        eps: float = 1e-5) -> torch.Tensor:
+    """GroupNorm over active sites the way the official code wraps a dense norm: per image, gather the active
+    rows (boolean indexing: a host sync per image), F.group_norm over them, scatter into zeros."""
+    nhwc = x.permute(0, 2, 3, 1)
+    out = torch.zeros_like(nhwc)
+    for n in range(x.shape[0]):
+        rows = nhwc[n][mask[n, 0]]  # (M_n, C)
+        if rows.shape[0]:
+            normed = torch.nn.functional.group_norm(rows.t()[None], num_groups, weight, bias, eps)[0].t()
+            out[n] = out[n].index_put((mask[n, 0],), normed)
+    return out.permute(0, 3, 1, 2)
 
 
 class Case:
@@ -101,6 +122,8 @@ class Case:
             fn = compiled_reference(self.op)
             return lambda: fn(x, self.mask, w, b, rm, rv)
         active = self.mask if impl == REFERENCE else self.sites
+        if self.op == "group_norm" and impl == REFERENCE:  # the official style (the module docstring)
+            return lambda: official_group_norm(x, self.mask, group_norm_groups(self.channels), w, b)
         tensors = dict(x=x, weight=w, bias=b, running_mean=rm, running_var=rv)
         return lambda: self.variant.call(tensors, active, impl)
 
@@ -133,6 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--net", choices=sorted(STAGES), default="convnext_tiny", help="whose stage shapes")
     parser.add_argument("--compile", action="store_true", help="also time the reference under torch.compile")
     parser.add_argument("--json", help="write the results (the suite's format) to this file")
     args = parser.parse_args(argv)
@@ -140,8 +164,7 @@ def main(argv=None) -> int:
         print(f"backend {args.backend!r} unavailable: {sk.unavailable_reasons().get(args.backend)}", file=sys.stderr)
         return 1
     settings = suite.Settings(batch=args.batch, repeats=args.repeats, threads=args.threads, ops=tuple(args.ops),
-                              stages={"convnext_tiny": CONVNEXT_T_STAGES,
-                                      "efficientnet_b0": EFFICIENTNET_B0_DW_STAGES}, passes=("forward_backward",),
+                              stages={args.net: STAGES[args.net]}, passes=("forward_backward",),
                               backends=[args.backend], compile_stages=None if args.compile else ())
     results = suite.run(settings, ("ops",))
     print("\n".join(report.ops_table(results)))

@@ -61,7 +61,8 @@ class Settings:
 
 
 QUICK = dict(repeats=3, warmup=1, budget_s=5.0, passes=("forward_backward",),
-             net_ops={"convnext_tiny": tuple(TARGETS), "resnet50": ("batch_norm",), "efficientnet_b0": ("dwconv5s2",)},
+             net_ops={"convnext_tiny": tuple(TARGETS), "resnet50": ("batch_norm", "group_norm"),
+                      "efficientnet_b0": ("dwconv5s2",)},
              compile_stages=(4,), compile_ops=("dwconv7", "batch_norm"), compile_budget_s=120.0,
              sweep_ops=("dwconv7", "batch_norm"), mask_ratios=(0.0, 0.3, 0.6, 0.9), batch_sizes=(1, 8, 32),
              sweep_repeats=3, model_batch=8, model_steps=2, machine_repeats=3, quick=True)

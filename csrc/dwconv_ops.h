@@ -1,9 +1,8 @@
 #pragma once
 // Host code of the dwconv ops, shared by the CPU (csrc/cpu/dwconv.cpp) and CUDA (csrc/cuda/dwconv.cu)
 // registrations: argument checks, geometry, device guard, dtype and kernel-size dispatch, registration.
-// The per-key files hold the kernels and a `Kernels` struct naming them: Backend (common/dispatch.h) and
-// the functions forward<scalar_t, K> and backward<scalar_t, K> (the signatures of forward_impl and
-// backward_impl in csrc/cpu/dwconv.cpp).
+// The per-key files hold the kernels, forward_impl<scalar_t, K> and backward_impl<scalar_t, K> in their
+// anonymous namespace (signatures: csrc/cpu/dwconv.cpp), and SK_REGISTER_DWCONV(key, backend) after it.
 // The Python wrapper validates first; these checks keep the ops safe when called directly
 // (torch.ops.spark_kernels.*).
 #include <ATen/ATen.h>
@@ -117,7 +116,8 @@ inline void check_dwconv_backward_args(const char* backend, const DwconvGeometry
                    "input sites");
 }
 
-// The ops, for a per-key `Kernels` struct: checks, then the kernels of x's dtype and the weight's kernel size.
+// The ops, for the per-key Kernels of SK_REGISTER_DWCONV: checks, then the kernels of x's dtype and the
+// weight's kernel size.
 template <typename Kernels>
 at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                           const at::Tensor& index, const at::Tensor& neighbors, int64_t stride) {
@@ -153,9 +153,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward(const at::Tensor&
 
 }  // namespace spark_kernels
 
-// Registers the dwconv ops of a per-key Kernels struct under dispatch key KEY (CPU or CUDA).
-#define SK_REGISTER_DWCONV(KEY, KERNELS)                                                             \
-  TORCH_LIBRARY_IMPL(spark_kernels, KEY, m) {                                                        \
-    m.impl("dwconv_forward", &::spark_kernels::dwconv_forward<KERNELS>);                             \
-    m.impl("dwconv_backward", &::spark_kernels::dwconv_backward<KERNELS>);                           \
+// Registers the per-key file's forward_impl / backward_impl (found in its anonymous namespace) as the dwconv
+// ops of BACKEND (common/dispatch.h) under dispatch key KEY (CPU or CUDA).
+#define SK_REGISTER_DWCONV(KEY, BACKEND)                                                                     \
+  namespace {                                                                                                \
+  struct DwconvKernels {                                                                                     \
+    using Backend = BACKEND;                                                                                 \
+    template <typename scalar_t, int K>                                                                      \
+    static constexpr auto forward = &forward_impl<scalar_t, K>;                                              \
+    template <typename scalar_t, int K>                                                                      \
+    static constexpr auto backward = &backward_impl<scalar_t, K>;                                            \
+  };                                                                                                         \
+  }                                                                                                          \
+  TORCH_LIBRARY_IMPL(spark_kernels, KEY, m) {                                                                \
+    m.impl("dwconv_forward", &::spark_kernels::dwconv_forward<DwconvKernels>);                               \
+    m.impl("dwconv_backward", &::spark_kernels::dwconv_backward<DwconvKernels>);                             \
   }

@@ -1,6 +1,7 @@
 #pragma once
 // Host code of the masked-norm ops (schemas: spark_kernels/_registry.py), shared by the CPU
-// (csrc/cpu/{batch_norm,layer_norm}.cpp) and CUDA (csrc/cuda/{batch_norm,layer_norm}.cu) registrations:
+// (csrc/cpu/{batch_norm,layer_norm,group_norm}.cpp) and CUDA (csrc/cuda/{batch_norm,layer_norm,group_norm}.cu)
+// registrations:
 // argument checks, layout preparation, output allocation, device guard and dtype dispatch. The per-key
 // files hold the kernels and a struct naming them (Backend plus the primitives below, templated on
 // scalar_t), as ATen's DispatchStub separates host code from per-device kernels.
@@ -154,6 +155,90 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_backward(const at::Tens
   return {grad_x, grad_weight, grad_bias};
 }
 
+// -- GroupNorm: per-(image, channel) statistics and affine maps. Kernels::gn_stats<scalar_t>(p, out) and
+// gn_backward_stats<scalar_t>(p, grad_out, center, out) write (N, 2, C) float64 into out (sums over each
+// image's active sites); gn_elemt<scalar_t>(p, center, scale, shift) and
+// gn_backward_elemt<scalar_t>(p, grad_out, center, a, b, d) return the dense output in x's kernel layout.
+// Every coefficient table is (N, C), contiguous, in the accumulation dtype.
+
+// A (N, C) per-(image, channel) table in x's accumulation dtype on x's device, made contiguous.
+inline at::Tensor checked_image_table(const at::Tensor& t, const char* name, const NormArgs& p, const at::Tensor& x,
+                                      const char* op) {
+  const auto acc = accumulation_type(x.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == p.g.batch && t.size(1) == p.g.channels, op, ": ", name,
+              " must have shape (", p.g.batch, ", ", p.g.channels, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " must have dtype ", acc, " (the accumulation dtype of ",
+              x.scalar_type(), " inputs), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+  return t.contiguous();
+}
+
+template <typename Kernels>
+at::Tensor masked_gn_stats(const at::Tensor& x_in, const at::Tensor& index_in) {
+  using Backend = typename Kernels::Backend;
+  constexpr const char* op = "masked_gn_stats";
+  const NormArgs p = prepare_norm<Backend>(x_in, index_in, op);
+  const c10::DeviceGuard guard(p.x.device());
+  at::Tensor out = at::empty({p.g.batch, 2, p.g.channels}, p.x.options().dtype(at::kDouble));
+  if (out.numel() == 0) return out;
+  Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
+    Kernels::template gn_stats<decltype(dtype)>(p, out);
+  });
+  return out;
+}
+
+template <typename Kernels>
+at::Tensor masked_gn_backward_stats(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& index_in,
+                                    const at::Tensor& center_in) {
+  using Backend = typename Kernels::Backend;
+  constexpr const char* op = "masked_gn_backward_stats";
+  const NormArgs p = prepare_norm<Backend>(x_in, index_in, op);
+  check_like_x(grad_out_in, "grad_out", x_in, op);
+  const at::Tensor center = checked_image_table(center_in, "center", p, x_in, op);
+  const c10::DeviceGuard guard(p.x.device());
+  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
+  at::Tensor out = at::empty({p.g.batch, 2, p.g.channels}, p.x.options().dtype(at::kDouble));
+  if (out.numel() == 0) return out;
+  Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
+    Kernels::template gn_backward_stats<decltype(dtype)>(p, grad_out, center, out);
+  });
+  return out;
+}
+
+template <typename Kernels>
+at::Tensor masked_gn_elemt(const at::Tensor& x_in, const at::Tensor& index_in, const at::Tensor& center_in,
+                           const at::Tensor& scale_in, const at::Tensor& shift_in) {
+  using Backend = typename Kernels::Backend;
+  constexpr const char* op = "masked_gn_elemt";
+  const NormArgs p = prepare_norm<Backend>(x_in, index_in, op);
+  const at::Tensor center = checked_image_table(center_in, "center", p, x_in, op);
+  const at::Tensor scale = checked_image_table(scale_in, "scale", p, x_in, op);
+  const at::Tensor shift = checked_image_table(shift_in, "shift", p, x_in, op);
+  const c10::DeviceGuard guard(p.x.device());
+  return Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
+    return Kernels::template gn_elemt<decltype(dtype)>(p, center, scale, shift);
+  });
+}
+
+template <typename Kernels>
+at::Tensor masked_gn_backward_elemt(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& index_in,
+                                    const at::Tensor& center_in, const at::Tensor& a_in, const at::Tensor& b_in,
+                                    const at::Tensor& d_in) {
+  using Backend = typename Kernels::Backend;
+  constexpr const char* op = "masked_gn_backward_elemt";
+  const NormArgs p = prepare_norm<Backend>(x_in, index_in, op);
+  check_like_x(grad_out_in, "grad_out", x_in, op);
+  const at::Tensor center = checked_image_table(center_in, "center", p, x_in, op);
+  const at::Tensor a = checked_image_table(a_in, "a", p, x_in, op);
+  const at::Tensor b = checked_image_table(b_in, "b", p, x_in, op);
+  const at::Tensor d = checked_image_table(d_in, "d", p, x_in, op);
+  const c10::DeviceGuard guard(p.x.device());
+  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
+  return Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
+    return Kernels::template gn_backward_elemt<decltype(dtype)>(p, grad_out, center, a, b, d);
+  });
+}
+
 }  // namespace spark_kernels
 
 // Register the BatchNorm / LayerNorm ops of a per-key Kernels struct under dispatch key KEY (CPU or CUDA).
@@ -169,4 +254,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_backward(const at::Tens
   TORCH_LIBRARY_IMPL(spark_kernels, KEY, m) {                                                        \
     m.impl("masked_ln_forward", &::spark_kernels::masked_ln_forward<KERNELS>);                       \
     m.impl("masked_ln_backward", &::spark_kernels::masked_ln_backward<KERNELS>);                     \
+  }
+
+#define SK_REGISTER_GROUP_NORM(KEY, KERNELS)                                                         \
+  TORCH_LIBRARY_IMPL(spark_kernels, KEY, m) {                                                        \
+    m.impl("masked_gn_stats", &::spark_kernels::masked_gn_stats<KERNELS>);                           \
+    m.impl("masked_gn_backward_stats", &::spark_kernels::masked_gn_backward_stats<KERNELS>);         \
+    m.impl("masked_gn_elemt", &::spark_kernels::masked_gn_elemt<KERNELS>);                           \
+    m.impl("masked_gn_backward_elemt", &::spark_kernels::masked_gn_backward_elemt<KERNELS>);         \
   }

@@ -39,7 +39,8 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
 export PYTHONPATH=$BUILD/stage:$ROOT/tests
 if [ $# -eq 0 ]; then
-  set -- $(ls tests/test_depthwise_conv.py tests/test_batch_norm.py tests/test_layer_norm.py 2>/dev/null) \
+  set -- $(ls tests/test_depthwise_conv.py tests/test_batch_norm.py tests/test_layer_norm.py tests/test_group_norm.py \
+    2>/dev/null) \
     tests/test_hostile_inputs.py tests/test_properties.py tests/test_determinism.py
 fi
 # Run from the staging directory so `import spark_kernels` finds the instrumented copy.

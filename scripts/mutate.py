@@ -54,7 +54,7 @@ MODEL_TESTS = ["tests/test_model_semantics.py", "tests/test_sparse_encoder.py",
                "tests/test_model.py::test_feature_info_without_reductions_raises",
                "tests/test_model.py::test_fused_convnext_drop_path_matches_reference"]
 OP_TESTS = ["tests/test_reference.py", "tests/test_batch_norm.py", "tests/test_layer_norm.py",
-            "tests/test_depthwise_conv.py"]
+            "tests/test_group_norm.py", "tests/test_depthwise_conv.py"]
 PYTHON_TARGETS: Dict[str, List[str]] = {
     "spark_kernels/masks.py": ["tests/test_sites.py", "tests/test_model_semantics.py"],
     "spark_kernels/_sites.py": ["tests/test_sites.py", "tests/test_reference.py", "tests/test_sparse_encoder.py",
@@ -62,9 +62,11 @@ PYTHON_TARGETS: Dict[str, List[str]] = {
     "spark_kernels/reference.py": OP_TESTS,
     "spark_kernels/batch_norm.py": ["tests/test_batch_norm.py"],
     "spark_kernels/layer_norm.py": ["tests/test_layer_norm.py"],
+    "spark_kernels/group_norm.py": ["tests/test_group_norm.py"],
     "spark_kernels/depthwise_conv.py": ["tests/test_depthwise_conv.py"],
     "spark_kernels/_layout.py": ["tests/test_depthwise_conv.py", "tests/test_batch_norm.py", "tests/test_layer_norm.py"],
-    "spark_kernels/_backends.py": ["tests/test_backends.py", "tests/test_reference.py"],
+    "spark_kernels/_backends.py": ["tests/test_backends.py", "tests/test_reference.py", "tests/test_registry.py"],
+    "spark_kernels/_registry.py": ["tests/test_registry.py", "tests/test_backends.py"],
     "spark_kernels/nn.py": ["tests/test_sparse_encoder.py", "tests/test_model_semantics.py",
                             "tests/test_batch_norm.py", "tests/test_layer_norm.py", "tests/test_depthwise_conv.py"],
     "spark/model.py": MODEL_TESTS,
@@ -72,9 +74,12 @@ PYTHON_TARGETS: Dict[str, List[str]] = {
 }
 CPP_TARGETS: Dict[str, List[str]] = {
     "csrc/common/dwconv_site.h": ["tests/test_depthwise_conv.py"],
-    "csrc/common/norm_row.h": ["tests/test_batch_norm.py", "tests/test_layer_norm.py"],
+    "csrc/common/norm_row.h": ["tests/test_batch_norm.py", "tests/test_layer_norm.py", "tests/test_group_norm.py"],
     "csrc/common/layout.h": ["tests/test_depthwise_conv.py", "tests/test_batch_norm.py", "tests/test_layer_norm.py"],
     "csrc/common/norm_checks.h": ["tests/test_batch_norm.py", "tests/test_layer_norm.py"],
+    "csrc/common/dispatch.h": ["tests/test_depthwise_conv.py", "tests/test_batch_norm.py", "tests/test_layer_norm.py"],
+    "csrc/norm_ops.h": ["tests/test_batch_norm.py", "tests/test_layer_norm.py"],
+    "csrc/dwconv_ops.h": ["tests/test_depthwise_conv.py"],
 }
 DEFAULT_PYTHON_BUDGET = 50
 DEFAULT_CPP_BUDGET = 12

@@ -15,6 +15,7 @@ tests/helpers.OP_PRIMITIVES and the benchmark's op list. Adding an op is one ent
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -133,6 +134,18 @@ def _fake_ln_backward(grad_out, x, index, weight, mean, rstd):
     return _dense_like(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
 
 
+def _fake_image_channel_stats(x, index, *rest):
+    return x.new_empty((x.shape[0], 2, x.shape[1]), dtype=torch.float64)
+
+
+def _fake_gn_elemt(x, index, center, scale, shift):
+    return _dense_like(x)
+
+
+def _fake_gn_backward_elemt(grad_out, x, index, center, a, b, d):
+    return _dense_like(x)
+
+
 @dataclass(frozen=True)
 class SampleTensors:
     """Tensors from which every primitive's sample arguments are taken (opcheck, tracing checks): x and
@@ -239,6 +252,29 @@ def _ln_call(data_format):
     return call
 
 
+# GroupNorm's test and benchmark cases use 32 groups (timm's default), fewer where C has fewer.
+GROUP_NORM_CASE_GROUPS = 32
+
+
+def group_norm_case_groups(channels: int) -> int:
+    return math.gcd(GROUP_NORM_CASE_GROUPS, channels)
+
+
+def _gn_inputs(n, c, h, w, dtype, g):
+    return dict(x=_randn(g, dtype, n, c, h, w), weight=_randn(g, dtype, c), bias=_randn(g, dtype, c))
+
+
+def _gn_call(t, active, backend):
+    import spark_kernels as sk
+    return sk.masked_group_norm(t["x"], active, group_norm_case_groups(t["x"].shape[1]), t.get("weight"),
+                                t.get("bias"), backend=backend)
+
+
+def _image_table(t: "SampleTensors") -> torch.Tensor:
+    """A (N, C) per-(image, channel) coefficient table in the accumulation dtype."""
+    return t.vec.repeat(t.x.shape[0], 1)
+
+
 # -- the ops -----------------------------------------------------------------------------------------------
 _GPU_DTYPES_WHY = "the GPU kernels are built for 16- and 32-bit inputs with float32 accumulation"
 _NATIVE_CPU = Limit(FLOATS, "every floating dtype is instantiated")
@@ -323,7 +359,29 @@ LAYER_NORM = OpSpec(
                       channels_last_input=True)),
 )
 
-OPS: Dict[str, OpSpec] = {op.name: op for op in (DWCONV, BATCH_NORM, LAYER_NORM)}
+GROUP_NORM = OpSpec(
+    name="masked_group_norm", short="group_norm",
+    primitives=(
+        Primitive("gn_stats", "masked_gn_stats", "(Tensor x, Tensor index) -> Tensor", "group_norm",
+                  _fake_image_channel_stats, lambda t: (t.x, t.index)),
+        Primitive("gn_elemt", "masked_gn_elemt",
+                  "(Tensor x, Tensor index, Tensor center, Tensor scale, Tensor shift) -> Tensor", "group_norm",
+                  _fake_gn_elemt, lambda t: (t.x, t.index, _image_table(t), _image_table(t) + 1, _image_table(t) - 1)),
+        Primitive("gn_backward_stats", "masked_gn_backward_stats",
+                  "(Tensor grad_out, Tensor x, Tensor index, Tensor center) -> Tensor", "group_norm",
+                  _fake_image_channel_stats, lambda t: (t.grad, t.x, t.index, _image_table(t))),
+        Primitive("gn_backward_elemt", "masked_gn_backward_elemt",
+                  "(Tensor grad_out, Tensor x, Tensor index, Tensor center, Tensor a, Tensor b, Tensor d) -> Tensor",
+                  "group_norm", _fake_gn_backward_elemt,
+                  lambda t: (t.grad, t.x, t.index, _image_table(t), _image_table(t) + 1, _image_table(t) - 1,
+                             _image_table(t) * 2)),
+    ),
+    support={"reference": Support(_REFERENCE), "cpu": Support(_NATIVE_CPU), "cuda": Support(_CUDA),
+             "triton": Support(_TRITON)},
+    variants=(Variant("gn", _gn_inputs, _gn_call, bench_name="group_norm"),),
+)
+
+OPS: Dict[str, OpSpec] = {op.name: op for op in (DWCONV, BATCH_NORM, LAYER_NORM, GROUP_NORM)}
 PRIMITIVES: Tuple[Primitive, ...] = tuple(p for op in OPS.values() for p in op.primitives)
 VARIANTS: Dict[str, Tuple[OpSpec, Variant]] = {v.id: (op, v) for op in OPS.values() for v in op.variants}
 

@@ -80,6 +80,7 @@ class ActiveSites:
         self._neighbors: Dict[int, torch.Tensor] = {}
         self._strided_tables: Dict[Tuple[str, int, int], torch.Tensor] = {}
         self._ceil_downsampled: Dict[int, ActiveSites] = {}
+        self._image_counts = None
         # The scales of this mask, shared by every member of the pyramid. Weak values: each scale is kept
         # alive by the one it was derived from (_derived), so a pyramid has no reference cycle and is
         # freed as soon as the caller drops it, not at the next full garbage collection (its tables can
@@ -105,6 +106,13 @@ class ActiveSites:
     def num_sites(self) -> int:
         n, h, w = self.shape
         return n * h * w
+
+    @property
+    def image_counts(self) -> torch.Tensor:
+        """(N,) int64 number of active sites of each image (on the mask's device; built once, no host sync)."""
+        if self._image_counts is None:
+            self._image_counts = self.mask.reshape(self.shape[0], -1).sum(dim=1)
+        return self._image_counts
 
     @property
     def active_fraction(self) -> float:

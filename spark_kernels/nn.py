@@ -19,6 +19,7 @@ from torch import nn
 from ._sites import ActiveSites, as_sites
 from .batch_norm import masked_batch_norm
 from .depthwise_conv import KERNEL_SIZES, STRIDES, sparse_depthwise_conv2d
+from .group_norm import masked_group_norm
 from .layer_norm import DATA_FORMATS, masked_layer_norm
 
 _ACTIVE: contextvars.ContextVar[Optional[ActiveSites]] = contextvars.ContextVar("spark_kernels_active", default=None)
@@ -188,3 +189,33 @@ class MaskedLayerNorm(nn.LayerNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", data_format={self.data_format}"
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics per (image, group) over the image's active sites, zeros elsewhere; same
+    parameters and state_dict keys as the nn.GroupNorm it replaces."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        self.backend = backend
+
+    @classmethod
+    def from_dense(cls, gn: nn.GroupNorm, backend: Optional[str] = None) -> "MaskedGroupNorm":
+        """A MaskedGroupNorm with gn's groups, eps, parameters, mode and requires_grad flags. Subclasses of
+        nn.GroupNorm whose forward is a plain group norm (timm's GroupNorm, GroupNorm1) are accepted; one with
+        submodules does more than that (timm's GroupNormAct applies its drop and act after the norm) and is
+        refused: the model layer converts it, keeping those submodules."""
+        if not isinstance(gn, nn.GroupNorm):
+            raise TypeError(f"MaskedGroupNorm.from_dense expects an nn.GroupNorm, got {type(gn).__name__}")
+        children = [name for name, _ in gn.named_children()]
+        if children:
+            raise ValueError(f"MaskedGroupNorm.from_dense converts a plain group norm; this {type(gn).__name__} "
+                             f"has submodules {children} that its forward applies too")
+        masked = cls(gn.num_groups, gn.num_channels, gn.eps, gn.affine, backend=backend)
+        _copy_state(masked, gn)
+        return masked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return masked_group_norm(x, sites_for(x, self), self.num_groups, self.weight, self.bias, self.eps,
+                                 backend=self.backend)

@@ -129,3 +129,35 @@ def masked_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight, bias, eps: fl
     out_rows = F.layer_norm(rows, (rows.shape[-1],), weight, bias, eps)
     out = _scatter_rows(out_rows, mask_nhw, nhwc)
     return out if channels_last else out.permute(0, 3, 1, 2)
+
+
+def masked_group_norm(x: torch.Tensor, mask: torch.Tensor, num_groups: int, weight, bias,
+                      eps: float) -> torch.Tensor:
+    """GroupNorm with statistics over each image's active sites only: mean and biased variance per
+    (image, group) over its active sites x the group's C / num_groups channels, then the per-channel
+    affine map at active sites, 0 elsewhere. An image with no active site gives zeros. mask: bool
+    (N, 1, H, W).
+
+    Written masked-dense (the active sites selected with torch.where, two passes: mean, then squared
+    deviations from it), which equals gathering each image's active rows, running F.group_norm on them
+    and scattering back (the official code's way of wrapping a dense norm), without a host sync per
+    image. Statistics in float32 or wider: float16/bfloat16 inputs are normalized in float32."""
+    if x.numel() == 0:
+        return _empty_result(x, weight, bias)
+    n, c, h, w = x.shape
+    acc = x.to(torch.float64) if x.dtype == torch.float64 else x.float()
+    groups = acc.reshape(n, num_groups, c // num_groups, h * w)
+    active = mask.reshape(n, 1, 1, h * w)
+    count = active.sum(dim=(2, 3), keepdim=True) * (c // num_groups)  # (N, 1, 1, 1)
+    denom = count.clamp_min(1).to(acc.dtype)
+    mean = torch.where(active, groups, _zero(acc)).sum(dim=(2, 3), keepdim=True) / denom
+    centred = torch.where(active, groups - mean, _zero(acc))
+    var = (centred * centred).sum(dim=(2, 3), keepdim=True) / denom
+    # An image without active sites has no output to normalize; a zero gain keeps its gradients finite.
+    rstd = torch.where(count > 0, torch.rsqrt(var + eps), _zero(acc))
+    y = (centred * rstd).reshape(n, c, h, w)
+    if weight is not None:
+        y = y * weight.to(acc.dtype)[:, None, None]
+    if bias is not None:
+        y = y + bias.to(acc.dtype)[:, None, None]
+    return torch.where(mask, y, _zero(acc)).to(x.dtype)

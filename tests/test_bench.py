@@ -119,3 +119,26 @@ def test_gpu_acceptance_bench_runs_on_cpu_in_quick_mode(tmp_path):
     assert [r["backend"] for r in steps] == ["reference", "cpu"] and all(r["images_per_s"] > 0 for r in steps)
     text = gpu.render([json.load(open(p)) for p in (machine, ops, models)])
     assert "| batch_norm | 8@8 | fp32 | cpu |" in text and "| resnet50 | fp32 | cpu | 2 |" in text
+
+
+def test_official_group_norm_contender_equals_the_reference():
+    """The benchmark's official-style GroupNorm (per image: gather active rows -> F.group_norm -> scatter)
+    computes what the masked-dense reference does, forward and backward."""
+    import torch
+    from bench.ops import official_group_norm
+    from spark_kernels import reference
+    from helpers import make_active
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 5, 4, generator=g, dtype=torch.float64)
+    w, b = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+    mask = make_active("random", 3, 5, 4)
+    mask[1] = False  # an image without active sites
+    grad = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (official_group_norm, reference.masked_group_norm):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = fn(leaves[0], mask, 4, leaves[1], leaves[2], 1e-5)
+        y.backward(grad)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

@@ -1,7 +1,8 @@
 """Inputs nobody planned for, on every backend that runs CPU tensors: each gives the reference's result
 or a clear error naming the argument; never a crash, never garbage.
 
-Covered for sparse_depthwise_conv2d, masked_batch_norm, masked_layer_norm (both formats), ActiveSites
+Covered for sparse_depthwise_conv2d, masked_batch_norm, masked_layer_norm (both formats), masked_group_norm,
+ActiveSites
 (.downsample, .at) and the spark_kernels.nn modules: wrong dtypes, mixed devices ("meta" as the second
 device), non-contiguous / overlapping-stride / offset views of every tensor argument and of the
 upstream gradient, zero-size tensors, NaN/Inf at active sites, NaN/Inf at inactive sites (input and
@@ -21,9 +22,8 @@ from helpers import assert_close_to_reference, cpu_tensor_backends, kernel_backe
 F64 = torch.float64
 N, C, H, W = 2, 3, 5, 6
 LN_FORMATS = ["channels_first", "channels_last"]
-# op ids: every test case (Variant) of the op registry: the conv at each kernel size (and 5x5 at stride 2; H = 5 is odd: a half block
-# at the border), BN in both modes, LN
-# in both formats.
+# op ids: every test case (Variant) of the op registry: the conv at each kernel size (and 3x3, 5x5 at stride 2;
+# H = 5 is odd: a half block at the border), BN in both modes, LN in both formats, GN.
 OPS = list(VARIANTS)
 DIFFERENTIABLE = ("x", "weight", "bias")
 
@@ -436,11 +436,12 @@ def dense_modules():
                               nn.LayerNorm(C)),
         "ln_channels_last": (lambda m, backend: sk.nn.MaskedLayerNorm.from_dense(m, "channels_last", backend),
                              nn.LayerNorm(C)),
+        "gn": (sk.nn.MaskedGroupNorm.from_dense, nn.GroupNorm(3, C)),
     }
 
 
 @pytest.mark.parametrize("backend", cpu_tensor_backends())
-@pytest.mark.parametrize("name", ["conv3", "conv7", "conv5s2", "bn", "ln_channels_first", "ln_channels_last"])
+@pytest.mark.parametrize("name", ["conv3", "conv7", "conv5s2", "bn", "ln_channels_first", "ln_channels_last", "gn"])
 def test_module_outside_active_context_and_with_mismatched_sites(backend, name):
     convert, dense = dense_modules()[name]
     module = convert(dense, backend=backend)
@@ -482,10 +483,13 @@ def test_from_dense_refuses_what_it_cannot_replace(backend):
         sk.nn.MaskedLayerNorm.from_dense(nn.LayerNorm((C, 4)), "channels_first", backend=backend)
     with pytest.raises(ValueError, match="data_format must be one of"):
         sk.nn.MaskedLayerNorm.from_dense(nn.LayerNorm(C), "NCHW", backend=backend)
+    for bad in (nn.BatchNorm2d(C), nn.LayerNorm(C), None):
+        with pytest.raises(TypeError, match="MaskedGroupNorm.from_dense expects an nn.GroupNorm"):
+            sk.nn.MaskedGroupNorm.from_dense(bad, backend=backend)
 
 
 @pytest.mark.parametrize("backend", cpu_tensor_backends())
-@pytest.mark.parametrize("name", ["conv3", "bn", "ln_channels_first"])
+@pytest.mark.parametrize("name", ["conv3", "bn", "ln_channels_first", "gn"])
 def test_from_dense_of_a_meta_module_keeps_the_device_and_refuses_cpu_inputs(backend, name):
     convert, dense = dense_modules()[name]
     module = convert(dense.to("meta"), backend=backend)
@@ -496,7 +500,7 @@ def test_from_dense_of_a_meta_module_keeps_the_device_and_refuses_cpu_inputs(bac
 
 
 @pytest.mark.parametrize("backend", cpu_tensor_backends())
-@pytest.mark.parametrize("name", ["conv3", "bn", "ln_channels_first"])
+@pytest.mark.parametrize("name", ["conv3", "bn", "ln_channels_first", "gn"])
 def test_module_with_other_dtype_than_input(backend, name):
     convert, dense = dense_modules()[name]
     module = convert(dense.double(), backend=backend)

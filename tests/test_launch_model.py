@@ -1,7 +1,8 @@
 """Launch model of the Triton kernels at H100/H200 scale (132 SMs), at the benchmark shapes (ConvNeXt-T stages,
 ResNet-50 stages for BN, EfficientNet-B0's depthwise shapes for 5x5 and stride 2, batch 256, 40% active): per kernel, the programs per SM (from the dispatcher's own
 launch code), the serial chain of dependent global loads per program and the re-read factor of each input
-(from the kernel's loop structure, stated next to each kernel), each under a stated bound."""
+(from the kernel's loop structure, stated next to each kernel), each under a stated bound. GroupNorm is modelled
+at the ResNet-50 stage shapes."""
 from dataclasses import dataclass
 
 import pytest
@@ -11,6 +12,7 @@ triton = pytest.importorskip("triton")
 
 from spark_kernels.triton import config  # noqa: E402
 from spark_kernels.triton.common import site_programs  # noqa: E402
+from spark_kernels.triton.group_norm import reduction_grid  # noqa: E402
 
 from bench.common import CONVNEXT_T_STAGES, EFFICIENTNET_B0_DW_STAGES, RESNET50_STAGES  # noqa: E402
 
@@ -83,6 +85,13 @@ def _launches():
         blocks = (channels + cfg.block_c - 1) // cfg.block_c
         programs, _ = site_programs(m, cfg.block_m, config.REDUCTION_PROGRAMS, blocks)
         out.append(Launch("bn_reduction", f"{channels}@{size}", programs * blocks, 2, 1.0, True))
+        # GroupNorm (32 groups) at the same shapes: gn_elemt is one tile, index -> x and the image's coefficients.
+        gcfg = config.config_for("gn", "rows", channels)
+        tiles = (m + gcfg.block_m - 1) // gcfg.block_m * ((channels + gcfg.block_c - 1) // gcfg.block_c)
+        out.append(Launch("gn_tile", f"{channels}@{size}", tiles, 2, 1.0, False))
+        # gn_moments / gn_sums: image starts -> index -> x (and grad_out) per block, blocks independent.
+        _, grid = reduction_grid(BATCH, channels, size * size, gcfg)
+        out.append(Launch("gn_reduction", f"{channels}@{size}", grid[0] * grid[1], 3, 1.0, True))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Long runs: 1,000 forward + backward steps of the three ops (and a two-scale ActiveSites pyramid) with
+"""Long runs: 1,000 forward + backward steps of the ops (and a two-scale ActiveSites pyramid) with
 a fresh bool mask every step keep memory flat and the mask cache bounded.
 
 The loop runs with the cyclic garbage collector disabled, so anything that only a full collection
@@ -20,6 +20,7 @@ from helpers import kernel_backends
 STEPS, WARMUP = 1000, 100
 RSS_SLACK_BYTES = 4 << 20  # one leaked input per step would be ~14 MB, one leaked ActiveSites ~11 MB
 N, C, H, W = 2, 8, 16, 16
+GN_GROUPS = 4
 
 
 def rss_bytes() -> int:
@@ -31,12 +32,12 @@ def live_active_sites() -> int:
     return sum(1 for o in gc.get_objects() if type(o) is sk.ActiveSites)
 
 
-@pytest.mark.parametrize("backend", kernel_backends("conv", "batch_norm", "layer_norm"))
+@pytest.mark.parametrize("backend", kernel_backends("conv", "batch_norm", "layer_norm", "group_norm"))
 def test_memory_flat_over_1000_steps(backend):
     g = torch.Generator().manual_seed(0)
     params = dict(w3=torch.randn(C, 1, 3, 3, generator=g), w7=torch.randn(C, 1, 7, 7, generator=g),
                   bias=torch.randn(C, generator=g), bn_w=torch.ones(C), bn_b=torch.zeros(C),
-                  ln_w=torch.ones(C), ln_b=torch.zeros(C))
+                  ln_w=torch.ones(C), ln_b=torch.zeros(C), gn_w=torch.ones(C))
     for p in params.values():
         p.requires_grad_()
     running_mean, running_var = torch.zeros(C), torch.ones(C)
@@ -48,6 +49,7 @@ def test_memory_flat_over_1000_steps(backend):
         y = sk.masked_batch_norm(y, mask, running_mean, running_var, params["bn_w"], params["bn_b"],
                                  training=True, backend=backend)
         y = sk.masked_layer_norm(y, mask, params["ln_w"], params["ln_b"], backend=backend)
+        y = sk.masked_group_norm(y, mask, GN_GROUPS, params["gn_w"], None, backend=backend)
         coarse = sk.ActiveSites(mask).downsample(2)
         z = sk.sparse_depthwise_conv2d(F.avg_pool2d(y, 2), params["w7"], None, coarse, backend=backend)
         (y.square().mean() + z.square().mean()).backward()

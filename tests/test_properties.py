@@ -198,6 +198,41 @@ def test_masked_layer_norm(backend, data_format, dtype, case, affine, mask_3d):
                             terms=norm_terms(x, weight, grad_out, gain))
 
 
+def group_gain(x: torch.Tensor, mask: torch.Tensor, groups: int, eps: float) -> float:
+    """The largest 1 / sqrt(var + eps) of an (image, group) with active sites (1.0 when none has any)."""
+    n, c = x.shape[:2]
+    values = x.reshape(n, groups, -1)
+    sites = mask.reshape(n, 1, -1).expand(n, c, -1).reshape(n, groups, -1)
+    gains = [(values[i, j][sites[i, j]].var(unbiased=False).item() + eps) ** -0.5
+             for i in range(n) for j in range(groups) if sites[i, j].any()]
+    return max(gains, default=1.0)
+
+
+def divisors(c: int) -> list:
+    return [d for d in range(1, c + 1) if c % d == 0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", kernel_backends("group_norm"))
+@SETTINGS
+@given(case=cases(max_channels=12), affine=st.booleans(), data=st.data())
+def test_masked_group_norm(backend, dtype, case, affine, data):
+    groups = data.draw(st.sampled_from(divisors(case.c)), label="num_groups")
+    g = case.generator()
+    x = case.x(g)
+    weight = case.values(case.c, g=g) if affine else None
+    bias = case.values(case.c, g=g) if affine else None
+    grad_out = case.values(*x.shape, g=g)
+
+    def make_op(name):
+        return lambda x, weight=None, bias=None: (
+            sk.masked_group_norm(x, case.mask, groups, weight, bias, eps=1e-5, backend=name),)
+
+    gain = group_gain(x, case.mask, groups, 1e-5)
+    check_against_reference(backend, dtype, make_op, [x, weight, bias], grad_out, case.channels_last, ~case.mask,
+                            terms=norm_terms(x, weight, grad_out, gain))
+
+
 # -- large offsets: the statistics must not cancel catastrophically (E[x^2] - E[x]^2) on any backend ------
 OFFSET_SETTINGS = settings(max_examples=6, deadline=None, derandomize=False, print_blob=True)
 OFFSET_DTYPES = (torch.float32, torch.bfloat16)
@@ -273,4 +308,27 @@ def test_masked_layer_norm_large_offsets(backend, device, dtype, data_format, dr
     rows = (x if data_format == "channels_last" else x.permute(0, 2, 3, 1))[case.mask[:, 0]].to(dtype).double()
     gain = (rows.var(-1, unbiased=False).min().item() + 1e-6) ** -0.5
     check_against_reference(backend, dtype, make_op, [x, weight, bias], grad_out, channels_last_memory, inactive,
+                            terms=norm_terms(x, weight, grad_out, gain), device=device)
+
+
+@pytest.mark.parametrize("backend,device,dtype", fused_backends(*OFFSET_DTYPES))
+@OFFSET_SETTINGS
+@given(drawn=offset_cases(), data=st.data())
+def test_masked_group_norm_large_offsets(backend, device, dtype, drawn, data):
+    """GroupNorm normalizes each (image, group): there the offset is per (image, group) (up to 1e4 x std)."""
+    case, offsets = drawn
+    groups = data.draw(st.sampled_from(divisors(case.c)), label="num_groups")
+    g = case.generator()
+    per_group = offsets[torch.randint(0, case.c, (case.n, groups), generator=g)]
+    x = (torch.randn(case.n, case.c, case.h, case.w, generator=g, dtype=torch.float64)
+         + per_group.repeat_interleave(case.c // groups, dim=1)[:, :, None, None]) * case.scale
+    weight, bias = case.values(case.c, g=g), case.values(case.c, g=g)
+    grad_out = case.values(*x.shape, g=g)
+    mask = case.mask.to(device)
+
+    def make_op(name):
+        return lambda x, weight, bias: (sk.masked_group_norm(x, mask, groups, weight, bias, backend=name),)
+
+    gain = group_gain(x.to(dtype).double(), case.mask, groups, 1e-5)
+    check_against_reference(backend, dtype, make_op, [x, weight, bias], grad_out, case.channels_last, ~case.mask,
                             terms=norm_terms(x, weight, grad_out, gain), device=device)

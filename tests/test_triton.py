@@ -197,6 +197,37 @@ def test_layer_norm_wide_many_programs(backend, layout, monkeypatch):
            tensors, f"ln wide {layout}")
 
 
+# -- group norm -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,ratio", MASKS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm(backend, layout, dtype, kind, ratio):
+    n, c, h, w = 2, 10, 9, 7
+    mask = _mask(kind, ratio, n, h, w)
+    tensors = [_input((n, c, h, w), dtype, layout, 60), _param((c,), dtype, 61), _param((c,), dtype, 62)]
+    _check(lambda x, wt, b: sk.masked_group_norm(x, mask, 5, wt, b, backend=backend),
+           lambda x, wt, b: sk.masked_group_norm(x, mask, 5, wt, b, backend="reference"),
+           tensors, f"gn {layout} {dtype} {kind} {ratio}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_many_parts_and_channel_blocks(backend, layout, monkeypatch):
+    """Several parts per image (some empty: image 1 has few active sites), several site blocks per part,
+    several channel blocks, an image without active sites, no affine parameters; means far from 0."""
+    c = 36 if layout == "planes" else 130
+    monkeypatch.setattr(config, "REDUCTION_PROGRAMS", 3 * 4 * -(-c // config.config_for("gn", layout, c).block_c))
+    n, h, w = 3, 13, 11
+    mask = _mask("random", 0.5, n, h, w)
+    mask[1, :, 2:] = False
+    mask[2] = False
+    x = _input((n, c, h, w), torch.float32, layout, 63) + 300.0
+    _check(lambda x: sk.masked_group_norm(x, mask, 2, None, None, backend=backend),
+           lambda x: sk.masked_group_norm(x, mask, 2, None, None, backend="reference"),
+           [x], f"gn many parts {layout}")
+
+
 # -- registration (opcheck of every primitive: tests/test_registry.py) --------------------------------------
 def test_strided_dwconv_ops_pass_opcheck():
     """The conv's primitives at stride 2 (the registry's opcheck samples are stride 1): the output at the
@@ -225,6 +256,7 @@ def test_torch_compile_fullgraph():
     def block(x):
         y = sk.sparse_depthwise_conv2d(x, wt, b, sites, backend="triton")
         y = sk.masked_layer_norm(y, sites, b, b, backend="triton")
+        y = sk.masked_group_norm(y, sites, 3, b, None, backend="triton")
         return sk.masked_batch_norm(y, sites, None, None, wt[:, 0, 0, 0], b, backend="triton")
 
     torch._dynamo.reset()

@@ -17,19 +17,19 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from spark_kernels.triton import batch_norm, common, dwconv, layer_norm  # noqa: E402
+from spark_kernels.triton import batch_norm, common, dwconv, group_norm, layer_norm  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Shared memory per block (opt-in maximum) of the targets, bytes.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 KERNELS = {"dwconv_taps_kernel", "dwconv_wgrad_kernel", "bn_moments_kernel", "bn_merge_moments_kernel",
            "bn_sums_kernel", "bn_elemt_kernel", "ln_forward_kernel",
-           "ln_backward_kernel", "reduce_partials_kernel"}
+           "ln_backward_kernel", "reduce_partials_kernel", "gn_moments_kernel", "gn_sums_kernel", "gn_elemt_kernel"}
 
 
 def _expected_count() -> int:
     configs = [*dwconv.compile_configs(), *batch_norm.compile_configs(), *layer_norm.compile_configs(),
-               *common.reduce_compile_configs()]
+               *group_norm.compile_configs(), *common.reduce_compile_configs()]
     assert {k.__name__ for k, *_ in configs} == KERNELS
     return len(configs)
 
@@ -85,13 +85,13 @@ def test_every_launch_runs_on_the_tensors_device(workers):
     assert proc.returncode == 0, proc.stderr[-4000:]
     launches = int(proc.stdout.split()[-2])
     # Per dtype and layout: dwconv forward 1, backward 3 (at stride 1 and at stride 2); BN stats 2, backward
-    # stats 2, elemt 2; LN 1 + 2.
-    assert launches == 6 * 17, proc.stdout
+    # stats 2, elemt 2; LN 1 + 2; GN stats 1, backward stats 1, elemt 2.
+    assert launches == 6 * 21, proc.stdout
 
 
 # The kernels that stream their tensors in the channels_last ("rows") layout: C contiguous values per site.
 STREAMING = {"dwconv_taps_kernel", "dwconv_wgrad_kernel", "bn_moments_kernel", "bn_sums_kernel", "bn_elemt_kernel",
-             "ln_forward_kernel", "ln_backward_kernel"}
+             "ln_forward_kernel", "ln_backward_kernel", "gn_moments_kernel", "gn_sums_kernel", "gn_elemt_kernel"}
 
 
 def test_launch_specialized_kernels_do_not_spill_and_load_128_bits(workers):
@@ -105,6 +105,6 @@ def test_launch_specialized_kernels_do_not_spill_and_load_128_bits(workers):
     spills = [r["name"] for r in results if r["stack"] or r["local"]]
     assert not spills, "kernels spill when specialized:\n" + "\n".join(spills)
     rows = [r for r in results if r["kernel"] in STREAMING and r["rows"]]
-    assert len(rows) >= 7 * 3
+    assert len(rows) >= 10 * 3
     narrow = [r["name"] for r in rows if r["v4_loads"] == 0]
     assert not narrow, "channels_last kernels without 128-bit loads:\n" + "\n".join(narrow)

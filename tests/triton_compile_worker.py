@@ -126,6 +126,12 @@ def run_every_op(device: str) -> None:
                     assert stats.shape == (2, c) and stats.dtype == torch.float64
                 assert mean.shape == rstd.shape == (m,) and mean.dtype == torch.float32
                 assert ln_gw.shape == ln_gb.shape == (c,) and ln_gw.dtype == torch.float32
+                table = torch.empty(n, c, device=device, dtype=torch.float32)
+                for t in (ops.triton_gn_elemt(x, index, table, table, table),
+                          ops.triton_gn_backward_elemt(g, x, index, table, table, table, table)):
+                    assert t.shape == x.shape and t.dtype == dtype and t.is_contiguous(memory_format=kernel_memory_format(x))
+                for stats in (ops.triton_gn_stats(x, index), ops.triton_gn_backward_stats(g, x, index, table)):
+                    assert stats.shape == (n, 2, c) and stats.dtype == torch.float64
 
 
 def trace() -> None:

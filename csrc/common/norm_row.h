@@ -177,6 +177,19 @@ SK_HOST_DEVICE inline Acc bn_backward_elem(Acc dy, Acc x, Acc a, Acc b, Acc d) {
   return dy * a + x * b + d;
 }
 
+// masked_gn_elemt: (x - center) * scale + shift, per (image, channel) coefficients. Centring first keeps a
+// mean far from 0 from cancelling against the shift.
+template <typename Acc>
+SK_HOST_DEVICE inline Acc gn_affine(Acc x, Acc center, Acc scale, Acc shift) {
+  return (x - center) * scale + shift;
+}
+
+// masked_gn_backward_elemt: dy * a + (x - center) * b + d.
+template <typename Acc>
+SK_HOST_DEVICE inline Acc gn_backward_elem(Acc dy, Acc x, Acc center, Acc a, Acc b, Acc d) {
+  return dy * a + (x - center) * b + d;
+}
+
 // ---- Deterministic reductions over sites ---------------------------------------------------------
 // Sites are cut into fixed chunks (a function of the channel count only, never of the thread count);
 // each chunk's per-channel partial sums are computed by one worker, then added in chunk order.

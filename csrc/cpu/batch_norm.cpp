@@ -15,29 +15,8 @@ namespace {
 // out = elem(offset, c) at active sites, 0 elsewhere, in x's kernel layout; T: the storage type.
 template <typename T, typename Elem>
 at::Tensor dense_map(const NormArgs& p, const Elem& elem) {
-  at::Tensor out = empty_dense(p.x);
-  const int64_t count = p.index.numel();
-  if (count == 0) return out.zero_();
-  T* y = mutable_data_as<T>(out);
-  const int32_t* index = p.index.const_data_ptr<int32_t>();
-  const NormGeometry g = p.g;
-  for_each_chunk(count, norm::sites_per_chunk(g.channels), [&](int64_t, int64_t j0, int64_t j1) {
-    zero_inactive(g, index, count, j0, j1, y);
-    if (g.rows) {
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t base = static_cast<int64_t>(index[j]) * g.channels;
-        T* __restrict row = y + base;
-        for (int64_t c = 0; c < g.channels; ++c) row[c] = elem(base + c, c);
-      }
-    } else {  // channel by channel: consecutive sites of a plane are mostly adjacent in memory
-      std::vector<int64_t> bases(j1 - j0);
-      for (int64_t j = j0; j < j1; ++j) bases[j - j0] = g.base(index[j]);
-      for (int64_t c = 0; c < g.channels; ++c) {
-        for (const int64_t base : bases) y[base + c * g.plane] = elem(base + c * g.plane, c);
-      }
-    }
-  });
-  return out;
+  return cpu::dense_map<T>(p.x, p.g, p.index.const_data_ptr<int32_t>(), p.index.numel(),
+                           [&](int64_t off, int64_t c, int64_t) { return elem(off, c); });
 }
 
 // The kernels the shared host code (csrc/norm_ops.h) dispatches to.

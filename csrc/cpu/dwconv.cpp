@@ -382,17 +382,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   return {gx, gw.to(weight.scalar_type()), gb.to(weight.scalar_type())};
 }
 
-// The kernels the shared host code (dwconv_ops.h) dispatches to.
-struct Kernels {
-  using Backend = CpuBackend;
-  template <typename scalar_t, int K>
-  static constexpr auto forward = &forward_impl<scalar_t, K>;
-  template <typename scalar_t, int K>
-  static constexpr auto backward = &backward_impl<scalar_t, K>;
-};
-
 }  // namespace
 
-SK_REGISTER_DWCONV(CPU, Kernels)
+SK_REGISTER_DWCONV(CPU, CpuBackend)
 
 }  // namespace spark_kernels

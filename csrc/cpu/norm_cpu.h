@@ -11,6 +11,7 @@
 
 #include "common/norm_checks.h"
 #include "common/norm_row.h"
+#include "cpu/dtypes.h"
 
 namespace spark_kernels::cpu {
 
@@ -23,15 +24,35 @@ inline void for_each_chunk(int64_t count, int64_t per_chunk, const Fn& fn) {
   });
 }
 
-// Per-channel sums of two terms over the active sites, in float64: out[0][c], out[1][c].
+// A fixed partition of the active sites into chunks, chunk k = [bounds[k], bounds[k + 1]): appends the cuts of
+// [first, end) into runs of per_chunk sites to bounds, which is empty or ends at first. Ranges appended one
+// after the other (each image's run of sites, for GroupNorm) give chunks that never straddle two ranges.
+inline void append_chunks(int64_t first, int64_t end, int64_t per_chunk, std::vector<int64_t>& bounds) {
+  if (bounds.empty()) bounds.push_back(first);
+  for (int64_t j = first + per_chunk; j < end; j += per_chunk) bounds.push_back(j);
+  if (end > first) bounds.push_back(end);
+}
+
+inline int64_t chunk_count(const std::vector<int64_t>& bounds) {
+  return bounds.empty() ? 0 : static_cast<int64_t>(bounds.size()) - 1;
+}
+
+// Runs fn(chunk, first_site, end_site) for each chunk of bounds, in parallel (one parallel region).
+template <typename Fn>
+inline void for_each_listed_chunk(const std::vector<int64_t>& bounds, const Fn& fn) {
+  at::parallel_for(0, chunk_count(bounds), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) fn(k, bounds[k], bounds[k + 1]);
+  });
+}
+
+// Per-chunk, per-channel sums of two terms, in float64: partials (chunks, 2, C).
 // term(j, offset, c, first, second) computes the terms of active site j (index[j]) at element offset.
 template <bool kRows, typename Term>
-void channel_sums(const NormGeometry& g, const int32_t* index, int64_t count, const Term& term, double* out) {
+std::vector<double> chunk_sums(const NormGeometry& g, const int32_t* index, const std::vector<int64_t>& bounds,
+                               const Term& term) {
   const int64_t c_count = g.channels;
-  const int64_t per_chunk = norm::sites_per_chunk(c_count);
-  const int64_t chunks = norm::num_chunks(count, per_chunk);
-  std::vector<double> partials(chunks * 2 * c_count, 0.0);
-  for_each_chunk(count, per_chunk, [&](int64_t k, int64_t j0, int64_t j1) {
+  std::vector<double> partials(chunk_count(bounds) * 2 * c_count, 0.0);
+  for_each_listed_chunk(bounds, [&](int64_t k, int64_t j0, int64_t j1) {
     double* __restrict first = partials.data() + k * 2 * c_count;
     double* __restrict second = first + c_count;
     if constexpr (kRows) {
@@ -60,24 +81,43 @@ void channel_sums(const NormGeometry& g, const int32_t* index, int64_t count, co
       }
     }
   });
-  for (int64_t col = 0; col < 2 * c_count; ++col) {
-    out[col] = norm::combine_column(partials.data(), chunks, 2 * c_count, col);
+  return partials;
+}
+
+// out[col] (2C columns) = the chunks [k0, k1)'s partial sums of column col, added in chunk order.
+inline void combine_chunk_sums(const std::vector<double>& partials, int64_t k0, int64_t k1, int64_t channels,
+                               double* out) {
+  for (int64_t col = 0; col < 2 * channels; ++col) {
+    out[col] = norm::combine_column(partials.data() + k0 * 2 * channels, k1 - k0, 2 * channels, col);
   }
 }
 
-// Per-channel mean and M2 of value(offset) over the active sites, in double (common/norm_row.h: shifted
-// sums per chunk, pivot = the chunk's first site, chunks merged in order): out[0][c] mean, out[1][c] M2.
+// Per-channel sums of two terms over the active sites, in float64: out[0][c], out[1][c] (fixed chunks of the
+// sites, each summed by one worker, then added in chunk order).
+template <bool kRows, typename Term>
+void channel_sums(const NormGeometry& g, const int32_t* index, int64_t count, const Term& term, double* out) {
+  std::vector<int64_t> bounds;
+  append_chunks(0, count, norm::sites_per_chunk(g.channels), bounds);
+  combine_chunk_sums(chunk_sums<kRows>(g, index, bounds, term), 0, chunk_count(bounds), g.channels, out);
+}
+
+// Per-chunk, per-channel shifted sums of value(offset) (common/norm_row.h: pivot = the chunk's first site),
+// (chunks, C) each, separate arrays so that the rows loop vectorizes over channels.
+struct ChunkMoments {
+  std::vector<double> pivots, sums, sums_sq;
+};
+
 template <bool kRows, typename Value>
-void channel_moments(const NormGeometry& g, const int32_t* index, int64_t count, const Value& value, double* out) {
+ChunkMoments chunk_moments(const NormGeometry& g, const int32_t* index, const std::vector<int64_t>& bounds,
+                           const Value& value) {
   const int64_t c_count = g.channels;
-  const int64_t per_chunk = norm::sites_per_chunk(c_count);
-  const int64_t chunks = norm::num_chunks(count, per_chunk);
-  // Per chunk and channel (separate arrays, so the rows loop vectorizes over channels).
-  std::vector<double> pivots(chunks * c_count), sums(chunks * c_count, 0.0), sums_sq(chunks * c_count, 0.0);
-  for_each_chunk(count, per_chunk, [&](int64_t k, int64_t j0, int64_t j1) {
-    double* __restrict pivot = pivots.data() + k * c_count;
-    double* __restrict sum = sums.data() + k * c_count;
-    double* __restrict sum_sq = sums_sq.data() + k * c_count;
+  const int64_t chunks = chunk_count(bounds);
+  ChunkMoments m{std::vector<double>(chunks * c_count), std::vector<double>(chunks * c_count, 0.0),
+                 std::vector<double>(chunks * c_count, 0.0)};
+  for_each_listed_chunk(bounds, [&](int64_t k, int64_t j0, int64_t j1) {
+    double* __restrict pivot = m.pivots.data() + k * c_count;
+    double* __restrict sum = m.sums.data() + k * c_count;
+    double* __restrict sum_sq = m.sums_sq.data() + k * c_count;
     if constexpr (kRows) {
       const int64_t first = static_cast<int64_t>(index[j0]) * c_count;
       for (int64_t c = 0; c < c_count; ++c) pivot[c] = value(first + c);
@@ -101,17 +141,32 @@ void channel_moments(const NormGeometry& g, const int32_t* index, int64_t count,
       }
     }
   });
-  for (int64_t c = 0; c < c_count; ++c) {
-    const double reference = chunks ? pivots[c] : 0.0;
+  return m;
+}
+
+// Chan's merge of chunks [k0, k1) in order, relative to the pivot of chunk k0: out[0][c] mean, out[1][c] M2
+// (0 and 0 without chunks).
+inline void merge_chunk_moments(const ChunkMoments& m, const std::vector<int64_t>& bounds, int64_t k0, int64_t k1,
+                                int64_t channels, double* out) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const double reference = k1 > k0 ? m.pivots[k0 * channels + c] : 0.0;
     norm::Moments<double> merged{};
-    for (int64_t k = 0; k < chunks; ++k) {
-      const int64_t i = k * c_count + c;
-      const int64_t sites = std::min(count, (k + 1) * per_chunk) - k * per_chunk;
-      merged.merge(norm::moments_of(norm::ShiftedSums<double>{pivots[i], sums[i], sums_sq[i], sites}, reference));
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t i = k * channels + c;
+      const norm::ShiftedSums<double> s{m.pivots[i], m.sums[i], m.sums_sq[i], bounds[k + 1] - bounds[k]};
+      merged.merge(norm::moments_of(s, reference));
     }
     out[c] = reference + merged.offset;
-    out[c_count + c] = merged.m2;
+    out[channels + c] = merged.m2;
   }
+}
+
+// Per-channel mean and M2 of value(offset) over the active sites, in double: out[0][c] mean, out[1][c] M2.
+template <bool kRows, typename Value>
+void channel_moments(const NormGeometry& g, const int32_t* index, int64_t count, const Value& value, double* out) {
+  std::vector<int64_t> bounds;
+  append_chunks(0, count, norm::sites_per_chunk(g.channels), bounds);
+  merge_chunk_moments(chunk_moments<kRows>(g, index, bounds, value), bounds, 0, chunk_count(bounds), g.channels, out);
 }
 
 // Zeros the inactive sites owned by chunk [j0, j1): the sites from its first active site (0 for the
@@ -169,6 +224,36 @@ void scatter_rows(const NormGeometry& g, const T* rows, const std::vector<int64_
 // A dense output in x's kernel layout whose every element is written by the caller or zero_inactive.
 inline at::Tensor empty_dense(const at::Tensor& x_kernel_layout) {
   return at::empty_like(x_kernel_layout, kernel_memory_format(x_kernel_layout));
+}
+
+// out = elem(offset, c, image) at the active sites, 0 elsewhere, in x's kernel layout; T: the storage type.
+template <typename T, typename Elem>
+at::Tensor dense_map(const at::Tensor& x_kernel_layout, const NormGeometry& g, const int32_t* index, int64_t count,
+                     const Elem& elem) {
+  at::Tensor out = empty_dense(x_kernel_layout);
+  if (count == 0) return out.zero_();
+  T* y = mutable_data_as<T>(out);
+  for_each_chunk(count, norm::sites_per_chunk(g.channels), [&](int64_t, int64_t j0, int64_t j1) {
+    zero_inactive(g, index, count, j0, j1, y);
+    if (g.rows) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t base = static_cast<int64_t>(index[j]) * g.channels;
+        const int64_t image = index[j] / g.plane;
+        T* __restrict row = y + base;
+        for (int64_t c = 0; c < g.channels; ++c) row[c] = elem(base + c, c, image);
+      }
+    } else {  // channel by channel: consecutive sites of a plane are mostly adjacent in memory
+      std::vector<int64_t> bases(j1 - j0), images(j1 - j0);
+      for (int64_t j = j0; j < j1; ++j) {
+        bases[j - j0] = g.base(index[j]);
+        images[j - j0] = index[j] / g.plane;
+      }
+      for (int64_t c = 0; c < g.channels; ++c) {
+        for (int64_t s = 0; s < j1 - j0; ++s) y[bases[s] + c * g.plane] = elem(bases[s] + c * g.plane, c, images[s]);
+      }
+    }
+  });
+  return out;
 }
 
 }  // namespace spark_kernels::cpu

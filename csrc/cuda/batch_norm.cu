@@ -26,7 +26,7 @@ struct AffineElem {
   const T* x;
   const Acc* scale;
   const Acc* shift;
-  __device__ T operator()(int64_t offset, int64_t c) const {
+  __device__ T operator()(int64_t offset, int64_t c, int64_t) const {
     return static_cast<T>(norm::bn_affine<Acc>(static_cast<Acc>(x[offset]), scale[c], shift[c]));
   }
 };
@@ -38,7 +38,7 @@ struct BackwardElem {
   const Acc* a;
   const Acc* b;
   const Acc* d;
-  __device__ T operator()(int64_t offset, int64_t c) const {
+  __device__ T operator()(int64_t offset, int64_t c, int64_t) const {
     return static_cast<T>(
         norm::bn_backward_elem<Acc>(static_cast<Acc>(dy[offset]), static_cast<Acc>(x[offset]), a[c], b[c], d[c]));
   }

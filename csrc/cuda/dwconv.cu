@@ -271,17 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   return {gx, gw, gb};
 }
 
-// The kernels the shared host code (dwconv_ops.h) dispatches to.
-struct Kernels {
-  using Backend = CudaBackend;
-  template <typename scalar_t, int K>
-  static constexpr auto forward = &forward_impl<scalar_t, K>;
-  template <typename scalar_t, int K>
-  static constexpr auto backward = &backward_impl<scalar_t, K>;
-};
-
 }  // namespace
 
-SK_REGISTER_DWCONV(CUDA, Kernels)
+SK_REGISTER_DWCONV(CUDA, CudaBackend)
 
 }  // namespace spark_kernels

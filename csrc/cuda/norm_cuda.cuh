@@ -28,7 +28,29 @@ __device__ __forceinline__ int64_t site_of(const int32_t* index, int64_t j, int6
   return site;
 }
 
-// How a block of the per-channel reduction kernels covers its chunk of kSitesPerSumBlock active sites.
+// The active sites [j0, j1) of reduction block `block` (a fixed chunk of the index, so results never depend on
+// timing). ContiguousChunks: the index cut into kSitesPerSumBlock-site chunks. ImageChunks: each image's run of
+// sites index[starts[n] .. starts[n + 1]) cut the same way, `parts` blocks per image (trailing ones may be
+// empty), so that no block mixes two images (GroupNorm's per-image statistics).
+struct ContiguousChunks {
+  int64_t count;
+  __device__ void operator()(int64_t block, int64_t& j0, int64_t& j1) const {
+    j0 = block * kSitesPerSumBlock;
+    j1 = min(count, j0 + kSitesPerSumBlock);
+  }
+};
+
+struct ImageChunks {
+  const int64_t* starts;  // (N + 1)
+  int64_t parts;
+  __device__ void operator()(int64_t block, int64_t& j0, int64_t& j1) const {
+    const int64_t image = block / parts;
+    j0 = starts[image] + (block % parts) * kSitesPerSumBlock;
+    j1 = min(starts[image + 1], j0 + kSitesPerSumBlock);
+  }
+};
+
+// How a block of the per-channel reduction kernels covers its chunk of at most kSitesPerSumBlock active sites.
 // Rows: threadIdx.x runs over 32 channels (coalesced), threadIdx.y over sites.
 // Planes: threadIdx.y runs over 8 channels, threadIdx.x over sites (coalesced within a plane).
 // Each thread takes every lanes-th site from j0 + lane; the lane-0 thread of each channel (the leader)
@@ -38,14 +60,15 @@ struct SumLanes {
   int lane, lanes;
   bool rows, leader;
 
-  __device__ SumLanes(const NormGeometry& g, int64_t count)
+  template <typename Chunks>
+  __device__ SumLanes(const NormGeometry& g, const Chunks& chunks)
       : channel(g.rows ? int64_t(blockIdx.y) * kWarp + threadIdx.x : int64_t(blockIdx.y) * kTileRows + threadIdx.y),
-        j0(int64_t(blockIdx.x) * kSitesPerSumBlock),
-        j1(min(count, j0 + kSitesPerSumBlock)),
         lane(g.rows ? threadIdx.y : threadIdx.x),
         lanes(g.rows ? kTileRows : kWarp),
         rows(g.rows),
-        leader(lane == 0) {}
+        leader(lane == 0) {
+    chunks(blockIdx.x, j0, j1);
+  }
 
   // This thread's slot of a per-thread shared table, and lane k's slot for this thread's channel.
   template <typename S>
@@ -63,13 +86,13 @@ inline dim3 sum_grid(const NormGeometry& g, int64_t blocks) {
 }
 
 // Stage 1: partials[block][0 or 1][c] = sum over the block's sites of term(j, offset, c) (two terms).
-template <typename Acc, typename Term>
+template <typename Acc, typename Term, typename Chunks>
 __global__ void __launch_bounds__(kWarp * kTileRows)
-channel_partials_kernel(NormGeometry g, const int32_t* __restrict__ index, int64_t count, Term term,
+channel_partials_kernel(NormGeometry g, const int32_t* __restrict__ index, Chunks chunks, Term term,
                         Acc* __restrict__ partials) {
   __shared__ Acc first_sums[kTileRows][kWarp];
   __shared__ Acc second_sums[kTileRows][kWarp];
-  const SumLanes l(g, count);
+  const SumLanes l(g, chunks);
   const int64_t c = l.channel;
   Acc first = 0, second = 0;
   if (c < g.channels) {
@@ -125,7 +148,7 @@ void channel_sums(const NormGeometry& g, const at::Tensor& index, const Term& te
                                   options.dtype(c10::CppTypeToScalarType<Acc>::value));
   if (blocks > 0) {
     channel_partials_kernel<Acc><<<sum_grid(g, blocks), dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
-        g, index.const_data_ptr<int32_t>(), count, term, partials.data_ptr<Acc>());
+        g, index.const_data_ptr<int32_t>(), ContiguousChunks{count}, term, partials.data_ptr<Acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   reduce_columns<Sum>(blocks, width, SumLoad<Acc, Out>{partials.const_data_ptr<Acc>(), width},
@@ -135,12 +158,12 @@ void channel_sums(const NormGeometry& g, const at::Tensor& index, const Term& te
 // BN statistics, stage 1 (common/norm_row.h): each thread sums shifted values around its first value over
 // its sites of the block's chunk; the block's lanes are merged (Chan) in lane order relative to lane 0's
 // pivot r. partials (blocks, 3, C) float: [r, mean - r, M2].
-template <typename T>
+template <typename T, typename Chunks>
 __global__ void __launch_bounds__(kWarp * kTileRows)
-channel_moments_kernel(NormGeometry g, const int32_t* __restrict__ index, int64_t count, const T* __restrict__ x,
+channel_moments_kernel(NormGeometry g, const int32_t* __restrict__ index, Chunks chunks, const T* __restrict__ x,
                        float* __restrict__ partials) {
   __shared__ norm::ShiftedSums<float> lane_sums[kTileRows][kWarp];
-  const SumLanes l(g, count);
+  const SumLanes l(g, chunks);
   const int64_t c = l.channel;
   norm::ShiftedSums<float> sums{};
   if (c < g.channels) {
@@ -192,7 +215,7 @@ void channel_moments(const NormGeometry& g, const at::Tensor& index, const T* x,
   at::Tensor partials = at::empty({std::max<int64_t>(blocks, 1), 3, g.channels}, options.dtype(at::kFloat));
   if (blocks > 0) {
     channel_moments_kernel<T><<<sum_grid(g, blocks), dim3(kWarp, kTileRows), 0, at::cuda::getCurrentCUDAStream()>>>(
-        g, index.const_data_ptr<int32_t>(), count, x, partials.data_ptr<float>());
+        g, index.const_data_ptr<int32_t>(), ContiguousChunks{count}, x, partials.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const float* table = partials.const_data_ptr<float>();
@@ -200,7 +223,7 @@ void channel_moments(const NormGeometry& g, const at::Tensor& index, const T* x,
                                         MomentsStore{table, out, g.channels});
 }
 
-// out[offset] = elem(offset, c) for every (active site, channel). Rows: consecutive threads take
+// out[offset] = elem(offset, c, site) for every (active site, channel). Rows: consecutive threads take
 // consecutive channels of a site; planes: consecutive active sites of a channel.
 template <typename T, typename Elem>
 __global__ void active_map_kernel(NormGeometry g, const int32_t* __restrict__ index, int64_t count, Elem elem,
@@ -210,8 +233,9 @@ __global__ void active_map_kernel(NormGeometry g, const int32_t* __restrict__ in
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t j = g.rows ? i / g.channels : i % count;
     const int64_t c = g.rows ? i % g.channels : i / count;
-    const int64_t offset = g.base(site_of(index, j, g.sites())) + c * g.channel_stride();
-    out[offset] = elem(offset, c);
+    const int64_t site = site_of(index, j, g.sites());
+    const int64_t offset = g.base(site) + c * g.channel_stride();
+    out[offset] = elem(offset, c, site);
   }
 }
 

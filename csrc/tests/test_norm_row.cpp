@@ -1,6 +1,7 @@
 // Checks the shared per-site norm math (common/norm_row.h) against naive double-precision formulas:
 // LayerNorm row statistics, forward and input gradient (the latter against central finite
-// differences of the naive forward), the per-channel BN/LN terms and the chunked reduction helpers.
+// differences of the naive forward), the per-channel BN/LN terms, the GroupNorm affine maps and the chunked
+// reduction helpers.
 // Returns non-zero on failure.
 #include <algorithm>
 #include <cmath>
@@ -177,6 +178,17 @@ void check_bn_moments() {
   expect_close(m.m2, 0.5 + 9.0 * 2.0 / 3.0, 1e-15, "merge m2", 0);
 }
 
+// The GroupNorm affine maps centre x before scaling: far from 0 (x = 1e4 + 0.25 in float, the centre 1e4, a
+// scale that float cannot hold exactly), (x - c) * s + t keeps float's precision of the result, where
+// x * s + (t - c * s) would round x * s ~ 1e3 first and lose ~1e-4 to cancellation.
+void check_gn_maps() {
+  const float x = 10000.25f, center = 10000.0f, scale = 0.1f, shift = 0.5f;
+  const double want = 0.25 * double(scale) + 0.5;
+  expect_close(norm::gn_affine<float>(x, center, scale, shift), want, 2e-7, "gn_affine", 0);
+  expect_close(norm::gn_backward_elem<float>(2.0f, x, center, 0.5f, scale, shift), 1.0 + want, 2e-7,
+               "gn_backward_elem", 0);
+}
+
 }  // namespace
 
 int main() {
@@ -191,6 +203,7 @@ int main() {
   }
   check_terms_and_reductions();
   check_bn_moments();
+  check_gn_maps();
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;

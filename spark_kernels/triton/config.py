@@ -74,6 +74,7 @@ _TABLE: Dict[str, Dict[str, Tuple[Tuple[int, LaunchConfig], ...]]] = {
         "rows": ((32, LaunchConfig(32, 32, 4)), (64, LaunchConfig(16, 64, 4)), (1 << 30, LaunchConfig(8, 128, 4))),
         "planes": ((1 << 30, LaunchConfig(128, 4, 4)),),
     },
+    # GN per-(image, channel) sums and affine maps: the same tiles as BN's (set below).
     # LN forward and backward: a tile holds whole sites (block_c >= C). Planes at C <= 1024 take 4 warps:
     # at 8, ptxas caps the backward at 64 registers and the bf16 one needs a stack frame on sm_90 (the
     # correctly rounded division's slow path).
@@ -86,6 +87,7 @@ _TABLE: Dict[str, Dict[str, Tuple[Tuple[int, LaunchConfig], ...]]] = {
                    (4096, LaunchConfig(1, 4096, 16))),
     },
 }
+_TABLE["gn"] = _TABLE["bn"]
 # Sums per-program partial rows into the final per-channel result (layout-independent).
 REDUCE_CONFIG = LaunchConfig(8, 128, 4)
 # Merges the per-program BN moments (float64; block_m partial rows x block_c channels per step).
