@@ -34,14 +34,15 @@ import torch
 import spark_kernels as sk
 from spark_kernels.masks import patch_mask, upsample_mask
 
-from .common import BENCH_CASES, CONVNEXT_T_STAGES, MASK_RATIO, RESNET50_STAGES, TARGETS
+from .common import (BENCH_CASES, CONVNEXT_T_STAGES, EFFICIENTNET_B0_DW_STAGES, MASK_RATIO, RESNET50_STAGES,
+                     UNTARGETED_OPS)
 from .roofline import op_cost
 
 GPU_BATCH = 256
 GPU_BACKENDS = ("triton", "cuda")
 REFERENCE = "reference"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-OPS = tuple(TARGETS)
+OPS = tuple(BENCH_CASES)
 # The targets of the GPU acceptance (fp16/bf16 and fp32, forward + backward).
 SPEEDUP_TARGET = 2.0
 ROOFLINE_TARGET = {"default": 0.6, "dwconv_backward": 0.5}
@@ -50,6 +51,8 @@ ROOFLINE_TARGET = {"default": 0.6, "dwconv_backward": 0.5}
 def _shapes(op: str, quick: bool):
     if quick:
         return [(8, 8, 2)]
+    if op in UNTARGETED_OPS:
+        return EFFICIENTNET_B0_DW_STAGES
     if op == "group_norm":
         return RESNET50_STAGES
     return CONVNEXT_T_STAGES + (RESNET50_STAGES if op == "batch_norm" else [])
@@ -149,10 +152,11 @@ def _case(op: str, channels: int, size: int, patch: int, batch: int, dtype, devi
     _, variant = BENCH_CASES[op]
     if variant.channels_last_input:
         x = x.permute(0, 2, 3, 1).contiguous()
-    k = variant.kernel_size
+    k, stride = variant.kernel_size, variant.stride or 1
     weight = torch.randn(channels, 1, k, k, generator=g) if k is not None else torch.randn(channels, generator=g)
     bias = torch.randn(channels, generator=g)
-    grad = torch.randn(x.shape, generator=g).to(device, dtype)
+    out_shape = x.shape if stride == 1 else (batch, channels, -(-size // stride), -(-size // stride))
+    grad = torch.randn(out_shape, generator=g).to(device, dtype)
     return sites, x, weight.to(device, dtype), bias.to(device, dtype), grad
 
 

@@ -3,8 +3,9 @@
     python -m bench.ops [--backend cpu] [--batch 32] [--repeats 7] [--ops dwconv7 dwconv3 ...] [--compile]
                         [--net convnext_tiny|resnet50] [--json FILE]
 
-Forward + backward per ConvNeXt-T (or ResNet-50) stage shape (docs/design.md section 6), fp32, channels_last
-inputs, SparK patch masks at ratio 0.6; prints the median times and the speedup per shape next to the target.
+Forward + backward per ConvNeXt-T (or ResNet-50, or EfficientNet-B0 for the 5x5 and strided depthwise convs)
+stage shape (docs/design.md section 6), fp32, channels_last inputs, SparK patch masks at ratio 0.6; prints the
+median times and the speedup per shape next to the target.
 The full suite (`python -m bench`) builds on the cases defined here.
 The reference is the official SparK formulation: dense conv then mask (its best layout,
 channels_last), and gather -> BatchNorm/LayerNorm -> scatter for the norms. GroupNorm (32 groups) has no
@@ -29,7 +30,7 @@ from spark_kernels.masks import patch_mask, upsample_mask
 
 from .common import BATCH, BENCH_CASES, CONVNEXT_T_STAGES, MASK_RATIO, STAGES, TARGETS, THREADS, group_norm_groups
 
-OPS = tuple(TARGETS)
+OPS = tuple(BENCH_CASES)
 REFERENCE = "reference"
 COMPILED = "reference+compile"  # the reference under torch.compile (inductor): what a user would try instead
 
@@ -42,7 +43,7 @@ def _reference_fn(op: str) -> Callable:
     """The plain masked-dense reference of `op` taking (x, mask, weight, bias, running stats)."""
     spec, variant = BENCH_CASES[op]
     if spec.name == "sparse_depthwise_conv2d":
-        return lambda x, mask, w, b, rm, rv: reference.sparse_depthwise_conv2d(x, w, b, mask)
+        return lambda x, mask, w, b, rm, rv: reference.sparse_depthwise_conv2d(x, w, b, mask, variant.stride)
     if spec.name == "masked_batch_norm":
         return lambda x, mask, w, b, rm, rv: reference.masked_batch_norm(x, mask, rm, rv, w, b, True, 0.1, 1e-5)
     if spec.name == "masked_group_norm":
@@ -94,15 +95,21 @@ class Case:
         # Activations in dtype; the conv weights too (a conv under autocast), norm parameters in float32
         # (the mixed-precision contract of the masked norms).
         x = torch.where(self.mask, x, 0).to(dtype).contiguous(memory_format=torch.channels_last)
-        self.grad = torch.randn(x.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
         _, self.variant = BENCH_CASES[op]
         k = self.variant.kernel_size  # None for the norms
+        self.stride = self.variant.stride or 1
+        out_size = -(-size // self.stride)
+        self.grad = torch.randn(batch, channels, out_size, out_size, generator=g).to(dtype).contiguous(
+            memory_format=torch.channels_last)
         if self.variant.channels_last_input:
             x, self.grad = x.permute(0, 2, 3, 1).contiguous(), self.grad.permute(0, 2, 3, 1).contiguous()
         self.x = x.requires_grad_()
         if k is not None:
             self.weight = torch.randn(channels, 1, k, k, generator=g).to(dtype).requires_grad_()
-            self.sites.neighbors(k)  # built once per mask and scale in real use
+            # Built once per mask and scale in real use.
+            self.sites.strided_neighbors(k, self.stride)
+            if self.stride > 1:
+                self.sites.transposed_taps(k, self.stride)
         else:
             self.weight = torch.randn(channels, generator=g).requires_grad_()
         self.bias = torch.randn(channels, generator=g).to(dtype if k is not None else torch.float32)

@@ -342,7 +342,7 @@ def write_plots(results: Dict[str, object], out_dir: str, link_base: Optional[st
                         k = i * len(contenders) + j
                         ax.bar([x - 0.4 + (k + 0.5) * width for x in xs], ys, width,
                                label=f"{op} {impl}", hatch="//" if impl == COMPILED else None)
-                if net == "convnext_tiny":
+                if net == "convnext_tiny" and op in results["targets"]["ops"]:
                     ax.axhline(results["targets"]["ops"][op], color=f"C{i}", linestyle=":", linewidth=1)
             ax.axhline(1, color="black", linewidth=0.8)
             ax.set_yscale("log")  # ratios: slowdowns and speedups alike

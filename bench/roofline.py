@@ -18,10 +18,10 @@ BYTES = 4  # fp32
 # Per active element (site x channel): FLOPs of the forward and of the backward pass, and how many
 # tensors of the input's size are read at active sites and written densely. Norm FLOPs count the
 # statistics and the affine map (mean, variance, normalize, scale, shift and their gradients).
-# dwconv k: forward 2k² per element; backward 2k² for grad_x and 2k² for grad_weight.
+# dwconv k: forward 2k² per active OUTPUT element; backward 2k² for grad_x and 2k² for grad_weight (reading
+# the active input and grad_out, writing grad_x densely); at stride 2 the output has a quarter of the sites.
 _COSTS = {
-    "dwconv": {"forward": {"flops_per_tap": 2, "reads": 1, "writes": 1},
-               "backward": {"flops_per_tap": 4, "reads": 2, "writes": 1}},
+    "dwconv": {"forward": {"flops_per_tap": 2}, "backward": {"flops_per_tap": 4}},
     "norm": {"forward": {"flops": 7, "reads": 1, "writes": 1},
              "backward": {"flops": 10, "reads": 2, "writes": 1}},
 }
@@ -29,17 +29,26 @@ _COSTS = {
 
 def op_cost(op: str, channels: int, size: int, batch: int, active_fraction: float,
             backward: bool) -> Dict[str, float]:
-    """FLOPs and bytes of the least work `op` (a key of TARGETS) needs, forward or forward + backward."""
+    """FLOPs and bytes of the least work `op` (a key of BENCH_CASES) needs, forward or forward + backward."""
     sites = batch * size * size
     active = channels * sites * active_fraction  # active elements
     dense = channels * sites
-    k = BENCH_CASES[op][1].kernel_size
-    kind = "dwconv" if k is not None else "norm"
+    passes = ("forward", "backward") if backward else ("forward",)
     flops = bytes_ = 0.0
-    for pass_ in ("forward", "backward") if backward else ("forward",):
-        c = _COSTS[kind][pass_]
-        per_element = c["flops_per_tap"] * k ** 2 if kind == "dwconv" else c["flops"]
-        flops += per_element * active
+    variant = BENCH_CASES[op][1]
+    if variant.kernel_size is not None:
+        k, stride = variant.kernel_size, variant.stride
+        out_dense = channels * batch * (-(-size // stride)) ** 2
+        out_active = out_dense * active_fraction  # exact for SparK masks whose patches the stride divides
+        for pass_ in passes:
+            flops += _COSTS["dwconv"][pass_]["flops_per_tap"] * k * k * out_active
+        bytes_ = BYTES * (active + out_dense)  # forward: read x, write y
+        if backward:
+            bytes_ += BYTES * (out_active + active + dense)  # read grad_out and x, write grad_x
+        return {"flops": flops, "bytes": bytes_}
+    for pass_ in passes:
+        c = _COSTS["norm"][pass_]
+        flops += c["flops"] * active
         bytes_ += BYTES * (c["reads"] * active + c["writes"] * dense)
     return {"flops": flops, "bytes": bytes_}
 

@@ -15,7 +15,8 @@ import torch
 import spark_kernels as sk
 
 from . import roofline
-from .common import BATCH, MASK_RATIO, MODEL_TARGETS, STAGES, TARGETS, THREADS, environment, interleaved_times
+from .common import (BATCH, MASK_RATIO, MODEL_TARGETS, NET_OPS, STAGES, TARGETS, THREADS, environment,
+                     interleaved_times)
 from .ops import COMPILED, OPS, REFERENCE, Case
 from .report import SCHEMA
 from spark.precision import DTYPES
@@ -33,15 +34,15 @@ class Settings:
     threads: int = THREADS
     ops: Sequence[str] = OPS
     stages: Dict[str, List[Tuple[int, int, int]]] = dataclasses.field(default_factory=lambda: dict(STAGES))
-    # Ops measured at each network's stages (default: every op at every network's stages).
-    net_ops: Optional[Dict[str, Sequence[str]]] = None
+    # Ops measured at each network's stages (None: every op at every network's stages).
+    net_ops: Optional[Dict[str, Sequence[str]]] = dataclasses.field(default_factory=lambda: dict(NET_OPS))
     passes: Sequence[str] = tuple(PASSES)
     backends: Optional[Sequence[str]] = None  # fused backends; None = every available one but the interpreter
     # The reference under torch.compile at these stages (1-based; None = every stage, () = none) and ops.
     compile_stages: Optional[Sequence[int]] = None
     compile_ops: Optional[Sequence[str]] = None  # None = every op
     compile_budget_s: float = 1800.0  # compiled cases after this much compiling are recorded as skipped
-    sweep_ops: Sequence[str] = OPS
+    sweep_ops: Sequence[str] = tuple(TARGETS)
     sweep_shape: Tuple[int, int, int] = STAGES["convnext_tiny"][0]
     mask_ratios: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)
@@ -60,7 +61,8 @@ class Settings:
 
 
 QUICK = dict(repeats=3, warmup=1, budget_s=5.0, passes=("forward_backward",),
-             net_ops={"convnext_tiny": OPS, "resnet50": ("batch_norm", "group_norm")},
+             net_ops={"convnext_tiny": tuple(TARGETS), "resnet50": ("batch_norm", "group_norm"),
+                      "efficientnet_b0": ("dwconv5s2",)},
              compile_stages=(4,), compile_ops=("dwconv7", "batch_norm"), compile_budget_s=120.0,
              sweep_ops=("dwconv7", "batch_norm"), mask_ratios=(0.0, 0.3, 0.6, 0.9), batch_sizes=(1, 8, 32),
              sweep_repeats=3, model_batch=8, model_steps=2, machine_repeats=3, quick=True)
@@ -128,7 +130,7 @@ def run_ops(settings: Settings, backends: List[str], bounds) -> List[Dict[str, o
                         row["times"][COMPILED] = {"error": f"skipped: the run's torch.compile budget of "
                                                            f"{settings.compile_budget_s:.0f} s was used up"}
                     row.update(net=net, stage=stage, mask_ratio=MASK_RATIO,
-                               target=TARGETS[op] if pass_ == "forward_backward" else None)
+                               target=TARGETS.get(op) if pass_ == "forward_backward" else None)
                     rows.append(row)
                     t = row["times"]
                     _log(f"{net:<14}{op:<14}{channels:>5}@{size:<3}{pass_:<17}" + "".join(

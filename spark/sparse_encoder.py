@@ -4,10 +4,10 @@ Every layer is either replaced by a sparse counterpart or wrapped so that its ou
 inactive sites; the active sites come from the ``spark_kernels.active`` context, each layer picking the
 scale of its output (``ActiveSites.at``). Two flavours share this converter:
 
-* fused (``backend`` anything but "reference"): stride-1 depthwise 3x3/7x7 convs run as submanifold
-  kernels, norms as masked kernels, ConvNeXt blocks run LN -> MLP on the compact active rows only and
-  scatter-add them into the residual, and the mask after a dense conv is skipped when a masked norm (which
-  reads active sites only) consumes the conv directly.
+* fused (``backend`` anything but "reference"): the depthwise convs ``SparseDepthwiseConv2d.unsupported_reason``
+  accepts (3x3, 5x5, 7x7 at stride 1 or 2) run as submanifold kernels, norms as masked kernels, ConvNeXt
+  blocks run LN -> MLP on the compact active rows only and scatter-add them into the residual, and the mask
+  after a dense conv is skipped when a masked norm (which reads active sites only) consumes the conv directly.
 * masked-dense (``backend="reference"``): mirrors the official SparK code: dense op then mask, norms as
   gather -> norm -> scatter, the ConvNeXt MLP over all positions then masked.
 

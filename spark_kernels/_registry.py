@@ -27,9 +27,9 @@ FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 GPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("planes", "rows")  # spark_kernels/_layout.py
 
-# Depthwise conv geometry the kernels are written for (every backend, csrc/common/kernel_sizes.h for C++).
-DWCONV_KERNEL_SIZES = (3, 7)
-DWCONV_STRIDES = (1,)
+# Depthwise conv geometry the kernels are written for (every backend; csrc/common/dispatch.h for C++).
+DWCONV_KERNEL_SIZES = (3, 5, 7)
+DWCONV_STRIDES = (1, 2)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -98,11 +98,17 @@ def _dense_like(x):
     return torch.empty_like(x, memory_format=kernel_memory_format(x))
 
 
-def _fake_dwconv_forward(x, weight, bias, index, neighbors):
-    return _dense_like(x)
+def dwconv_output_shape(x: torch.Tensor, stride: int) -> Tuple[int, int, int, int]:
+    """nn.Conv2d's output shape for padding k//2 (odd k): (N, C, ceil(H / stride), ceil(W / stride))."""
+    n, c, h, w = x.shape
+    return (n, c, -(-h // stride), -(-w // stride))
 
 
-def _fake_dwconv_backward(grad_out, x, weight, index, neighbors):
+def _fake_dwconv_forward(x, weight, bias, index, neighbors, stride=1):
+    return x.new_empty(dwconv_output_shape(x, stride)).contiguous(memory_format=kernel_memory_format(x))
+
+
+def _fake_dwconv_backward(grad_out, x, weight, index, neighbors, stride=1, input_index=None, input_taps=None):
     return _dense_like(x), torch.empty_like(weight), weight.new_empty((weight.shape[0],))
 
 
@@ -208,9 +214,11 @@ def _conv_inputs(k):
                                               bias=_randn(g, dtype, c))
 
 
-def _conv_call(t, active, backend):
-    import spark_kernels as sk
-    return sk.sparse_depthwise_conv2d(t["x"], t["weight"], t.get("bias"), active, backend=backend)
+def _conv_call(stride):
+    def call(t, active, backend):
+        import spark_kernels as sk
+        return sk.sparse_depthwise_conv2d(t["x"], t["weight"], t.get("bias"), active, stride=stride, backend=backend)
+    return call
 
 
 def _bn_inputs(n, c, h, w, dtype, g):
@@ -277,7 +285,8 @@ _REFERENCE = Limit(FLOATS, "PyTorch's dense ops")
 
 def _conv_support(dtypes: Limit) -> Support:
     return Support(dtypes, kernel_sizes=Limit(DWCONV_KERNEL_SIZES, "the kernels are instantiated per kernel size"),
-                   strides=Limit(DWCONV_STRIDES, "submanifold convs keep the active set: stride 1"))
+                   strides=Limit(DWCONV_STRIDES, "the site tables of ActiveSites.strided_neighbors and "
+                                                 "transposed_taps are built for these strides"))
 
 
 def _triton_ln_max_channels() -> Limit:
@@ -289,18 +298,27 @@ def _triton_ln_max_channels() -> Limit:
 DWCONV = OpSpec(
     name="sparse_depthwise_conv2d", short="conv",
     primitives=(
+        # y (N, C, ceil(H/stride), ceil(W/stride)); index: the active OUTPUT sites (numbered in y's grid),
+        # neighbors: for each, the x site read by each tap or -1 (ActiveSites.strided_neighbors).
         Primitive("dwconv_forward", "dwconv_forward",
-                  "(Tensor x, Tensor weight, Tensor? bias, Tensor index, Tensor neighbors) -> Tensor", "dwconv",
-                  _fake_dwconv_forward, lambda t: (t.x, t.weight, t.bias, t.index, t.neighbors)),
+                  "(Tensor x, Tensor weight, Tensor? bias, Tensor index, Tensor neighbors, int stride=1) -> Tensor",
+                  "dwconv", _fake_dwconv_forward, lambda t: (t.x, t.weight, t.bias, t.index, t.neighbors)),
+        # At stride 2, input_index (x's active sites) and input_taps (ActiveSites.transposed_taps: the output
+        # site whose tap t reads each, or -1) give the input gradient; at stride 1 they are None (the
+        # mirrored neighbors do).
         Primitive("dwconv_backward", "dwconv_backward",
-                  "(Tensor grad_out, Tensor x, Tensor weight, Tensor index, Tensor neighbors)"
-                  " -> (Tensor, Tensor, Tensor)", "dwconv",
+                  "(Tensor grad_out, Tensor x, Tensor weight, Tensor index, Tensor neighbors, int stride=1, "
+                  "Tensor? input_index=None, Tensor? input_taps=None) -> (Tensor, Tensor, Tensor)", "dwconv",
                   _fake_dwconv_backward, lambda t: (t.grad, t.x, t.weight, t.index, t.neighbors)),
     ),
     support={"reference": _conv_support(_REFERENCE), "cpu": _conv_support(_NATIVE_CPU),
              "cuda": _conv_support(_CUDA), "triton": _conv_support(_TRITON)},
-    variants=tuple(Variant(f"conv{k}", _conv_inputs(k), _conv_call, kernel_size=k, stride=1, bench_name=f"dwconv{k}")
-                   for k in DWCONV_KERNEL_SIZES),
+    # Stride 1 at every kernel size; stride 2 at 3x3 and 5x5, the strided depthwise convs of MobileNets and
+    # EfficientNets (the tables, not the kernel size, make the difference).
+    variants=tuple(Variant(f"conv{k}", _conv_inputs(k), _conv_call(1), kernel_size=k, stride=1, bench_name=f"dwconv{k}")
+                   for k in DWCONV_KERNEL_SIZES)
+    + tuple(Variant(f"conv{k}s2", _conv_inputs(k), _conv_call(2), kernel_size=k, stride=2, bench_name=f"dwconv{k}s2")
+            for k in (3, 5)),
 )
 
 BATCH_NORM = OpSpec(

@@ -7,6 +7,13 @@ Kernels never call ``nonzero()`` per layer; they read two int32 tables cached he
   (taps row-major, ``dy, dx`` in ``-k//2 .. k//2``), or -1 where that neighbour is outside the image or
   inactive. The table is symmetric (b is a's tap t iff a is b's mirrored tap), which lets the input
   gradient of the conv be gathered instead of scattered with atomics.
+
+A stride-s conv (padding k//2) reads these sites and writes the sites of ``strided(s)``, the output scale:
+* ``strided_neighbors(k, s)``: (M_out, k*k) the input site read by tap ``(dy, dx)`` of each active output
+  site ``(oy, ox)``, i.e. ``(s*oy + dy, s*ox + dx)``, or -1;
+* ``transposed_taps(k, s)``: (M, k*k) for each active input site, the output site whose tap t reads it,
+  or -1 (no such output site, or it is inactive). The conv's input gradient gathers through it with
+  unmirrored taps, again without atomics. For s = 1 it is ``neighbors(k)`` with the taps mirrored.
 """
 from __future__ import annotations
 
@@ -71,6 +78,8 @@ class ActiveSites:
         # One host sync per mask; every op later reads the count without syncing.
         self.num_active = int(self.index.numel())
         self._neighbors: Dict[int, torch.Tensor] = {}
+        self._strided_tables: Dict[Tuple[str, int, int], torch.Tensor] = {}
+        self._ceil_downsampled: Dict[int, ActiveSites] = {}
         self._image_counts = None
         # The scales of this mask, shared by every member of the pyramid. Weak values: each scale is kept
         # alive by the one it was derived from (_derived), so a pyramid has no reference cycle and is
@@ -123,10 +132,45 @@ class ActiveSites:
         return table
 
     def _build_neighbors(self, k: int) -> torch.Tensor:
-        n, h, w = self.shape
-        site = self.index.to(torch.int64)
-        row = (site // w) % h
-        col = site % w
+        return self._tap_table(self.index, self.shape, k, 1, self)
+
+    def strided_neighbors(self, kernel_size: int, stride: int) -> torch.Tensor:
+        """(M_out, k*k) int32 table of a k x k stride-`stride` conv with padding k//2: for each active site
+        of ``strided(stride)``, this scale's site read by each tap (or -1); cached per (k, stride)."""
+        if stride == 1:
+            return self.neighbors(kernel_size)
+        key = ("forward", kernel_size, stride)
+        table = self._strided_tables.get(key)
+        if table is None:
+            out = self.strided(stride)
+            table = self._tap_table(out.index, out.shape, kernel_size, stride, self)
+            self._strided_tables[key] = table
+        return table
+
+    def transposed_taps(self, kernel_size: int, stride: int) -> torch.Tensor:
+        """(M, k*k) int32: for each active site of this scale and each tap t, the active site of
+        ``strided(stride)`` whose tap t reads it, or -1; cached per (k, stride)."""
+        key = ("transposed", kernel_size, stride)
+        table = self._strided_tables.get(key)
+        if table is None:
+            if stride == 1:  # the neighbour at offset d reads this site through tap -d
+                table = self.neighbors(kernel_size).flip(1).contiguous()
+            else:
+                table = self._transposed_table(kernel_size, stride)
+            self._strided_tables[key] = table
+        return table
+
+    @staticmethod
+    def _tap_table(out_index: torch.Tensor, out_shape: Tuple[int, int, int], k: int, stride: int,
+                   src: "ActiveSites") -> torch.Tensor:
+        """For each site of out_index (numbered in out_shape), the site of `src` at (stride*oy + dy,
+        stride*ox + dx) for every tap, or -1 where it is outside the image or inactive."""
+        _, h, w = src.shape
+        _, ho, wo = out_shape
+        site = out_index.to(torch.int64)
+        image = site // (ho * wo)
+        row = (site // wo) % ho * stride
+        col = site % wo * stride
         r = k // 2
         offsets = torch.arange(-r, r + 1, device=site.device)
         dy = offsets.repeat_interleave(k)  # taps row-major: (dy, dx) for dy, for dx
@@ -134,10 +178,34 @@ class ActiveSites:
         nrow = row[:, None] + dy[None, :]
         ncol = col[:, None] + dx[None, :]
         inside = (nrow >= 0) & (nrow < h) & (ncol >= 0) & (ncol < w)
-        nsite = site[:, None] + dy[None, :] * w + dx[None, :]
+        nsite = (image * h)[:, None] * w + nrow * w + ncol
         nsite = torch.where(inside, nsite, torch.zeros_like(nsite))
-        active = inside & self.mask.reshape(-1)[nsite]
+        active = inside & src.mask.reshape(-1)[nsite]
         return torch.where(active, nsite, torch.full_like(nsite, -1)).to(torch.int32).contiguous()
+
+    def _transposed_table(self, k: int, stride: int) -> torch.Tensor:
+        out = self.strided(stride)
+        _, h, w = self.shape
+        _, ho, wo = out.shape
+        site = self.index.to(torch.int64)
+        image = site // (h * w)
+        row = (site // w) % h
+        col = site % w
+        r = k // 2
+        offsets = torch.arange(-r, r + 1, device=site.device)
+        dy = offsets.repeat_interleave(k)
+        dx = offsets.repeat(k)
+        # Output (oy, ox) reads this site through tap (dy, dx) iff stride*oy + dy = row (and likewise ox).
+        orow_s = row[:, None] - dy[None, :]
+        ocol_s = col[:, None] - dx[None, :]
+        orow = torch.div(orow_s, stride, rounding_mode="floor")
+        ocol = torch.div(ocol_s, stride, rounding_mode="floor")
+        hit = ((orow_s % stride == 0) & (ocol_s % stride == 0) & (orow >= 0) & (orow < ho) & (ocol >= 0)
+               & (ocol < wo))
+        osite = (image * ho)[:, None] * wo + orow * wo + ocol
+        osite = torch.where(hit, osite, torch.zeros_like(osite))
+        active = hit & out.mask.reshape(-1)[osite]
+        return torch.where(active, osite, torch.full_like(osite, -1)).to(torch.int32).contiguous()
 
     # -- scales ---------------------------------------------------------------------------------------
     def _derive(self, mask: torch.Tensor) -> "ActiveSites":
@@ -162,6 +230,24 @@ class ActiveSites:
             return cached
         pooled = torch.nn.functional.max_pool2d(self.mask.to(torch.uint8), factor).to(torch.bool)
         return self._derive(pooled)
+
+    def strided(self, stride: int) -> "ActiveSites":
+        """The output sites of a stride-`stride` conv with padding k//2 (odd k): output site (oy, ox) is active
+        if any input site of its stride x stride block is. Equals ``downsample(stride)`` when the stride
+        divides the spatial size; otherwise the output has nn.Conv2d's ceil(H/stride) x ceil(W/stride)
+        sites, the last ones pooling the partial blocks at the border (cached, not shared as a scale)."""
+        stride = _positive_int(stride, "stride")
+        if stride == 1:
+            return self
+        _, h, w = self.shape
+        if h % stride == 0 and w % stride == 0:
+            return self.downsample(stride)
+        self._check_resamplable()
+        cached = self._ceil_downsampled.get(stride)
+        if cached is None:
+            pooled = torch.nn.functional.max_pool2d(self.mask.to(torch.uint8), stride, ceil_mode=True)
+            cached = self._ceil_downsampled[stride] = ActiveSites(pooled.to(torch.bool))
+        return cached
 
     def at(self, height: int, width: int) -> "ActiveSites":
         """The sites of this mask at another resolution: nearest-upsampled to an integer multiple,

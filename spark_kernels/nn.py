@@ -18,7 +18,7 @@ from torch import nn
 
 from ._sites import ActiveSites, as_sites
 from .batch_norm import masked_batch_norm
-from .depthwise_conv import KERNEL_SIZES, sparse_depthwise_conv2d
+from .depthwise_conv import KERNEL_SIZES, STRIDES, sparse_depthwise_conv2d
 from .group_norm import masked_group_norm
 from .layer_norm import DATA_FORMATS, masked_layer_norm
 
@@ -66,30 +66,37 @@ def _copy_state(dst: nn.Module, src: nn.Module) -> None:
 
 
 class SparseDepthwiseConv2d(nn.Conv2d):
-    """Submanifold depthwise conv; same parameters and state_dict keys as the nn.Conv2d it replaces."""
+    """Submanifold depthwise conv (k in {3, 5, 7}, stride 1 or 2, padding k//2); same parameters and
+    state_dict keys as the nn.Conv2d it replaces. Its output's active sites are ``sites.strided(stride)``."""
 
-    def __init__(self, channels: int, kernel_size: int, bias: bool = True, backend: Optional[str] = None,
-                 device=None, dtype=None):
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True, stride: int = 1,
+                 backend: Optional[str] = None, device=None, dtype=None):
         if kernel_size not in KERNEL_SIZES:
-            raise ValueError(f"kernel_size must be 3 or 7, got {kernel_size}")
-        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias,
-                         device=device, dtype=dtype)
+            raise ValueError(f"kernel_size must be one of {KERNEL_SIZES}, got {kernel_size}")
+        if stride not in STRIDES:
+            raise ValueError(f"stride must be one of {STRIDES}, got {stride}")
+        super().__init__(channels, channels, kernel_size, stride=stride, padding=kernel_size // 2, groups=channels,
+                         bias=bias, device=device, dtype=dtype)
         self.backend = backend
 
     @staticmethod
     def unsupported_reason(conv: nn.Module) -> Optional[str]:
-        """Why a dense conv cannot become a SparseDepthwiseConv2d, or None if it can."""
+        """Why a dense conv cannot become a SparseDepthwiseConv2d, or None if it can (the converters ask this
+        instead of knowing the supported kernel sizes and strides)."""
         if type(conv) is not nn.Conv2d:
             return f"is a {type(conv).__name__}, not a plain nn.Conv2d"
         k = conv.kernel_size
         if k[0] != k[1] or k[0] not in KERNEL_SIZES:
-            return f"kernel size {k} is not 3x3 or 7x7"
+            sizes = ", ".join(f"{s}x{s}" for s in KERNEL_SIZES)
+            return f"kernel size {k} is not one of {sizes}"
         if conv.in_channels != conv.out_channels or conv.groups != conv.in_channels:
             return f"is not depthwise (in={conv.in_channels}, out={conv.out_channels}, groups={conv.groups})"
-        if tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1):
-            return f"stride {conv.stride} / dilation {conv.dilation} is not 1"
+        if conv.stride[0] != conv.stride[1] or conv.stride[0] not in STRIDES:
+            return f"stride {conv.stride} is not one of {', '.join(f'({s}, {s})' for s in STRIDES)}"
+        if tuple(conv.dilation) != (1, 1):
+            return f"dilation {conv.dilation} is not 1"
         if conv.padding == "valid" or (conv.padding != "same" and tuple(conv.padding) != (k[0] // 2,) * 2):
-            return f"padding {conv.padding} is not 'same'"
+            return f"padding {conv.padding} is not k//2 = {(k[0] // 2,) * 2} ('same' at stride 1)"
         if conv.padding_mode != "zeros":
             return f"padding_mode {conv.padding_mode!r} is not 'zeros'"
         return None
@@ -99,12 +106,14 @@ class SparseDepthwiseConv2d(nn.Conv2d):
         why = cls.unsupported_reason(conv)
         if why:
             raise ValueError(f"SparseDepthwiseConv2d.from_dense: conv {why}")
-        sparse = cls(conv.in_channels, conv.kernel_size[0], bias=conv.bias is not None, backend=backend)
+        sparse = cls(conv.in_channels, conv.kernel_size[0], bias=conv.bias is not None, stride=conv.stride[0],
+                     backend=backend)
         _copy_state(sparse, conv)
         return sparse
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_depthwise_conv2d(x, self.weight, self.bias, sites_for(x, self), backend=self.backend)
+        return sparse_depthwise_conv2d(x, self.weight, self.bias, sites_for(x, self), stride=self.stride[0],
+                                       backend=self.backend)
 
 
 class MaskedBatchNorm2d(nn.BatchNorm2d):

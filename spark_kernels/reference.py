@@ -29,14 +29,16 @@ def _empty_result(x: torch.Tensor, *params) -> torch.Tensor:
 
 
 def sparse_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            mask: torch.Tensor) -> torch.Tensor:
-    """mask: bool (N, 1, H, W)."""
+                            mask: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """mask: bool (N, 1, H, W) of x's sites. The output's sites are active where any site of their
+    stride x stride block of the mask is (blocks cut short at the border when the stride does not divide H, W)."""
     if x.numel() == 0:  # F.conv2d refuses C = 0 and images smaller than the kernel
-        return _empty_result(x, weight, bias)
+        return _empty_result(x[..., ::stride, ::stride], weight, bias)
     k = weight.shape[-1]
     masked = torch.where(mask, x, _zero(x))
-    y = F.conv2d(masked, weight, bias, padding=k // 2, groups=x.shape[1])
-    return torch.where(mask, y, _zero(y))
+    y = F.conv2d(masked, weight, bias, stride=stride, padding=k // 2, groups=x.shape[1])
+    out_mask = F.max_pool2d(mask.to(torch.uint8), stride, ceil_mode=True).to(torch.bool) if stride > 1 else mask
+    return torch.where(out_mask, y, _zero(y))
 
 
 def _scatter_rows(rows: torch.Tensor, mask_nhw: torch.Tensor, like_nhwc: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from bench.__main__ import main as bench_main
 from bench.ops import COMPILED, REFERENCE
 
 # compile_budget_s=0: every compiled case is recorded as skipped, without compiling (seconds each here).
-TINY = suite.Settings(batch=2, repeats=1, warmup=1, passes=("forward_backward",), stages={"convnext_tiny": [(8, 8, 2)]}, compile_stages=None, compile_budget_s=0,
+TINY = suite.Settings(batch=2, repeats=1, warmup=1, passes=("forward_backward",), stages={"convnext_tiny": [(8, 8, 2)]}, net_ops=None, compile_stages=None, compile_budget_s=0,
                       sweep_shape=(8, 8, 2), mask_ratios=(0.0, 0.5), batch_sizes=(1, 2), sweep_ops=("dwconv3",),
                       sweep_repeats=1, models=(), machine_repeats=1, machine_gemm_size=64,
                       machine_stream_elements=1 << 12)

@@ -23,7 +23,18 @@ LAYOUTS = ("contiguous", "channels_last", "strided_view")
 MASKS = (("random", 0.0), ("spark", 0.6), ("random", 0.6), ("random", 1.0))
 # (N, C, with bias)
 SHAPES = ((1, 1, True), (8, 3, False), (1, 96, True), (8, 97, True))
-H, W = 13, 11
+H, W = 13, 11  # odd: a stride-2 conv's last output row and column pool half blocks
+# Kernel sizes x strides: the original 3x3/7x7 stride-1 cases over every layout and mask, the others
+# (5x5, stride 2) over the two dense layouts and the masks that tell them apart (the strided-view
+# layout is handled before the kernel size or stride matter).
+CASES = [(k, s, layout, mask) for k, s in ((3, 1), (7, 1), (5, 1), (3, 2), (5, 2), (7, 2))
+         for layout in (LAYOUTS if (k, s) in ((3, 1), (7, 1)) else LAYOUTS[:2])
+         for mask in (MASKS if (k, s) in ((3, 1), (7, 1)) else MASKS[:3])]
+
+
+def out_mask(mask: torch.Tensor, stride: int) -> torch.Tensor:
+    """The output's active sites: a site is active if any input site of its stride x stride block is."""
+    return sk.ActiveSites(mask).strided(stride).mask
 
 
 @pytest.fixture(autouse=True)
@@ -58,43 +69,43 @@ def conv_and_grads(fn, x, weight, bias, grad_out):
     return y.detach(), grads
 
 
-def make_inputs(n, c, k, dtype, with_bias, seed=0):
+def make_inputs(n, c, k, dtype, with_bias, seed=0, stride=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, H, W, generator=g, dtype=torch.float64)
     weight = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
     bias = torch.randn(c, generator=g, dtype=torch.float64) if with_bias else None
-    grad_out = torch.randn(n, c, H, W, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(n, c, -(-H // stride), -(-W // stride), generator=g, dtype=torch.float64)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return (x, weight, bias, grad_out), (cast(x), cast(weight), cast(bias), cast(grad_out))
 
 
-@pytest.mark.parametrize("mask_kind,ratio", MASKS, ids=[f"{kind}{r}" for kind, r in MASKS])
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("k", (3, 7))
+@pytest.mark.parametrize("k,stride,layout,mask_kind,ratio", [(k, s, lay, *m) for k, s, lay, m in CASES],
+                         ids=[f"k{k}-s{s}-{lay}-{m[0]}{m[1]}" for k, s, lay, m in CASES])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(backend, k, dtype, layout, mask_kind, ratio):
+def test_matches_reference(backend, k, stride, layout, mask_kind, ratio, dtype):
     for n, c, with_bias in SHAPES:
         mask = make_mask(mask_kind, n, H, W, ratio, seed=c)
         sites = sk.ActiveSites(mask)
-        (x64, w64, b64, g64), (x, w, b, g) = make_inputs(n, c, k, dtype, with_bias, seed=c)
+        (x64, w64, b64, g64), (x, w, b, g) = make_inputs(n, c, k, dtype, with_bias, seed=c, stride=stride)
         leaves = [t.requires_grad_() if t is not None else None for t in (x, w, b)]
         y, grads = conv_and_grads(
-            lambda xx, ww, bb: sk.sparse_depthwise_conv2d(in_layout(xx, layout), ww, bb, sites, backend=backend),
+            lambda xx, ww, bb: sk.sparse_depthwise_conv2d(in_layout(xx, layout), ww, bb, sites, stride=stride,
+                                                          backend=backend),
             *leaves, g)
         if ratio == 0.0:  # all visible: plain dense conv
-            dense = lambda xx, ww, bb: F.conv2d(xx, ww, bb, padding=k // 2, groups=c)  # noqa: E731
+            dense = lambda xx, ww, bb: F.conv2d(xx, ww, bb, stride, padding=k // 2, groups=c)  # noqa: E731
             ref_lowp, ref_lowp_grads = conv_and_grads(dense, *leaves, g)
             ref64, ref64_grads = conv_and_grads(dense, *[t.requires_grad_() if t is not None else None
                                                          for t in (x64, w64, b64)], g64)
         else:
             ref_lowp, ref_lowp_grads = conv_and_grads(
-                lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask), *leaves, g)
+                lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask, stride), *leaves, g)
             ref64, ref64_grads = conv_and_grads(
-                lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask),
+                lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask, stride),
                 *[t.requires_grad_() if t is not None else None for t in (x64, w64, b64)], g64)
-        what = f"{backend} k={k} N={n} C={c} {layout} {mask_kind}{ratio} {dtype}"
-        assert y.dtype == dtype and y.shape == x.shape
+        what = f"{backend} k={k} stride={stride} N={n} C={c} {layout} {mask_kind}{ratio} {dtype}"
+        assert y.dtype == dtype and y.shape == g.shape
         assert_close_to_reference(y, ref_lowp, ref64, what + ": output")
         for name, got, lowp, exact in zip(("grad x", "grad weight", "grad bias"), grads, ref_lowp_grads, ref64_grads):
             if exact is None:
@@ -106,25 +117,29 @@ def test_matches_reference(backend, k, dtype, layout, mask_kind, ratio):
             for got in grads:
                 assert got is None or torch.equal(got, torch.zeros_like(got)), what
         if ratio > 0.0:
-            assert torch.all(y[~mask.expand_as(y)] == 0), f"{what}: non-zero output at inactive sites"
-            assert torch.all(grads[0][~mask.expand_as(y)] == 0), f"{what}: non-zero grad x at inactive sites"
+            assert torch.all(y[~out_mask(mask, stride).expand_as(y)] == 0), f"{what}: non-zero output at inactive sites"
+            assert torch.all(grads[0][~mask.expand_as(x)] == 0), f"{what}: non-zero grad x at inactive sites"
 
 
+@pytest.mark.parametrize("k,stride", ((7, 1), (5, 2)))
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_garbage_at_inactive_sites_does_not_leak(backend, layout):
-    n, c, k = 2, 5, 7
+def test_garbage_at_inactive_sites_does_not_leak(backend, layout, k, stride):
+    n, c = 2, 5
     mask = make_mask("spark", n, H, W, 0.6, seed=3)
-    (x64, w64, b64, g64), _ = make_inputs(n, c, k, torch.float64, True, seed=3)
-    inactive = ~mask.expand(n, c, H, W)
+    (x64, w64, b64, g64), _ = make_inputs(n, c, k, torch.float64, True, seed=3, stride=stride)
     garbage = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e300], dtype=torch.float64)
-    fill = garbage[torch.arange(int(inactive.sum())) % 4]
-    dirty_x = x64.masked_scatter(inactive, fill)
-    dirty_g = g64.masked_scatter(inactive, fill)
-    clean = conv_and_grads(lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask),
+
+    def dirty(t, active):
+        inactive = ~active.expand_as(t)
+        return t.masked_scatter(inactive, garbage[torch.arange(int(inactive.sum())) % 4])
+
+    dirty_x, dirty_g = dirty(x64, mask), dirty(g64, out_mask(mask, stride))
+    clean = conv_and_grads(lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask, stride),
                            *[t.clone().requires_grad_() for t in (x64, w64, b64)], g64)
     dirty = conv_and_grads(
-        lambda xx, ww, bb: sk.sparse_depthwise_conv2d(in_layout(xx, layout), ww, bb, mask, backend=backend),
+        lambda xx, ww, bb: sk.sparse_depthwise_conv2d(in_layout(xx, layout), ww, bb, mask, stride=stride,
+                                                      backend=backend),
         *[t.clone().requires_grad_() for t in (dirty_x, w64, b64)], dirty_g)
     for name, got, want in zip(("output", "grad x", "grad weight", "grad bias"), [dirty[0]] + dirty[1],
                                [clean[0]] + clean[1]):
@@ -133,10 +148,10 @@ def test_garbage_at_inactive_sites_does_not_leak(backend, layout):
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("k", (3, 7))
+@pytest.mark.parametrize("k,stride", ((3, 1), (7, 1), (5, 2)))
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
 @pytest.mark.parametrize("backend", NATIVE)
-def test_two_threads_bit_identical_and_correct(backend, layout, k, dtype):
+def test_two_threads_bit_identical_and_correct(backend, layout, k, stride, dtype):
     # Enough active sites for several weight-gradient chunks.
     n, c, h, w = 8, 37, 28, 28
     mask = make_mask("spark", n, h, w, 0.6, seed=5)
@@ -144,7 +159,7 @@ def test_two_threads_bit_identical_and_correct(backend, layout, k, dtype):
     x = torch.randn(n, c, h, w, generator=g)
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
     weight, bias = torch.randn(c, 1, k, k, generator=g), torch.randn(c, generator=g)
-    grad_out = torch.randn(n, c, h, w, generator=g)
+    grad_out = torch.randn(n, c, h // stride, w // stride, generator=g)
     sites = sk.ActiveSites(mask)
 
     def run(fn, dtype):
@@ -152,24 +167,25 @@ def test_two_threads_bit_identical_and_correct(backend, layout, k, dtype):
         y, grads = conv_and_grads(fn, *leaves, grad_out.to(dtype))
         return [y] + grads
 
-    fused = lambda xx, ww, bb: sk.sparse_depthwise_conv2d(xx, ww, bb, sites, backend=backend)  # noqa: E731
+    fused = lambda xx, ww, bb: sk.sparse_depthwise_conv2d(xx, ww, bb, sites, stride=stride,  # noqa: E731
+                                                          backend=backend)
     torch.set_num_threads(2)
     first, second = run(fused, dtype), run(fused, dtype)
     torch.set_num_threads(1)
     single = run(fused, dtype)
-    masked_dense = lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask)  # noqa: E731
+    masked_dense = lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask, stride)  # noqa: E731
     ref, ref64 = run(masked_dense, dtype), run(masked_dense, torch.float64)
     for name, a, b, s, r, r64 in zip(("output", "grad x", "grad weight", "grad bias"), first, second, single, ref,
                                      ref64):
         assert torch.equal(a, b), f"{name} differs between two runs"
         assert torch.equal(a, s), f"{name} differs between 2 threads and 1 thread"
-        assert_close_to_reference(a, r, r64, f"{backend} {layout} k={k} 2 threads: {name}")
+        assert_close_to_reference(a, r, r64, f"{backend} {layout} k={k} stride={stride} 2 threads: {name}")
 
 
-@pytest.mark.parametrize("k", (3, 7))
+@pytest.mark.parametrize("k,stride", ((3, 1), (7, 1), (5, 1), (3, 2), (5, 2), (7, 2)))
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])
-def test_gradcheck_float64(backend, layout, k):
+def test_gradcheck_float64(backend, layout, k, stride):
     n, c, h, w = 2, 2, 6, 5
     mask = make_mask("spark", n, h, w, 0.5, seed=7)
     g = torch.Generator().manual_seed(7)
@@ -178,8 +194,8 @@ def test_gradcheck_float64(backend, layout, k):
     weight = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
     bias = torch.randn(c, generator=g, dtype=torch.float64)
     inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
-    assert torch.autograd.gradcheck(lambda *a: sk.sparse_depthwise_conv2d(*a, mask, backend=backend), inputs,
-                                    **GRADCHECK)
+    assert torch.autograd.gradcheck(lambda *a: sk.sparse_depthwise_conv2d(*a, mask, stride=stride, backend=backend),
+                                    inputs, **GRADCHECK)
 
 
 def op_args(layout, with_bias, k, dtype=torch.float32):
@@ -193,16 +209,33 @@ def op_args(layout, with_bias, k, dtype=torch.float32):
     return x, weight, bias, sites.index, sites.neighbors(k)
 
 
+def strided_op_args(layout, with_bias, k, dtype=torch.float32):
+    """The ops' arguments at stride 2: x, weight, bias, the output sites' index and table, the stride, x's
+    index and the transposed table (H = 9 odd, W = 8 even)."""
+    x, weight, bias, _, _ = op_args(layout, with_bias, k, dtype)
+    sites = sk.ActiveSites(make_mask("spark", 2, 9, 8, 0.6, seed=11))
+    return (x, weight, bias, sites.strided(2).index, sites.strided_neighbors(k, 2), 2, sites.index,
+            sites.transposed_taps(k, 2))
+
+
 @needs_cpu_backend
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
-@pytest.mark.parametrize("k", (3, 7))
+@pytest.mark.parametrize("k,stride", ((3, 1), (7, 1), (5, 1), (3, 2)))
 @pytest.mark.parametrize("with_bias", (True, False))
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
-def test_opcheck(layout, with_bias, k, dtype):
-    x, weight, bias, index, neighbors = op_args(layout, with_bias, k, dtype)
-    torch.library.opcheck(torch.ops.spark_kernels.dwconv_forward, (x, weight, bias, index, neighbors))
-    grad_out = torch.randn_like(x)
-    torch.library.opcheck(torch.ops.spark_kernels.dwconv_backward, (grad_out, x, weight, index, neighbors))
+def test_opcheck(layout, with_bias, k, stride, dtype):
+    if stride == 1:
+        x, weight, bias, index, neighbors = op_args(layout, with_bias, k, dtype)
+        backward_tables = ()
+    else:
+        x, weight, bias, index, neighbors, _, input_index, input_taps = strided_op_args(layout, with_bias, k, dtype)
+        backward_tables = (input_index, input_taps)
+    torch.library.opcheck(torch.ops.spark_kernels.dwconv_forward, (x, weight, bias, index, neighbors, stride))
+    y = torch.ops.spark_kernels.dwconv_forward(x, weight, bias, index, neighbors, stride)
+    assert y.shape == (x.shape[0], x.shape[1], -(-x.shape[2] // stride), -(-x.shape[3] // stride))
+    grad_out = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.spark_kernels.dwconv_backward,
+                          (grad_out, x, weight, index, neighbors, stride, *backward_tables))
 
 
 def bad_calls():
@@ -228,8 +261,15 @@ def bad_calls():
         ("mask of other spatial size", lambda be: conv(x, w3, b, mask[:, :, :-1], backend=be), ValueError,
          ["active", "(N, H, W)"]),
         ("non-bool mask", lambda be: conv(x, w3, b, mask.float(), backend=be), TypeError, ["active", "bool"]),
-        ("kernel size 5", lambda be: conv(x, torch.randn(c, 1, 5, 5), b, mask, backend=be), ValueError,
-         ["weight", "3 or 7"]),
+        ("kernel size 9", lambda be: conv(x, torch.randn(c, 1, 9, 9), b, mask, backend=be), ValueError,
+         ["weight", "3, 5 or 7", "9"]),
+        ("kernel size 4", lambda be: conv(x, torch.randn(c, 1, 4, 4), b, mask, backend=be), ValueError,
+         ["weight", "3, 5 or 7", "4"]),
+        ("stride 3", lambda be: conv(x, w3, b, mask, stride=3, backend=be), ValueError, ["stride", "1 or 2", "3"]),
+        ("stride (2, 2)", lambda be: conv(x, w3, b, mask, stride=(2, 2), backend=be), ValueError,
+         ["stride", "1 or 2"]),
+        ("mask at the output scale", lambda be: conv(x[..., :12, :10], w3, b, mask[..., :6, :5], stride=2,
+                                                     backend=be), ValueError, ["active", "(N, H, W)"]),
         ("weight not (C, 1, k, k)", lambda be: conv(x, torch.randn(c, 2, 3, 3), b, mask, backend=be), ValueError,
          ["weight", "(C, 1, k, k)"]),
         ("weight for other C", lambda be: conv(x, torch.randn(c + 1, 1, 3, 3), b, mask, backend=be), ValueError,
@@ -261,12 +301,18 @@ def test_native_op_checks_its_arguments():
     fwd, bwd = torch.ops.spark_kernels.dwconv_forward, torch.ops.spark_kernels.dwconv_backward
     corrupt = neighbors.clone()
     corrupt[0, 0] = x.shape[0] * x.shape[2] * x.shape[3] + 5
+    strided = strided_op_args("channels_last", True, 3)
+    strided_corrupt = strided[7].clone()
+    strided_corrupt[0, 0] = strided[3].shape[0] + 10**6
     unsorted = index.flip(0).contiguous()
     cases = [
         (lambda: fwd(x.int(), weight.int(), None, index, neighbors), "x must be float64, float32, float16 or bfloat16"),
         (lambda: fwd(x, weight.double(), bias, index, neighbors), "weight must have x's dtype"),
         (lambda: fwd(x, weight, bias.double(), index, neighbors), "bias must have x's dtype"),
-        (lambda: fwd(x, weight[:, :, :2, :2], bias, index, neighbors), "kernel size must be 3 or 7"),
+        (lambda: fwd(x, weight[:, :, :2, :2], bias, index, neighbors), "kernel size must be 3, 5 or 7, got 2"),
+        (lambda: fwd(x, torch.randn(5, 1, 9, 9), bias, index, neighbors), "kernel size must be 3, 5 or 7, got 9"),
+        (lambda: fwd(x, weight, bias, index, neighbors, 3), "stride must be 1 or 2, got 3"),
+        (lambda: fwd(x, weight, bias, index, neighbors, 0), "stride must be 1 or 2, got 0"),
         (lambda: fwd(x, weight, bias[:-1], index, neighbors), "bias must have shape"),
         (lambda: fwd(x, weight, bias, index.long(), neighbors), "index must be a 1-D int32 tensor"),
         (lambda: fwd(x, weight, bias, index, neighbors.long()), "neighbors must be a 2-D int32 tensor"),
@@ -275,7 +321,16 @@ def test_native_op_checks_its_arguments():
         (lambda: fwd(x, weight, bias, index, corrupt), "site numbers outside x"),
         (lambda: fwd(x.contiguous(), weight, bias, unsorted, neighbors.flip(0).contiguous()),
          "site numbers outside x"),
-        (lambda: bwd(x[:1], x, weight, index, neighbors), "grad_out must have x's shape"),
+        (lambda: bwd(x[:1], x, weight, index, neighbors), "grad_out must have the output's shape"),
+        (lambda: bwd(x, x, weight, index, neighbors, 1, index, neighbors), "must be None at stride 1"),
+        (lambda: bwd(x[..., ::2, ::2], x, weight, *strided[3:6]), "input_index and input_taps are required"),
+        (lambda: bwd(x[..., ::2, ::2], x, weight, *strided[3:7], strided[7][:, :4]),
+         "input_taps must have shape (M, k*k)"),
+        (lambda: bwd(x[..., ::2, ::2], x, weight, *strided[3:6], strided[6].long(), strided[7]),
+         "input_index must be a 1-D int32 tensor"),
+        (lambda: bwd(x, x, weight, *strided[3:]), "grad_out must have the output's shape"),
+        (lambda: fwd(x, weight, bias, index, neighbors, 2), "index has"),
+        (lambda: bwd(x[..., ::2, ::2], x, weight, *strided[3:7], strided_corrupt), "site numbers outside x"),
         (lambda: bwd(x.double(), x, weight, index, neighbors), "grad_out must have x's dtype"),
         (lambda: bwd(x, x, weight, index, corrupt), "site numbers outside x"),
     ]
@@ -284,7 +339,7 @@ def test_native_op_checks_its_arguments():
             thunk()
 
 
-@pytest.mark.parametrize("k", (3, 7))
+@pytest.mark.parametrize("k", (3, 5, 7))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_from_dense_equals_functional(backend, k):
     n, c = 2, 6
@@ -306,11 +361,16 @@ def test_module_from_dense_equals_functional(backend, k):
 
 
 @pytest.mark.parametrize("conv,words", [
-    (nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), "stride"),
+    (nn.Conv2d(4, 4, 3, stride=3, padding=1, groups=4), "stride"),
+    (nn.Conv2d(4, 4, 3, stride=(1, 2), padding=1, groups=4), "stride"),
     (nn.Conv2d(4, 4, 3, padding=1), "not depthwise"),
     (nn.Conv2d(4, 8, 3, padding=1, groups=4), "not depthwise"),
-    (nn.Conv2d(4, 4, 5, padding=2, groups=4), "kernel size"),
-], ids=["stride2", "dense", "multiplier2", "k5"])
+    (nn.Conv2d(4, 4, 9, padding=4, groups=4), "kernel size"),
+    (nn.Conv2d(4, 4, (5, 3), padding=(2, 1), groups=4), "kernel size"),
+    (nn.Conv2d(4, 4, 5, padding=1, groups=4), "padding"),
+    (nn.Conv2d(4, 4, 5, stride=2, padding=0, groups=4), "padding"),
+    (nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4), "dilation"),
+], ids=["stride3", "stride1x2", "dense", "multiplier2", "k9", "k5x3", "padding1", "stride2-padding0", "dilation2"])
 def test_from_dense_refuses_unsupported_convs(conv, words):
     with pytest.raises(ValueError, match=words):
         sk.nn.SparseDepthwiseConv2d.from_dense(conv)
@@ -335,7 +395,28 @@ def test_outputs_in_kernel_layout(backend, layout):
     assert gx.is_contiguous(memory_format=fmt)
 
 
-@pytest.mark.parametrize("k", [3, 7])
+@pytest.mark.parametrize("k,stride", ((3, 1), (7, 1), (5, 1), (5, 2), (3, 2)))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_module_from_dense(backend, k, stride):
+    """An EfficientNet/MobileNet-style strided depthwise conv converts; its output is at the next scale of the
+    same context, equals the functional op, and with every site active equals the dense conv."""
+    n, c = 2, 6
+    dense = nn.Conv2d(c, c, k, stride=stride, padding=k // 2, groups=c, bias=False)
+    assert sk.nn.SparseDepthwiseConv2d.unsupported_reason(dense) is None
+    module = sk.nn.SparseDepthwiseConv2d.from_dense(dense, backend=backend)
+    assert module.stride == (stride, stride) and module.bias is None
+    sites = sk.ActiveSites(make_mask("spark", n, 16, 16, 0.6, seed=13))
+    x = torch.randn(n, c, 16, 16)
+    with sk.active(sites):
+        y = module(x)
+    assert y.shape == (n, c, 16 // stride, 16 // stride)
+    assert torch.equal(y, sk.sparse_depthwise_conv2d(x, dense.weight, None, sites, stride=stride, backend=backend))
+    assert torch.all(y[~sites.at(16 // stride, 16 // stride).mask.expand_as(y)] == 0)
+    with sk.active(torch.ones(n, 1, 16, 16, dtype=torch.bool)):
+        torch.testing.assert_close(module(x), dense(x))
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
 def test_module_defaults_are_those_of_a_depthwise_conv2d(k):
     """SparseDepthwiseConv2d(C, k) built directly: a bias, 'same' padding, one group per channel, so that
     with every site active it equals F.conv2d with its parameters."""

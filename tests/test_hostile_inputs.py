@@ -22,14 +22,24 @@ from helpers import assert_close_to_reference, cpu_tensor_backends, kernel_backe
 F64 = torch.float64
 N, C, H, W = 2, 3, 5, 6
 LN_FORMATS = ["channels_first", "channels_last"]
-# op ids: every test case (Variant) of the op registry: the conv at each kernel size, BN in both modes, LN
-# in both formats, GN.
+# op ids: every test case (Variant) of the op registry: the conv at each kernel size (and 3x3, 5x5 at stride 2;
+# H = 5 is odd: a half block at the border), BN in both modes, LN in both formats, GN.
 OPS = list(VARIANTS)
 DIFFERENTIABLE = ("x", "weight", "bias")
 
 
 def kernel_op(op: str) -> str:
     return VARIANTS[op][0].short
+
+
+def conv_stride(op: str) -> int:
+    return VARIANTS[op][1].stride or 1
+
+
+def out_sites(op: str, mask: torch.Tensor) -> torch.Tensor:
+    """The op's output's active sites: the mask itself but for a strided conv."""
+    stride = conv_stride(op)
+    return mask if stride == 1 else sk.ActiveSites(mask).strided(stride).mask
 
 
 def op_backends():
@@ -318,7 +328,9 @@ def check_zero_size(op, backend, empty):
     mask = torch.zeros(n, 1, h, w, dtype=torch.bool) if empty == "no_active_site" else random_mask(n, h, w, 0.5)
     before = {k: v.clone() for k, v in inputs.items()}
     y, grads = assert_same_as_reference(op, backend, inputs, mask)
-    assert tuple(y.shape) == tuple(inputs["x"].shape) and (y == 0).all()
+    s = conv_stride(op)
+    x_shape = tuple(inputs["x"].shape)
+    assert tuple(y.shape) == x_shape[:2] + (-(-x_shape[2] // s), -(-x_shape[3] // s)) and (y == 0).all()
     for k, g in grads.items():
         assert g.shape == inputs[k].shape and (g == 0).all(), f"gradient of {k} must be zeros"
     if op == "bn_train":  # nothing observed: running statistics unchanged
@@ -400,8 +412,9 @@ def test_nonfinite_at_inactive_sites_does_not_leak(op, backend, value):
     x = x_to_nchw(op, inputs["x"])
     clean_x = torch.where(mask, x, 0.0)
     dirty_x = torch.where(mask, x, value)
-    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(12), dtype=F64)
-    clean_g, dirty_g = torch.where(mask, g, 0.0), torch.where(mask, g, value)
+    y_mask = out_sites(op, mask)
+    g = torch.randn(x.shape[:2] + y_mask.shape[2:], generator=torch.Generator().manual_seed(12), dtype=F64)
+    clean_g, dirty_g = torch.where(y_mask, g, 0.0), torch.where(y_mask, g, value)
     to_op = (lambda t: t.permute(0, 2, 3, 1).contiguous()) if channels_last_input(op) else (lambda t: t)
     y_clean, grads_clean, _ = run(op, backend, dict(inputs, x=to_op(clean_x)), mask, grad_out=to_op(clean_g))
     y_dirty, grads_dirty, _ = run(op, backend, dict(inputs, x=to_op(dirty_x)), mask, grad_out=to_op(dirty_g))
@@ -417,6 +430,7 @@ def dense_modules():
     return {
         "conv3": (sk.nn.SparseDepthwiseConv2d.from_dense, nn.Conv2d(C, C, 3, padding=1, groups=C)),
         "conv7": (sk.nn.SparseDepthwiseConv2d.from_dense, nn.Conv2d(C, C, 7, padding=3, groups=C, bias=False)),
+        "conv5s2": (sk.nn.SparseDepthwiseConv2d.from_dense, nn.Conv2d(C, C, 5, stride=2, padding=2, groups=C)),
         "bn": (sk.nn.MaskedBatchNorm2d.from_dense, nn.BatchNorm2d(C)),
         "ln_channels_first": (lambda m, backend: sk.nn.MaskedLayerNorm.from_dense(m, "channels_first", backend),
                               nn.LayerNorm(C)),
@@ -427,7 +441,7 @@ def dense_modules():
 
 
 @pytest.mark.parametrize("backend", cpu_tensor_backends())
-@pytest.mark.parametrize("name", ["conv3", "conv7", "bn", "ln_channels_first", "ln_channels_last", "gn"])
+@pytest.mark.parametrize("name", ["conv3", "conv7", "conv5s2", "bn", "ln_channels_first", "ln_channels_last", "gn"])
 def test_module_outside_active_context_and_with_mismatched_sites(backend, name):
     convert, dense = dense_modules()[name]
     module = convert(dense, backend=backend)
@@ -450,9 +464,9 @@ def test_module_outside_active_context_and_with_mismatched_sites(backend, name):
 @pytest.mark.parametrize("backend", cpu_tensor_backends())
 def test_from_dense_refuses_what_it_cannot_replace(backend):
     conv = sk.nn.SparseDepthwiseConv2d.from_dense
-    for bad, why in [(nn.Conv2d(C, C, 3, stride=2, padding=1, groups=C), "stride"),
+    for bad, why in [(nn.Conv2d(C, C, 3, stride=3, padding=1, groups=C), "stride"),
                      (nn.Conv2d(C, C, 3, padding=1), "not depthwise"),
-                     (nn.Conv2d(C, C, 5, padding=2, groups=C), "not 3x3 or 7x7"),
+                     (nn.Conv2d(C, C, 9, padding=4, groups=C), "not one of 3x3, 5x5, 7x7"),
                      (nn.Conv2d(C, C, 3, padding=0, groups=C), "padding"),
                      (nn.Conv2d(C, C, 3, padding=1, groups=C, padding_mode="reflect"), "padding_mode"),
                      (nn.Conv2d(C, C, 3, padding=2, dilation=2, groups=C), "dilation"),

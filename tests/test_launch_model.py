@@ -1,5 +1,5 @@
 """Launch model of the Triton kernels at H100/H200 scale (132 SMs), at the benchmark shapes (ConvNeXt-T stages,
-ResNet-50 stages for BN, batch 256, 40% active): per kernel, the programs per SM (from the dispatcher's own
+ResNet-50 stages for BN, EfficientNet-B0's depthwise shapes for 5x5 and stride 2, batch 256, 40% active): per kernel, the programs per SM (from the dispatcher's own
 launch code), the serial chain of dependent global loads per program and the re-read factor of each input
 (from the kernel's loop structure, stated next to each kernel), each under a stated bound. GroupNorm is modelled
 at the ResNet-50 stage shapes."""
@@ -14,7 +14,7 @@ from spark_kernels.triton import config  # noqa: E402
 from spark_kernels.triton.common import site_programs  # noqa: E402
 from spark_kernels.triton.group_norm import reduction_grid  # noqa: E402
 
-from bench.common import CONVNEXT_T_STAGES, RESNET50_STAGES  # noqa: E402
+from bench.common import CONVNEXT_T_STAGES, EFFICIENTNET_B0_DW_STAGES, RESNET50_STAGES  # noqa: E402
 
 BATCH, ACTIVE = 256, 0.4
 SMS = config.GPU_SMS
@@ -36,23 +36,39 @@ class Launch:
     reduction: bool
 
 
+def _dwconv_launches(channels, size, k, stride):
+    out = []
+    shape = f"{channels}@{size}"
+    name = f"dwconv{k}" + (f"s{stride}" if stride > 1 else "")
+    m_in = int(BATCH * size * size * ACTIVE)
+    m_out = int(BATCH * (-(-size // stride)) ** 2 * ACTIVE)  # active output sites (SparK masks: exact)
+    cfg = config.config_for("dwconv", "rows", channels)
+    channel_blocks = (channels + cfg.block_c - 1) // cfg.block_c
+    # dwconv_taps_kernel: no loop; static chunks of taps, each one load of the tile's neighbour indices
+    # then one gather of the rows they point to (no load waits for another tap's): neighbour -> input. It runs
+    # over the output sites (forward) and, at stride 2, over the input sites (input gradient).
+    for m in sorted({m_out, m_in if stride > 1 else m_out}):
+        out.append(Launch(f"{name}_taps", f"{shape} M={m}", (m + cfg.block_m - 1) // cfg.block_m * channel_blocks,
+                          2, 1.0, False))
+    wcfg = config.config_for("dwconv_wgrad", "rows", channels)
+    blocks = (channels + wcfg.block_c - 1) // wcfg.block_c
+    programs, per = site_programs(m_out, wcfg.block_m, config.wgrad_programs(torch.device("cpu")), blocks)
+    # dwconv_wgrad_kernel: site blocks in a loop whose loads do not depend on each other, all taps a
+    # tile dimension: per block index -> grad_out (read once) and neighbour block -> x.
+    out.append(Launch(f"{name}_wgrad", shape, programs * blocks, 2, 1.0, True))
+    return out
+
+
 def _launches():
     out = []
+    for channels, size, _ in EFFICIENTNET_B0_DW_STAGES:
+        for k, stride in ((5, 1), (3, 2), (5, 2)):
+            out += _dwconv_launches(channels, size, k, stride)
     for channels, size, _ in CONVNEXT_T_STAGES:
         m = int(BATCH * size * size * ACTIVE)
         shape = f"{channels}@{size}"
         for k in (3, 7):
-            cfg = config.config_for("dwconv", "rows", channels)
-            taps = (m + cfg.block_m - 1) // cfg.block_m * ((channels + cfg.block_c - 1) // cfg.block_c)
-            # dwconv_taps_kernel: no loop; static chunks of taps, each one load of the tile's neighbour indices
-            # then one gather of the rows they point to (no load waits for another tap's): neighbour -> input.
-            out.append(Launch(f"dwconv{k}_taps", shape, taps, 2, 1.0, False))
-            wcfg = config.config_for("dwconv_wgrad", "rows", channels)
-            blocks = (channels + wcfg.block_c - 1) // wcfg.block_c
-            programs, per = site_programs(m, wcfg.block_m, config.wgrad_programs(torch.device("cpu")), blocks)
-            # dwconv_wgrad_kernel: site blocks in a loop whose loads do not depend on each other, all taps a
-            # tile dimension: per block index -> grad_out (read once) and neighbour block -> x.
-            out.append(Launch(f"dwconv{k}_wgrad", shape, programs * blocks, 2, 1.0, True))
+            out += _dwconv_launches(channels, size, k, 1)
         for family in ("bn", "ln"):
             cfg = config.config_for(family, "rows", channels)
             blocks = (channels + cfg.block_c - 1) // cfg.block_c

@@ -82,10 +82,11 @@ def norm_terms(x: torch.Tensor, weight, grad_out: torch.Tensor, gain: float) -> 
 
 
 def check_against_reference(backend, dtype, make_op, tensors64, grad_out64, channels_last, inactive, terms=0.0,
-                            device="cpu", exact_outputs=()):
+                            device="cpu", exact_outputs=(), inactive_out=None):
     """make_op(backend) -> op(*tensors) -> (y, *extras). tensors64: float64 inputs (x first), moved to `device`.
 
-    inactive: bool tensor broadcastable to y and to x's gradient, True at inactive sites. terms: see
+    inactive: bool tensor broadcastable to y (unless inactive_out, y's, is given) and to x's gradient, True at
+    inactive sites. terms: see
     helpers.assert_close_to_reference; the outputs numbered in exact_outputs (statistics, which cancel
     nothing) are held to the rule without it."""
     def cast(ts, d):
@@ -108,26 +109,31 @@ def check_against_reference(backend, dtype, make_op, tensors64, grad_out64, chan
             assert out.isfinite().all(), f"{backend} {name}: non-finite values from finite inputs"
     y, grad_x = outs[0], grads[0]
     inactive = inactive.to(device)
-    assert (y.masked_select(inactive) == 0).all(), f"{backend}: output not exactly 0 at inactive sites"
+    inactive_out = inactive if inactive_out is None else inactive_out.to(device)
+    assert (y.masked_select(inactive_out) == 0).all(), f"{backend}: output not exactly 0 at inactive sites"
     assert (grad_x.masked_select(inactive) == 0).all(), f"{backend}: input gradient not 0 at inactive sites"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", kernel_backends("conv"))
 @SETTINGS
-@given(case=cases(max_channels=17), k=st.sampled_from([3, 7]), with_bias=st.booleans())
-def test_depthwise_conv(backend, dtype, case, k, with_bias):
+@given(case=cases(max_channels=17), k=st.sampled_from([3, 5, 7]), stride=st.sampled_from([1, 2]),
+       with_bias=st.booleans())
+def test_depthwise_conv(backend, dtype, case, k, stride, with_bias):
     g = case.generator()
     x = case.x(g)
     weight = case.values(case.c, 1, k, k, g=g)
     bias = case.values(case.c, g=g) if with_bias else None
-    grad_out = case.values(*x.shape, g=g)
     sites = sk.ActiveSites(case.mask)
+    out_mask = sites.strided(stride).mask
+    grad_out = case.values(x.shape[0], x.shape[1], *out_mask.shape[2:], g=g)
 
     def make_op(name):
-        return lambda x, weight, bias=None: (sk.sparse_depthwise_conv2d(x, weight, bias, sites, backend=name),)
+        return lambda x, weight, bias=None: (sk.sparse_depthwise_conv2d(x, weight, bias, sites, stride=stride,
+                                                                        backend=name),)
 
-    check_against_reference(backend, dtype, make_op, [x, weight, bias], grad_out, case.channels_last, ~case.mask)
+    check_against_reference(backend, dtype, make_op, [x, weight, bias], grad_out, case.channels_last, ~case.mask,
+                            inactive_out=~out_mask)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -9,27 +9,42 @@ from spark_kernels import reference
 from helpers import make_mask
 
 
-def conv_by_neighbor_table(x, w, b, mask):
+def conv_by_neighbor_table(x, w, b, mask, stride=1):
     sites = sk.ActiveSites(mask)
-    n, c, h, wd = x.shape
+    out = sites.strided(stride)
+    n, c, _, _ = x.shape
+    _, ho, wo = out.shape
     k = w.shape[-1]
     rows = x.permute(0, 2, 3, 1).reshape(-1, c)
     padded = torch.cat([rows, rows.new_zeros(1, c)])
-    table = sites.neighbors(k).long()
+    table = sites.strided_neighbors(k, stride).long()
     table[table < 0] = rows.shape[0]
     out_rows = (padded[table] * w.reshape(c, k * k).t()[None]).sum(1) + (0 if b is None else b)
-    out = rows.new_zeros(rows.shape).index_copy(0, sites.index.long(), out_rows)
-    return out.reshape(n, h, wd, c).permute(0, 3, 1, 2)
+    y = rows.new_zeros(n * ho * wo, c).index_copy(0, out.index.long(), out_rows)
+    return y.reshape(n, ho, wo, c).permute(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize("k", [3, 7])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [3, 5, 7])
 @pytest.mark.parametrize("kind", ["random", "spark"])
-def test_conv_equals_neighbor_sum(k, kind):
+def test_conv_equals_neighbor_sum(k, kind, stride):
+    """The dense (strided) conv of the masked input, masked at the output, equals the sum over the tables'
+    taps (9 x 11 is odd: the half blocks at the border at stride 2)."""
     x = torch.randn(2, 5, 9, 11, dtype=torch.float64)
     w = torch.randn(5, 1, k, k, dtype=torch.float64)
     b = torch.randn(5, dtype=torch.float64)
     mask = make_mask(kind, 2, 9, 11, 0.6)
-    torch.testing.assert_close(reference.sparse_depthwise_conv2d(x, w, b, mask), conv_by_neighbor_table(x, w, b, mask))
+    torch.testing.assert_close(reference.sparse_depthwise_conv2d(x, w, b, mask, stride),
+                               conv_by_neighbor_table(x, w, b, mask, stride))
+
+
+def test_strided_conv_output_sites_are_the_downsampled_mask():
+    """At stride 2 an output site is active iff any input site of its 2x2 block is (SparK's downsample)."""
+    mask = make_mask("random", 2, 8, 6, 0.7)
+    x, w = torch.randn(2, 3, 8, 6, dtype=torch.float64) + 5, torch.ones(3, 1, 3, 3, dtype=torch.float64)
+    y = reference.sparse_depthwise_conv2d(x, w, torch.ones(3, dtype=torch.float64), mask, 2)
+    any_child = mask.reshape(2, 1, 4, 2, 3, 2).any(5).any(3)
+    assert torch.equal(y[:, :1] != 0, any_child)
 
 
 def test_conv_all_visible_is_dense_conv():

@@ -18,7 +18,8 @@ from spark_kernels import _backends
 from spark_kernels._registry import OPS, PRIMITIVES, VARIANTS, Call, dtype_name, get_op, sample_tensors
 
 from helpers import assert_close_to_reference, kernel_backends, random_mask, tensor_device
-from test_hostile_inputs import KERNEL_LAYOUTS, kernel_layout_views, kernel_op, make_inputs, run, x_to_nchw
+from test_hostile_inputs import (KERNEL_LAYOUTS, kernel_layout_views, kernel_op, make_inputs, out_sites, run,
+                                 x_to_nchw)
 
 N, C, H, W = 1, 5, 5, 6
 
@@ -56,14 +57,16 @@ def test_declared_combination_matches_the_reference(case, backend, device, dtype
     active = random_mask(N, H, W, 0.5, seed=4).to(device)
     views = kernel_layout_views(case, layout)
     lowp = {k: v.to(dtype) for k, v in inputs.items()}
-    seed = torch.randn(inputs["x"].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device)
+    out_active = out_sites(case, active)  # a strided conv's output sites
+    y_shape = inputs["x"].shape if out_active is active else (N, C) + out_active.shape[2:]
+    seed = torch.randn(y_shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device)
     y, grads, _ = run(case, backend, lowp, active, views, grad_out=seed.to(dtype))
     ref_lowp, grads_lowp, _ = run(case, "reference", lowp, active, views, grad_out=seed.to(dtype))
     ref64, grads64, _ = run(case, "reference", inputs, active, views, grad_out=seed)
     assert y.dtype == dtype and y.device.type == device
     y_nchw, inactive = x_to_nchw(case, y), ~active.expand(N, C, H, W)
     assert y_nchw.is_contiguous(memory_format=torch.channels_last if layout == "rows" else torch.contiguous_format)
-    assert torch.all(y_nchw[inactive] == 0) and torch.all(x_to_nchw(case, grads["x"])[inactive] == 0)
+    assert torch.all(y_nchw[~out_active.expand_as(y_nchw)] == 0) and torch.all(x_to_nchw(case, grads["x"])[inactive] == 0)
     assert_close_to_reference(y, ref_lowp, ref64, f"{case} {backend} {layout} output")
     assert grads.keys() == grads64.keys()
     for k in grads:

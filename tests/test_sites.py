@@ -10,26 +10,61 @@ from spark_kernels.masks import num_visible, patch_mask, upsample_mask
 from helpers import random_mask, spark_mask
 
 
-def brute_force_neighbors(mask: torch.Tensor, k: int) -> torch.Tensor:
+def brute_force_neighbors(mask: torch.Tensor, k: int, stride: int = 1) -> torch.Tensor:
+    """The table of a stride-`stride` conv: per active output site (any child of its block active), the
+    input site of each tap or -1."""
     n, _, h, w = mask.shape
+    ho, wo = -(-h // stride), -(-w // stride)
     rows = []
     r = k // 2
     for b in range(n):
-        for y in range(h):
-            for x in range(w):
-                if not mask[b, 0, y, x]:
+        for oy in range(ho):
+            for ox in range(wo):
+                if not mask[b, 0, oy * stride:oy * stride + stride, ox * stride:ox * stride + stride].any():
                     continue
                 row = []
                 for dy in range(-r, r + 1):
                     for dx in range(-r, r + 1):
-                        yy, xx = y + dy, x + dx
+                        yy, xx = oy * stride + dy, ox * stride + dx
                         ok = 0 <= yy < h and 0 <= xx < w and bool(mask[b, 0, yy, xx])
                         row.append(b * h * w + yy * w + xx if ok else -1)
                 rows.append(row)
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, k * k)
 
 
-@pytest.mark.parametrize("k", [3, 7])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 7), (3, 9, 4), (2, 6, 8)])
+def test_strided_tables_match_brute_force(k, stride, shape):
+    """The forward table of a strided conv (odd sizes: ceil(H/2) output rows) and the transposed table, which
+    holds exactly the same (output site, tap, input site) triples seen from the input sites."""
+    n, h, w = shape
+    mask = random_mask(n, h, w, 0.5, seed=h * w + k)
+    sites = sk.ActiveSites(mask)
+    out = sites.strided(stride)
+    assert out.shape == (n, -(-h // stride), -(-w // stride))
+    table = sites.strided_neighbors(k, stride)
+    assert torch.equal(table, brute_force_neighbors(mask, k, stride))
+    assert table is sites.strided_neighbors(k, stride) and sites.strided(stride) is out  # cached
+    transposed = sites.transposed_taps(k, stride)
+    assert transposed.shape == (sites.num_active, k * k) and transposed.dtype == torch.int32
+    forward = {(o, t, i) for o, row in zip(out.index.tolist(), table.tolist()) for t, i in enumerate(row) if i >= 0}
+    backward = {(o, t, i) for i, row in zip(sites.index.tolist(), transposed.tolist()) for t, o in enumerate(row)
+                if o >= 0}
+    assert forward == backward
+
+
+def test_strided_scale_is_the_downsampled_scale_for_even_sizes():
+    sites = sk.ActiveSites(spark_mask(2, 8, 12, 0.6, patch=4, seed=2))
+    assert sites.strided(2) is sites.downsample(2) is sites.at(4, 6)
+    assert sites.strided(1) is sites
+    odd = sk.ActiveSites(random_mask(1, 7, 5, 0.5))
+    assert odd.strided(2).spatial_size == (4, 3)
+    with pytest.raises(ValueError, match="stride must be a positive int"):
+        odd.strided(0)
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 7), (3, 9, 4)])
 def test_neighbor_table_matches_brute_force(k, shape):
     n, h, w = shape

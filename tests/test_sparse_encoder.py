@@ -46,7 +46,7 @@ def masked_conv(fused: bool, mask_output: bool) -> str:
 # Expected by architecture. ResNet-18: stem conv + 8 BasicBlocks x 2 convs + 3 downsample convs, each
 # followed by its BN; ResNet-50: stem + 16 Bottlenecks x 3 + 4 downsample convs. MobileNetV2 (features):
 # stem, the first block's depthwise (stride 1) and pointwise convs, then 16 inverted residuals with a
-# pointwise, a depthwise (4 of stride 2) and a linear pointwise conv, each followed by a BN + act.
+# pointwise, a depthwise (4 of stride 2, sparse too) and a linear pointwise conv, each followed by a BN + act.
 # ConvNeXt-atto: stem conv + LayerNorm2d, 3 downsample convs after a LayerNorm2d (nothing normalizes their
 # output inside the downsample container), 12 blocks with a 7x7 depthwise conv and a LayerNorm2d (1x1-conv
 # MLP; with conv_mlp=False the block's LayerNorm is channels_last).
@@ -56,7 +56,7 @@ def expected_census(name: str, fused: bool) -> dict:
         convs = 1 + 8 * 2 + 3 if name == "resnet18" else 1 + 16 * 3 + 4
         return {masked_conv(fused, not skip): convs, "MaskedBatchNorm2d": convs, "MaskedMaxPool2d": 1}
     if name == "mobilenetv2_100":
-        return {masked_conv(fused, not skip): 1 + 1 + 16 * 2 + 4, "SparseDepthwiseConv2d": 1 + 12,
+        return {masked_conv(fused, not skip): 1 + 1 + 16 * 2, "SparseDepthwiseConv2d": 1 + 16,
                 "MaskedBatchNormAct2d": 1 + 2 + 16 * 3}
     block_norm = "channels_first" if name == "convnext_atto" else "channels_last"
     census = collections.Counter({masked_conv(fused, not skip): 1, "SparseDepthwiseConv2d": 12,
@@ -83,7 +83,7 @@ def test_mask_after_a_conv_is_skipped_only_before_a_masked_norm(backend):
         nn.Conv2d(8, 8, 1), nn.ReLU(), nn.BatchNorm2d(8),  # kept: the ReLU reads it
         nn.Conv2d(8, 8, 1), LayerNorm2d(8),  # skipped (fused)
         nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise 3x3: a sparse conv
-        nn.Conv2d(8, 8, 3, padding=1, groups=8, stride=2),  # strided: masked dense
+        nn.Conv2d(8, 8, 3, padding=2, groups=8, dilation=2),  # dilated: masked dense
         nn.Conv2d(8, 8, 1)), backend)  # last: kept
     fused = backend is None
     assert [m.mask_output for m in encoder if isinstance(m, MaskedConv2d)] == [not fused, True, not fused, True, True]

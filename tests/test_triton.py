@@ -40,19 +40,21 @@ def _param(shape, dtype, seed):
     return torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
 
 
-def _run(fn, tensors, grad_out):
-    """(output, grads of tensors) of fn(*tensors) with tensors as fresh leaves."""
+def _run(fn, tensors, grad_dtype):
+    """(output, grads of tensors) of fn(*tensors) with tensors as fresh leaves, back-propagating
+    _grad(output, grad_dtype)."""
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     out = fn(*leaves)
-    out.backward(grad_out.to(out.dtype))
+    out.backward(_grad(out, grad_dtype).to(out.dtype))
     return out.detach(), [t.grad for t in leaves]
 
 
 def _check(fn_backend, fn_reference, tensors, what):
     """Backend in dtype d vs the reference in float64 and in d (flash-attention rule, tests/helpers.py)."""
-    out, grads = _run(fn_backend, tensors, _grad(tensors[0]))
-    ref64, grads64 = _run(fn_reference, [t.double() for t in tensors], _grad(tensors[0]))
-    ref_lp, grads_lp = _run(fn_reference, tensors, _grad(tensors[0]))
+    dtype = tensors[0].dtype
+    out, grads = _run(fn_backend, tensors, dtype)
+    ref64, grads64 = _run(fn_reference, [t.double() for t in tensors], dtype)
+    ref_lp, grads_lp = _run(fn_reference, tensors, dtype)
     assert out.dtype == tensors[0].dtype
     assert_close_to_reference(out, ref_lp, ref64, f"{what}: output")
     for i, (g, g64, g_lp) in enumerate(zip(grads, grads64, grads_lp)):
@@ -61,8 +63,10 @@ def _check(fn_backend, fn_reference, tensors, what):
     return out, grads
 
 
-def _grad(x):
-    return _param(x.shape, torch.float64, 99).to(x.dtype)
+def _grad(out, dtype):
+    """The gradient fed back into an output: fixed values of its shape, rounded to the inputs' dtype (also
+    for the float64 reference run, so that every run sees the same values)."""
+    return _param(out.shape, dtype, 99)
 
 
 def _mask(kind, ratio, n, h, w):
@@ -70,6 +74,25 @@ def _mask(kind, ratio, n, h, w):
 
 
 # -- depthwise conv -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("k,stride", ((5, 1), (3, 2), (5, 2), (7, 2)))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dwconv_k5_and_strided(backend, k, stride, layout, dtype):
+    """5x5 and stride 2 (odd H: the last output row pools a half block); the strided input gradient gathers
+    through the transposed table."""
+    n, c, h, w = 2, 10, 11, 8
+    mask = _mask("spark", 0.6, n, h, w)
+    tensors = [_input((n, c, h, w), dtype, layout, 20), _param((c, 1, k, k), dtype, 21), _param((c,), dtype, 22)]
+    out, grads = _check(lambda x, wt, b: sk.sparse_depthwise_conv2d(x, wt, b, mask, stride=stride, backend=backend),
+                        lambda x, wt, b: sk.sparse_depthwise_conv2d(x, wt, b, mask, stride=stride,
+                                                                    backend="reference"),
+                        tensors, f"dwconv k={k} stride={stride} {layout} {dtype}")
+    assert out.shape == (n, c, -(-h // stride), -(-w // stride))
+    out_mask = sk.ActiveSites(mask).strided(stride).mask
+    assert torch.all(out[~out_mask.expand_as(out)] == 0) and torch.all(grads[0][~mask.expand_as(grads[0])] == 0)
+
+
 @pytest.mark.parametrize("kind,ratio", MASKS[1:])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -206,6 +229,23 @@ def test_group_norm_many_parts_and_channel_blocks(backend, layout, monkeypatch):
 
 
 # -- registration (opcheck of every primitive: tests/test_registry.py) --------------------------------------
+def test_strided_dwconv_ops_pass_opcheck():
+    """The conv's primitives at stride 2 (the registry's opcheck samples are stride 1): the output at the
+    strided sites, the input gradient through the transposed table."""
+    n, c, h, w = 1, 6, 5, 7
+    sites = sk.ActiveSites(_mask("spark", 0.6, n, h, w))
+    x = _input((n, c, h, w), torch.float32, "rows", 30)
+    wt, b = _param((c, 1, 3, 3), torch.float32, 32), _param((c,), torch.float32, 33)
+    out, table = sites.strided(2).index, sites.strided_neighbors(3, 2)
+    g = _input((n, c, 3, 4), torch.float32, "rows", 31)
+    ops = torch.ops.spark_kernels
+    torch.library.opcheck(ops.triton_dwconv_forward, (x, wt, b, out, table, 2),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.triton_dwconv_backward, (g, x, wt, out, table, 2, sites.index,
+                                                       sites.transposed_taps(3, 2)),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_torch_compile_fullgraph():
     """The public functions on the triton backend trace into one graph and match eager."""
     n, c, h, w = 1, 6, 7, 5

@@ -112,6 +112,16 @@ def run_every_op(device: str) -> None:
                 for t in dense + [grad_x, y, ln_gx]:
                     assert t.shape == x.shape and t.dtype == dtype and t.is_contiguous(memory_format=kernel_memory_format(x))
                 assert grad_w.shape == wt.shape and grad_w.dtype == dtype and grad_b.shape == (c,)
+                # Stride 2: index and table of the (7x7) output's sites, the input gradient through x's.
+                out_index = torch.empty(m // 4, device=device, dtype=torch.int32)
+                out_nbrs = torch.empty(m // 4, k * k, device=device, dtype=torch.int32)
+                y2 = ops.triton_dwconv_forward(x, wt, b, out_index, out_nbrs, 2)
+                assert y2.shape == (n, c, h // 2, w // 2) and y2.dtype == dtype
+                assert y2.is_contiguous(memory_format=kernel_memory_format(x))
+                grad_x2, grad_w2, _ = ops.triton_dwconv_backward(torch.empty_like(y2), x, wt, out_index, out_nbrs, 2,
+                                                                 index, nbrs)
+                assert grad_x2.shape == x.shape and grad_x2.is_contiguous(memory_format=kernel_memory_format(x))
+                assert grad_w2.shape == wt.shape
                 for stats in (ops.triton_bn_stats(x, index), ops.triton_bn_backward_stats(g, x, index, vec)):
                     assert stats.shape == (2, c) and stats.dtype == torch.float64
                 assert mean.shape == rstd.shape == (m,) and mean.dtype == torch.float32

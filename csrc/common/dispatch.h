@@ -87,7 +87,9 @@ struct KernelSizes {
 
 // The depthwise conv kernel sizes every native backend is instantiated for (DWCONV_KERNEL_SIZES in
 // spark_kernels/_registry.py).
-using DwconvKernelSizes = KernelSizes<3, 7>;
+using DwconvKernelSizes = KernelSizes<3, 5, 7>;
+// Its strides (DWCONV_STRIDES): checked, never dispatched on (the site tables carry the stride).
+using DwconvStrides = KernelSizes<1, 2>;
 
 // The native backends: name, device type, dtypes (the "cpu" and "cuda" entries of the op registry).
 // validates_index: the CPU kernels check every index value before use (cheap there); the CUDA kernels

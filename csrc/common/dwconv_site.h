@@ -38,9 +38,11 @@ SK_HOST_DEVICE inline int64_t site_offset(const SiteView<T>& view, int32_t j) {
 }
 
 // acc[v] += sum over the site's taps t of w[tap * w_tap_stride + v] * x(taps[t], v), where tap = t for
-// the forward pass and the mirrored tap K*K-1-t for the input gradient (x = grad_out then): because the
-// neighbour table is symmetric, dL/dx(j) = sum_t w[t] g(j - offset t) = sum_u w[mirror u] g(taps_j[u]),
-// a gather that needs no atomics. Returns false if some tap was neither -1 nor a readable site
+// the forward pass and the mirrored tap K*K-1-t for the stride-1 input gradient (x = grad_out then):
+// because the stride-1 neighbour table is symmetric, dL/dx(j) = sum_t w[t] g(j - offset t) =
+// sum_u w[mirror u] g(taps_j[u]), a gather that needs no atomics. The stride-2 input gradient is the
+// unmirrored gather over grad_out through the transposed table (taps_j[t] = the output site whose tap t
+// reads input site j). Returns false if some tap was neither -1 nor a readable site
 // (a corrupt table); such taps are skipped, never read.
 template <int K, bool kMirrored, int V, typename T, typename W, typename Acc>
 SK_HOST_DEVICE inline bool dwconv_site_gather(const int32_t* taps, const SiteView<T>& x, const W* w,

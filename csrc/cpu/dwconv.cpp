@@ -5,9 +5,14 @@
 //  * rows (channels_last): sites in parallel, channels in blocks of kBlock values per site, which the
 //    compiler vectorizes; weights are transposed to (k*k, C) so each tap's block is contiguous too.
 //  * planes (NCHW): one (image, channel) plane per task, one channel per site.
-// Weight/bias gradients are summed per chunk of a FIXED partition of the sites (rows_chunk_sites(C) active sites
-// per chunk in rows, one image per chunk in planes) and the chunk partials reduced in chunk order, so
-// every result is bit-identical from run to run and for any number of threads.
+// The forward pass and the input gradient are one "gather" pass: each destination site of an index sums
+// weight x source over its table's taps. Forward: destinations are the active output sites, sources x.
+// Input gradient: at stride 1, fused into the weight-gradient pass as the gather with mirrored taps over
+// the same table; at stride 2, a separate gather over x's active sites through the transposed table
+// (ActiveSites.transposed_taps), sources grad_out. No pass scatters, so none needs atomics.
+// Weight/bias gradients are summed per chunk of a FIXED partition of the output sites (rows_chunk_sites(C)
+// active sites per chunk in rows, one image per chunk in planes) and the chunk partials reduced in chunk
+// order, so every result is bit-identical from run to run and for any number of threads.
 // Storage types T (csrc/cpu/dtypes.h): float64, float32, float16, bfloat16; the sums, weights and weight
 // gradient partials are in the accumulation type Acc (double for float64, float otherwise).
 #include <ATen/ATen.h>
@@ -35,16 +40,25 @@ constexpr int kBlock = 128 / sizeof(Acc);
 
 using Geometry = DwconvGeometry;
 
+// One gather pass: the `m` destination sites of an index, numbered in a grid of dst_plane sites per
+// image, read their taps from a grid of src_plane sites per image.
+struct GatherGrids {
+  int64_t n, c, src_plane, dst_plane, m;
+  int64_t src_sites() const { return n * src_plane; }
+  int64_t dst_sites() const { return n * dst_plane; }
+};
+
 void check_tables(const char* op, bool valid) {
   TORCH_CHECK(valid, op, ": index/neighbors hold site numbers outside x (or taps across images); "
               "build them with spark_kernels.ActiveSites for x's (N, H, W)");
 }
 
-// First position in the (ascending) index of each image's sites: image n owns [start[n], start[n+1]).
-std::vector<int64_t> image_starts(const int32_t* index, const Geometry& g) {
-  std::vector<int64_t> start(g.n + 1);
-  for (int64_t n = 0; n <= g.n; ++n)
-    start[n] = std::lower_bound(index, index + g.m, static_cast<int64_t>(n) * g.plane(),
+// First position in the (ascending) index of m sites, `plane` per image, of each image's sites: image n
+// owns [start[n], start[n+1]).
+std::vector<int64_t> image_starts(const int32_t* index, int64_t m, int64_t images, int64_t plane) {
+  std::vector<int64_t> start(images + 1);
+  for (int64_t n = 0; n <= images; ++n)
+    start[n] = std::lower_bound(index, index + m, static_cast<int64_t>(n) * plane,
                                 [](int32_t a, int64_t b) { return a < b; }) - index;
   return start;
 }
@@ -80,25 +94,26 @@ inline int64_t first_row(const int32_t* index, int64_t begin, int64_t limit) {
 // ---------------------------------------------------------------------------------------------------
 // rows layout
 
-template <int K, int V, typename T, typename Acc>
-inline bool forward_site_rows(const int32_t* taps, const T* x, const Acc* wt, const Acc* bias, T* y, int64_t c0,
-                              const Geometry& g) {
+template <int K, bool kMirrored, int V, typename T, typename Acc>
+inline bool gather_site_rows(const int32_t* taps, const T* src, const Acc* wt, const Acc* bias, T* dst, int64_t c0,
+                             const GatherGrids& gr) {
   Acc acc[V];
   for (int v = 0; v < V; ++v) acc[v] = bias ? bias[c0 + v] : Acc(0);
-  const SiteView<T> xv{x + c0, 0, g.sites(), g.c};
-  const bool valid = dwconv_site_gather<K, false, V>(taps, xv, wt + c0, g.c, acc);
-  for (int v = 0; v < V; ++v) y[c0 + v] = static_cast<T>(acc[v]);
+  const SiteView<T> sv{src + c0, 0, gr.src_sites(), gr.c};
+  const bool valid = dwconv_site_gather<K, kMirrored, V>(taps, sv, wt + c0, gr.c, acc);
+  for (int v = 0; v < V; ++v) dst[c0 + v] = static_cast<T>(acc[v]);
   return valid;
 }
 
-template <int K, typename T, typename Acc>
-void forward_rows(const T* x, const Acc* wt, const Acc* bias, const int32_t* index, const int32_t* nbr, T* y,
-                  const Geometry& g, std::atomic<bool>& valid) {
+// dst (every site of its grid: computed at the index's sites, zero elsewhere) = the gather over src.
+template <int K, bool kMirrored, typename T, typename Acc>
+void gather_rows(const T* src, const Acc* wt, const Acc* bias, const int32_t* index, const int32_t* nbr, T* dst,
+                 const GatherGrids& gr, std::atomic<bool>& valid) {
   constexpr int B = kBlock<Acc>;
-  const int64_t full = g.c / B * B;
-  at::parallel_for(0, g.m, 64, [&](int64_t begin, int64_t end) {
+  const int64_t full = gr.c / B * B;
+  at::parallel_for(0, gr.m, 64, [&](int64_t begin, int64_t end) {
     bool ok = true;
-    GapFiller<T> fill{y, g.c, first_row(index, begin, g.sites()), g.sites()};
+    GapFiller<T> fill{dst, gr.c, first_row(index, begin, gr.dst_sites()), gr.dst_sites()};
     for (int64_t i = begin; i < end; ++i) {
       const int32_t site = index[i];
       if (!fill.advance_to(site)) {
@@ -106,27 +121,31 @@ void forward_rows(const T* x, const Acc* wt, const Acc* bias, const int32_t* ind
         continue;
       }
       const int32_t* taps = nbr + i * K * K;
-      T* yr = y + static_cast<int64_t>(site) * g.c;
-      for (int64_t c0 = 0; c0 < full; c0 += B) ok &= forward_site_rows<K, B>(taps, x, wt, bias, yr, c0, g);
-      for (int64_t c = full; c < g.c; ++c) ok &= forward_site_rows<K, 1>(taps, x, wt, bias, yr, c, g);
+      T* row = dst + static_cast<int64_t>(site) * gr.c;
+      for (int64_t c0 = 0; c0 < full; c0 += B) ok &= gather_site_rows<K, kMirrored, B>(taps, src, wt, bias, row, c0, gr);
+      for (int64_t c = full; c < gr.c; ++c) ok &= gather_site_rows<K, kMirrored, 1>(taps, src, wt, bias, row, c, gr);
     }
-    if (end == g.m) fill.finish();
+    if (end == gr.m) fill.finish();
     if (!ok) valid = false;
   });
 }
 
-// grad_x of a block of V channels of one site by mirrored gather, and the site's contribution to its
-// chunk's weight/bias gradient partials gw_part (k*k, C) and gb_part (C,).
-template <int K, int V, typename T, typename Acc>
+// The contribution of a block of V channels of one output site to its chunk's weight/bias gradient
+// partials gw_part (k*k, C) and gb_part (C,), and (kInputGrad, stride 1 only: output and input grids are
+// one) grad_x of the site by the mirrored gather.
+template <int K, bool kInputGrad, int V, typename T, typename Acc>
 inline bool backward_site_rows(const int32_t* taps, int64_t row, const T* gy, const T* x, const Acc* wt, T* gx,
                                Acc* gw_part, Acc* gb_part, int64_t c0, const Geometry& g) {
   Acc gs[V];
-  Acc acc[V] = {};
   for (int v = 0; v < V; ++v) gs[v] = static_cast<Acc>(gy[row + c0 + v]);
-  const SiteView<T> gv{gy + c0, 0, g.sites(), g.c};
   const SiteView<T> xv{x + c0, 0, g.sites(), g.c};
-  bool valid = dwconv_site_gather<K, true, V>(taps, gv, wt + c0, g.c, acc);
-  for (int v = 0; v < V; ++v) gx[row + c0 + v] = static_cast<T>(acc[v]);
+  bool valid = true;
+  if constexpr (kInputGrad) {
+    Acc acc[V] = {};
+    const SiteView<T> gv{gy + c0, 0, g.out_sites(), g.c};
+    valid &= dwconv_site_gather<K, true, V>(taps, gv, wt + c0, g.c, acc);
+    for (int v = 0; v < V; ++v) gx[row + c0 + v] = static_cast<T>(acc[v]);
+  }
   valid &= dwconv_site_weight_grad<K, V>(taps, gs, xv, gw_part + c0, g.c);
   for (int v = 0; v < V; ++v) gb_part[c0 + v] += gs[v];
   return valid;
@@ -136,7 +155,7 @@ inline bool backward_site_rows(const int32_t* taps, int64_t row, const T* gy, co
 // count), sized so a chunk's partials (k*k x C) stay small next to its work (chunk x k*k x C).
 int64_t rows_chunk_sites(int64_t c) { return std::clamp<int64_t>(16384 / std::max<int64_t>(c, 1), 32, 512); }
 
-template <int K, typename T, typename Acc>
+template <int K, bool kInputGrad, typename T, typename Acc>
 void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index, const int32_t* nbr, T* gx,
                    Acc* gw_parts, Acc* gb_parts, int64_t chunk_sites, int64_t chunks, const Geometry& g,
                    std::atomic<bool>& valid) {
@@ -150,7 +169,8 @@ void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index,
       std::fill(gw_part, gw_part + K * K * g.c, Acc(0));
       std::fill(gb_part, gb_part + g.c, Acc(0));
       const int64_t begin = chunk * chunk_sites, end = std::min(g.m, begin + chunk_sites);
-      GapFiller<T> fill{gx, g.c, first_row(index, begin, g.sites()), g.sites()};
+      // Without the input gradient the filler only checks that the index ascends (it writes no rows).
+      GapFiller<T> fill{gx, kInputGrad ? g.c : 0, first_row(index, begin, g.out_sites()), g.out_sites()};
       for (int64_t i = begin; i < end; ++i) {
         const int32_t site = index[i];
         if (!fill.advance_to(site)) {
@@ -160,9 +180,9 @@ void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index,
         const int32_t* taps = nbr + i * K * K;
         const int64_t row = static_cast<int64_t>(site) * g.c;
         for (int64_t c0 = 0; c0 < full; c0 += B)
-          ok &= backward_site_rows<K, B>(taps, row, gy, x, wt, gx, gw_part, gb_part, c0, g);
+          ok &= backward_site_rows<K, kInputGrad, B>(taps, row, gy, x, wt, gx, gw_part, gb_part, c0, g);
         for (int64_t c = full; c < g.c; ++c)
-          ok &= backward_site_rows<K, 1>(taps, row, gy, x, wt, gx, gw_part, gb_part, c, g);
+          ok &= backward_site_rows<K, kInputGrad, 1>(taps, row, gy, x, wt, gx, gw_part, gb_part, c, g);
       }
       if (end == g.m) fill.finish();
     }
@@ -173,26 +193,26 @@ void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index,
 // ---------------------------------------------------------------------------------------------------
 // planes layout: task (n, c) covers the active sites of image n in channel c.
 
-template <int K, typename T, typename Acc>
-void forward_planes(const T* x, const Acc* w, const Acc* bias, const int32_t* index, const int32_t* nbr, T* y,
-                    const Geometry& g, const std::vector<int64_t>& start, std::atomic<bool>& valid) {
-  const int64_t hw = g.plane();
-  at::parallel_for(0, g.n * g.c, 1, [&](int64_t task_begin, int64_t task_end) {
+template <int K, bool kMirrored, typename T, typename Acc>
+void gather_planes(const T* src, const Acc* w, const Acc* bias, const int32_t* index, const int32_t* nbr, T* dst,
+                   const GatherGrids& gr, const std::vector<int64_t>& start, std::atomic<bool>& valid) {
+  const int64_t src_hw = gr.src_plane, dst_hw = gr.dst_plane;
+  at::parallel_for(0, gr.n * gr.c, 1, [&](int64_t task_begin, int64_t task_end) {
     bool ok = true;
     for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t n = task / g.c, c = task % g.c;
-      const SiteView<T> xv{x + task * hw, n * hw, hw, 1};
-      T* yp = y + task * hw;
-      GapFiller<T> fill{yp, 1, 0, hw};
+      const int64_t n = task / gr.c, c = task % gr.c;
+      const SiteView<T> sv{src + task * src_hw, n * src_hw, src_hw, 1};
+      T* dp = dst + task * dst_hw;
+      GapFiller<T> fill{dp, 1, 0, dst_hw};
       for (int64_t i = start[n]; i < start[n + 1]; ++i) {
-        const int64_t s = index[i] - n * hw;
+        const int64_t s = index[i] - n * dst_hw;
         if (!fill.advance_to(s)) {
           ok = false;
           continue;
         }
         Acc acc[1] = {bias ? bias[c] : Acc(0)};
-        ok &= dwconv_site_gather<K, false, 1>(nbr + i * K * K, xv, w + c * K * K, 1, acc);
-        yp[s] = static_cast<T>(acc[0]);
+        ok &= dwconv_site_gather<K, kMirrored, 1>(nbr + i * K * K, sv, w + c * K * K, 1, acc);
+        dp[s] = static_cast<T>(acc[0]);
       }
       fill.finish();
     }
@@ -200,32 +220,34 @@ void forward_planes(const T* x, const Acc* w, const Acc* bias, const int32_t* in
   });
 }
 
-template <int K, typename T, typename Acc>
+template <int K, bool kInputGrad, typename T, typename Acc>
 void backward_planes(const T* gy, const T* x, const Acc* w, const int32_t* index, const int32_t* nbr, T* gx,
                      Acc* gw_parts, Acc* gb_parts, const Geometry& g, const std::vector<int64_t>& start,
                      std::atomic<bool>& valid) {
-  const int64_t hw = g.plane();
+  const int64_t hw = g.plane(), out_hw = g.out_plane();
   at::parallel_for(0, g.n * g.c, 1, [&](int64_t task_begin, int64_t task_end) {
     bool ok = true;
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t n = task / g.c, c = task % g.c;
-      const SiteView<T> gv{gy + task * hw, n * hw, hw, 1};
+      const SiteView<T> gv{gy + task * out_hw, n * out_hw, out_hw, 1};
       const SiteView<T> xv{x + task * hw, n * hw, hw, 1};
-      T* gxp = gx + task * hw;
+      T* gxp = kInputGrad ? gx + task * hw : nullptr;  // kInputGrad: stride 1, hw == out_hw
       Acc gw[K * K] = {};
       Acc gb = 0;
-      GapFiller<T> fill{gxp, 1, 0, hw};
+      GapFiller<T> fill{gxp, kInputGrad ? 1 : 0, 0, out_hw};
       for (int64_t i = start[n]; i < start[n + 1]; ++i) {
         const int32_t* taps = nbr + i * K * K;
-        const int64_t s = index[i] - n * hw;
+        const int64_t s = index[i] - n * out_hw;
         if (!fill.advance_to(s)) {
           ok = false;
           continue;
         }
-        const Acc gs[1] = {static_cast<Acc>(gy[task * hw + s])};
-        Acc acc[1] = {0};
-        ok &= dwconv_site_gather<K, true, 1>(taps, gv, w + c * K * K, 1, acc);
-        gxp[s] = static_cast<T>(acc[0]);
+        const Acc gs[1] = {static_cast<Acc>(gy[task * out_hw + s])};
+        if constexpr (kInputGrad) {
+          Acc acc[1] = {0};
+          ok &= dwconv_site_gather<K, true, 1>(taps, gv, w + c * K * K, 1, acc);
+          gxp[s] = static_cast<T>(acc[0]);
+        }
         ok &= dwconv_site_weight_grad<K, 1>(taps, gs, xv, gw, 1);
         gb += gs[0];
       }
@@ -262,31 +284,37 @@ at::Tensor kernel_weight(const at::Tensor& weight, const Geometry& g, at::Scalar
   return g.rows ? w.reshape({g.c, g.k * g.k}).t().contiguous() : w.contiguous();
 }
 
+// dst = the gather over src of the index's sites (either layout); false in `valid` for a corrupt table.
+template <int K, bool kMirrored, typename T, typename Acc>
+void gather(const T* src, const Acc* w, const Acc* bias, const at::Tensor& index, const at::Tensor& nbr, T* dst,
+            const GatherGrids& gr, bool rows, std::atomic<bool>& valid) {
+  const int32_t* idx = index.const_data_ptr<int32_t>();
+  if (rows) {
+    gather_rows<K, kMirrored>(src, w, bias, idx, nbr.const_data_ptr<int32_t>(), dst, gr, valid);
+  } else {
+    const auto start = image_starts(idx, gr.m, gr.n, gr.dst_plane);
+    valid = valid && start[gr.n] == gr.m;
+    gather_planes<K, kMirrored>(src, w, bias, idx, nbr.const_data_ptr<int32_t>(), dst, gr, start, valid);
+  }
+}
+
 template <typename scalar_t, int K>
 at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const at::Tensor& index, const at::Tensor& neighbors, const Geometry& g) {
   using T = storage_t<scalar_t>;
   using Acc = acc_t<scalar_t>;
   const at::Tensor xk = x.contiguous(g.memory_format());
-  if (g.m == 0 || g.c == 0) return at::zeros_like(xk);
-  at::Tensor y = at::empty_like(xk);  // every element is written: computed or zero
+  const auto out_options = xk.options().memory_format(g.memory_format());
+  if (g.m == 0 || g.c == 0) return at::zeros(g.out_shape(), out_options);
+  at::Tensor y = at::empty(g.out_shape(), out_options);  // every element is written: computed or zero
   const at::Tensor idx = index.contiguous(), nbr = neighbors.contiguous();
   const auto acc = c10::CppTypeToScalarType<Acc>::value;
   const at::Tensor b = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
-  const Acc* bp = b.defined() ? b.const_data_ptr<Acc>() : nullptr;
   const at::Tensor w = kernel_weight(weight, g, acc);
-  const T* xp = cpu::data_as<T>(xk);
-  T* yp = cpu::mutable_data_as<T>(y);
   std::atomic<bool> valid{true};
-  if (g.rows) {
-    forward_rows<K>(xp, w.const_data_ptr<Acc>(), bp, idx.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(),
-                    yp, g, valid);
-  } else {
-    const auto start = image_starts(idx.const_data_ptr<int32_t>(), g);
-    valid = valid && start[g.n] == g.m;
-    forward_planes<K>(xp, w.const_data_ptr<Acc>(), bp, idx.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(),
-                      yp, g, start, valid);
-  }
+  gather<K, false>(cpu::data_as<T>(xk), w.const_data_ptr<Acc>(), b.defined() ? b.const_data_ptr<Acc>() : nullptr, idx,
+                   nbr, cpu::mutable_data_as<T>(y), GatherGrids{g.n, g.c, g.plane(), g.out_plane(), g.m}, g.rows,
+                   valid);
   check_tables("dwconv_forward", valid);
   return y;
 }
@@ -294,7 +322,10 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight, const c10
 template <typename scalar_t, int K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                                                             const at::Tensor& weight, const at::Tensor& index,
-                                                            const at::Tensor& neighbors, const Geometry& g) {
+                                                            const at::Tensor& neighbors,
+                                                            const c10::optional<at::Tensor>& input_index,
+                                                            const c10::optional<at::Tensor>& input_taps,
+                                                            const Geometry& g) {
   using T = storage_t<scalar_t>;
   using Acc = acc_t<scalar_t>;
   const auto acc = c10::CppTypeToScalarType<Acc>::value;
@@ -310,24 +341,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   const T* xp = cpu::data_as<T>(xk);
   T* gxp = cpu::mutable_data_as<T>(gx);
   std::atomic<bool> valid{true};
+  const bool fused = g.stride == 1;  // input gradient in the weight-gradient pass, by the mirrored gather
+  if (!fused) {
+    const at::Tensor in_idx = input_index->contiguous(), in_taps = input_taps->contiguous();
+    gather<K, false>(gyp, w.const_data_ptr<Acc>(), static_cast<const Acc*>(nullptr), in_idx, in_taps, gxp,
+                     GatherGrids{g.n, g.c, g.out_plane(), g.plane(), in_idx.size(0)}, g.rows, valid);
+  }
   int64_t chunks;
   at::Tensor gw_parts, gb_parts;
+  const int32_t* ip = idx.const_data_ptr<int32_t>();
+  const int32_t* np = nbr.const_data_ptr<int32_t>();
   if (g.rows) {
     const int64_t chunk_sites = rows_chunk_sites(g.c);
     chunks = (g.m + chunk_sites - 1) / chunk_sites;
     gw_parts = at::empty({chunks, K * K, g.c}, x.options().dtype(acc));
     gb_parts = at::empty({chunks, g.c}, x.options().dtype(acc));
-    backward_rows<K>(gyp, xp, w.const_data_ptr<Acc>(), idx.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(),
-                     gxp, gw_parts.mutable_data_ptr<Acc>(), gb_parts.mutable_data_ptr<Acc>(), chunk_sites, chunks, g,
-                     valid);
+    Acc* gwp = gw_parts.mutable_data_ptr<Acc>();
+    Acc* gbp = gb_parts.mutable_data_ptr<Acc>();
+    if (fused)
+      backward_rows<K, true>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, chunk_sites, chunks, g, valid);
+    else
+      backward_rows<K, false>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, chunk_sites, chunks, g, valid);
   } else {
     chunks = g.n;
     gw_parts = at::empty({chunks, g.c, K * K}, x.options().dtype(acc));
     gb_parts = at::empty({chunks, g.c}, x.options().dtype(acc));
-    const auto start = image_starts(idx.const_data_ptr<int32_t>(), g);
+    Acc* gwp = gw_parts.mutable_data_ptr<Acc>();
+    Acc* gbp = gb_parts.mutable_data_ptr<Acc>();
+    const auto start = image_starts(ip, g.m, g.n, g.out_plane());
     valid = valid && start[g.n] == g.m;
-    backward_planes<K>(gyp, xp, w.const_data_ptr<Acc>(), idx.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(),
-                       gxp, gw_parts.mutable_data_ptr<Acc>(), gb_parts.mutable_data_ptr<Acc>(), g, start, valid);
+    if (fused)
+      backward_planes<K, true>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, g, start, valid);
+    else
+      backward_planes<K, false>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, g, start, valid);
   }
   check_tables("dwconv_backward", valid);
   reduce_chunks<Acc>(gw_parts.const_data_ptr<Acc>(), chunks, g.c, K * K, g.rows, gw.mutable_data_ptr<Acc>());

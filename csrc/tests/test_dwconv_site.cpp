@@ -1,6 +1,6 @@
 // Unit test of csrc/common/dwconv_site.h (the per-site math shared by the CPU and CUDA kernels) against a
 // naive dense "mask the input, conv, mask the output" evaluation, in both layouts the kernels use
-// (rows: channel vectors of V lanes; planes: one channel), for k = 3 and 7, on small random cases whose
+// (rows: channel vectors of V lanes; planes: one channel), for k = 3, 5 and 7, on small random cases whose
 // kernels overhang the borders. Returns non-zero on failure.
 #include <cmath>
 #include <cstdint>
@@ -212,12 +212,17 @@ int main() {
       const Dense d3 = dense_reference(c3);
       check_planes<3>(c3, d3);
       check_rows<3, 4>(c3, d3);
+      const Case c5 = make_case(rng, s[0], s[1], s[2], s[3], 5, keep);
+      const Dense d5 = dense_reference(c5);
+      check_planes<5>(c5, d5);
+      check_rows<5, 3>(c5, d5);
       const Case c7 = make_case(rng, s[0], s[1], s[2], s[3], 7, keep);
       const Dense d7 = dense_reference(c7);
       check_planes<7>(c7, d7);
       check_rows<7, 2>(c7, d7);
     }
   check_corrupt_taps<3>();
+  check_corrupt_taps<5>();
   check_corrupt_taps<7>();
   check_layout_rule();
   if (failures) {

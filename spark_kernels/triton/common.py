@@ -200,21 +200,24 @@ def spatial(x: torch.Tensor):
 
 
 def check_tables(x: torch.Tensor, index: torch.Tensor, neighbors: Optional[torch.Tensor] = None,
-                 kernel_size: int = 0) -> None:
+                 kernel_size: int = 0, num_sites: Optional[int] = None, names=("index", "neighbors")) -> None:
     """The site tables must be the int32 tables of spark_kernels._sites for x (values are trusted: they
-    come from ActiveSites; checking them would cost a device sync)."""
+    come from ActiveSites; checking them would cost a device sync). num_sites: the sites index numbers
+    (x's N*H*W unless given: a strided conv's index numbers its output sites)."""
     if x.dim() != 4 or x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"x must be a 4-D float32/float16/bfloat16 tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    index_name, table_name = names
     if index.dtype != torch.int32 or index.dim() != 1 or not index.is_contiguous() or index.device != x.device:
-        raise ValueError(f"index must be a contiguous 1-D int32 tensor on {x.device}, got {index.dtype} "
+        raise ValueError(f"{index_name} must be a contiguous 1-D int32 tensor on {x.device}, got {index.dtype} "
                          f"{tuple(index.shape)} on {index.device}")
-    if index.shape[0] > x.shape[0] * x.shape[2] * x.shape[3]:
-        raise ValueError(f"index has {index.shape[0]} sites but x has only {x.shape[0] * x.shape[2] * x.shape[3]}")
+    num_sites = x.shape[0] * x.shape[2] * x.shape[3] if num_sites is None else num_sites
+    if index.shape[0] > num_sites:
+        raise ValueError(f"{index_name} has {index.shape[0]} sites but there are only {num_sites}")
     if neighbors is not None:
         want = (index.shape[0], kernel_size * kernel_size)
         if (neighbors.dtype != torch.int32 or tuple(neighbors.shape) != want or not neighbors.is_contiguous()
                 or neighbors.device != x.device):
-            raise ValueError(f"neighbors must be a contiguous int32 tensor of shape {want} on {x.device}, got "
+            raise ValueError(f"{table_name} must be a contiguous int32 tensor of shape {want} on {x.device}, got "
                              f"{neighbors.dtype} {tuple(neighbors.shape)} on {neighbors.device}")
 
 
