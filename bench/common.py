@@ -10,16 +10,15 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+from spark.families import bench_stages
 from spark_kernels._registry import VARIANTS, group_norm_case_groups
 
-# (channels, spatial size, SparK patch size in pixels at that scale) per stage, batch 32, ratio 0.6.
-CONVNEXT_T_STAGES = [(96, 56, 8), (192, 28, 4), (384, 14, 2), (768, 7, 1)]
-RESNET50_STAGES = [(256, 56, 8), (512, 28, 4), (1024, 14, 2), (2048, 7, 1)]
-# The (channels, size) inputs of EfficientNet-B0's depthwise convs at 224 (96@112 3x3/2, 144@56 5x5/2, 240@28 5x5
-# and 3x3/2, 672@14 5x5 and 5x5/2, 1152@7 5x5), which also cover MobileNetV3-Large's 5x5 and strided ones.
-EFFICIENTNET_B0_DW_STAGES = [(96, 112, 16), (144, 56, 8), (240, 28, 4), (672, 14, 2), (1152, 7, 1)]
-# The shape sets by network name (the timm names the model benchmark uses).
-STAGES = {"convnext_tiny": CONVNEXT_T_STAGES, "resnet50": RESNET50_STAGES, "efficientnet_b0": EFFICIENTNET_B0_DW_STAGES}
+# (channels, spatial size, SparK patch size in pixels at that scale) per stage, batch 32, ratio 0.6, by timm
+# name: one column of the model-family table (spark/families.py).
+STAGES = {name: list(stages) for name, stages in bench_stages().items()}
+CONVNEXT_T_STAGES = STAGES["convnext_tiny"]
+RESNET50_STAGES = STAGES["resnet50"]
+EFFICIENTNET_B0_DW_STAGES = STAGES["efficientnet_b0"]
 BATCH = 32
 MASK_RATIO = 0.6
 THREADS = 2

@@ -38,6 +38,9 @@ class ModelFamily:
     containers: Tuple[str, ...] = ()                # qualified names of reviewed container blocks
     conv_then_norm: Mapping[str, Tuple[Tuple[str, str], ...]] = field(default_factory=dict)
     matrix: Mapping[str, MatrixModel] = field(default_factory=dict)
+    # Op-benchmark shapes (python -m bench) by timm name: (channels, spatial size, SparK patch size in pixels at
+    # that scale) of the stages whose sparse ops are measured, at 224 px.
+    bench_stages: Mapping[str, Tuple[Tuple[int, int, int], ...]] = field(default_factory=dict)
 
     def matches(self, model_name: str) -> bool:
         return re.match(self.pattern, model_name) is not None
@@ -59,7 +62,8 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         conv_then_norm={_RESNET + "BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
                         _RESNET + "Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))},
         matrix={"resnet18": _TINY_RESNET, "resnet50": _TINY_RESNET, "resnext50_32x4d": _TINY_RESNET,
-                "seresnet50": _TINY_RESNET, "ecaresnet50d": _TINY_RESNET, "resnet50_gn": _TINY_RESNET}),
+                "seresnet50": _TINY_RESNET, "ecaresnet50d": _TINY_RESNET, "resnet50_gn": _TINY_RESNET},
+        bench_stages={"resnet50": ((256, 56, 8), (512, 28, 4), (1024, 14, 2), (2048, 7, 1))}),
     ModelFamily(
         "regnet", r"regnet",
         containers=("timm.models.regnet.Bottleneck", "timm.models.regnet.RegStage",
@@ -102,7 +106,10 @@ FAMILIES: Tuple[ModelFamily, ...] = (
                         "timm.models.mobilenetv3.MobileNetV3Features": (("conv_stem", "bn1"),)},
         matrix={"mobilenetv2_100": _quarter_width("timm.models.efficientnet._gen_mobilenet_v2"),
                 "mobilenetv3_large_100": _quarter_width("timm.models.mobilenetv3._gen_mobilenet_v3"),
-                "efficientnet_b0": _quarter_width("timm.models.efficientnet._gen_efficientnet")}),
+                "efficientnet_b0": _quarter_width("timm.models.efficientnet._gen_efficientnet")},
+        # The inputs of EfficientNet-B0's depthwise convs (96@112 3x3/2, 144@56 5x5/2, 240@28 5x5 and 3x3/2,
+        # 672@14 5x5 and 5x5/2, 1152@7 5x5), which also cover MobileNetV3-Large's 5x5 and strided ones.
+        bench_stages={"efficientnet_b0": ((96, 112, 16), (144, 56, 8), (240, 28, 4), (672, 14, 2), (1152, 7, 1))}),
     ModelFamily(
         "ghostnet", r"ghostnet_",
         containers=("timm.models.ghostnet.GhostBottleneck", "timm.models.ghostnet.GhostModule"),
@@ -114,7 +121,8 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         drop_path_rates={"convnext_small": 0.2, "convnext_base": 0.3, "convnext_large": 0.4},
         containers=("timm.models.convnext.ConvNeXtStage",),
         matrix={name: MatrixModel(dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)))
-                for name in ("convnext_tiny", "convnextv2_tiny")}),
+                for name in ("convnext_tiny", "convnextv2_tiny")},
+        bench_stages={"convnext_tiny": ((96, 56, 8), (192, 28, 4), (384, 14, 2), (768, 7, 1))}),
 )
 
 # Containers of every model: torch's own and timm's feature-extraction wrappers (features_only=True).
@@ -148,6 +156,11 @@ def build_test_model(name: str):
     module, _, factory = entry.test_factory.rpartition(".")
     return getattr(importlib.import_module(module), factory)(name, features_only=True, pretrained=False,
                                                               **entry.test_kwargs)
+
+
+def bench_stages() -> Dict[str, Tuple[Tuple[int, int, int], ...]]:
+    """Op-benchmark stage shapes by timm name, over every family."""
+    return {name: stages for f in FAMILIES for name, stages in f.bench_stages.items()}
 
 
 def matrix_models() -> Dict[str, MatrixModel]:

@@ -48,3 +48,18 @@ def test_conv_then_norm_pairs_name_children_of_the_matrix_models():
 
 def test_unknown_model_has_no_family():
     assert family_of("vgg11") is None
+
+
+def test_bench_stages_are_spark_scales_of_their_model():
+    """The op-benchmark shapes: a SparK patch covers 32 / stride pixels at each stage, and where the stages are
+    feature maps (ConvNeXt-T, ResNet-50; EfficientNet-B0's are depthwise-conv inputs) they are the model's."""
+    from spark.families import bench_stages
+    stages = bench_stages()
+    assert {"convnext_tiny", "resnet50", "efficientnet_b0"} <= set(stages)
+    for name, shapes in stages.items():
+        for channels, size, patch in shapes:
+            assert 224 % size == 0 and patch * 224 == 32 * size, (name, channels, size, patch)
+    for name in ("convnext_tiny", "resnet50"):
+        info = timm.create_model(name, features_only=True, pretrained=False).feature_info
+        maps = {(c, 224 // r) for c, r in zip(info.channels(), info.reduction())}
+        assert set((c, s) for c, s, _ in stages[name]) <= maps, name
