@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .._layout import kernel_memory_format, to_kernel_layout
-from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, launch, layout_name,
+from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, f32_table, launch, layout_name,
                      per_channel, per_site, reduce_partials, register_op, site_programs, site_tile, spatial,
                      sum_over_sites, zero_tile)
 from . import config
@@ -181,9 +181,6 @@ def _elemt(x: torch.Tensor, grad_out: torch.Tensor, index: torch.Tensor, scale: 
     return out
 
 
-def _per_channel_f32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32).contiguous()
-
 
 @register_op
 def bn_stats(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -196,15 +193,15 @@ def bn_backward_stats(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tens
     check_tables(x, index)
     x = to_kernel_layout(x, x)
     grad_out = to_kernel_layout(grad_out.to(x.dtype), x)
-    return _backward_sums(x, grad_out, _per_channel_f32(mean), index)
+    return _backward_sums(x, grad_out, f32_table(mean), index)
 
 
 @register_op
 def bn_elemt(x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     check_tables(x, index)
     x = to_kernel_layout(x, x)
-    scale = _per_channel_f32(scale)
-    return _elemt(x, x, index, scale, _per_channel_f32(shift), scale, backward=False)
+    scale = f32_table(scale)
+    return _elemt(x, x, index, scale, f32_table(shift), scale, backward=False)
 
 
 @register_op
@@ -214,7 +211,7 @@ def bn_backward_elemt(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tens
     x = to_kernel_layout(x, x)
     grad_out = to_kernel_layout(grad_out.to(x.dtype), x)
     # grad_out * a + x * b + d
-    return _elemt(x, grad_out, index, _per_channel_f32(b), _per_channel_f32(d), _per_channel_f32(a), backward=True)
+    return _elemt(x, grad_out, index, f32_table(b), f32_table(d), f32_table(a), backward=True)
 
 
 def compile_configs():

@@ -30,6 +30,11 @@ TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 
 # -- tile addressing ---------------------------------------------------------------------------------
+def f32_table(t: torch.Tensor) -> torch.Tensor:
+    """A per-channel (or per-(image, channel)) coefficient table as the kernels read it: contiguous float32."""
+    return t.to(torch.float32).contiguous()
+
+
 @triton.jit
 def site_offsets(sites, C, HW, ROWS: tl.constexpr):
     """Element offset of channel 0 of each flat site number n*HW + hw (int64)."""

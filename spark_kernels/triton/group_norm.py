@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from .._layout import kernel_memory_format, to_kernel_layout
-from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, launch, layout_name, per_channel,
+from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, f32_table, launch, layout_name,
+                     per_channel,
                      per_site, register_op, site_offsets, spatial, sum_over_sites, tile_and, tile_sum, zero_tile)
 from . import config
 from .config import config_for, table_entries
@@ -188,9 +189,6 @@ def _elemt(x, grad_out, index, center, scale, shift, grad_scale, backward: bool)
     return out
 
 
-def _table_f32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32).contiguous()
-
 
 @register_op
 def gn_stats(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -204,7 +202,7 @@ def gn_backward_stats(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tens
     check_tables(x, index)
     x = to_kernel_layout(x, x)
     grad_out = to_kernel_layout(grad_out.to(x.dtype), x)
-    return _backward_sums(x, grad_out, _table_f32(center), index)
+    return _backward_sums(x, grad_out, f32_table(center), index)
 
 
 @register_op
@@ -212,8 +210,8 @@ def gn_elemt(x: torch.Tensor, index: torch.Tensor, center: torch.Tensor, scale: 
              shift: torch.Tensor) -> torch.Tensor:
     check_tables(x, index)
     x = to_kernel_layout(x, x)
-    scale = _table_f32(scale)
-    return _elemt(x, x, index, _table_f32(center), scale, _table_f32(shift), scale, backward=False)
+    scale = f32_table(scale)
+    return _elemt(x, x, index, f32_table(center), scale, f32_table(shift), scale, backward=False)
 
 
 @register_op
@@ -223,7 +221,7 @@ def gn_backward_elemt(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tens
     x = to_kernel_layout(x, x)
     grad_out = to_kernel_layout(grad_out.to(x.dtype), x)
     # grad_out * a + (x - center) * b + d
-    return _elemt(x, grad_out, index, _table_f32(center), _table_f32(b), _table_f32(d), _table_f32(a),
+    return _elemt(x, grad_out, index, f32_table(center), f32_table(b), f32_table(d), f32_table(a),
                   backward=True)
 
 
