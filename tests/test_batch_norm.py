@@ -543,6 +543,9 @@ def test_backward_ops_take_compact_rows(dtype):
         from_rows = ops.masked_bn_backward_elemt(g, rows, index, a, b, d)
         assert from_rows.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(from_rows, ops.masked_bn_backward_elemt(g, x, index, a, b, d))
+    if dtype == torch.float32:  # the fake (meta) kernels agree on the compact form's output
+        torch.library.opcheck(ops.masked_bn_backward_elemt, (grad, rows, index, a, b, d))
+        torch.library.opcheck(ops.masked_bn_backward_stats, (grad, rows, index, mean))
     with pytest.raises(RuntimeError, match=r"rows of the active sites must have shape \(\d+, 7\)"):
         ops.masked_bn_backward_stats(grad, rows[1:], index, mean)
     with pytest.raises(RuntimeError, match="x must have grad_out's dtype"):
