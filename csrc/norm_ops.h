@@ -81,7 +81,8 @@ std::pair<NormArgs, at::Tensor> prepare_backward(const at::Tensor& grad_out_in, 
     check_like_x(grad_out_in, "grad_out", x_dense, op);
   }
   const GradLayout layout = grad_layout(grad_out_in, p.g.rows);
-  const bool keep = layout == GradLayout::kSame || (ReadsAnyGradLayout<Kernels>::value && layout != GradLayout::kNeither);
+  const bool keep = layout == GradLayout::kSame ||
+                    (ReadsAnyGradLayout<Kernels>::value && layout != GradLayout::kNeither);
   at::Tensor grad_out = keep ? grad_out_in
                              : grad_out_in.contiguous(p.g.rows ? at::MemoryFormat::ChannelsLast
                                                                : at::MemoryFormat::Contiguous);

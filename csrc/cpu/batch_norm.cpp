@@ -38,7 +38,8 @@ struct Kernels {
     with_backward_readers<storage_t<scalar_t>>(p, grad_out, [&](auto x, auto dy) {
       const norm::BnBackwardTerms<double> terms;
       auto term = [=](int64_t j, int64_t off, int64_t c, double& a, double& b) {
-        terms(static_cast<double>(dy(j, off, c)), static_cast<double>(x(j, off, c)), static_cast<double>(mean[c]), a, b);
+        terms(static_cast<double>(dy(j, off, c)), static_cast<double>(x(j, off, c)), static_cast<double>(mean[c]), a,
+              b);
       };
       if (p.g.rows) {
         channel_sums<true>(p.g, index, p.index.numel(), term, out.data_ptr<double>());
