@@ -311,3 +311,25 @@ def test_module(backend, data_format):
     torch.testing.assert_close(x.grad, xr.grad, rtol=RTOL[F32], atol=ATOL[F32])
     torch.testing.assert_close(module.weight.grad, dense.weight.grad, rtol=RTOL[F32], atol=ATOL[F32])
     torch.testing.assert_close(module.bias.grad, dense.bias.grad, rtol=RTOL[F32], atol=ATOL[F32])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("kind", ["expanded", "other_layout"])
+@pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_out_read_in_place_equals_materialized(backend, kind, data_format, dtype):
+    """A stride-0 grad_out (y.sum().backward()) or one in the other memory order than x's is read in place by the
+    C++ kernels, with the results of a dense copy in x's memory order."""
+    x, weight, bias, grad_out = inputs(2, 12)
+    active = make_active("spark", 2)
+    if kind == "expanded":
+        grad = torch.full((), 0.5, dtype=dtype).expand(x.shape)
+    else:  # x's memory order is that of its format: (N, C, H, W) for channels_first, (N, H, W, C) for channels_last
+        other = torch.channels_last if data_format == "channels_first" else torch.contiguous_format
+        grad = grad_out.to(dtype).contiguous(memory_format=other)
+    same = torch.contiguous_format if data_format == "channels_first" else torch.channels_last
+    got = run(backend, x, active, weight, bias, grad, data_format, dtype=dtype, param_dtype=torch.float32)
+    want = run(backend, x, active, weight, bias, grad.contiguous(memory_format=same), data_format, dtype=dtype,
+               param_dtype=torch.float32)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
