@@ -95,6 +95,13 @@ def linear_fit(points: Sequence[tuple]) -> Optional[Dict[str, float]]:
             "r2": 1 - ss_res / ss_tot if ss_tot else 1.0}
 
 
+def _precision_note(precision: str) -> str:
+    if precision == "fp32":
+        return "fp32"
+    return (f"{precision} (ops: activations and gradients in {precision}, norm parameters float32; "
+            f"training steps: forward under autocast to {precision}, parameters and optimizer float32)")
+
+
 def _header(results: Dict[str, object]) -> List[str]:
     env = results["environment"]
     lines = [f"Measured {results['created']} by `{results['command']}` in {results['duration_s'] / 60:.1f} min "
@@ -102,7 +109,8 @@ def _header(results: Dict[str, object]) -> List[str]:
              f"{env['threads']} threads, torch {env['torch']}, triton {env['triton']}, allocator "
              f"**{env['allocator']}**, load average {env['load_average'][0]:.1f} at the start and "
              f"{env.get('load_average_end', [float('nan')])[0]:.1f} at the end. Fused backends: "
-             f"{', '.join(results['backends']) or 'none'}."]
+             f"{', '.join(results['backends']) or 'none'}. Precision: "
+             f"{_precision_note(results['settings'].get('precision', 'fp32'))}."]
     busiest = max(env["load_average"][0], env.get("load_average_end", [0])[0])
     if busiest > env["cores"]:
         lines.append(f"**The machine was busy (load average up to {busiest:.1f} on {env['cores']} cores): "
@@ -245,11 +253,12 @@ def models_table(results: Dict[str, object]) -> List[str]:
     if not models["rows"]:
         return [f"SparK training steps: {models['status']}."]
     ref = {r["model"]: r for r in models["rows"] if r["backend"] == REFERENCE}
-    lines = ["| model | backend | batch | images/s | peak memory MB | vs reference | target | met |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | precision | backend | batch | images/s | peak memory MB | vs reference | target | met |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in models["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | failed: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['model']} | {r.get('precision', 'fp32')} | {r['backend']} | {r['batch']} | "
+                         f"failed: {r['error'][:80]} | | | | |")
             continue
         base = ref.get(r["model"], {})
         ratio = r["images_per_s"] / base["images_per_s"] if base.get("images_per_s") else None
@@ -258,11 +267,13 @@ def models_table(results: Dict[str, object]) -> List[str]:
         mem_ok = mem is not None and base.get("peak_memory_bytes") is not None and mem <= base["peak_memory_bytes"]
         met = "—" if target is None or ratio is None else \
             ("yes" if ratio >= target and mem_ok else f"no ({'speed' if ratio < target else 'memory'})")
-        lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['images_per_s']:.2f} | "
-                     f"{mem / 2 ** 20:.0f} | {_x(ratio) if r['backend'] != REFERENCE else ''} | "
-                     f"{_x(target) if target else ''} | {met} |" if mem is not None else
-                     f"| {r['model']} | {r['backend']} | {r['batch']} | {r['images_per_s']:.2f} | — | "
-                     f"{_x(ratio)} | {_x(target)} | {met} |")
+        head = (f"| {r['model']} | {r.get('precision', 'fp32')} | {r['backend']} | {r['batch']} | "
+                f"{r['images_per_s']:.2f} | ")
+        if mem is None:
+            lines.append(head + f"— | {_x(ratio)} | {_x(target)} | {met} |")
+        else:
+            lines.append(head + f"{mem / 2 ** 20:.0f} | {_x(ratio) if r['backend'] != REFERENCE else ''} | "
+                                f"{_x(target) if target else ''} | {met} |")
     return lines
 
 

@@ -8,6 +8,29 @@ import torch
 from torch import nn
 
 
+class _ReLU6Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clamp(0, 6)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        # 0 < y < 6 exactly where 0 < x < 6: the gradient of hardtanh, read from the output.
+        return grad_y * ((y > 0) & (y < 6))
+
+
+class ReLU6(nn.Module):
+    """min(max(x, 0), 6) whose backward reads its output, which the next conv keeps anyway: one tensor kept for
+    backward where nn.ReLU6(inplace=True) keeps two (PyTorch's in-place hardtanh saves a copy of its input)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ReLU6Function.apply(x)
+
+
 class UpsampleBlock(nn.Sequential):
     """One decoder step: transposed conv (kernel 4, stride 2, padding 1) doubling the resolution, then
     conv3x3 -> BN -> ReLU6 -> conv3x3 -> BN, going from `in_channels` to `out_channels`."""
@@ -17,7 +40,7 @@ class UpsampleBlock(nn.Sequential):
             nn.ConvTranspose2d(in_channels, in_channels, kernel_size=4, stride=2, padding=1, bias=True),
             nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1, bias=False),
             nn.BatchNorm2d(in_channels),
-            nn.ReLU6(inplace=True),
+            ReLU6(),
             nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
             nn.BatchNorm2d(out_channels),
         )

@@ -148,6 +148,53 @@ def test_official_group_norm_contender_equals_the_reference():
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+def test_ops_in_bf16_report_their_precision():
+    """`python -m bench --precision bf16`: the ops run on bf16 activations and the report says so."""
+    r = suite.run(dataclasses.replace(TINY, precision="bf16", ops=("dwconv3", "batch_norm")), sections=("ops",))
+    assert {row["dtype"] for row in r["ops"]} == {"bfloat16"}
+    for row in r["ops"]:
+        assert row["times"][REFERENCE]["median"] > 0 and all(row["times"][b]["median"] > 0 for b in r["backends"])
+    assert "Precision: bf16 (" in report.render_markdown(r)
+
+
+def test_model_step_bf16_in_separate_processes(tmp_path, capsys):
+    """`python -m bench.model_step --precision bf16 --separate`: each model's time and peak memory come from its
+    own subprocess, under autocast; the markdown table has a row per model. Tiny sizes, no figure asserted."""
+    from bench import model_step
+    out = tmp_path / "steps.json"
+    assert model_step.main(["--models", "resnet18", "--batch", "1", "--input-size", "32", "--steps", "1",
+                            "--warmup", "0", "--precision", "bf16", "--separate", "--out", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["models"]
+    assert result["precision"] == "bf16" and result["timing"] == "separate processes"
+    for row in result["rows"].values():
+        assert row["images_per_s"] > 0 and row["peak_memory_bytes"] > row["rss_before_first_step_bytes"] > 0, row
+    table = capsys.readouterr().err
+    assert "| resnet18 | bf16 | reference | 1 | " in table and "| resnet18 | bf16 | fused default | 1 | " in table
+
+
+def test_model_step_table_compares_precisions_and_models():
+    from bench import model_step
+
+    def rows(ips_ref, ips_fused, mem_ref, mem_fused):
+        return {"reference": {"images_per_s": ips_ref, "peak_memory_bytes": mem_ref},
+                "cpu": {"images_per_s": ips_fused, "peak_memory_bytes": mem_fused}}
+    results = {"models": [{"model": "resnet50", "precision": "fp32", "batch": 16, "rows": rows(1.0, 2.0, 4e9, 2e9)},
+                          {"model": "resnet50", "precision": "bf16", "batch": 16, "rows": rows(0.5, 3.0, 3e9, 1e9)}]}
+    lines = model_step.markdown_table(results).splitlines()
+    assert lines[2] == "| resnet50 | fp32 | reference | 16 | 1.00 | 4.00 |  |  |"
+    assert lines[3] == "| resnet50 | fp32 | fused cpu | 16 | 2.00 | 2.00 | 2.00x / 0.50x |  |"
+    assert lines[4] == "| resnet50 | bf16 | reference | 16 | 0.50 | 3.00 |  | 0.50x / 0.75x |"
+    assert lines[5] == "| resnet50 | bf16 | fused cpu | 16 | 3.00 | 1.00 | 6.00x / 0.33x | 1.50x / 0.50x |"
+
+
+def test_model_step_rejects_bad_sizes():
+    from bench import model_step
+    with pytest.raises(SystemExit):
+        model_step.main(["--batch", "0"])
+    with pytest.raises(SystemExit):
+        model_step.main(["--separate", "--no-memory"])
+
+
 def test_roofline_bytes_follow_the_dtype_and_the_grad_out():
     """An element moves its dtype's bytes; an expanded grad_out (one value) is not read as a tensor."""
     from bench.roofline import op_cost

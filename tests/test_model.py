@@ -583,3 +583,24 @@ def test_feature_info_without_reductions_raises():
     encoder.feature_info = ChannelsOnly([16, 32])
     with pytest.raises(ValueError, match="feature_info"):
         SparK(encoder, input_size=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_decoder_relu6_is_hardtanh_and_keeps_only_its_output(dtype):
+    """The decoder's ReLU6 computes nn.ReLU6's values and gradients (also at 0 and 6, where the gradient is 0)
+    and keeps one tensor for backward, its output, where nn.ReLU6(inplace=True) keeps a copy of its input too."""
+    from spark.decoder import ReLU6
+    x = torch.tensor([-1.0, 0.0, 0.5, 3.0, 6.0, 7.0], dtype=dtype).repeat(4)
+    grad = torch.arange(1, x.numel() + 1, dtype=dtype)
+    results = []
+    for act in (ReLU6(), nn.ReLU6()):
+        leaf = x.clone().requires_grad_()
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            y = act(leaf * 1)  # a non-leaf input, as in the decoder
+        y.backward(grad)
+        results.append((y.detach(), leaf.grad, kept, y))
+    (y, g, kept, out), (y_ref, g_ref, _, _) = results
+    assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
+    assert g[1] == 0 and g[4] == 0 and g[2] == grad[2]
+    assert len(kept) == 1 and kept[0].data_ptr() == out.data_ptr()
