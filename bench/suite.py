@@ -58,6 +58,7 @@ class Settings:
     machine_stream_elements: int = 1 << 25  # 128 MB per array, 4x the last-level cache here
     quick: bool = False
     precision: str = "fp32"  # ops: activations in this dtype; models: steps under autocast to it
+    grad: str = "random"  # ops: the grad_out of the backward (bench.ops.GRADS)
 
 
 QUICK = dict(repeats=3, warmup=1, budget_s=5.0, passes=("forward_backward",),
@@ -98,7 +99,7 @@ def measure_case(case: Case, impls: Sequence[str], backward: bool, settings: Set
     row: Dict[str, object] = {
         "op": case.op, "channels": case.channels, "size": case.size, "batch": case.batch,
         "active_fraction": case.active_fraction, "pass": "forward_backward" if backward else "forward",
-        "dtype": str(case.dtype).replace("torch.", ""),
+        "dtype": str(case.dtype).replace("torch.", ""), "grad": case.grad_kind,
         "times": times,
         "speedup": {impl: _ratio(times, REFERENCE, impl) for impl in impls if impl != REFERENCE},
     }
@@ -120,7 +121,8 @@ def run_ops(settings: Settings, backends: List[str], bounds) -> List[Dict[str, o
                     (settings.compile_ops is None or op in settings.compile_ops)
                 over_budget = compile_here and compile_spent >= settings.compile_budget_s
                 impls = [REFERENCE] + backends + ([COMPILED] if compile_here and not over_budget else [])
-                case = Case(op, channels, size, patch, settings.batch, dtype=DTYPES[settings.precision])
+                case = Case(op, channels, size, patch, settings.batch, dtype=DTYPES[settings.precision],
+                            grad=settings.grad)
                 for pass_ in settings.passes:
                     row = measure_case(case, impls, PASSES[pass_], settings, bounds)
                     compiled = row["times"].get(COMPILED, {})

@@ -2,8 +2,10 @@
 //
 // Work is proportional to the active sites (plus the zeros of the dense outputs, written in the same
 // pass). The per-site math is csrc/common/dwconv_site.h. Two layouts (csrc/common/layout.h):
-//  * rows (channels_last): sites in parallel, channels in blocks of kBlock values per site, which the
-//    compiler vectorizes; weights are transposed to (k*k, C) so each tap's block is contiguous too.
+//  * rows (channels_last): sites in parallel; weights transposed to (k*k, C) so each tap's channels are
+//    contiguous. At stride 1 (forward and backward) register-blocked tiles of adjacent active sites over
+//    channel vectors (cpu/vec.h; the "tiles" section below); at stride 2 site by site, channels in blocks
+//    of kBlock values the compiler vectorizes.
 //  * planes (NCHW): one (image, channel) plane per task, one channel per site.
 // The forward pass and the input gradient are one "gather" pass: each destination site of an index sums
 // weight x source over its table's taps. Forward: destinations are the active output sites, sources x.
@@ -157,10 +159,12 @@ inline bool backward_site_rows(const int32_t* taps, int64_t row, const T* gy, co
 // count), sized so a chunk's partials (k*k x C) stay small next to its work (chunk x k*k x C).
 int64_t rows_chunk_sites(int64_t c) { return std::clamp<int64_t>(16384 / std::max<int64_t>(c, 1), 32, 512); }
 
-template <int K, bool kInputGrad, typename T, typename Acc>
-void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index, const int32_t* nbr, T* gx,
-                   Acc* gw_parts, Acc* gb_parts, int64_t chunk_sites, int64_t chunks, const Geometry& g,
-                   std::atomic<bool>& valid) {
+// The weight and bias gradient partials of the strided conv (its input gradient is a separate gather), per
+// chunk of the fixed partition, site by site. (At stride 1 the tiled backward_rows_tiled below.)
+template <int K, typename T, typename Acc>
+void backward_rows_strided(const T* gy, const T* x, const Acc* wt, const int32_t* index, const int32_t* nbr,
+                           Acc* gw_parts, Acc* gb_parts, int64_t chunk_sites, int64_t chunks, const Geometry& g,
+                           std::atomic<bool>& valid) {
   constexpr int B = kBlock<Acc>;
   const int64_t full = g.c / B * B;
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
@@ -171,8 +175,8 @@ void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index,
       std::fill(gw_part, gw_part + K * K * g.c, Acc(0));
       std::fill(gb_part, gb_part + g.c, Acc(0));
       const int64_t begin = chunk * chunk_sites, end = std::min(g.m, begin + chunk_sites);
-      // Without the input gradient the filler only checks that the index ascends (it writes no rows).
-      GapFiller<T> fill{gx, kInputGrad ? g.c : 0, first_row(index, begin, g.out_sites()), g.out_sites()};
+      // The filler only checks that the index ascends (it writes no rows).
+      GapFiller<T> fill{nullptr, 0, first_row(index, begin, g.out_sites()), g.out_sites()};
       for (int64_t i = begin; i < end; ++i) {
         const int32_t site = index[i];
         if (!fill.advance_to(site)) {
@@ -182,9 +186,9 @@ void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index,
         const int32_t* taps = nbr + i * K * K;
         const int64_t row = static_cast<int64_t>(site) * g.c;
         for (int64_t c0 = 0; c0 < full; c0 += B)
-          ok &= backward_site_rows<K, kInputGrad, B>(taps, row, gy, x, wt, gx, gw_part, gb_part, c0, g);
+          ok &= backward_site_rows<K, false, B>(taps, row, gy, x, wt, static_cast<T*>(nullptr), gw_part, gb_part, c0, g);
         for (int64_t c = full; c < g.c; ++c)
-          ok &= backward_site_rows<K, kInputGrad, 1>(taps, row, gy, x, wt, gx, gw_part, gb_part, c, g);
+          ok &= backward_site_rows<K, false, 1>(taps, row, gy, x, wt, static_cast<T*>(nullptr), gw_part, gb_part, c, g);
       }
       if (end == g.m) fill.finish();
     }
@@ -614,7 +618,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
       backward_rows_tiled<K>(gyp, xp, w.const_data_ptr<Acc>(), w_mirrored.const_data_ptr<Acc>(), ip, np, gxp, gwp,
                              gbp, chunk_sites, chunks, g, valid);
     } else
-      backward_rows<K, false>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, chunk_sites, chunks, g, valid);
+      backward_rows_strided<K>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gwp, gbp, chunk_sites, chunks, g, valid);
   } else {
     chunks = g.n;
     gw_parts = at::empty({chunks, g.c, K * K}, x.options().dtype(acc));
