@@ -280,34 +280,74 @@ inline int64_t window_row(const TileSpan<K>& tile, int dy, const Geometry& g, in
   return (static_cast<int64_t>(tile.s0) + (dy - K / 2) * g.w - K / 2) * g.c + c0;
 }
 
-// One channel vector (channels c0 ..) of a tile's gather: dst(t) = init + sum over active taps of
-// wt[tap] x src(tap's site), for the tile's output sites t.
-template <int K, int Size, typename T, typename Acc>
-inline void tile_gather(const TileSpan<K>& tile, const T* __restrict src, const Acc* __restrict wt,
-                        cpu::Vec<Acc> init, T* __restrict dst, const Geometry& g, int64_t c0) {
+// One channel vector (channels c0 ..) of the gather of a group of `Group` tiles of `Size` sites each:
+// dst(t) = init + sum over active taps of wt[tap] x src(tap's site), for the tiles' output sites t. Tiles of
+// 1 or 2 sites are gathered in groups so that a kernel row's K weight vectors are loaded once for up to
+// kMaxTile accumulators, as for one tile of kMaxTile sites.
+template <int K, int Size, int Group, typename T, typename Acc>
+inline void group_gather(const TileSpan<K>* tiles, const T* __restrict src, const Acc* __restrict wt,
+                         cpu::Vec<Acc> init, T* __restrict dst, const Geometry& g, int64_t c0) {
   using V = cpu::Vec<Acc>;
-  V acc[Size];
+  V acc[Group][Size];
 #pragma GCC unroll 8
-  for (int t = 0; t < Size; ++t) acc[t] = init;
+  for (int q = 0; q < Group; ++q)
+#pragma GCC unroll 8
+    for (int t = 0; t < Size; ++t) acc[q][t] = init;
   for (int dy = 0; dy < K; ++dy) {
-    const uint32_t live = tile.live[dy];
-    if (!live) continue;
+    uint32_t any = 0;
+#pragma GCC unroll 8
+    for (int q = 0; q < Group; ++q) any |= tiles[q].live[dy];
+    if (!any) continue;
     V w[K];
 #pragma GCC unroll 7
     for (int dx = 0; dx < K; ++dx) w[dx] = cpu::load_vec(wt + (dy * K + dx) * g.c + c0);
-    const int64_t row = window_row(tile, dy, g, c0);
+#pragma GCC unroll 8
+    for (int q = 0; q < Group; ++q) {
+      const uint32_t live = tiles[q].live[dy];
+      const int64_t row = window_row(tiles[q], dy, g, c0);
 #pragma GCC unroll 16
-    for (int j = 0; j < Size + K - 1; ++j) {
-      if (!((live >> j) & 1u)) continue;
-      const V x = cpu::load_vec(src + (row + j * g.c));
+      for (int j = 0; j < Size + K - 1; ++j) {
+        if (!((live >> j) & 1u)) continue;
+        const V x = cpu::load_vec(src + (row + j * g.c));
 #pragma GCC unroll 7
-      for (int dx = 0; dx < K; ++dx)
-        if (j - dx >= 0 && j - dx < Size) acc[j - dx] += w[dx] * x;
+        for (int dx = 0; dx < K; ++dx)
+          if (j - dx >= 0 && j - dx < Size) acc[q][j - dx] += w[dx] * x;
+      }
     }
   }
-  T* out = dst + static_cast<int64_t>(tile.s0) * g.c + c0;
 #pragma GCC unroll 8
-  for (int t = 0; t < Size; ++t) cpu::store_vec(out + t * g.c, acc[t]);
+  for (int q = 0; q < Group; ++q) {
+    T* out = dst + static_cast<int64_t>(tiles[q].s0) * g.c + c0;
+#pragma GCC unroll 8
+    for (int t = 0; t < Size; ++t) cpu::store_vec(out + t * g.c, acc[q][t]);
+  }
+}
+
+// Calls fn(first tile, size constant, group constant) for the tiles in groups of consecutive tiles of one
+// size, at most kMaxTile sites and a power of two tiles per group.
+template <int K, typename Fn>
+void for_each_group(const std::vector<TileSpan<K>>& tiles, Fn&& fn) {
+  using std::integral_constant;
+  for (size_t i = 0; i < tiles.size();) {
+    const int size = tiles[i].size;
+    size_t n = 1;
+    while (n < static_cast<size_t>(kMaxTile / size) && i + n < tiles.size() && tiles[i + n].size == size) ++n;
+    const int group = n >= 8 ? 8 : n >= 4 ? 4 : n >= 2 ? 2 : 1;
+    const TileSpan<K>* first = &tiles[i];
+    switch (size * 16 + group) {
+      case 8 * 16 + 1: fn(first, integral_constant<int, 8>{}, integral_constant<int, 1>{}); break;
+      case 4 * 16 + 2: fn(first, integral_constant<int, 4>{}, integral_constant<int, 2>{}); break;
+      case 4 * 16 + 1: fn(first, integral_constant<int, 4>{}, integral_constant<int, 1>{}); break;
+      case 2 * 16 + 4: fn(first, integral_constant<int, 2>{}, integral_constant<int, 4>{}); break;
+      case 2 * 16 + 2: fn(first, integral_constant<int, 2>{}, integral_constant<int, 2>{}); break;
+      case 2 * 16 + 1: fn(first, integral_constant<int, 2>{}, integral_constant<int, 1>{}); break;
+      case 1 * 16 + 8: fn(first, integral_constant<int, 1>{}, integral_constant<int, 8>{}); break;
+      case 1 * 16 + 4: fn(first, integral_constant<int, 1>{}, integral_constant<int, 4>{}); break;
+      case 1 * 16 + 2: fn(first, integral_constant<int, 1>{}, integral_constant<int, 2>{}); break;
+      default: fn(first, integral_constant<int, 1>{}, integral_constant<int, 1>{}); break;
+    }
+    i += group;
+  }
 }
 
 // One kernel row dy of a tile's weight gradient for one channel vector: gw[dx] += sum over the tile's
@@ -368,12 +408,11 @@ void gather_rows_tiled(const T* src, const Acc* wt, const Acc* bias, const int32
     collect_tiles<K>(index, nbr, begin, end, fill, g, tiles, ok);
     for (int64_t block = 0; block < full; block += kBlockVectors * L) {
       const int64_t block_end = std::min(full, block + kBlockVectors * L);
-      for (const TileSpan<K>& tile : tiles)
-        with_tile_size(tile.size, [&](auto size) {
-          for (int64_t c0 = block; c0 < block_end; c0 += L)
-            tile_gather<K, decltype(size)::value>(tile, src, wt, bias ? cpu::load_vec(bias + c0) : cpu::Vec<Acc>{},
-                                                  dst, g, c0);
-        });
+      for_each_group(tiles, [&](const TileSpan<K>* first, auto size, auto group) {
+        for (int64_t c0 = block; c0 < block_end; c0 += L)
+          group_gather<K, decltype(size)::value, decltype(group)::value>(
+              first, src, wt, bias ? cpu::load_vec(bias + c0) : cpu::Vec<Acc>{}, dst, g, c0);
+      });
     }
     for (const TileSpan<K>& tile : tiles)
       for (int t = 0; t < tile.size; ++t)
@@ -409,11 +448,10 @@ void backward_rows_tiled(const T* gy, const T* x, const Acc* wt, const Acc* wt_m
       if (end == g.m) fill.finish();
       for (int64_t block = 0; block < full; block += kBlockVectors * L) {
         const int64_t block_end = std::min(full, block + kBlockVectors * L);
-        for (const TileSpan<K>& tile : tiles)
-          with_tile_size(tile.size, [&](auto size) {
-            for (int64_t c0 = block; c0 < block_end; c0 += L)
-              tile_gather<K, decltype(size)::value>(tile, gy, wt_mirrored, V{}, gx, g, c0);
-          });
+        for_each_group(tiles, [&](const TileSpan<K>* first, auto size, auto group) {
+          for (int64_t c0 = block; c0 < block_end; c0 += L)
+            group_gather<K, decltype(size)::value, decltype(group)::value>(first, gy, wt_mirrored, V{}, gx, g, c0);
+        });
         for (int64_t c0 = block; c0 < block_end; c0 += L) {
           V gb{};
           for (const TileSpan<K>& tile : tiles)
