@@ -3,6 +3,7 @@ import copy
 import json
 
 import pytest
+import torch
 
 from bench import compare, report, suite
 from bench.__main__ import main as bench_main
@@ -142,3 +143,20 @@ def test_official_group_norm_contender_equals_the_reference():
         results.append([y.detach()] + [t.grad for t in leaves])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("grad", ("random", "expanded", "nchw"))
+def test_op_case_grad_out_kinds(grad):
+    """bench.ops --grad: the backward's grad_out is random channels_last, the stride-0 ones of y.sum().backward(),
+    or random NCHW; each runs through the fused backends and the reference."""
+    from bench.ops import Case
+    case = Case("dwconv3", 8, 8, 2, 2, grad=grad)
+    if grad == "expanded":
+        assert case.grad.stride() == (0, 0, 0, 0) and case.grad.shape == case.x.shape
+    else:
+        assert case.grad.is_contiguous(memory_format=torch.channels_last if grad == "random" else torch.contiguous_format)
+    for impl in [REFERENCE] + suite.fused_backends():
+        case.runner(impl)()
+        assert case.x.grad is not None and case.x.grad.shape == case.x.shape
+    with pytest.raises(ValueError, match="grad must be one of"):
+        Case("dwconv3", 8, 8, 2, 2, grad="sum")
