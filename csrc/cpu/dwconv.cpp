@@ -373,7 +373,7 @@ inline void tile_weight_grad_row(const TileSpan<K>& tile, int dy, const T* __res
   }
 }
 
-// The tiles of index entries [begin, end), zeroing the rows of the inactive sites of dst before each
+// The tiles of index entries [begin, end), largest first, zeroing the rows of the inactive sites of dst before each
 // (the GapFiller, which also checks that the index ascends); false in `ok` for a corrupt index or table.
 template <int K, typename T>
 void collect_tiles(const int32_t* index, const int32_t* nbr, int64_t begin, int64_t end, GapFiller<T>& fill,
@@ -391,6 +391,11 @@ void collect_tiles(const int32_t* index, const int32_t* nbr, int64_t begin, int6
     tiles.push_back(tile);
     i += tile.size;
   }
+  // Largest tiles first: equal sizes adjacent make the longest groups (for_each_group) and let the weight
+  // gradient loop over each size without a dispatch per tile. The order is a function of the index and the
+  // range alone, so the sums stay deterministic.
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const TileSpan<K>& a, const TileSpan<K>& b) { return a.size > b.size; });
 }
 
 // dst = the stride-1 forward gather over src (x), bias at the active sites. Channels past the last full
@@ -459,10 +464,13 @@ void backward_rows_tiled(const T* gy, const T* x, const Acc* wt, const Acc* wt_m
           cpu::store_vec(gb_part + c0, gb);
           for (int dy = 0; dy < K; ++dy) {
             V gw[K] = {};
-            for (const TileSpan<K>& tile : tiles)
-              with_tile_size(tile.size, [&](auto size) {
-                tile_weight_grad_row<K, decltype(size)::value, T, Acc>(tile, dy, x, gy, g, c0, gw);
+            for (size_t first = 0, last; first < tiles.size(); first = last) {
+              for (last = first + 1; last < tiles.size() && tiles[last].size == tiles[first].size;) ++last;
+              with_tile_size(tiles[first].size, [&](auto size) {
+                for (size_t i = first; i < last; ++i)
+                  tile_weight_grad_row<K, decltype(size)::value, T, Acc>(tiles[i], dy, x, gy, g, c0, gw);
               });
+            }
 #pragma GCC unroll 7
             for (int dx = 0; dx < K; ++dx) cpu::store_vec(gw_part + (dy * K + dx) * g.c + c0, gw[dx]);
           }
