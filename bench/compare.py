@@ -21,6 +21,8 @@ def _case_key(section: str, r: Dict[str, object]) -> str:
     if section != "ops":
         parts.append(f"ratio {r['mask_ratio']:.2f}")
     parts.append(r["pass"])
+    if r.get("grad_out") not in (None, "random"):  # results from before the variants were all "random"
+        parts.append(f"grad_out {r['grad_out']}")
     return " ".join(p for p in parts if p)
 
 

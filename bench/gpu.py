@@ -134,11 +134,10 @@ def roofline_seconds(op: str, channels: int, size: int, batch: int, active: floa
     """The roofline time of a pass at the measured copy bandwidth and FMA rate (None if either is missing)."""
     if "copy_bytes_per_s" not in machine or "fma_per_s" not in machine:
         return None
-    fwd = op_cost(op, channels, size, batch, active, backward=False)
-    both = op_cost(op, channels, size, batch, active, backward=True)
+    fwd = op_cost(op, channels, size, batch, active, backward=False, dtype=dtype)
+    both = op_cost(op, channels, size, batch, active, backward=True, dtype=dtype)
     cost = fwd if forward_only else ({k: both[k] - fwd[k] for k in both} if backward_only else both)
-    element_bytes = torch.tensor([], dtype=dtype).element_size()
-    return max(cost["bytes"] * element_bytes / 4 / machine["copy_bytes_per_s"],
+    return max(cost["bytes"] / machine["copy_bytes_per_s"],
                cost["flops"] / (2 * machine["fma_per_s"]))
 
 

@@ -1,7 +1,7 @@
 """Microbenchmark of the ops: fused backend vs the masked-dense reference, in one process.
 
     python -m bench.ops [--backend cpu] [--batch 32] [--repeats 7] [--ops dwconv7 dwconv3 ...] [--compile]
-                        [--net convnext_tiny|resnet50] [--grad random|expanded|nchw] [--json FILE]
+                        [--net convnext_tiny|resnet50] [--grad-outs random expanded nchw] [--json FILE]
 
 Forward + backward per ConvNeXt-T (or ResNet-50, or EfficientNet-B0 for the 5x5 and strided depthwise convs)
 stage shape (docs/design.md section 6), fp32, channels_last inputs, SparK patch masks at ratio 0.6; prints the
@@ -32,6 +32,10 @@ from .common import BATCH, BENCH_CASES, CONVNEXT_T_STAGES, MASK_RATIO, STAGES, T
 
 OPS = tuple(BENCH_CASES)
 REFERENCE = "reference"
+# The grad_out a backward pass receives: random values in the output's layout (what a following conv gives),
+# an expanded scalar 1 with every stride 0 (what y.sum().backward() gives), random values in the (N, C, H, W)
+# memory order whatever the output's layout.
+GRAD_OUTS = ("random", "expanded", "nchw")
 COMPILED = "reference+compile"  # the reference under torch.compile (inductor): what a user would try instead
 
 # One torch.compile'd reference function per op, reused across shapes as in a user's model (torch.compile
@@ -77,23 +81,19 @@ def official_group_norm(x: torch.Tensor, mask: torch.Tensor, num_groups: int, we
     return out.permute(0, 3, 1, 2)
 
 
-# The grad_out a benchmark's backward gets: random in the input's layout, the stride-0 ones that
-# `y.sum().backward()` gives, or random in NCHW (the layout a following op may hand back).
-GRADS = ("random", "expanded", "nchw")
-
-
 class Case:
     """Inputs of one op at one shape and mask, and runners doing its forward (training mode, autograd
     recording) or forward + backward once, with the fused backends, the reference or the compiled one."""
 
     def __init__(self, op: str, channels: int, size: int, patch: int, batch: int, mask_ratio: float = MASK_RATIO,
-                 seed: int = 0, dtype: torch.dtype = torch.float32, grad: str = "random"):
+                 seed: int = 0, dtype: torch.dtype = torch.float32, grad_out: str = "random"):
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
-        if grad not in GRADS:
-            raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
+        if grad_out not in GRAD_OUTS:
+            raise ValueError(f"grad_out must be one of {GRAD_OUTS}, got {grad_out!r}")
+        self.grad_out = grad_out
         self.op, self.channels, self.size, self.patch, self.batch = op, channels, size, patch, batch
-        self.dtype, self.grad_kind = dtype, grad
+        self.dtype = dtype
         g = torch.Generator().manual_seed(seed)
         self.mask = upsample_mask(patch_mask(batch, size // patch, mask_ratio, generator=g), size, size)
         self.sites = sk.ActiveSites(self.mask)
@@ -108,12 +108,14 @@ class Case:
         out_size = -(-size // self.stride)
         self.grad = torch.randn(batch, channels, out_size, out_size, generator=g).to(dtype).contiguous(
             memory_format=torch.channels_last)
-        if self.variant.channels_last_input:
-            x, self.grad = x.permute(0, 2, 3, 1).contiguous(), self.grad.permute(0, 2, 3, 1).contiguous()
-        if grad == "expanded":
-            self.grad = torch.ones((), dtype=dtype).expand(self.grad.shape)
-        elif grad == "nchw":
+        if grad_out == "nchw":
             self.grad = self.grad.contiguous()
+        if self.variant.channels_last_input:
+            x = x.permute(0, 2, 3, 1).contiguous()
+            nhwc = self.grad.permute(0, 2, 3, 1)
+            self.grad = nhwc if grad_out == "nchw" else nhwc.contiguous()
+        if grad_out == "expanded":
+            self.grad = torch.ones((), dtype=dtype).expand(self.grad.shape)
         self.x = x.requires_grad_()
         if k is not None:
             self.weight = torch.randn(channels, 1, k, k, generator=g).to(dtype).requires_grad_()
@@ -153,8 +155,8 @@ class Case:
 
 
 def make_case(op: str, channels: int, size: int, patch: int, batch: int, seed: int = 0,
-              mask_ratio: float = MASK_RATIO, dtype: torch.dtype = torch.float32, grad: str = "random") -> Case:
-    return Case(op, channels, size, patch, batch, mask_ratio, seed, dtype, grad)
+              mask_ratio: float = MASK_RATIO, dtype: torch.dtype = torch.float32, grad_out: str = "random") -> Case:
+    return Case(op, channels, size, patch, batch, mask_ratio, seed, dtype, grad_out)
 
 
 def main(argv=None) -> int:
@@ -169,9 +171,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--net", choices=sorted(STAGES), default="convnext_tiny", help="whose stage shapes")
     parser.add_argument("--compile", action="store_true", help="also time the reference under torch.compile")
-    parser.add_argument("--grad", choices=GRADS, default="random",
-                        help="grad_out of the backward: random in x's layout, expanded (stride-0 ones, as "
-                             "y.sum().backward() gives) or random NCHW")
+    parser.add_argument("--grad-outs", nargs="+", choices=GRAD_OUTS, default=["random"],
+                        help="the grad_out variants of the backward pass (see GRAD_OUTS)")
     parser.add_argument("--json", help="write the results (the suite's format) to this file")
     args = parser.parse_args(argv)
     if args.backend not in sk.available_backends():
@@ -179,7 +180,8 @@ def main(argv=None) -> int:
         return 1
     settings = suite.Settings(batch=args.batch, repeats=args.repeats, threads=args.threads, ops=tuple(args.ops),
                               stages={args.net: STAGES[args.net]}, passes=("forward_backward",),
-                              backends=[args.backend], compile_stages=None if args.compile else (), grad=args.grad)
+                              backends=[args.backend], compile_stages=None if args.compile else (),
+                              grad_outs=tuple(args.grad_outs))
     results = suite.run(settings, ("ops",))
     print("\n".join(report.ops_table(results)))
     if args.json:

@@ -132,14 +132,15 @@ def ops_table(results: Dict[str, object], pass_: str = "forward_backward") -> Li
     rows = [r for r in results["ops"] if r["pass"] == pass_]
     if not rows:
         return []
-    cols = ["net", "op", "C@HxW", "reference ms", "compiled ms"] + [f"{b} ms" for b in backends] + \
+    cols = ["net", "op", "C@HxW", "grad_out", "reference ms", "compiled ms"] + [f"{b} ms" for b in backends] + \
         [f"{b} vs ref" for b in backends] + [f"{b} vs compiled" for b in backends] + \
         ["target", "met", "roofline ms", "ref/roofline"] + [f"{b} at roofline" for b in backends] + ["compile s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         t = r["times"]
         target = r.get("target") if r["net"] == "convnext_tiny" else None
-        cells = [r["net"], r["op"], f"{r['channels']}@{r['size']}²", _ms(t, REFERENCE), _ms(t, COMPILED)]
+        cells = [r["net"], r["op"], f"{r['channels']}@{r['size']}²", r.get("grad_out") or "—", _ms(t, REFERENCE),
+                 _ms(t, COMPILED)]
         cells += [_ms(t, b) for b in backends]
         cells += [_x(r["speedup"].get(b)) for b in backends]
         cells += [_x(_median(t, COMPILED) / _median(t, b)) if _median(t, COMPILED) and _median(t, b) else "—"
@@ -322,6 +323,9 @@ def write_plots(results: Dict[str, object], out_dir: str, link_base: Optional[st
         written.append(os.path.relpath(path, link_base) if link_base else path)
 
     rows = [r for r in results["ops"] if r["pass"] == "forward_backward"]
+    # One bar per case: the first grad_out variant measured.
+    first_grad = next((r.get("grad_out") for r in rows), None)
+    rows = [r for r in rows if r.get("grad_out") == first_grad]
     nets = list(dict.fromkeys(r["net"] for r in rows))
     if rows:
         fig, axes = plt.subplots(1, len(nets), figsize=(6 * len(nets), 4), squeeze=False)

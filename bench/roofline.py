@@ -3,7 +3,9 @@
 The roofline time of an op is max(FLOPs / peak FLOP/s, bytes / peak bytes/s) for the least work and
 traffic any implementation of the contract needs: inputs are read at active sites only, dense outputs
 are written in full (the contract returns dense tensors with exact zeros at inactive sites),
-per-channel parameters and index tables are neglected. fp32: 4 bytes per element.
+per-channel parameters and index tables are neglected. An element takes its dtype's bytes (4 for float32, 2 for
+bfloat16); an expanded grad_out (one value, every stride 0: what y.sum().backward() gives) is not read as a
+tensor, so its bytes do not count.
 """
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import torch
 
 from .common import BENCH_CASES, median_time
 
-BYTES = 4  # fp32
+STREAM_BYTES = 4  # the machine's bandwidth is measured on float32 arrays
 
 # Per active element (site x channel): FLOPs of the forward and of the backward pass, and how many
-# tensors of the input's size are read at active sites and written densely. Norm FLOPs count the
+# tensors of the input's size are read at active sites (grad_out being one of the backward's reads) and written
+# densely. Norm FLOPs count the
 # statistics and the affine map (mean, variance, normalize, scale, shift and their gradients).
 # dwconv k: forward 2k² per active OUTPUT element; backward 2k² for grad_x and 2k² for grad_weight (reading
 # the active input and grad_out, writing grad_x densely); at stride 2 the output has a quarter of the sites.
@@ -27,9 +30,12 @@ _COSTS = {
 }
 
 
-def op_cost(op: str, channels: int, size: int, batch: int, active_fraction: float,
-            backward: bool) -> Dict[str, float]:
-    """FLOPs and bytes of the least work `op` (a key of BENCH_CASES) needs, forward or forward + backward."""
+def op_cost(op: str, channels: int, size: int, batch: int, active_fraction: float, backward: bool,
+            dtype: torch.dtype = torch.float32, grad_out: str = "random") -> Dict[str, float]:
+    """FLOPs and bytes of the least work `op` (a key of BENCH_CASES) needs, forward or forward + backward, with
+    activations in dtype and the grad_out variant of bench/ops.py (GRAD_OUTS)."""
+    element = dtype.itemsize
+    grad_reads = 0 if grad_out == "expanded" else 1  # tensors of grad_out's size read at active sites
     sites = batch * size * size
     active = channels * sites * active_fraction  # active elements
     dense = channels * sites
@@ -42,14 +48,15 @@ def op_cost(op: str, channels: int, size: int, batch: int, active_fraction: floa
         out_active = out_dense * active_fraction  # exact for SparK masks whose patches the stride divides
         for pass_ in passes:
             flops += _COSTS["dwconv"][pass_]["flops_per_tap"] * k * k * out_active
-        bytes_ = BYTES * (active + out_dense)  # forward: read x, write y
+        bytes_ = element * (active + out_dense)  # forward: read x, write y
         if backward:
-            bytes_ += BYTES * (out_active + active + dense)  # read grad_out and x, write grad_x
+            bytes_ += element * (grad_reads * out_active + active + dense)  # read grad_out and x, write grad_x
         return {"flops": flops, "bytes": bytes_}
     for pass_ in passes:
         c = _COSTS["norm"][pass_]
+        reads = c["reads"] - (1 - grad_reads if pass_ == "backward" else 0)
         flops += c["flops"] * active
-        bytes_ += BYTES * (c["reads"] * active + c["writes"] * dense)
+        bytes_ += element * (reads * active + c["writes"] * dense)
     return {"flops": flops, "bytes": bytes_}
 
 
@@ -70,7 +77,7 @@ def measure_machine(repeats: int = 5, gemm_size: int = 2048, stream_elements: in
     z = torch.empty(stream_elements)
     copy = median_time(lambda: z.copy_(x), repeats)
     triad = median_time(lambda: torch.add(x, y, alpha=3.0, out=z), repeats)
-    copy_bw = 2 * BYTES * stream_elements / copy["median"]
-    triad_bw = 3 * BYTES * stream_elements / triad["median"]
+    copy_bw = 2 * STREAM_BYTES * stream_elements / copy["median"]
+    triad_bw = 3 * STREAM_BYTES * stream_elements / triad["median"]
     return {"flops_per_s": flops, "copy_bytes_per_s": copy_bw, "triad_bytes_per_s": triad_bw,
-            "bytes_per_s": max(copy_bw, triad_bw), "gemm_size": gemm_size, "stream_bytes": BYTES * stream_elements}
+            "bytes_per_s": max(copy_bw, triad_bw), "gemm_size": gemm_size, "stream_bytes": STREAM_BYTES * stream_elements}

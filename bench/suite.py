@@ -17,7 +17,7 @@ import spark_kernels as sk
 from . import roofline
 from .common import (BATCH, MASK_RATIO, MODEL_TARGETS, NET_OPS, STAGES, TARGETS, THREADS, environment,
                      interleaved_times)
-from .ops import COMPILED, OPS, REFERENCE, Case
+from .ops import COMPILED, GRAD_OUTS, OPS, REFERENCE, Case
 from .report import SCHEMA
 from spark.precision import DTYPES
 PASSES = {"forward": False, "forward_backward": True}  # pass name -> with backward
@@ -58,10 +58,10 @@ class Settings:
     machine_stream_elements: int = 1 << 25  # 128 MB per array, 4x the last-level cache here
     quick: bool = False
     precision: str = "fp32"  # ops: activations in this dtype; models: steps under autocast to it
-    grad: str = "random"  # ops: the grad_out of the backward (bench.ops.GRADS)
+    grad_outs: Sequence[str] = GRAD_OUTS  # the ops table's backward grad_out variants (bench/ops.py)
 
 
-QUICK = dict(repeats=3, warmup=1, budget_s=5.0, passes=("forward_backward",),
+QUICK = dict(repeats=3, warmup=1, budget_s=5.0, passes=("forward_backward",), grad_outs=("random", "expanded"),
              net_ops={"convnext_tiny": tuple(TARGETS), "resnet50": ("batch_norm", "group_norm"),
                       "efficientnet_b0": ("dwconv5s2",)},
              compile_stages=(4,), compile_ops=("dwconv7", "batch_norm"), compile_budget_s=120.0,
@@ -99,11 +99,12 @@ def measure_case(case: Case, impls: Sequence[str], backward: bool, settings: Set
     row: Dict[str, object] = {
         "op": case.op, "channels": case.channels, "size": case.size, "batch": case.batch,
         "active_fraction": case.active_fraction, "pass": "forward_backward" if backward else "forward",
-        "dtype": str(case.dtype).replace("torch.", ""), "grad": case.grad_kind,
+        "dtype": str(case.dtype).replace("torch.", ""), "grad_out": case.grad_out if backward else None,
         "times": times,
         "speedup": {impl: _ratio(times, REFERENCE, impl) for impl in impls if impl != REFERENCE},
     }
-    cost = roofline.op_cost(case.op, case.channels, case.size, case.batch, case.active_fraction, backward)
+    cost = roofline.op_cost(case.op, case.channels, case.size, case.batch, case.active_fraction, backward,
+                            case.dtype, case.grad_out)
     row.update(cost)
     if bounds:
         row["roofline_s"] = roofline.roofline_time(cost, bounds)
@@ -121,24 +122,28 @@ def run_ops(settings: Settings, backends: List[str], bounds) -> List[Dict[str, o
                     (settings.compile_ops is None or op in settings.compile_ops)
                 over_budget = compile_here and compile_spent >= settings.compile_budget_s
                 impls = [REFERENCE] + backends + ([COMPILED] if compile_here and not over_budget else [])
-                case = Case(op, channels, size, patch, settings.batch, dtype=DTYPES[settings.precision],
-                            grad=settings.grad)
                 for pass_ in settings.passes:
-                    row = measure_case(case, impls, PASSES[pass_], settings, bounds)
-                    compiled = row["times"].get(COMPILED, {})
-                    if "median" in compiled:
-                        compile_spent += compiled["first_call_s"] - compiled["median"]
-                    if over_budget:
-                        row["times"][COMPILED] = {"error": f"skipped: the run's torch.compile budget of "
-                                                           f"{settings.compile_budget_s:.0f} s was used up"}
-                    row.update(net=net, stage=stage, mask_ratio=MASK_RATIO,
-                               target=TARGETS.get(op) if pass_ == "forward_backward" else None)
-                    rows.append(row)
-                    t = row["times"]
-                    _log(f"{net:<14}{op:<14}{channels:>5}@{size:<3}{pass_:<17}" + "".join(
-                        f" {impl}{_ms(t[impl])}" for impl in impls) +
-                        "".join(f"  {impl} x{s:.2f}" for impl, s in row["speedup"].items() if s))
-                del case
+                    # The forward pass takes no grad_out: measured once.
+                    for grad_out in settings.grad_outs if PASSES[pass_] else settings.grad_outs[:1]:
+                        case = Case(op, channels, size, patch, settings.batch, dtype=DTYPES[settings.precision],
+                                    grad_out=grad_out)
+                        # torch.compile's contender at the first variant only (one compilation per shape).
+                        first_variant = grad_out == settings.grad_outs[0]
+                        contenders = impls if first_variant else [i for i in impls if i != COMPILED]
+                        row = measure_case(case, contenders, PASSES[pass_], settings, bounds)
+                        compiled = row["times"].get(COMPILED, {})
+                        if "median" in compiled:
+                            compile_spent += compiled["first_call_s"] - compiled["median"]
+                        if over_budget and first_variant:
+                            row["times"][COMPILED] = {"error": f"skipped: the run's torch.compile budget of "
+                                                               f"{settings.compile_budget_s:.0f} s was used up"}
+                        row.update(net=net, stage=stage, mask_ratio=MASK_RATIO,
+                                   target=TARGETS.get(op) if pass_ == "forward_backward" else None)
+                        rows.append(row)
+                        t = row["times"]
+                        _log(f"{net:<14}{op:<14}{channels:>5}@{size:<3}{pass_:<17}{row['grad_out'] or '':<9}" +
+                             "".join(f" {impl}{_ms(t[impl])}" for impl in contenders) +
+                             "".join(f"  {impl} x{s:.2f}" for impl, s in row["speedup"].items() if s))
     return rows
 
 

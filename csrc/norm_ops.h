@@ -14,11 +14,77 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "common/dispatch.h"
 #include "common/norm_checks.h"
 
 namespace spark_kernels {
+
+// -- Backward inputs. Two forms avoid a dense pass before the kernels where the Kernels struct says it reads them
+// (static constexpr bool reads_compact_x / reads_broadcast_grad; absent = false, and the host builds the dense
+// form itself):
+// - x as the compact (M, C) rows of the active sites of a channels_last input, in index order (what the autograd
+//   functions keep for backward, at the active fraction of x's memory), with grad_out giving the dense shape;
+// - grad_out with every stride 0 (an expanded scalar: what y.sum().backward() passes), read as its one value.
+
+template <typename K, typename = void>
+struct ReadsCompactX : std::false_type {};
+template <typename K>
+struct ReadsCompactX<K, std::void_t<decltype(K::reads_compact_x)>> : std::bool_constant<K::reads_compact_x> {};
+
+template <typename K, typename = void>
+struct ReadsBroadcastGrad : std::false_type {};
+template <typename K>
+struct ReadsBroadcastGrad<K, std::void_t<decltype(K::reads_broadcast_grad)>>
+    : std::bool_constant<K::reads_broadcast_grad> {};
+
+// The backward ops' x and grad_out: x dense (N, C, H, W), or compact rows (M, C) (see above) when allow_compact.
+template <typename Kernels>
+std::pair<NormArgs, at::Tensor> prepare_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                                 const at::Tensor& index_in, const char* op,
+                                                 bool allow_compact = true) {
+  using Backend = typename Kernels::Backend;
+  at::Tensor x_dense = x_in;
+  bool compact = false;
+  if (allow_compact && x_in.dim() == 2) {
+    check_norm_input<Backend>(grad_out_in, op);  // the dense shape comes from grad_out
+    TORCH_CHECK(x_in.scalar_type() == grad_out_in.scalar_type(), op, ": x must have grad_out's dtype ",
+                grad_out_in.scalar_type(), ", got ", x_in.scalar_type());
+    TORCH_CHECK(x_in.device() == grad_out_in.device(), op, ": x is on ", x_in.device(), " but grad_out is on ",
+                grad_out_in.device());
+    check_index(index_in, grad_out_in, op);
+    TORCH_CHECK(x_in.size(0) == index_in.numel() && x_in.size(1) == grad_out_in.size(1), op,
+                ": x given as the rows of the active sites must have shape (", index_in.numel(), ", ",
+                grad_out_in.size(1), ") (index entries, grad_out's channels), got ", x_in.sizes());
+    if constexpr (ReadsCompactX<Kernels>::value) {
+      compact = true;
+    } else {  // rebuild the channels_last tensor; the kernels never read its inactive sites
+      x_dense = at::empty(grad_out_in.sizes(), x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+      x_dense.permute({0, 2, 3, 1}).reshape({-1, x_in.size(1)}).index_copy_(0, index_in.to(at::kLong), x_in);
+    }
+  }
+  NormArgs p;
+  if (compact) {
+    p.x = x_in.contiguous();
+    p.index = index_in.contiguous();
+    for (int d = 0; d < 4; ++d) p.sizes[d] = grad_out_in.size(d);
+    p.g = {p.sizes[0], p.sizes[1], p.sizes[2] * p.sizes[3], true};
+    p.compact = true;
+    if constexpr (Backend::validates_index) {
+      check_index_values(p.index.const_data_ptr<int32_t>(), p.index.numel(), p.g.sites(), op);
+    }
+  } else {
+    p = prepare_norm<Backend>(x_dense, index_in, op);
+    check_like_x(grad_out_in, "grad_out", x_dense, op);
+  }
+  const bool keep = ReadsBroadcastGrad<Kernels>::value && is_broadcast_scalar(grad_out_in);
+  at::Tensor grad_out = keep ? grad_out_in
+                             : grad_out_in.contiguous(p.g.rows ? at::MemoryFormat::ChannelsLast
+                                                               : at::MemoryFormat::Contiguous);
+  return {std::move(p), std::move(grad_out)};
+}
 
 // -- BatchNorm: Kernels::bn_stats<scalar_t>(p, out), bn_backward_stats<scalar_t>(p, grad_out, mean, out)
 // write (2, C) float64 sums into out; bn_elemt<scalar_t>(p, scale, shift) and
@@ -42,11 +108,11 @@ at::Tensor masked_bn_backward_stats(const at::Tensor& grad_out_in, const at::Ten
                                     const at::Tensor& mean_in) {
   using Backend = typename Kernels::Backend;
   constexpr const char* op = "masked_bn_backward_stats";
-  const NormArgs p = prepare_norm<Backend>(x_in, index_in, op);
-  check_like_x(grad_out_in, "grad_out", x_in, op);
+  const auto prepared = prepare_backward<Kernels>(grad_out_in, x_in, index_in, op);
+  const NormArgs& p = prepared.first;
+  const at::Tensor& grad_out = prepared.second;
   check_vector(mean_in, "mean", p.g.channels, x_in, op);
   const c10::DeviceGuard guard(p.x.device());
-  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
   const at::Tensor mean = mean_in.contiguous();
   at::Tensor out = at::empty({2, p.g.channels}, p.x.options().dtype(at::kDouble));
   Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
@@ -75,13 +141,13 @@ at::Tensor masked_bn_backward_elemt(const at::Tensor& grad_out_in, const at::Ten
                                     const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& d_in) {
   using Backend = typename Kernels::Backend;
   constexpr const char* op = "masked_bn_backward_elemt";
-  const NormArgs p = prepare_norm<Backend>(x_in, index_in, op);
-  check_like_x(grad_out_in, "grad_out", x_in, op);
+  const auto prepared = prepare_backward<Kernels>(grad_out_in, x_in, index_in, op);
+  const NormArgs& p = prepared.first;
+  const at::Tensor& grad_out = prepared.second;
   check_vector(a_in, "a", p.g.channels, x_in, op);
   check_vector(b_in, "b", p.g.channels, x_in, op);
   check_vector(d_in, "d", p.g.channels, x_in, op);
   const c10::DeviceGuard guard(p.x.device());
-  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), d = d_in.contiguous();
   return Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
     return Kernels::template bn_backward_elemt<decltype(dtype)>(p, grad_out, a, b, d);
@@ -135,13 +201,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_ln_backward(const at::Tens
                                                                   const at::Tensor& mean_in, const at::Tensor& rstd_in) {
   using Backend = typename Kernels::Backend;
   constexpr const char* op = "masked_ln_backward";
-  const NormArgs p = prepare_layer_norm<Backend>(x_in, index_in, op);
-  check_like_x(grad_out_in, "grad_out", x_in, op);
+  TORCH_CHECK(x_in.dim() != 4 || x_in.size(1) > 0, op, ": x must have at least one channel");
+  const auto prepared = prepare_backward<Kernels>(grad_out_in, x_in, index_in, op, /*allow_compact=*/false);
+  const NormArgs& p = prepared.first;
+  const at::Tensor& grad_out = prepared.second;
   const auto weight = checked_param(weight_in, "weight", x_in, op);
   check_vector(mean_in, "mean", index_in.numel(), x_in, op);
   check_vector(rstd_in, "rstd", index_in.numel(), x_in, op);
   const c10::DeviceGuard guard(p.x.device());
-  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const auto acc_options = p.x.options().dtype(accumulation_type(p.x.scalar_type()));
   if (p.index.numel() == 0) {
@@ -192,11 +259,11 @@ at::Tensor masked_gn_backward_stats(const at::Tensor& grad_out_in, const at::Ten
                                     const at::Tensor& center_in) {
   using Backend = typename Kernels::Backend;
   constexpr const char* op = "masked_gn_backward_stats";
-  const NormArgs p = prepare_norm<Backend>(x_in, index_in, op);
-  check_like_x(grad_out_in, "grad_out", x_in, op);
+  const auto prepared = prepare_backward<Kernels>(grad_out_in, x_in, index_in, op);
+  const NormArgs& p = prepared.first;
+  const at::Tensor& grad_out = prepared.second;
   const at::Tensor center = checked_image_table(center_in, "center", p, x_in, op);
   const c10::DeviceGuard guard(p.x.device());
-  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
   at::Tensor out = at::empty({p.g.batch, 2, p.g.channels}, p.x.options().dtype(at::kDouble));
   if (out.numel() == 0) return out;
   Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
@@ -226,14 +293,14 @@ at::Tensor masked_gn_backward_elemt(const at::Tensor& grad_out_in, const at::Ten
                                     const at::Tensor& d_in) {
   using Backend = typename Kernels::Backend;
   constexpr const char* op = "masked_gn_backward_elemt";
-  const NormArgs p = prepare_norm<Backend>(x_in, index_in, op);
-  check_like_x(grad_out_in, "grad_out", x_in, op);
+  const auto prepared = prepare_backward<Kernels>(grad_out_in, x_in, index_in, op);
+  const NormArgs& p = prepared.first;
+  const at::Tensor& grad_out = prepared.second;
   const at::Tensor center = checked_image_table(center_in, "center", p, x_in, op);
   const at::Tensor a = checked_image_table(a_in, "a", p, x_in, op);
   const at::Tensor b = checked_image_table(b_in, "b", p, x_in, op);
   const at::Tensor d = checked_image_table(d_in, "d", p, x_in, op);
   const c10::DeviceGuard guard(p.x.device());
-  const at::Tensor grad_out = to_kernel_layout(grad_out_in, p.x);
   return Backend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
     return Kernels::template gn_backward_elemt<decltype(dtype)>(p, grad_out, center, a, b, d);
   });

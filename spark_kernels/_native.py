@@ -80,7 +80,10 @@ if _load_error is None:
 
 
 def _kernels():
-    return kernels_namespace(lambda p: getattr(torch.ops.spark_kernels, p.native))
+    kernels = kernels_namespace(lambda p: getattr(torch.ops.spark_kernels, p.native))
+    # The C++ BatchNorm/GroupNorm backward ops take x as the compact rows of the active sites (csrc/norm_ops.h).
+    kernels.takes_compact_rows = True
+    return kernels
 
 
 def load_cpu() -> Tuple[object, Optional[str]]:

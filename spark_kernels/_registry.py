@@ -120,8 +120,16 @@ def _fake_bn_elemt(x, index, scale, shift):
     return _dense_like(x)
 
 
-def _fake_bn_backward_elemt(grad_out, x, index, a, b, d):
+def _dense_grad_like(grad_out, x):
+    """A backward op's dense output: in x's kernel layout, or channels_last when x is given as the (M, C) rows of
+    the active sites (csrc/norm_ops.h, prepare_backward)."""
+    if x.dim() == 2:
+        return torch.empty_like(grad_out, memory_format=torch.channels_last)
     return _dense_like(x)
+
+
+def _fake_bn_backward_elemt(grad_out, x, index, a, b, d):
+    return _dense_grad_like(grad_out, x)
 
 
 def _fake_ln_forward(x, index, weight, bias, eps):
@@ -143,7 +151,7 @@ def _fake_gn_elemt(x, index, center, scale, shift):
 
 
 def _fake_gn_backward_elemt(grad_out, x, index, center, a, b, d):
-    return _dense_like(x)
+    return _dense_grad_like(grad_out, x)
 
 
 @dataclass(frozen=True)

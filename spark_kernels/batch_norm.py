@@ -18,7 +18,7 @@ import torch
 
 from . import reference
 from ._backends import select_backend
-from ._layout import accumulation_dtype, to_kernel_layout, uses_rows
+from ._layout import accumulation_dtype, kernel_memory_format, uses_rows
 from ._sites import resolve_sites
 from ._validation import check_input, check_param, check_param_dtypes
 
@@ -58,6 +58,13 @@ def _gather_moments(count: int, moments: torch.Tensor, process_group):
 def _compact_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The active rows (M, C) of a channels_last x: what backward needs, at the active fraction of x's size."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).index_select(0, index)
+
+
+def _saved_input(kernels, saved_x: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """x as the backward kernels take it: the compact rows where they read them (the C++ ops), else dense."""
+    if saved_x.dim() == 2 and not getattr(kernels, "takes_compact_rows", False):
+        return _from_compact_rows(saved_x, index, shape)
+    return saved_x
 
 
 def _from_compact_rows(rows: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -109,9 +116,9 @@ class _MaskedBatchNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         saved_x, index, mean, invstd, w = ctx.saved_tensors
-        x = _from_compact_rows(saved_x, index, ctx.dense_shape) if saved_x.dim() == 2 else saved_x
+        x = _saved_input(ctx.kernels, saved_x, index, ctx.dense_shape)
         acc = accumulation_dtype(x.dtype)
-        c = x.shape[1]
+        c = x.shape[-1] if x.dim() == 2 else x.shape[1]
         mean_acc = mean.to(acc)
         local = ctx.kernels.bn_backward_stats(grad_out, x, index, mean_acc).to(torch.float64)
         # The kernels centre x on mean rounded to acc; sum dy (mean_acc - mean) restores the exact centre.
@@ -129,7 +136,8 @@ class _MaskedBatchNorm(torch.autograd.Function):
             grad_x = ctx.kernels.bn_backward_elemt(grad_out, x, index, a.to(acc), b.to(acc), d.to(acc))
         else:
             # grad_out * a alone: x does not enter (x * 0 would turn a non-finite x into NaN).
-            grad_x = ctx.kernels.bn_elemt(to_kernel_layout(grad_out, x), index, a.to(acc),
+            layout = torch.channels_last if x.dim() == 2 else kernel_memory_format(x)
+            grad_x = ctx.kernels.bn_elemt(grad_out.contiguous(memory_format=layout), index, a.to(acc),
                                           torch.zeros_like(a, dtype=acc))
         wd, bd = ctx.param_dtypes
         return (grad_x if ctx.needs_input_grad[0] else None,

@@ -24,7 +24,7 @@ from ._backends import select_backend
 from ._layout import accumulation_dtype, uses_rows
 from ._sites import resolve_sites
 from ._validation import check_input, check_param, check_param_dtypes
-from .batch_norm import _compact_rows, _from_compact_rows
+from .batch_norm import _compact_rows, _saved_input
 
 
 def group_moments(moments: torch.Tensor, counts: torch.Tensor, num_groups: int):
@@ -83,9 +83,9 @@ class _MaskedGroupNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         saved_x, index, counts, mean_c, rstd_c, w = ctx.saved_tensors
-        x = _from_compact_rows(saved_x, index, ctx.dense_shape) if saved_x.dim() == 2 else saved_x
+        x = _saved_input(ctx.kernels, saved_x, index, ctx.dense_shape)
         acc = accumulation_dtype(x.dtype)
-        n, c = x.shape[:2]
+        n, c = ctx.dense_shape[:2]
         groups = ctx.num_groups
         per_group = c // groups
         center = mean_c.to(acc)

@@ -501,3 +501,40 @@ def test_synchronized_equals_whole_batch(tmp_path):
             for r in ranks:
                 assert_close_to_reference(r["offset", backend][key], lowp[key], exact[key],
                                           f"synchronized {backend} {key}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_expanded_grad_out_equals_materialized(backend, dtype, layout):
+    """y.sum().backward() passes a stride-0 grad_out; the C++ kernels read its one value instead of a dense copy."""
+    x, weight, bias, running, _ = inputs(4, 9)
+    active = make_active("spark", 4)
+    expanded = torch.full((), 0.75, dtype=dtype).expand(x.shape)
+    got = run(backend, x, active, weight, bias, running, expanded, dtype=dtype, layout=layout, param_dtype=F32)
+    want = run(backend, x, active, weight, bias, running, expanded.contiguous(), dtype=dtype, layout=layout,
+               param_dtype=F32)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_ops_take_compact_rows(dtype):
+    """The C++ backward ops read x from the (M, C) active rows forward keeps, as from the dense channels_last x."""
+    if "cpu" not in FUSED:
+        pytest.skip("the cpu backend is not available: " + sk.unavailable_reasons().get("cpu", ""))
+    x, _, _, _, grad = inputs(3, 7)
+    x, grad = (t.to(dtype).contiguous(memory_format=torch.channels_last) for t in (x, grad))
+    index = sk.ActiveSites(make_active("spark", 3)).index
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 7)[index.long()]
+    mean, a, b, d = torch.randn(4, 7, generator=torch.Generator().manual_seed(2))
+    for g in (grad, torch.full((), 0.5, dtype=dtype).expand(grad.shape)):
+        assert torch.equal(ops.masked_bn_backward_stats(g, rows, index, mean),
+                           ops.masked_bn_backward_stats(g, x, index, mean))
+        from_rows = ops.masked_bn_backward_elemt(g, rows, index, a, b, d)
+        assert from_rows.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(from_rows, ops.masked_bn_backward_elemt(g, x, index, a, b, d))
+    with pytest.raises(RuntimeError, match=r"rows of the active sites must have shape \(\d+, 7\)"):
+        ops.masked_bn_backward_stats(grad, rows[1:], index, mean)
+    with pytest.raises(RuntimeError, match="x must have grad_out's dtype"):
+        ops.masked_bn_backward_elemt(grad, rows.double(), index, a, b, d)

@@ -1,9 +1,9 @@
 """The benchmark harness end to end at tiny sizes: results schema, report, compare mode. No timing is asserted."""
 import copy
+import dataclasses
 import json
 
 import pytest
-import torch
 
 from bench import compare, report, suite
 from bench.__main__ import main as bench_main
@@ -13,7 +13,7 @@ from bench.ops import COMPILED, REFERENCE
 TINY = suite.Settings(batch=2, repeats=1, warmup=1, passes=("forward_backward",), stages={"convnext_tiny": [(8, 8, 2)]}, net_ops=None, compile_stages=None, compile_budget_s=0,
                       sweep_shape=(8, 8, 2), mask_ratios=(0.0, 0.5), batch_sizes=(1, 2), sweep_ops=("dwconv3",),
                       sweep_repeats=1, models=(), machine_repeats=1, machine_gemm_size=64,
-                      machine_stream_elements=1 << 12)
+                      machine_stream_elements=1 << 12, grad_outs=("random", "expanded"))
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,12 @@ def test_results_schema(results):
     ops = {row["op"] for row in r["ops"]}
     assert ops == set(TINY.ops)
     assert {row["pass"] for row in r["ops"]} == set(TINY.passes)
+    assert {row["grad_out"] for row in r["ops"]} == set(TINY.grad_outs)
     for row in r["ops"]:
-        assert set(row["times"]) == {REFERENCE, COMPILED, *r["backends"]}
-        assert row["times"][COMPILED]["error"].startswith("skipped: the run's torch.compile budget")
+        compiled = {COMPILED} if row["grad_out"] == TINY.grad_outs[0] else set()  # compiled at one variant
+        assert set(row["times"]) == {REFERENCE, *compiled, *r["backends"]}
+        if compiled:
+            assert row["times"][COMPILED]["error"].startswith("skipped: the run's torch.compile budget")
     for row in r["sweeps"]["mask_ratio"] + r["sweeps"]["batch"]:
         assert set(row["times"]) == {REFERENCE, *r["backends"]}
     for row in r["ops"] + r["sweeps"]["mask_ratio"] + r["sweeps"]["batch"]:
@@ -145,18 +148,40 @@ def test_official_group_norm_contender_equals_the_reference():
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("grad", ("random", "expanded", "nchw"))
-def test_op_case_grad_out_kinds(grad):
-    """bench.ops --grad: the backward's grad_out is random channels_last, the stride-0 ones of y.sum().backward(),
-    or random NCHW; each runs through the fused backends and the reference."""
-    from bench.ops import Case
-    case = Case("dwconv3", 8, 8, 2, 2, grad=grad)
-    if grad == "expanded":
-        assert case.grad.stride() == (0, 0, 0, 0) and case.grad.shape == case.x.shape
-    else:
-        assert case.grad.is_contiguous(memory_format=torch.channels_last if grad == "random" else torch.contiguous_format)
-    for impl in [REFERENCE] + suite.fused_backends():
-        case.runner(impl)()
-        assert case.x.grad is not None and case.x.grad.shape == case.x.shape
-    with pytest.raises(ValueError, match="grad must be one of"):
-        Case("dwconv3", 8, 8, 2, 2, grad="sum")
+def test_roofline_bytes_follow_the_dtype_and_the_grad_out():
+    """An element moves its dtype's bytes; an expanded grad_out (one value) is not read as a tensor."""
+    from bench.roofline import op_cost
+    import torch
+    for op in ("batch_norm", "layer_norm_cl", "dwconv3"):
+        fp32 = op_cost(op, 16, 8, 2, 0.5, True)
+        bf16 = op_cost(op, 16, 8, 2, 0.5, True, dtype=torch.bfloat16)
+        expanded = op_cost(op, 16, 8, 2, 0.5, True, grad_out="expanded")
+        assert bf16["bytes"] == fp32["bytes"] / 2 and bf16["flops"] == fp32["flops"], op
+        assert expanded["bytes"] == fp32["bytes"] - 4 * 16 * 8 * 8 * 2 * 0.5, op  # one active-size read fewer
+        assert op_cost(op, 16, 8, 2, 0.5, False, grad_out="expanded") == op_cost(op, 16, 8, 2, 0.5, False), op
+
+
+def test_ops_table_has_the_grad_out_variants(tmp_path):
+    """The backward's grad_out variants are a named dimension of the ops rows, with their own roofline bytes."""
+    settings = dataclasses.replace(TINY, ops=("batch_norm", "layer_norm_cl"), compile_stages=(),
+                                   grad_outs=("random", "expanded", "nchw"))
+    rows = suite.run(settings, ("machine", "ops"))["ops"]
+    for op in settings.ops:
+        by_grad = {r["grad_out"]: r for r in rows if r["op"] == op}
+        assert set(by_grad) == {"random", "expanded", "nchw"}, op
+        assert by_grad["expanded"]["bytes"] < by_grad["random"]["bytes"] == by_grad["nchw"]["bytes"], op
+        assert all(r["roofline_s"] > 0 and r["times"]["cpu" if "cpu" in r["times"] else REFERENCE]["median"] > 0
+                   for r in by_grad.values()), op
+    assert "| convnext_tiny | batch_norm | 8@8² | expanded |" in "\n".join(report.ops_table({"backends": [],
+                                                                                             "ops": rows}))
+
+
+def test_grad_out_variants_have_their_layouts():
+    from bench.ops import make_case
+    import torch
+    for op, rows_layout in (("batch_norm", True), ("layer_norm_cl", False)):
+        random, expanded, nchw = (make_case(op, 4, 8, 2, 2, grad_out=g).grad for g in ("random", "expanded", "nchw"))
+        assert expanded.stride() == (0, 0, 0, 0) and torch.all(expanded == 1)
+        nchw_memory = nchw.permute(0, 3, 1, 2) if op == "layer_norm_cl" else nchw
+        assert nchw_memory.is_contiguous() and torch.equal(nchw, random)
+        assert random.is_contiguous(memory_format=torch.channels_last) == rows_layout, op

@@ -366,3 +366,33 @@ def test_module_from_timm_group_norms():
             torch.testing.assert_close(module(x), dense(x), rtol=RTOL[F32], atol=ATOL[F32])
     with pytest.raises(ValueError, match=r"GroupNormAct has submodules \['drop', 'act'\]"):
         sk.nn.MaskedGroupNorm.from_dense(layers.GroupNormAct(8, num_groups=4))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_expanded_grad_out_equals_materialized(backend, dtype, layout):
+    """y.sum().backward() passes a stride-0 grad_out; the C++ kernels read its one value instead of a dense copy."""
+    x, weight, bias, _ = inputs(3, 8)
+    active = make_active("spark", 3)
+    expanded = torch.full((), -1.25, dtype=dtype).expand(x.shape)
+    got = run(backend, x, active, 4, weight, bias, expanded, dtype=dtype, layout=layout, param_dtype=F32)
+    want = run(backend, x, active, 4, weight, bias, expanded.contiguous(), dtype=dtype, layout=layout,
+               param_dtype=F32)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_backward_ops_take_compact_rows():
+    """The C++ backward ops read x from the (M, C) active rows forward keeps, as from the dense channels_last x."""
+    if "cpu" not in FUSED:
+        pytest.skip("the cpu backend is not available: " + sk.unavailable_reasons().get("cpu", ""))
+    x, _, _, grad = inputs(3, 6)
+    x, grad = (t.float().contiguous(memory_format=torch.channels_last) for t in (x, grad))
+    index = sk.ActiveSites(make_active("spark", 3)).index
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 6)[index.long()]
+    center, a, b, d = torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ops.masked_gn_backward_stats(grad, rows, index, center),
+                       ops.masked_gn_backward_stats(grad, x, index, center))
+    assert torch.equal(ops.masked_gn_backward_elemt(grad, rows, index, center, a, b, d),
+                       ops.masked_gn_backward_elemt(grad, x, index, center, a, b, d))

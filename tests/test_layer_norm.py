@@ -311,3 +311,18 @@ def test_module(backend, data_format):
     torch.testing.assert_close(x.grad, xr.grad, rtol=RTOL[F32], atol=ATOL[F32])
     torch.testing.assert_close(module.weight.grad, dense.weight.grad, rtol=RTOL[F32], atol=ATOL[F32])
     torch.testing.assert_close(module.bias.grad, dense.bias.grad, rtol=RTOL[F32], atol=ATOL[F32])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_expanded_grad_out_equals_materialized(backend, data_format, dtype):
+    """y.sum().backward() passes a stride-0 grad_out; the C++ kernels read its one value instead of a dense copy."""
+    x, weight, bias, _ = inputs(2, 12)
+    active = make_active("spark", 2)
+    expanded = torch.full((), 0.5, dtype=dtype).expand(x.shape)
+    got = run(backend, x, active, weight, bias, expanded, data_format, dtype=dtype, param_dtype=torch.float32)
+    want = run(backend, x, active, weight, bias, expanded.contiguous(), data_format, dtype=dtype,
+               param_dtype=torch.float32)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key

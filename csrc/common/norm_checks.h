@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <array>
+
 #include "common/dispatch.h"
 #include "common/host_device.h"
 #include "common/layout.h"
@@ -56,6 +58,15 @@ inline void check_index_values(const int32_t* index, int64_t count, int64_t site
   TORCH_CHECK(ok, op, ": index must hold strictly ascending site numbers in [0, ", sites, ")");
 }
 
+// Every stride 0 and at least one element: one value stands for the whole tensor.
+inline bool is_broadcast_scalar(const at::Tensor& t) {
+  if (t.numel() == 0) return false;
+  for (const int64_t s : t.strides()) {
+    if (s != 0) return false;
+  }
+  return true;
+}
+
 // t must match x in shape, dtype and device (e.g. grad_out).
 inline void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
   TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
@@ -92,9 +103,13 @@ struct NormGeometry {
 };
 
 // x in the kernel layout, the contiguous index, and x's geometry: what every norm kernel starts from.
+// compact: x holds only the rows of the active sites, (M, C) in index order, of a channels_last tensor of
+// shape sizes (the backward ops take the rows that forward kept, csrc/norm_ops.h); else x is that tensor.
 struct NormArgs {
   at::Tensor x, index;
   NormGeometry g;
+  bool compact = false;
+  std::array<int64_t, 4> sizes{};
 };
 
 template <typename Backend>
@@ -103,6 +118,7 @@ NormArgs prepare_norm(const at::Tensor& x, const at::Tensor& index, const char* 
   check_index(index, x, op);
   NormArgs p{to_kernel_layout(x, x), index.contiguous(), {}};
   p.g = NormGeometry::of(p.x);
+  for (int d = 0; d < 4; ++d) p.sizes[d] = x.size(d);
   if constexpr (Backend::validates_index) {
     check_index_values(p.index.const_data_ptr<int32_t>(), p.index.numel(), p.g.sites(), op);
   }

@@ -12,16 +12,11 @@
 namespace spark_kernels::cpu {
 namespace {
 
-// out = elem(offset, c) at active sites, 0 elsewhere, in x's kernel layout; T: the storage type.
-template <typename T, typename Elem>
-at::Tensor dense_map(const NormArgs& p, const Elem& elem) {
-  return cpu::dense_map<T>(p.x, p.g, p.index.const_data_ptr<int32_t>(), p.index.numel(),
-                           [&](int64_t off, int64_t c, int64_t) { return elem(off, c); });
-}
-
 // The kernels the shared host code (csrc/norm_ops.h) dispatches to.
 struct Kernels {
   using Backend = CpuBackend;
+  static constexpr bool reads_compact_x = true;
+  static constexpr bool reads_broadcast_grad = true;
 
   template <typename scalar_t>
   static void bn_stats(const NormArgs& p, at::Tensor& out) {
@@ -38,19 +33,19 @@ struct Kernels {
   template <typename scalar_t>
   static void bn_backward_stats(const NormArgs& p, const at::Tensor& grad_out, const at::Tensor& mean_t,
                                 at::Tensor& out) {
-    const auto* x = data_as<storage_t<scalar_t>>(p.x);
-    const auto* dy = data_as<storage_t<scalar_t>>(grad_out);
     const acc_t<scalar_t>* mean = mean_t.const_data_ptr<acc_t<scalar_t>>();
-    const norm::BnBackwardTerms<double> terms;
-    auto term = [=](int64_t, int64_t off, int64_t c, double& a, double& b) {
-      terms(static_cast<double>(dy[off]), static_cast<double>(x[off]), static_cast<double>(mean[c]), a, b);
-    };
     const int32_t* index = p.index.const_data_ptr<int32_t>();
-    if (p.g.rows) {
-      channel_sums<true>(p.g, index, p.index.numel(), term, out.data_ptr<double>());
-    } else {
-      channel_sums<false>(p.g, index, p.index.numel(), term, out.data_ptr<double>());
-    }
+    with_backward_readers<storage_t<scalar_t>>(p, grad_out, [&](auto x, auto dy) {
+      const norm::BnBackwardTerms<double> terms;
+      auto term = [=](int64_t j, int64_t off, int64_t c, double& a, double& b) {
+        terms(static_cast<double>(dy(off)), static_cast<double>(x(j, off, c)), static_cast<double>(mean[c]), a, b);
+      };
+      if (p.g.rows) {
+        channel_sums<true>(p.g, index, p.index.numel(), term, out.data_ptr<double>());
+      } else {
+        channel_sums<false>(p.g, index, p.index.numel(), term, out.data_ptr<double>());
+      }
+    });
   }
 
   template <typename scalar_t>
@@ -60,7 +55,7 @@ struct Kernels {
     const T* x = data_as<T>(p.x);
     const Acc* scale = scale_t.const_data_ptr<Acc>();
     const Acc* shift = shift_t.const_data_ptr<Acc>();
-    return dense_map<T>(p, [=](int64_t off, int64_t c) {
+    return dense_map<T>(p, [=](int64_t, int64_t off, int64_t c, int64_t) {
       return static_cast<T>(norm::bn_affine<Acc>(x[off], scale[c], shift[c]));
     });
   }
@@ -70,13 +65,13 @@ struct Kernels {
                                       const at::Tensor& b_t, const at::Tensor& d_t) {
     using T = storage_t<scalar_t>;
     using Acc = acc_t<scalar_t>;
-    const T* x = data_as<T>(p.x);
-    const T* dy = data_as<T>(grad_out);
     const Acc* a = a_t.const_data_ptr<Acc>();
     const Acc* b = b_t.const_data_ptr<Acc>();
     const Acc* d = d_t.const_data_ptr<Acc>();
-    return dense_map<T>(p, [=](int64_t off, int64_t c) {
-      return static_cast<T>(norm::bn_backward_elem<Acc>(dy[off], x[off], a[c], b[c], d[c]));
+    return with_backward_readers<T>(p, grad_out, [&](auto x, auto dy) {
+      return dense_map<T>(p, [=](int64_t j, int64_t off, int64_t c, int64_t) {
+        return static_cast<T>(norm::bn_backward_elem<Acc>(dy(off), x(j, off, c), a[c], b[c], d[c]));
+      });
     });
   }
 };

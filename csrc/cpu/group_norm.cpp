@@ -35,6 +35,8 @@ struct ImageChunks {
 
 struct Kernels {
   using Backend = CpuBackend;
+  static constexpr bool reads_compact_x = true;
+  static constexpr bool reads_broadcast_grad = true;
 
   template <typename scalar_t>
   static void gn_stats(const NormArgs& p, at::Tensor& out) {
@@ -55,19 +57,20 @@ struct Kernels {
   static void gn_backward_stats(const NormArgs& p, const at::Tensor& grad_out, const at::Tensor& center_t,
                                 at::Tensor& out) {
     const ImageChunks chunks(p);
-    const auto* x = data_as<storage_t<scalar_t>>(p.x);
-    const auto* dy = data_as<storage_t<scalar_t>>(grad_out);
     const acc_t<scalar_t>* center = center_t.const_data_ptr<acc_t<scalar_t>>();
     const int32_t* index = p.index.const_data_ptr<int32_t>();
     const int64_t channels = p.g.channels, plane = p.g.plane;
-    const norm::BnBackwardTerms<double> terms;
-    auto term = [=](int64_t j, int64_t off, int64_t c, double& a, double& b) {
-      const int64_t image = index[j] / plane;
-      terms(static_cast<double>(dy[off]), static_cast<double>(x[off]), static_cast<double>(center[image * channels + c]),
-            a, b);
-    };
-    const std::vector<double> partials = p.g.rows ? chunk_sums<true>(p.g, index, chunks.bounds, term)
-                                                  : chunk_sums<false>(p.g, index, chunks.bounds, term);
+    const std::vector<double> partials =
+        with_backward_readers<storage_t<scalar_t>>(p, grad_out, [&](auto x, auto dy) {
+          const norm::BnBackwardTerms<double> terms;
+          auto term = [=](int64_t j, int64_t off, int64_t c, double& a, double& b) {
+            const int64_t image = index[j] / plane;
+            terms(static_cast<double>(dy(off)), static_cast<double>(x(j, off, c)),
+                  static_cast<double>(center[image * channels + c]), a, b);
+          };
+          return p.g.rows ? chunk_sums<true>(p.g, index, chunks.bounds, term)
+                          : chunk_sums<false>(p.g, index, chunks.bounds, term);
+        });
     double* result = out.data_ptr<double>();
     for (int64_t n = 0; n < p.g.batch; ++n) {
       combine_chunk_sums(partials, chunks.first_chunk[n], chunks.first_chunk[n + 1], channels,
@@ -85,11 +88,10 @@ struct Kernels {
     const Acc* scale = scale_t.const_data_ptr<Acc>();
     const Acc* shift = shift_t.const_data_ptr<Acc>();
     const int64_t channels = p.g.channels;
-    return dense_map<T>(p.x, p.g, p.index.const_data_ptr<int32_t>(), p.index.numel(),
-                        [=](int64_t off, int64_t c, int64_t n) {
-                          const int64_t v = n * channels + c;
-                          return static_cast<T>(norm::gn_affine<Acc>(x[off], center[v], scale[v], shift[v]));
-                        });
+    return dense_map<T>(p, [=](int64_t, int64_t off, int64_t c, int64_t n) {
+      const int64_t v = n * channels + c;
+      return static_cast<T>(norm::gn_affine<Acc>(x[off], center[v], scale[v], shift[v]));
+    });
   }
 
   template <typename scalar_t>
@@ -97,19 +99,17 @@ struct Kernels {
                                       const at::Tensor& a_t, const at::Tensor& b_t, const at::Tensor& d_t) {
     using T = storage_t<scalar_t>;
     using Acc = acc_t<scalar_t>;
-    const T* x = data_as<T>(p.x);
-    const T* dy = data_as<T>(grad_out);
     const Acc* center = center_t.const_data_ptr<Acc>();
     const Acc* a = a_t.const_data_ptr<Acc>();
     const Acc* b = b_t.const_data_ptr<Acc>();
     const Acc* d = d_t.const_data_ptr<Acc>();
     const int64_t channels = p.g.channels;
-    return dense_map<T>(p.x, p.g, p.index.const_data_ptr<int32_t>(), p.index.numel(),
-                        [=](int64_t off, int64_t c, int64_t n) {
-                          const int64_t v = n * channels + c;
-                          return static_cast<T>(norm::gn_backward_elem<Acc>(dy[off], x[off], center[v], a[v], b[v],
-                                                                            d[v]));
-                        });
+    return with_backward_readers<T>(p, grad_out, [&](auto x, auto dy) {
+      return dense_map<T>(p, [=](int64_t j, int64_t off, int64_t c, int64_t n) {
+        const int64_t v = n * channels + c;
+        return static_cast<T>(norm::gn_backward_elem<Acc>(dy(off), x(j, off, c), center[v], a[v], b[v], d[v]));
+      });
+    });
   }
 };
 

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "cpu/dtypes.h"
 #include "cpu/norm_cpu.h"
@@ -24,6 +25,7 @@ const acc_t* optional_param(const std::optional<at::Tensor>& t) {
 // The kernels the shared host code (csrc/norm_ops.h) dispatches to.
 struct Kernels {
   using Backend = CpuBackend;
+  static constexpr bool reads_broadcast_grad = true;
 
   template <typename scalar_t>
   static at::Tensor ln_forward(const NormArgs& p, const std::optional<at::Tensor>& weight_t,
@@ -34,7 +36,7 @@ struct Kernels {
     const NormGeometry g = p.g;
     const int64_t count = p.index.numel();
     const int32_t* index = p.index.const_data_ptr<int32_t>();
-    at::Tensor y_t = empty_dense(p.x);
+    at::Tensor y_t = empty_dense(p);
     const T* x = data_as<T>(p.x);
     T* y = mutable_data_as<T>(y_t);
     acc_t* mean = mean_t.data_ptr<acc_t>();
@@ -79,7 +81,7 @@ struct Kernels {
     const int64_t count = p.index.numel();
     const int32_t* index = p.index.const_data_ptr<int32_t>();
     const int64_t channels = g.channels;
-    at::Tensor dx_t = empty_dense(p.x);
+    at::Tensor dx_t = empty_dense(p);
     const int64_t per_chunk = norm::sites_per_chunk(channels);
     const int64_t chunks = norm::num_chunks(count, per_chunk);
     // Per-chunk partial sums of (dy * xhat, dy) per channel, added in chunk order below.
@@ -91,41 +93,50 @@ struct Kernels {
     const acc_t* rstd = rstd_c.const_data_ptr<acc_t>();
     const acc_t* weight = optional_param<acc_t>(weight_t);
     const norm::LnParamGradTerms<double> terms;
-    for_each_chunk(count, per_chunk, [&](int64_t k, int64_t j0, int64_t j1) {
-      zero_inactive(g, index, count, j0, j1, dx);
-      double* __restrict sum_dy_xhat = partials.data() + k * 2 * channels;
-      double* __restrict sum_dy = sum_dy_xhat + channels;
-      // One site, its C values contiguous (rows of the tensors or of the planes path's buffers).
-      auto site = [&](const T* dyr, const T* xr, T* dxr, int64_t j) {
-        const norm::RowStats<acc_t> s{mean[j], rstd[j]};
-        norm::row_backward<acc_t>(dyr, 1, xr, 1, dxr, 1, channels, s, weight);
-        for (int64_t c = 0; c < channels; ++c) {
-          double a, b;
-          terms(dyr[c], xr[c], s.mean, s.rstd, a, b);
-          sum_dy_xhat[c] += a;
-          sum_dy[c] += b;
+    // dy_step: 1, or 0 for a grad_out of one value (every stride 0), read in place, never gathered.
+    auto run = [&](auto dy_step) {
+      constexpr int64_t step = decltype(dy_step)::value;
+      for_each_chunk(count, per_chunk, [&](int64_t k, int64_t j0, int64_t j1) {
+        zero_inactive(g, index, count, j0, j1, dx);
+        double* __restrict sum_dy_xhat = partials.data() + k * 2 * channels;
+        double* __restrict sum_dy = sum_dy_xhat + channels;
+        // One site, its C values contiguous (rows of the tensors or of the planes path's buffers).
+        auto site = [&](const T* dyr, const T* xr, T* dxr, int64_t j) {
+          const norm::RowStats<acc_t> s{mean[j], rstd[j]};
+          norm::row_backward<acc_t>(dyr, step, xr, 1, dxr, 1, channels, s, weight);
+          for (int64_t c = 0; c < channels; ++c) {
+            double a, b;
+            terms(dyr[c * step], xr[c], s.mean, s.rstd, a, b);
+            sum_dy_xhat[c] += a;
+            sum_dy[c] += b;
+          }
+        };
+        if (g.rows) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t base = int64_t(index[j]) * channels;
+            site(dy + base * step, x + base, dx + base, j);
+          }
+          return;
         }
-      };
-      if (g.rows) {
+        thread_local std::vector<int64_t> bases;
+        thread_local std::vector<T> dy_rows, x_rows, dx_rows;
+        bases.resize(j1 - j0);
+        for (auto* rows : {&dy_rows, &x_rows, &dx_rows}) rows->resize((j1 - j0) * channels);
+        for (int64_t j = j0; j < j1; ++j) bases[j - j0] = g.base(index[j]);
+        if (step != 0) gather_rows(g, dy, bases, dy_rows.data());
+        gather_rows(g, x, bases, x_rows.data());
         for (int64_t j = j0; j < j1; ++j) {
-          const int64_t base = int64_t(index[j]) * channels;
-          site(dy + base, x + base, dx + base, j);
+          const int64_t r = (j - j0) * channels;
+          site(step != 0 ? dy_rows.data() + r : dy, x_rows.data() + r, dx_rows.data() + r, j);
         }
-        return;
-      }
-      thread_local std::vector<int64_t> bases;
-      thread_local std::vector<T> dy_rows, x_rows, dx_rows;
-      bases.resize(j1 - j0);
-      for (auto* rows : {&dy_rows, &x_rows, &dx_rows}) rows->resize((j1 - j0) * channels);
-      for (int64_t j = j0; j < j1; ++j) bases[j - j0] = g.base(index[j]);
-      gather_rows(g, dy, bases, dy_rows.data());
-      gather_rows(g, x, bases, x_rows.data());
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t r = (j - j0) * channels;
-        site(dy_rows.data() + r, x_rows.data() + r, dx_rows.data() + r, j);
-      }
-      scatter_rows(g, dx_rows.data(), bases, dx);
-    });
+        scatter_rows(g, dx_rows.data(), bases, dx);
+      });
+    };
+    if (is_broadcast_scalar(dy_t)) {
+      run(std::integral_constant<int64_t, 0>{});
+    } else {
+      run(std::integral_constant<int64_t, 1>{});
+    }
     acc_t* gw = grad_weight.data_ptr<acc_t>();
     acc_t* gb = grad_bias.data_ptr<acc_t>();
     for (int64_t c = 0; c < channels; ++c) {

@@ -3,7 +3,7 @@
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstring>
@@ -221,16 +221,57 @@ void scatter_rows(const NormGeometry& g, const T* rows, const std::vector<int64_
   }
 }
 
-// A dense output in x's kernel layout whose every element is written by the caller or zero_inactive.
-inline at::Tensor empty_dense(const at::Tensor& x_kernel_layout) {
-  return at::empty_like(x_kernel_layout, kernel_memory_format(x_kernel_layout));
+// A dense output in x's kernel layout (channels_last for compact x) whose every element is written by the caller
+// or zero_inactive.
+inline at::Tensor empty_dense(const NormArgs& p) {
+  return at::empty(p.sizes, p.x.options().memory_format(p.g.rows ? at::MemoryFormat::ChannelsLast
+                                                                   : at::MemoryFormat::Contiguous));
 }
 
-// out = elem(offset, c, image) at the active sites, 0 elsewhere, in x's kernel layout; T: the storage type.
+// The backward kernels' reads of x at (active site j, dense offset off, channel c): from the dense tensor, or
+// from the compact rows (NormArgs::compact); and of grad_out at a dense offset: the tensor, or its one value
+// (every stride 0, csrc/norm_ops.h). Compile-time, so that each combination's loops vectorize.
+template <typename T, bool kCompact>
+struct XReader {
+  const T* x;
+  int64_t channels;
+  T operator()(int64_t j, int64_t off, int64_t c) const {
+    if constexpr (kCompact) return x[j * channels + c];
+    return x[off];
+  }
+};
+
+template <typename T, bool kBroadcast>
+struct GradReader {
+  const T* dy;
+  T operator()(int64_t off) const {
+    if constexpr (kBroadcast) return dy[0];
+    return dy[off];
+  }
+};
+
+// fn(x_reader, grad_reader) with the readers that fit p and grad_out.
+template <typename T, typename Fn>
+auto with_backward_readers(const NormArgs& p, const at::Tensor& grad_out, const Fn& fn) {
+  const T* x = data_as<T>(p.x);
+  const T* dy = data_as<T>(grad_out);
+  const bool broadcast = is_broadcast_scalar(grad_out);
+  if (p.compact) {
+    return broadcast ? fn(XReader<T, true>{x, p.g.channels}, GradReader<T, true>{dy})
+                     : fn(XReader<T, true>{x, p.g.channels}, GradReader<T, false>{dy});
+  }
+  return broadcast ? fn(XReader<T, false>{x, p.g.channels}, GradReader<T, true>{dy})
+                   : fn(XReader<T, false>{x, p.g.channels}, GradReader<T, false>{dy});
+}
+
+// out = elem(j, offset, c, image) at the active sites (j: the site's place in the index), 0 elsewhere, in x's
+// kernel layout; T: the storage type.
 template <typename T, typename Elem>
-at::Tensor dense_map(const at::Tensor& x_kernel_layout, const NormGeometry& g, const int32_t* index, int64_t count,
-                     const Elem& elem) {
-  at::Tensor out = empty_dense(x_kernel_layout);
+at::Tensor dense_map(const NormArgs& p, const Elem& elem) {
+  const NormGeometry& g = p.g;
+  const int32_t* index = p.index.const_data_ptr<int32_t>();
+  const int64_t count = p.index.numel();
+  at::Tensor out = empty_dense(p);
   if (count == 0) return out.zero_();
   T* y = mutable_data_as<T>(out);
   for_each_chunk(count, norm::sites_per_chunk(g.channels), [&](int64_t, int64_t j0, int64_t j1) {
@@ -240,7 +281,7 @@ at::Tensor dense_map(const at::Tensor& x_kernel_layout, const NormGeometry& g, c
         const int64_t base = static_cast<int64_t>(index[j]) * g.channels;
         const int64_t image = index[j] / g.plane;
         T* __restrict row = y + base;
-        for (int64_t c = 0; c < g.channels; ++c) row[c] = elem(base + c, c, image);
+        for (int64_t c = 0; c < g.channels; ++c) row[c] = elem(j, base + c, c, image);
       }
     } else {  // channel by channel: consecutive sites of a plane are mostly adjacent in memory
       std::vector<int64_t> bases(j1 - j0), images(j1 - j0);
@@ -249,7 +290,9 @@ at::Tensor dense_map(const at::Tensor& x_kernel_layout, const NormGeometry& g, c
         images[j - j0] = index[j] / g.plane;
       }
       for (int64_t c = 0; c < g.channels; ++c) {
-        for (int64_t s = 0; s < j1 - j0; ++s) y[bases[s] + c * g.plane] = elem(bases[s] + c * g.plane, c, images[s]);
+        for (int64_t s = 0; s < j1 - j0; ++s) {
+          y[bases[s] + c * g.plane] = elem(j0 + s, bases[s] + c * g.plane, c, images[s]);
+        }
       }
     }
   });
