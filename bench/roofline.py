@@ -80,4 +80,5 @@ def measure_machine(repeats: int = 5, gemm_size: int = 2048, stream_elements: in
     copy_bw = 2 * STREAM_BYTES * stream_elements / copy["median"]
     triad_bw = 3 * STREAM_BYTES * stream_elements / triad["median"]
     return {"flops_per_s": flops, "copy_bytes_per_s": copy_bw, "triad_bytes_per_s": triad_bw,
-            "bytes_per_s": max(copy_bw, triad_bw), "gemm_size": gemm_size, "stream_bytes": STREAM_BYTES * stream_elements}
+            "bytes_per_s": max(copy_bw, triad_bw), "gemm_size": gemm_size,
+            "stream_bytes": STREAM_BYTES * stream_elements}

@@ -23,11 +23,12 @@
 namespace spark_kernels {
 
 // -- Backward inputs. Two forms avoid a dense pass before the kernels where the Kernels struct says it reads them
-// (static constexpr bool reads_compact_x / reads_broadcast_grad; absent = false, and the host builds the dense
+// (static constexpr bool reads_compact_x / reads_any_grad_layout; absent = false, and the host builds the dense
 // form itself):
 // - x as the compact (M, C) rows of the active sites of a channels_last input, in index order (what the autograd
 //   functions keep for backward, at the active fraction of x's memory), with grad_out giving the dense shape;
-// - grad_out with every stride 0 (an expanded scalar: what y.sum().backward() passes), read as its one value.
+// - grad_out with every stride 0 (an expanded scalar: what y.sum().backward() passes), read as its one value, or
+//   dense in the other layout than x's (common/norm_checks.h, GradLayout), read in place.
 
 template <typename K, typename = void>
 struct ReadsCompactX : std::false_type {};
@@ -35,10 +36,10 @@ template <typename K>
 struct ReadsCompactX<K, std::void_t<decltype(K::reads_compact_x)>> : std::bool_constant<K::reads_compact_x> {};
 
 template <typename K, typename = void>
-struct ReadsBroadcastGrad : std::false_type {};
+struct ReadsAnyGradLayout : std::false_type {};
 template <typename K>
-struct ReadsBroadcastGrad<K, std::void_t<decltype(K::reads_broadcast_grad)>>
-    : std::bool_constant<K::reads_broadcast_grad> {};
+struct ReadsAnyGradLayout<K, std::void_t<decltype(K::reads_any_grad_layout)>>
+    : std::bool_constant<K::reads_any_grad_layout> {};
 
 // The backward ops' x and grad_out: x dense (N, C, H, W), or compact rows (M, C) (see above) when allow_compact.
 template <typename Kernels>
@@ -79,7 +80,9 @@ std::pair<NormArgs, at::Tensor> prepare_backward(const at::Tensor& grad_out_in, 
     p = prepare_norm<Backend>(x_dense, index_in, op);
     check_like_x(grad_out_in, "grad_out", x_dense, op);
   }
-  const bool keep = ReadsBroadcastGrad<Kernels>::value && is_broadcast_scalar(grad_out_in);
+  const GradLayout layout = grad_layout(grad_out_in, p.g.rows);
+  const bool keep = layout == GradLayout::kSame ||
+                    (ReadsAnyGradLayout<Kernels>::value && layout != GradLayout::kNeither);
   at::Tensor grad_out = keep ? grad_out_in
                              : grad_out_in.contiguous(p.g.rows ? at::MemoryFormat::ChannelsLast
                                                                : at::MemoryFormat::Contiguous);

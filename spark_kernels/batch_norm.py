@@ -82,6 +82,9 @@ class _MaskedBatchNorm(torch.autograd.Function):
     bn_elemt(x, index, scale, shift) -> x * scale + shift at active sites, 0 elsewhere
     bn_backward_stats(grad_out, x, index, mean) -> (2, C) [sum dy, sum dy * (x - mean)]
     bn_backward_elemt(grad_out, x, index, a, b, d) -> grad_out * a + x * b + d at active sites, 0 elsewhere
+
+    A channels_last x is kept for backward as its (M, C) active rows; the backward primitives of kernels with
+    ``takes_compact_rows`` (the C++ ones) read them as they are, other kernels get the dense x rebuilt.
     """
 
     @staticmethod

@@ -503,17 +503,26 @@ def test_synchronized_equals_whole_batch(tmp_path):
                                           f"synchronized {backend} {key}")
 
 
+def grad_out_variant(values: torch.Tensor, kind: str, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    """A grad_out the C++ kernels read in place: one value with every stride 0 (what y.sum().backward() passes), or
+    values dense in the other layout than x's (an NCHW grad_out for a channels_last x and the reverse)."""
+    if kind == "expanded":
+        return torch.full((), 0.75, dtype=dtype).expand(values.shape)
+    other = torch.contiguous_format if layout == "channels_last" else torch.channels_last
+    return values.to(dtype).contiguous(memory_format=other)
+
+
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("kind", ["expanded", "other_layout"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_expanded_grad_out_equals_materialized(backend, dtype, layout):
-    """y.sum().backward() passes a stride-0 grad_out; the C++ kernels read its one value instead of a dense copy."""
-    x, weight, bias, running, _ = inputs(4, 9)
+def test_grad_out_read_in_place_equals_materialized(backend, kind, dtype, layout):
+    x, weight, bias, running, grad_out = inputs(4, 9)
     active = make_active("spark", 4)
-    expanded = torch.full((), 0.75, dtype=dtype).expand(x.shape)
-    got = run(backend, x, active, weight, bias, running, expanded, dtype=dtype, layout=layout, param_dtype=F32)
-    want = run(backend, x, active, weight, bias, running, expanded.contiguous(), dtype=dtype, layout=layout,
-               param_dtype=F32)
+    grad = grad_out_variant(grad_out, kind, dtype, layout)
+    got = run(backend, x, active, weight, bias, running, grad, dtype=dtype, layout=layout, param_dtype=F32)
+    want = run(backend, x, active, weight, bias, running, with_layout(grad.contiguous(), layout), dtype=dtype,
+               layout=layout, param_dtype=F32)
     for key in want:
         assert torch.equal(got[key], want[key]), key
 
@@ -528,12 +537,15 @@ def test_backward_ops_take_compact_rows(dtype):
     index = sk.ActiveSites(make_active("spark", 3)).index
     rows = x.permute(0, 2, 3, 1).reshape(-1, 7)[index.long()]
     mean, a, b, d = torch.randn(4, 7, generator=torch.Generator().manual_seed(2))
-    for g in (grad, torch.full((), 0.5, dtype=dtype).expand(grad.shape)):
+    for g in (grad, torch.full((), 0.5, dtype=dtype).expand(grad.shape), grad.contiguous()):
         assert torch.equal(ops.masked_bn_backward_stats(g, rows, index, mean),
                            ops.masked_bn_backward_stats(g, x, index, mean))
         from_rows = ops.masked_bn_backward_elemt(g, rows, index, a, b, d)
         assert from_rows.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(from_rows, ops.masked_bn_backward_elemt(g, x, index, a, b, d))
+    if dtype == torch.float32:  # the fake (meta) kernels agree on the compact form's output
+        torch.library.opcheck(ops.masked_bn_backward_elemt, (grad, rows, index, a, b, d))
+        torch.library.opcheck(ops.masked_bn_backward_stats, (grad, rows, index, mean))
     with pytest.raises(RuntimeError, match=r"rows of the active sites must have shape \(\d+, 7\)"):
         ops.masked_bn_backward_stats(grad, rows[1:], index, mean)
     with pytest.raises(RuntimeError, match="x must have grad_out's dtype"):

@@ -369,16 +369,20 @@ def test_module_from_timm_group_norms():
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("kind", ["expanded", "other_layout"])
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_expanded_grad_out_equals_materialized(backend, dtype, layout):
-    """y.sum().backward() passes a stride-0 grad_out; the C++ kernels read its one value instead of a dense copy."""
-    x, weight, bias, _ = inputs(3, 8)
+def test_grad_out_read_in_place_equals_materialized(backend, kind, dtype, layout):
+    """A stride-0 grad_out (y.sum().backward()) or one in the other layout than x's is read in place by the C++
+    kernels, with the results of a dense copy in x's layout."""
+    x, weight, bias, grad_out = inputs(3, 8)
     active = make_active("spark", 3)
-    expanded = torch.full((), -1.25, dtype=dtype).expand(x.shape)
-    got = run(backend, x, active, 4, weight, bias, expanded, dtype=dtype, layout=layout, param_dtype=F32)
-    want = run(backend, x, active, 4, weight, bias, expanded.contiguous(), dtype=dtype, layout=layout,
-               param_dtype=F32)
+    other = torch.contiguous_format if layout == "channels_last" else torch.channels_last
+    grad = (torch.full((), -1.25, dtype=dtype).expand(x.shape) if kind == "expanded"
+            else grad_out.to(dtype).contiguous(memory_format=other))
+    got = run(backend, x, active, 4, weight, bias, grad, dtype=dtype, layout=layout, param_dtype=F32)
+    want = run(backend, x, active, 4, weight, bias, with_layout(grad.contiguous(), layout), dtype=dtype,
+               layout=layout, param_dtype=F32)
     for key in want:
         assert torch.equal(got[key], want[key]), key
 
@@ -392,7 +396,8 @@ def test_backward_ops_take_compact_rows():
     index = sk.ActiveSites(make_active("spark", 3)).index
     rows = x.permute(0, 2, 3, 1).reshape(-1, 6)[index.long()]
     center, a, b, d = torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(ops.masked_gn_backward_stats(grad, rows, index, center),
-                       ops.masked_gn_backward_stats(grad, x, index, center))
-    assert torch.equal(ops.masked_gn_backward_elemt(grad, rows, index, center, a, b, d),
-                       ops.masked_gn_backward_elemt(grad, x, index, center, a, b, d))
+    for g in (grad, grad.contiguous()):
+        assert torch.equal(ops.masked_gn_backward_stats(g, rows, index, center),
+                           ops.masked_gn_backward_stats(g, x, index, center))
+        assert torch.equal(ops.masked_gn_backward_elemt(g, rows, index, center, a, b, d),
+                           ops.masked_gn_backward_elemt(g, x, index, center, a, b, d))

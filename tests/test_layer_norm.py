@@ -314,15 +314,22 @@ def test_module(backend, data_format):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("kind", ["expanded", "other_layout"])
 @pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_expanded_grad_out_equals_materialized(backend, data_format, dtype):
-    """y.sum().backward() passes a stride-0 grad_out; the C++ kernels read its one value instead of a dense copy."""
-    x, weight, bias, _ = inputs(2, 12)
+def test_grad_out_read_in_place_equals_materialized(backend, kind, data_format, dtype):
+    """A stride-0 grad_out (y.sum().backward()) or one in the other memory order than x's is read in place by the
+    C++ kernels, with the results of a dense copy in x's memory order."""
+    x, weight, bias, grad_out = inputs(2, 12)
     active = make_active("spark", 2)
-    expanded = torch.full((), 0.5, dtype=dtype).expand(x.shape)
-    got = run(backend, x, active, weight, bias, expanded, data_format, dtype=dtype, param_dtype=torch.float32)
-    want = run(backend, x, active, weight, bias, expanded.contiguous(), data_format, dtype=dtype,
+    if kind == "expanded":
+        grad = torch.full((), 0.5, dtype=dtype).expand(x.shape)
+    else:  # x's memory order is that of its format: (N, C, H, W) for channels_first, (N, H, W, C) for channels_last
+        other = torch.channels_last if data_format == "channels_first" else torch.contiguous_format
+        grad = grad_out.to(dtype).contiguous(memory_format=other)
+    same = torch.contiguous_format if data_format == "channels_first" else torch.channels_last
+    got = run(backend, x, active, weight, bias, grad, data_format, dtype=dtype, param_dtype=torch.float32)
+    want = run(backend, x, active, weight, bias, grad.contiguous(memory_format=same), data_format, dtype=dtype,
                param_dtype=torch.float32)
     for key in want:
         assert torch.equal(got[key], want[key]), key

@@ -67,6 +67,21 @@ inline bool is_broadcast_scalar(const at::Tensor& t) {
   return true;
 }
 
+// How grad_out (x's shape) lies in memory relative to x's kernel layout (rows: channels_last; else NCHW planes):
+// in it, in the other one of the two (e.g. an NCHW grad_out for a channels_last x), as one value (every stride 0),
+// or none of these.
+enum class GradLayout { kSame, kOther, kBroadcast, kNeither };
+
+inline GradLayout grad_layout(const at::Tensor& grad_out, bool rows) {
+  if (is_broadcast_scalar(grad_out)) return GradLayout::kBroadcast;
+  const auto* sizes = grad_out.sizes().data();
+  const auto* strides = grad_out.strides().data();
+  const bool as_rows = is_channels_last_nchw(sizes, strides), as_planes = is_contiguous_nchw(sizes, strides);
+  if (rows ? as_rows : as_planes) return GradLayout::kSame;
+  if (rows ? as_planes : as_rows) return GradLayout::kOther;
+  return GradLayout::kNeither;
+}
+
 // t must match x in shape, dtype and device (e.g. grad_out).
 inline void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
   TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());

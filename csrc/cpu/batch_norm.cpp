@@ -16,7 +16,7 @@ namespace {
 struct Kernels {
   using Backend = CpuBackend;
   static constexpr bool reads_compact_x = true;
-  static constexpr bool reads_broadcast_grad = true;
+  static constexpr bool reads_any_grad_layout = true;
 
   template <typename scalar_t>
   static void bn_stats(const NormArgs& p, at::Tensor& out) {
@@ -38,7 +38,8 @@ struct Kernels {
     with_backward_readers<storage_t<scalar_t>>(p, grad_out, [&](auto x, auto dy) {
       const norm::BnBackwardTerms<double> terms;
       auto term = [=](int64_t j, int64_t off, int64_t c, double& a, double& b) {
-        terms(static_cast<double>(dy(off)), static_cast<double>(x(j, off, c)), static_cast<double>(mean[c]), a, b);
+        terms(static_cast<double>(dy(j, off, c)), static_cast<double>(x(j, off, c)), static_cast<double>(mean[c]), a,
+              b);
       };
       if (p.g.rows) {
         channel_sums<true>(p.g, index, p.index.numel(), term, out.data_ptr<double>());
@@ -70,7 +71,7 @@ struct Kernels {
     const Acc* d = d_t.const_data_ptr<Acc>();
     return with_backward_readers<T>(p, grad_out, [&](auto x, auto dy) {
       return dense_map<T>(p, [=](int64_t j, int64_t off, int64_t c, int64_t) {
-        return static_cast<T>(norm::bn_backward_elem<Acc>(dy(off), x(j, off, c), a[c], b[c], d[c]));
+        return static_cast<T>(norm::bn_backward_elem<Acc>(dy(j, off, c), x(j, off, c), a[c], b[c], d[c]));
       });
     });
   }

@@ -36,7 +36,7 @@ struct ImageChunks {
 struct Kernels {
   using Backend = CpuBackend;
   static constexpr bool reads_compact_x = true;
-  static constexpr bool reads_broadcast_grad = true;
+  static constexpr bool reads_any_grad_layout = true;
 
   template <typename scalar_t>
   static void gn_stats(const NormArgs& p, at::Tensor& out) {
@@ -65,7 +65,7 @@ struct Kernels {
           const norm::BnBackwardTerms<double> terms;
           auto term = [=](int64_t j, int64_t off, int64_t c, double& a, double& b) {
             const int64_t image = index[j] / plane;
-            terms(static_cast<double>(dy(off)), static_cast<double>(x(j, off, c)),
+            terms(static_cast<double>(dy(j, off, c)), static_cast<double>(x(j, off, c)),
                   static_cast<double>(center[image * channels + c]), a, b);
           };
           return p.g.rows ? chunk_sums<true>(p.g, index, chunks.bounds, term)
@@ -107,7 +107,7 @@ struct Kernels {
     return with_backward_readers<T>(p, grad_out, [&](auto x, auto dy) {
       return dense_map<T>(p, [=](int64_t j, int64_t off, int64_t c, int64_t n) {
         const int64_t v = n * channels + c;
-        return static_cast<T>(norm::gn_backward_elem<Acc>(dy(off), x(j, off, c), center[v], a[v], b[v], d[v]));
+        return static_cast<T>(norm::gn_backward_elem<Acc>(dy(j, off, c), x(j, off, c), center[v], a[v], b[v], d[v]));
       });
     });
   }

@@ -25,7 +25,7 @@ const acc_t* optional_param(const std::optional<at::Tensor>& t) {
 // The kernels the shared host code (csrc/norm_ops.h) dispatches to.
 struct Kernels {
   using Backend = CpuBackend;
-  static constexpr bool reads_broadcast_grad = true;
+  static constexpr bool reads_any_grad_layout = true;
 
   template <typename scalar_t>
   static at::Tensor ln_forward(const NormArgs& p, const std::optional<at::Tensor>& weight_t,
@@ -93,49 +93,73 @@ struct Kernels {
     const acc_t* rstd = rstd_c.const_data_ptr<acc_t>();
     const acc_t* weight = optional_param<acc_t>(weight_t);
     const norm::LnParamGradTerms<double> terms;
-    // dy_step: 1, or 0 for a grad_out of one value (every stride 0), read in place, never gathered.
-    auto run = [&](auto dy_step) {
-      constexpr int64_t step = decltype(dy_step)::value;
+    // grad_out in x's layout, in the other layout, or one value (every stride 0): norm_ops.h keeps these three.
+    // A site's grad_out values are read contiguously (gathered into a chunk buffer where they are not), so that
+    // every layout gives the same bits.
+    const GradLayout layout = grad_layout(dy_t, g.rows);
+    const std::vector<int64_t> other_bases =
+        layout == GradLayout::kOther ? other_layout_bases(p) : std::vector<int64_t>{};
+    auto run = [&](auto mode) {
+      constexpr GradLayout kMode = decltype(mode)::value;
+      constexpr int64_t dy_step = kMode == GradLayout::kBroadcast ? 0 : 1;
+      // Whether a chunk's grad_out is gathered: planes in x's layout, or planes in the other layout (rows x).
+      const bool gather_dy = kMode == GradLayout::kSame ? !g.rows : kMode == GradLayout::kOther && g.rows;
       for_each_chunk(count, per_chunk, [&](int64_t k, int64_t j0, int64_t j1) {
         zero_inactive(g, index, count, j0, j1, dx);
         double* __restrict sum_dy_xhat = partials.data() + k * 2 * channels;
         double* __restrict sum_dy = sum_dy_xhat + channels;
-        // One site, its C values contiguous (rows of the tensors or of the planes path's buffers).
+        // One site, its x and dx values contiguous (rows of the tensors or of the planes path's buffers).
         auto site = [&](const T* dyr, const T* xr, T* dxr, int64_t j) {
           const norm::RowStats<acc_t> s{mean[j], rstd[j]};
-          norm::row_backward<acc_t>(dyr, step, xr, 1, dxr, 1, channels, s, weight);
+          norm::row_backward<acc_t>(dyr, dy_step, xr, 1, dxr, 1, channels, s, weight);
           for (int64_t c = 0; c < channels; ++c) {
             double a, b;
-            terms(dyr[c * step], xr[c], s.mean, s.rstd, a, b);
+            terms(dyr[c * dy_step], xr[c], s.mean, s.rstd, a, b);
             sum_dy_xhat[c] += a;
             sum_dy[c] += b;
           }
         };
+        thread_local std::vector<T> dy_rows;
+        if (gather_dy) {
+          dy_rows.resize((j1 - j0) * channels);
+          if (kMode == GradLayout::kOther) {
+            gather_rows(dy, other_bases.data() + j0, j1 - j0, channels, other_channel_stride(g), dy_rows.data());
+          }
+        }
+        // Where grad_out's values of site j (the chunk's r-th value) start.
+        auto dy_row = [&](int64_t j, int64_t base) -> const T* {
+          if (gather_dy) return dy_rows.data() + (j - j0) * channels;
+          if constexpr (kMode == GradLayout::kBroadcast) return dy;
+          if constexpr (kMode == GradLayout::kOther) return dy + other_bases[j];
+          return dy + base;
+        };
         if (g.rows) {
           for (int64_t j = j0; j < j1; ++j) {
             const int64_t base = int64_t(index[j]) * channels;
-            site(dy + base * step, x + base, dx + base, j);
+            site(dy_row(j, base), x + base, dx + base, j);
           }
           return;
         }
         thread_local std::vector<int64_t> bases;
-        thread_local std::vector<T> dy_rows, x_rows, dx_rows;
+        thread_local std::vector<T> x_rows, dx_rows;
         bases.resize(j1 - j0);
-        for (auto* rows : {&dy_rows, &x_rows, &dx_rows}) rows->resize((j1 - j0) * channels);
+        for (auto* rows : {&x_rows, &dx_rows}) rows->resize((j1 - j0) * channels);
         for (int64_t j = j0; j < j1; ++j) bases[j - j0] = g.base(index[j]);
-        if (step != 0) gather_rows(g, dy, bases, dy_rows.data());
+        if (gather_dy) gather_rows(g, dy, bases, dy_rows.data());
         gather_rows(g, x, bases, x_rows.data());
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t r = (j - j0) * channels;
-          site(step != 0 ? dy_rows.data() + r : dy, x_rows.data() + r, dx_rows.data() + r, j);
+          site(dy_row(j, 0), x_rows.data() + r, dx_rows.data() + r, j);
         }
         scatter_rows(g, dx_rows.data(), bases, dx);
       });
     };
-    if (is_broadcast_scalar(dy_t)) {
-      run(std::integral_constant<int64_t, 0>{});
+    if (layout == GradLayout::kBroadcast) {
+      run(std::integral_constant<GradLayout, GradLayout::kBroadcast>{});
+    } else if (layout == GradLayout::kOther) {
+      run(std::integral_constant<GradLayout, GradLayout::kOther>{});
     } else {
-      run(std::integral_constant<int64_t, 1>{});
+      run(std::integral_constant<GradLayout, GradLayout::kSame>{});
     }
     acc_t* gw = grad_weight.data_ptr<acc_t>();
     acc_t* gb = grad_bias.data_ptr<acc_t>();

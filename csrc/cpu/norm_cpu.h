@@ -204,12 +204,17 @@ void zero_inactive(const NormGeometry& g, const int32_t* index, int64_t count, i
 // Planes: the chunk's sites copied into site-major rows (C contiguous values per site) and back, so the
 // per-site LayerNorm math runs on contiguous channels in both layouts. bases[s] = g.base(site s).
 template <typename T>
-void gather_rows(const NormGeometry& g, const T* src, const std::vector<int64_t>& bases, T* rows) {
-  const int64_t sites = static_cast<int64_t>(bases.size());
-  for (int64_t c = 0; c < g.channels; ++c) {
-    const T* plane = src + c * g.plane;
-    for (int64_t s = 0; s < sites; ++s) rows[s * g.channels + c] = plane[bases[s]];
+void gather_rows(const T* src, const int64_t* bases, int64_t sites, int64_t channels, int64_t channel_stride,
+                 T* rows) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const T* plane = src + c * channel_stride;
+    for (int64_t s = 0; s < sites; ++s) rows[s * channels + c] = plane[bases[s]];
   }
+}
+
+template <typename T>
+void gather_rows(const NormGeometry& g, const T* src, const std::vector<int64_t>& bases, T* rows) {
+  gather_rows(src, bases.data(), static_cast<int64_t>(bases.size()), g.channels, g.plane, rows);
 }
 
 template <typename T>
@@ -228,9 +233,30 @@ inline at::Tensor empty_dense(const NormArgs& p) {
                                                                    : at::MemoryFormat::Contiguous));
 }
 
+// The offset in grad_out of channel 0 of each active site when grad_out is dense in the other layout than x's
+// (GradLayout::kOther); its channel stride is other_channel_stride(g). The index is ascending: the image number
+// is counted up, no division per site.
+inline std::vector<int64_t> other_layout_bases(const NormArgs& p) {
+  NormGeometry other = p.g;
+  other.rows = !p.g.rows;
+  const int32_t* index = p.index.const_data_ptr<int32_t>();
+  std::vector<int64_t> bases(p.index.numel());
+  int64_t image = 0;
+  for (size_t j = 0; j < bases.size(); ++j) {
+    const int64_t site = index[j];
+    while (site >= (image + 1) * p.g.plane) ++image;
+    const int64_t within = site - image * p.g.plane;
+    bases[j] = other.rows ? site * p.g.channels : image * p.g.channels * p.g.plane + within;
+  }
+  return bases;
+}
+
+inline int64_t other_channel_stride(const NormGeometry& g) { return g.rows ? g.plane : 1; }
+
 // The backward kernels' reads of x at (active site j, dense offset off, channel c): from the dense tensor, or
-// from the compact rows (NormArgs::compact); and of grad_out at a dense offset: the tensor, or its one value
-// (every stride 0, csrc/norm_ops.h). Compile-time, so that each combination's loops vectorize.
+// from the compact rows (NormArgs::compact); and of grad_out: at the same offset (kSame), through the other
+// layout's site offsets (kOther), or its one value (kBroadcast) (csrc/norm_ops.h). Compile-time, so that each
+// combination's loops vectorize.
 template <typename T, bool kCompact>
 struct XReader {
   const T* x;
@@ -241,27 +267,33 @@ struct XReader {
   }
 };
 
-template <typename T, bool kBroadcast>
+template <typename T, GradLayout kLayout>
 struct GradReader {
   const T* dy;
-  T operator()(int64_t off) const {
-    if constexpr (kBroadcast) return dy[0];
+  const int64_t* other_bases;  // kOther: other_layout_bases
+  int64_t other_stride;        // kOther: other_channel_stride
+  T operator()(int64_t j, int64_t off, int64_t c) const {
+    if constexpr (kLayout == GradLayout::kBroadcast) return dy[0];
+    if constexpr (kLayout == GradLayout::kOther) return dy[other_bases[j] + c * other_stride];
     return dy[off];
   }
 };
 
-// fn(x_reader, grad_reader) with the readers that fit p and grad_out.
+// fn(x_reader, grad_reader) with the readers that fit p and grad_out (one of the layouts norm_ops.h keeps).
 template <typename T, typename Fn>
 auto with_backward_readers(const NormArgs& p, const at::Tensor& grad_out, const Fn& fn) {
   const T* x = data_as<T>(p.x);
   const T* dy = data_as<T>(grad_out);
-  const bool broadcast = is_broadcast_scalar(grad_out);
-  if (p.compact) {
-    return broadcast ? fn(XReader<T, true>{x, p.g.channels}, GradReader<T, true>{dy})
-                     : fn(XReader<T, true>{x, p.g.channels}, GradReader<T, false>{dy});
-  }
-  return broadcast ? fn(XReader<T, false>{x, p.g.channels}, GradReader<T, true>{dy})
-                   : fn(XReader<T, false>{x, p.g.channels}, GradReader<T, false>{dy});
+  const GradLayout layout = grad_layout(grad_out, p.g.rows);
+  const std::vector<int64_t> bases = layout == GradLayout::kOther ? other_layout_bases(p) : std::vector<int64_t>{};
+  const int64_t stride = other_channel_stride(p.g);
+  auto with_x = [&](auto grad) {
+    return p.compact ? fn(XReader<T, true>{x, p.g.channels}, grad) : fn(XReader<T, false>{x, p.g.channels}, grad);
+  };
+  if (layout == GradLayout::kBroadcast) return with_x(GradReader<T, GradLayout::kBroadcast>{dy, nullptr, 0});
+  if (layout == GradLayout::kOther) return with_x(GradReader<T, GradLayout::kOther>{dy, bases.data(), stride});
+  TORCH_INTERNAL_ASSERT(layout == GradLayout::kSame || grad_out.numel() == 0);
+  return with_x(GradReader<T, GradLayout::kSame>{dy, nullptr, 0});
 }
 
 // out = elem(j, offset, c, image) at the active sites (j: the site's place in the index), 0 elsewhere, in x's
