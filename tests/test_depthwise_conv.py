@@ -182,6 +182,60 @@ def test_two_threads_bit_identical_and_correct(backend, layout, k, stride, dtype
         assert_close_to_reference(a, r, r64, f"{backend} {layout} k={k} stride={stride} 2 threads: {name}")
 
 
+def tiling_masks():
+    """Masks (N, 1, H, W) whose active runs exercise the CPU kernel's stride-1 tiles of adjacent active sites
+    (1, 2, 4 or 8 sites of one row): a run of 13 (tiles 8 + 4 + 1) and one of 21 across the row, a run at the
+    image's right edge and at its left edge, runs of length 1, a single active site, an image with none."""
+    n, h, w = 3, 7, 21
+    m = torch.zeros(n, 1, h, w, dtype=torch.bool)
+    m[0, 0, 1, 2:15] = True     # a run of 13: tiles 8, 4, 1
+    m[0, 0, 3, :] = True        # the whole row, both image edges
+    m[0, 0, 4, 17:] = True      # 4 sites at the right edge
+    m[0, 0, 5, ::3] = True      # runs of length 1
+    m[0, 0, 6, 0:2] = True      # 2 sites at the left edge, bottom row
+    m[1, 0, 2, 20] = True       # a single active site, on the right edge
+    # image 2: no active site
+    return {"runs": m, "full": torch.ones(1, 1, 5, 19, dtype=torch.bool)}
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("k", (3, 5, 7))
+@pytest.mark.parametrize("mask_name", ("runs", "full"))
+def test_tiles_of_adjacent_sites(mask_name, k, dtype):
+    """The channels_last stride-1 path against the reference on the tiling edge cases, with channel counts below,
+    at and past the vector width (8 floats, 4 doubles), and enough channels (so few sites per weight-gradient
+    chunk) that chunks cut runs; garbage at inactive sites must not leak."""
+    mask = tiling_masks()[mask_name]
+    n, _, h, w = mask.shape
+    sites = sk.ActiveSites(mask)
+    for c in (3, 8, 13, 601):
+        g = torch.Generator().manual_seed(c)
+        x64 = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+        w64 = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
+        b64 = torch.randn(c, generator=g, dtype=torch.float64)
+        g64 = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+        inactive = ~mask.expand_as(x64)
+        g_dirty = g64.masked_fill(inactive, float("nan"))
+        x_dirty = x64.masked_fill(inactive, float("inf"))
+        leaves = [t.to(dtype).requires_grad_() for t in (x_dirty, w64, b64)]
+        y, grads = conv_and_grads(
+            lambda xx, ww, bb: sk.sparse_depthwise_conv2d(xx.contiguous(memory_format=torch.channels_last), ww, bb,
+                                                          sites, backend="cpu"),
+            *leaves, g_dirty.to(dtype).contiguous(memory_format=torch.channels_last))
+        masked_dense = lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask, 1)  # noqa: E731
+        ref_lowp, ref_lowp_grads = conv_and_grads(masked_dense, *[t.to(dtype).requires_grad_() for t in
+                                                                  (x64, w64, b64)], g64.to(dtype))
+        ref64, ref64_grads = conv_and_grads(masked_dense, *[t.clone().requires_grad_() for t in (x64, w64, b64)], g64)
+        what = f"{mask_name} k={k} C={c} {dtype}"
+        assert y.is_contiguous(memory_format=torch.channels_last), what
+        assert_close_to_reference(y, ref_lowp, ref64, what + ": output")
+        for name, got, lowp, exact in zip(("grad x", "grad weight", "grad bias"), grads, ref_lowp_grads,
+                                          ref64_grads):
+            assert_close_to_reference(got, lowp, exact, f"{what}: {name}")
+        assert torch.all(y[inactive] == 0) and torch.all(grads[0][inactive] == 0), what
+
+
 @pytest.mark.parametrize("k,stride", ((3, 1), (7, 1), (5, 1), (3, 2), (5, 2), (7, 2)))
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "reference")])

@@ -2,8 +2,10 @@
 //
 // Work is proportional to the active sites (plus the zeros of the dense outputs, written in the same
 // pass). The per-site math is csrc/common/dwconv_site.h. Two layouts (csrc/common/layout.h):
-//  * rows (channels_last): sites in parallel, channels in blocks of kBlock values per site, which the
-//    compiler vectorizes; weights are transposed to (k*k, C) so each tap's block is contiguous too.
+//  * rows (channels_last): sites in parallel; weights transposed to (k*k, C) so each tap's channels are
+//    contiguous. At stride 1 (forward and backward) register-blocked tiles of adjacent active sites over
+//    channel vectors (cpu/vec.h; the "tiles" section below); at stride 2 site by site, channels in blocks
+//    of kBlock values the compiler vectorizes.
 //  * planes (NCHW): one (image, channel) plane per task, one channel per site.
 // The forward pass and the input gradient are one "gather" pass: each destination site of an index sums
 // weight x source over its table's taps. Forward: destinations are the active output sites, sources x.
@@ -21,11 +23,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "common/dwconv_site.h"
 #include "common/layout.h"
 #include "cpu/dtypes.h"
+#include "cpu/vec.h"
 #include "dwconv_ops.h"
 
 namespace spark_kernels {
@@ -155,10 +159,12 @@ inline bool backward_site_rows(const int32_t* taps, int64_t row, const T* gy, co
 // count), sized so a chunk's partials (k*k x C) stay small next to its work (chunk x k*k x C).
 int64_t rows_chunk_sites(int64_t c) { return std::clamp<int64_t>(16384 / std::max<int64_t>(c, 1), 32, 512); }
 
-template <int K, bool kInputGrad, typename T, typename Acc>
-void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index, const int32_t* nbr, T* gx,
-                   Acc* gw_parts, Acc* gb_parts, int64_t chunk_sites, int64_t chunks, const Geometry& g,
-                   std::atomic<bool>& valid) {
+// The weight and bias gradient partials of the strided conv (its input gradient is a separate gather), per
+// chunk of the fixed partition, site by site. (At stride 1 the tiled backward_rows_tiled below.)
+template <int K, typename T, typename Acc>
+void backward_rows_strided(const T* gy, const T* x, const Acc* wt, const int32_t* index, const int32_t* nbr,
+                           Acc* gw_parts, Acc* gb_parts, int64_t chunk_sites, int64_t chunks, const Geometry& g,
+                           std::atomic<bool>& valid) {
   constexpr int B = kBlock<Acc>;
   const int64_t full = g.c / B * B;
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
@@ -169,8 +175,8 @@ void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index,
       std::fill(gw_part, gw_part + K * K * g.c, Acc(0));
       std::fill(gb_part, gb_part + g.c, Acc(0));
       const int64_t begin = chunk * chunk_sites, end = std::min(g.m, begin + chunk_sites);
-      // Without the input gradient the filler only checks that the index ascends (it writes no rows).
-      GapFiller<T> fill{gx, kInputGrad ? g.c : 0, first_row(index, begin, g.out_sites()), g.out_sites()};
+      // The filler only checks that the index ascends (it writes no rows).
+      GapFiller<T> fill{nullptr, 0, first_row(index, begin, g.out_sites()), g.out_sites()};
       for (int64_t i = begin; i < end; ++i) {
         const int32_t site = index[i];
         if (!fill.advance_to(site)) {
@@ -180,11 +186,302 @@ void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index,
         const int32_t* taps = nbr + i * K * K;
         const int64_t row = static_cast<int64_t>(site) * g.c;
         for (int64_t c0 = 0; c0 < full; c0 += B)
-          ok &= backward_site_rows<K, kInputGrad, B>(taps, row, gy, x, wt, gx, gw_part, gb_part, c0, g);
+          ok &= backward_site_rows<K, false, B>(taps, row, gy, x, wt, static_cast<T*>(nullptr), gw_part, gb_part, c0, g);
         for (int64_t c = full; c < g.c; ++c)
-          ok &= backward_site_rows<K, kInputGrad, 1>(taps, row, gy, x, wt, gx, gw_part, gb_part, c, g);
+          ok &= backward_site_rows<K, false, 1>(taps, row, gy, x, wt, static_cast<T*>(nullptr), gw_part, gb_part, c, g);
       }
       if (end == g.m) fill.finish();
+    }
+    if (!ok) valid = false;
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// rows layout at stride 1: tiles of adjacent active sites, register-blocked.
+//
+// SparK's active sites come in horizontal runs (patches). A tile is 1, 2, 4 or kMaxTile consecutive entries
+// of the index that are adjacent sites of one image row. For one channel vector (cpu/vec.h) a tile keeps
+// its outputs' accumulators in registers, with one kernel row's K weights, and streams each input vector
+// of its K x (tile + K - 1) window once into every accumulator that uses it, instead of loading a weight
+// and an input vector per FMA. The weight gradient keeps one kernel row's K tap sums in registers across
+// all tiles of a chunk. Inactive and out-of-image window sites are skipped, never read, by tests that give
+// the same answer for every channel vector of a tile (the branch predictor learns them). Channels go in
+// blocks of kBlockVectors vectors, all tiles of a range per block, so the block's weights (and weight
+// gradient partials) stay in L1 while the tiles stream through. Each output sums its active taps in
+// row-major order, as the per-site path does, so results do not depend on the tiling.
+
+constexpr int kMaxTile = 8;
+constexpr int kBlockVectors = 4;
+
+// A tile: `size` output sites from s0 (entries pos .. of the index); bit j of live[dy] is set if window
+// column j of kernel row dy, the site at offset (dy - K/2, j - K/2) from s0, is active.
+template <int K>
+struct TileSpan {
+  int64_t pos;
+  int32_t s0;
+  int size;
+  uint32_t live[K];
+};
+
+// The tile for a run of `run` (>= 1) adjacent sites: the largest power of two <= min(run, kMaxTile).
+inline int tile_for_run(int64_t run) { return run >= 8 ? 8 : run >= 4 ? 4 : run >= 2 ? 2 : 1; }
+
+// fn(std::integral_constant<int, size>{}) for a tile size of tile_for_run.
+template <typename Fn>
+inline void with_tile_size(int size, Fn&& fn) {
+  static_assert(kMaxTile == 8);
+  switch (size) {
+    case 8: return fn(std::integral_constant<int, 8>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    default: return fn(std::integral_constant<int, 1>{});
+  }
+}
+
+// Entries [i, i + run) of the index, run <= kMaxTile, that are adjacent sites of one image row, below `end`.
+inline int64_t run_length(const int32_t* index, int64_t i, int64_t end, int64_t row_len) {
+  const int64_t s0 = index[i], room = row_len - s0 % row_len;
+  int64_t run = 1;
+  while (run < kMaxTile && run < room && i + run < end && index[i + run] == s0 + run) ++run;
+  return run;
+}
+
+// The tiles of index entries [begin, end), which must be valid ascending sites (the caller's GapFiller
+// checks them); the live masks come from the tiles' taps: window column j of row dy is tap (dy, j - t) of
+// output t = min(j, size - 1). Those taps must be -1 or exactly the site at their offset, in the image;
+// false otherwise (a corrupt table), and such a tap counts as inactive, never read.
+template <int K>
+bool make_tile(const int32_t* index, const int32_t* nbr, int64_t i, int64_t end, const Geometry& g,
+               TileSpan<K>& tile) {
+  constexpr int r = K / 2;
+  const int32_t s0 = index[i];
+  const int size = tile_for_run(run_length(index, i, end, g.w));
+  const int32_t* taps = nbr + i * K * K;
+  const int64_t h = s0 / g.w % g.h, w0 = s0 % g.w;
+  bool valid = true;
+  tile = TileSpan<K>{i, s0, size, {}};
+  for (int dy = 0; dy < K; ++dy) {
+    const bool row_inside = h + dy - r >= 0 && h + dy - r < g.h;
+    for (int j = 0; j < size + K - 1; ++j) {
+      const int t = std::min(j, size - 1);
+      const int32_t site = taps[t * K * K + dy * K + (j - t)];
+      const bool inside = row_inside && w0 + j - r >= 0 && w0 + j - r < g.w;
+      const bool active = site != -1 && inside && site == s0 + (dy - r) * g.w + (j - r);
+      valid &= site == -1 || active;
+      tile.live[dy] |= static_cast<uint32_t>(active) << j;
+    }
+  }
+  return valid;
+}
+
+// Offset in a rows tensor of channel c0 of window column 0 of kernel row dy.
+template <int K>
+inline int64_t window_row(const TileSpan<K>& tile, int dy, const Geometry& g, int64_t c0) {
+  return (static_cast<int64_t>(tile.s0) + (dy - K / 2) * g.w - K / 2) * g.c + c0;
+}
+
+// One channel vector (channels c0 ..) of the gather of a group of `Group` tiles of `Size` sites each:
+// dst(t) = init + sum over active taps of wt[tap] x src(tap's site), for the tiles' output sites t. Tiles of
+// 1 or 2 sites are gathered in groups so that a kernel row's K weight vectors are loaded once for up to
+// kMaxTile accumulators, as for one tile of kMaxTile sites.
+template <int K, int Size, int Group, typename T, typename Acc>
+inline void group_gather(const TileSpan<K>* tiles, const T* __restrict src, const Acc* __restrict wt,
+                         cpu::Vec<Acc> init, T* __restrict dst, const Geometry& g, int64_t c0) {
+  using V = cpu::Vec<Acc>;
+  V acc[Group][Size];
+#pragma GCC unroll 8
+  for (int q = 0; q < Group; ++q)
+#pragma GCC unroll 8
+    for (int t = 0; t < Size; ++t) acc[q][t] = init;
+  for (int dy = 0; dy < K; ++dy) {
+    uint32_t any = 0;
+#pragma GCC unroll 8
+    for (int q = 0; q < Group; ++q) any |= tiles[q].live[dy];
+    if (!any) continue;
+    V w[K];
+#pragma GCC unroll 7
+    for (int dx = 0; dx < K; ++dx) w[dx] = cpu::load_vec(wt + (dy * K + dx) * g.c + c0);
+#pragma GCC unroll 8
+    for (int q = 0; q < Group; ++q) {
+      const uint32_t live = tiles[q].live[dy];
+      const int64_t row = window_row(tiles[q], dy, g, c0);
+#pragma GCC unroll 16
+      for (int j = 0; j < Size + K - 1; ++j) {
+        if (!((live >> j) & 1u)) continue;
+        const V x = cpu::load_vec(src + (row + j * g.c));
+#pragma GCC unroll 7
+        for (int dx = 0; dx < K; ++dx)
+          if (j - dx >= 0 && j - dx < Size) acc[q][j - dx] += w[dx] * x;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < Group; ++q) {
+    T* out = dst + static_cast<int64_t>(tiles[q].s0) * g.c + c0;
+#pragma GCC unroll 8
+    for (int t = 0; t < Size; ++t) cpu::store_vec(out + t * g.c, acc[q][t]);
+  }
+}
+
+// Calls fn(first tile, size constant, group constant) for the tiles in groups of consecutive tiles of one
+// size, at most kMaxTile sites and a power of two tiles per group.
+template <int K, typename Fn>
+void for_each_group(const std::vector<TileSpan<K>>& tiles, Fn&& fn) {
+  using std::integral_constant;
+  for (size_t i = 0; i < tiles.size();) {
+    const int size = tiles[i].size;
+    size_t n = 1;
+    while (n < static_cast<size_t>(kMaxTile / size) && i + n < tiles.size() && tiles[i + n].size == size) ++n;
+    const int group = n >= 8 ? 8 : n >= 4 ? 4 : n >= 2 ? 2 : 1;
+    const TileSpan<K>* first = &tiles[i];
+    switch (size * 16 + group) {
+      case 8 * 16 + 1: fn(first, integral_constant<int, 8>{}, integral_constant<int, 1>{}); break;
+      case 4 * 16 + 2: fn(first, integral_constant<int, 4>{}, integral_constant<int, 2>{}); break;
+      case 4 * 16 + 1: fn(first, integral_constant<int, 4>{}, integral_constant<int, 1>{}); break;
+      case 2 * 16 + 4: fn(first, integral_constant<int, 2>{}, integral_constant<int, 4>{}); break;
+      case 2 * 16 + 2: fn(first, integral_constant<int, 2>{}, integral_constant<int, 2>{}); break;
+      case 2 * 16 + 1: fn(first, integral_constant<int, 2>{}, integral_constant<int, 1>{}); break;
+      case 1 * 16 + 8: fn(first, integral_constant<int, 1>{}, integral_constant<int, 8>{}); break;
+      case 1 * 16 + 4: fn(first, integral_constant<int, 1>{}, integral_constant<int, 4>{}); break;
+      case 1 * 16 + 2: fn(first, integral_constant<int, 1>{}, integral_constant<int, 2>{}); break;
+      default: fn(first, integral_constant<int, 1>{}, integral_constant<int, 1>{}); break;
+    }
+    i += group;
+  }
+}
+
+// One kernel row dy of a tile's weight gradient for one channel vector: gw[dx] += sum over the tile's
+// outputs t of gy(t) x x(tap (dy, dx) of t), active taps only.
+template <int K, int Size, typename T, typename Acc>
+inline void tile_weight_grad_row(const TileSpan<K>& tile, int dy, const T* __restrict x, const T* __restrict gy,
+                                 const Geometry& g, int64_t c0, cpu::Vec<Acc> (&gw)[K]) {
+  using V = cpu::Vec<Acc>;
+  const uint32_t live = tile.live[dy];
+  if (!live) return;
+  V go[Size];
+  const T* gy0 = gy + static_cast<int64_t>(tile.s0) * g.c + c0;
+#pragma GCC unroll 8
+  for (int t = 0; t < Size; ++t) go[t] = cpu::load_vec(gy0 + t * g.c);
+  const int64_t row = window_row(tile, dy, g, c0);
+#pragma GCC unroll 16
+  for (int j = 0; j < Size + K - 1; ++j) {
+    if (!((live >> j) & 1u)) continue;
+    const V xv = cpu::load_vec(x + (row + j * g.c));
+#pragma GCC unroll 7
+    for (int dx = 0; dx < K; ++dx)
+      if (j - dx >= 0 && j - dx < Size) gw[dx] += go[j - dx] * xv;
+  }
+}
+
+// The tiles of index entries [begin, end), largest first, zeroing the rows of the inactive sites of dst before each
+// (the GapFiller, which also checks that the index ascends); false in `ok` for a corrupt index or table.
+template <int K, typename T>
+void collect_tiles(const int32_t* index, const int32_t* nbr, int64_t begin, int64_t end, GapFiller<T>& fill,
+                   const Geometry& g, std::vector<TileSpan<K>>& tiles, bool& ok) {
+  tiles.clear();
+  for (int64_t i = begin; i < end;) {
+    if (!fill.advance_to(index[i])) {
+      ok = false;
+      ++i;
+      continue;
+    }
+    TileSpan<K> tile;
+    ok &= make_tile<K>(index, nbr, i, end, g, tile);
+    for (int t = 1; t < tile.size; ++t) fill.advance_to(tile.s0 + t);
+    tiles.push_back(tile);
+    i += tile.size;
+  }
+  // Largest tiles first: equal sizes adjacent make the longest groups (for_each_group) and let the weight
+  // gradient loop over each size without a dispatch per tile. The order is a function of the index and the
+  // range alone, so the sums stay deterministic.
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const TileSpan<K>& a, const TileSpan<K>& b) { return a.size > b.size; });
+}
+
+// dst = the stride-1 forward gather over src (x), bias at the active sites. Channels past the last full
+// vector go through the per-site path.
+template <int K, typename T, typename Acc>
+void gather_rows_tiled(const T* src, const Acc* wt, const Acc* bias, const int32_t* index, const int32_t* nbr,
+                       T* dst, const Geometry& g, std::atomic<bool>& valid) {
+  constexpr int L = cpu::kLanes<Acc>;
+  const int64_t full = g.c / L * L;
+  const GatherGrids gr{g.n, g.c, g.plane(), g.plane(), g.m};
+  at::parallel_for(0, g.m, 256, [&](int64_t begin, int64_t end) {
+    bool ok = true;
+    GapFiller<T> fill{dst, g.c, first_row(index, begin, g.sites()), g.sites()};
+    std::vector<TileSpan<K>> tiles;
+    collect_tiles<K>(index, nbr, begin, end, fill, g, tiles, ok);
+    for (int64_t block = 0; block < full; block += kBlockVectors * L) {
+      const int64_t block_end = std::min(full, block + kBlockVectors * L);
+      for_each_group(tiles, [&](const TileSpan<K>* first, auto size, auto group) {
+        for (int64_t c0 = block; c0 < block_end; c0 += L)
+          group_gather<K, decltype(size)::value, decltype(group)::value>(
+              first, src, wt, bias ? cpu::load_vec(bias + c0) : cpu::Vec<Acc>{}, dst, g, c0);
+      });
+    }
+    for (const TileSpan<K>& tile : tiles)
+      for (int t = 0; t < tile.size; ++t)
+        for (int64_t c = full; c < g.c; ++c)
+          ok &= gather_site_rows<K, false, 1>(nbr + (tile.pos + t) * K * K, src, wt, bias,
+                                              dst + static_cast<int64_t>(tile.s0 + t) * g.c, c, gr);
+    if (end == g.m) fill.finish();
+    if (!ok) valid = false;
+  });
+}
+
+// The stride-1 backward, tiled: per chunk of the fixed partition (rows_chunk_sites), grad_x of its sites
+// (the gather over grad_out with the mirrored weights wt_mirrored, see dwconv_site.h) and its weight and
+// bias gradient partials gw_parts (chunks, k*k, C) and gb_parts (chunks, C). Tiles never cross a chunk.
+template <int K, typename T, typename Acc>
+void backward_rows_tiled(const T* gy, const T* x, const Acc* wt, const Acc* wt_mirrored, const int32_t* index,
+                         const int32_t* nbr, T* gx, Acc* gw_parts, Acc* gb_parts, int64_t chunk_sites,
+                         int64_t chunks, const Geometry& g, std::atomic<bool>& valid) {
+  using V = cpu::Vec<Acc>;
+  constexpr int L = cpu::kLanes<Acc>;
+  const int64_t full = g.c / L * L;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    bool ok = true;
+    std::vector<TileSpan<K>> tiles;
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      Acc* gw_part = gw_parts + chunk * K * K * g.c;
+      Acc* gb_part = gb_parts + chunk * g.c;
+      std::fill(gw_part, gw_part + K * K * g.c, Acc(0));
+      std::fill(gb_part, gb_part + g.c, Acc(0));
+      const int64_t begin = chunk * chunk_sites, end = std::min(g.m, begin + chunk_sites);
+      GapFiller<T> fill{gx, g.c, first_row(index, begin, g.sites()), g.sites()};
+      collect_tiles<K>(index, nbr, begin, end, fill, g, tiles, ok);
+      if (end == g.m) fill.finish();
+      for (int64_t block = 0; block < full; block += kBlockVectors * L) {
+        const int64_t block_end = std::min(full, block + kBlockVectors * L);
+        for_each_group(tiles, [&](const TileSpan<K>* first, auto size, auto group) {
+          for (int64_t c0 = block; c0 < block_end; c0 += L)
+            group_gather<K, decltype(size)::value, decltype(group)::value>(first, gy, wt_mirrored, V{}, gx, g, c0);
+        });
+        for (int64_t c0 = block; c0 < block_end; c0 += L) {
+          V gb{};
+          for (const TileSpan<K>& tile : tiles)
+            for (int t = 0; t < tile.size; ++t) gb += cpu::load_vec(gy + static_cast<int64_t>(tile.s0 + t) * g.c + c0);
+          cpu::store_vec(gb_part + c0, gb);
+          for (int dy = 0; dy < K; ++dy) {
+            V gw[K] = {};
+            for (size_t first = 0, last; first < tiles.size(); first = last) {
+              for (last = first + 1; last < tiles.size() && tiles[last].size == tiles[first].size;) ++last;
+              with_tile_size(tiles[first].size, [&](auto size) {
+                for (size_t i = first; i < last; ++i)
+                  tile_weight_grad_row<K, decltype(size)::value, T, Acc>(tiles[i], dy, x, gy, g, c0, gw);
+              });
+            }
+#pragma GCC unroll 7
+            for (int dx = 0; dx < K; ++dx) cpu::store_vec(gw_part + (dy * K + dx) * g.c + c0, gw[dx]);
+          }
+        }
+      }
+      for (const TileSpan<K>& tile : tiles)
+        for (int t = 0; t < tile.size; ++t)
+          for (int64_t c = full; c < g.c; ++c)
+            ok &= backward_site_rows<K, true, 1>(nbr + (tile.pos + t) * K * K,
+                                                 static_cast<int64_t>(tile.s0 + t) * g.c, gy, x, wt, gx, gw_part,
+                                                 gb_part, c, g);
     }
     if (!ok) valid = false;
   });
@@ -312,9 +609,13 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight, const c10
   const at::Tensor b = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const at::Tensor w = kernel_weight(weight, g, acc);
   std::atomic<bool> valid{true};
-  gather<K, false>(cpu::data_as<T>(xk), w.const_data_ptr<Acc>(), b.defined() ? b.const_data_ptr<Acc>() : nullptr, idx,
-                   nbr, cpu::mutable_data_as<T>(y), GatherGrids{g.n, g.c, g.plane(), g.out_plane(), g.m}, g.rows,
-                   valid);
+  const Acc* bp = b.defined() ? b.const_data_ptr<Acc>() : nullptr;
+  if (g.rows && g.stride == 1)
+    gather_rows_tiled<K>(cpu::data_as<T>(xk), w.const_data_ptr<Acc>(), bp, idx.const_data_ptr<int32_t>(),
+                         nbr.const_data_ptr<int32_t>(), cpu::mutable_data_as<T>(y), g, valid);
+  else
+    gather<K, false>(cpu::data_as<T>(xk), w.const_data_ptr<Acc>(), bp, idx, nbr, cpu::mutable_data_as<T>(y),
+                     GatherGrids{g.n, g.c, g.plane(), g.out_plane(), g.m}, g.rows, valid);
   check_tables("dwconv_forward", valid);
   return y;
 }
@@ -358,10 +659,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
     gb_parts = at::empty({chunks, g.c}, x.options().dtype(acc));
     Acc* gwp = gw_parts.mutable_data_ptr<Acc>();
     Acc* gbp = gb_parts.mutable_data_ptr<Acc>();
-    if (fused)
-      backward_rows<K, true>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, chunk_sites, chunks, g, valid);
-    else
-      backward_rows<K, false>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, chunk_sites, chunks, g, valid);
+    if (fused) {
+      const at::Tensor w_mirrored = w.flip(0).contiguous();  // tap t holds tap k*k-1-t
+      backward_rows_tiled<K>(gyp, xp, w.const_data_ptr<Acc>(), w_mirrored.const_data_ptr<Acc>(), ip, np, gxp, gwp,
+                             gbp, chunk_sites, chunks, g, valid);
+    } else
+      backward_rows_strided<K>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gwp, gbp, chunk_sites, chunks, g, valid);
   } else {
     chunks = g.n;
     gw_parts = at::empty({chunks, g.c, K * K}, x.options().dtype(acc));

@@ -1,0 +1,108 @@
+// 32-byte SIMD vectors of the accumulation type (8 floats or 4 doubles) through the GCC/Clang vector
+// extensions, for kernels that keep a tile of vectors in registers: the compiler maps them to one AVX
+// register each under -march=native on an AVX2 CPU, to two SSE registers in a portable (SSE2) build,
+// with no intrinsics and no run-time dispatch. load_vec / store_vec read and write one vector of a
+// storage type (csrc/cpu/dtypes.h), converting 16-bit floats with the same branch-free integer and float
+// arithmetic as cpu/half_types.h, lane for lane, so they round identically (checked against the scalar
+// conversions by csrc/tests/test_vec.cpp). No torch includes, so the C++ tests build without torch.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/half_types.h"
+
+// Passing a 32-byte vector by value without AVX changes the ABI; these functions are inline and never
+// cross a library boundary, so GCC's note about it does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace spark_kernels::cpu {
+
+using f32x8 = float __attribute__((vector_size(32)));
+using f64x4 = double __attribute__((vector_size(32)));
+using u32x8 = uint32_t __attribute__((vector_size(32)));
+using u16x8 = uint16_t __attribute__((vector_size(16)));
+
+template <typename Acc>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  using type = f32x8;
+};
+template <>
+struct VecOf<double> {
+  using type = f64x4;
+};
+
+// The vector of accumulation type Acc and its lane count.
+template <typename Acc>
+using Vec = typename VecOf<Acc>::type;
+template <typename Acc>
+constexpr int kLanes = static_cast<int>(32 / sizeof(Acc));
+
+template <typename Acc>
+inline Vec<Acc> broadcast(Acc a) {
+  return Vec<Acc>{} + a;
+}
+
+inline f32x8 load_vec(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline f64x4 load_vec(const double* p) {
+  f64x4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline u32x8 widen16(const void* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, u32x8);
+}
+
+inline void narrow16(void* p, u32x8 u) {
+  const u16x8 h = __builtin_convertvector(u, u16x8);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// Lanes of a where `when` (a comparison's all-ones / all-zeros lanes), else of b.
+inline u32x8 select(u32x8 when, u32x8 a, u32x8 b) { return (a & when) | (b & ~when); }
+
+inline f32x8 load_vec(const BFloat16Bits* p) { return reinterpret_cast<f32x8>(widen16(p) << 16); }
+
+inline f32x8 load_vec(const Float16Bits* p) {  // fp16_to_float, lane-wise
+  const u32x8 h = widen16(p);
+  const u32x8 sign = (h & 0x8000u) << 16;
+  const u32x8 magnitude = (h & 0x7fffu) << 13;
+  const u32x8 finite = reinterpret_cast<u32x8>(reinterpret_cast<f32x8>(magnitude) * 0x1p112f);
+  const u32x8 special = magnitude | 0x7f800000u;
+  const u32x8 is_special = reinterpret_cast<u32x8>((h & 0x7c00u) == 0x7c00u);
+  return reinterpret_cast<f32x8>(sign | select(is_special, special, finite));
+}
+
+inline void store_vec(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+
+inline void store_vec(double* p, f64x4 v) { std::memcpy(p, &v, sizeof v); }
+
+inline void store_vec(BFloat16Bits* p, f32x8 v) {  // float_to_bf16, lane-wise
+  const u32x8 u = reinterpret_cast<u32x8>(v);
+  const u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const u32x8 nan = reinterpret_cast<u32x8>((u & 0x7fffffffu) > 0x7f800000u);
+  narrow16(p, select(nan, u32x8{} + 0x7fc0u, rounded));
+}
+
+inline void store_vec(Float16Bits* p, f32x8 v) {  // float_to_fp16, lane-wise
+  const u32x8 u = reinterpret_cast<u32x8>(v);
+  const u32x8 sign = (u >> 16) & 0x8000u;
+  const u32x8 a = u & 0x7fffffffu;
+  const u32x8 normal = (a - ((127u - 15u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+  const u32x8 subnormal = reinterpret_cast<u32x8>(reinterpret_cast<f32x8>(a) + 0.5f) - bits_of(0.5f);
+  u32x8 out = select(reinterpret_cast<u32x8>(a < 0x38800000u), subnormal, normal);
+  out = select(reinterpret_cast<u32x8>(a >= 0x477ff000u), u32x8{} + 0x7c00u, out);
+  out = select(reinterpret_cast<u32x8>(a > 0x7f800000u), u32x8{} + 0x7e00u, out);
+  narrow16(p, sign | out);
+}
+
+}  // namespace spark_kernels::cpu

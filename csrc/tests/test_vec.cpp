@@ -1,0 +1,96 @@
+// Checks the vector conversions of cpu/vec.h against the scalar ones of cpu/half_types.h (themselves
+// checked against exact references by test_half_types.cpp): widening all 65536 bit patterns of bfloat16 and
+// float16, and narrowing floats that cover every exponent, the rounding midpoints around them, subnormals,
+// overflow, signed zeros, infinities and NaN. Lane for lane the results must have the same bits (a NaN only
+// needs to stay a NaN). Also float and double round trips. Returns non-zero on failure.
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "cpu/half_types.h"
+#include "cpu/vec.h"
+
+namespace {
+
+namespace cpu = spark_kernels::cpu;
+
+int failures = 0;
+
+void fail(const char* what, uint32_t input, uint32_t got, uint32_t want) {
+  if (++failures <= 10) std::printf("FAIL %s: input 0x%08x got 0x%08x want 0x%08x\n", what, input, got, want);
+}
+
+bool is_nan16(uint16_t h, bool bf16) { return bf16 ? (h & 0x7fffu) > 0x7f80u : (h & 0x7fffu) > 0x7c00u; }
+
+template <typename Bits>
+void check_widen(const char* what) {
+  for (uint32_t e = 0; e < 65536; e += 8) {
+    Bits in[8];
+    for (int v = 0; v < 8; ++v) in[v].bits = static_cast<uint16_t>(e + v);
+    float out[8];
+    cpu::store_vec(out, cpu::load_vec(in));
+    for (int v = 0; v < 8; ++v) {
+      const float want = in[v];
+      if (std::isnan(want) ? !std::isnan(out[v]) : cpu::bits_of(out[v]) != cpu::bits_of(want))
+        fail(what, e + v, cpu::bits_of(out[v]), cpu::bits_of(want));
+    }
+  }
+}
+
+template <typename Bits>
+void check_narrow(const char* what, bool bf16, const std::vector<float>& values) {
+  for (size_t i = 0; i + 8 <= values.size(); i += 8) {
+    Bits out[8];
+    cpu::store_vec(out, cpu::load_vec(&values[i]));
+    for (int v = 0; v < 8; ++v) {
+      const Bits want(values[i + v]);
+      const bool ok = is_nan16(want.bits, bf16) ? is_nan16(out[v].bits, bf16) : out[v].bits == want.bits;
+      if (!ok) fail(what, cpu::bits_of(values[i + v]), out[v].bits, want.bits);
+    }
+  }
+}
+
+std::vector<float> narrowing_inputs() {
+  std::vector<float> values;
+  // Every exponent, with mantissas near the 13- and 16-bit rounding boundaries, both signs.
+  for (uint32_t exponent = 0; exponent < 256; ++exponent)
+    for (uint32_t low : {0u, 1u, 0xfffu, 0x1000u, 0x1001u, 0x2fffu, 0x3000u, 0x7fffu, 0x8000u, 0x8001u, 0x18000u,
+                         0x7fffffu, 0x400000u, 0x3fffffu})
+      for (uint32_t sign : {0u, 0x80000000u}) values.push_back(cpu::float_from_bits(sign | exponent << 23 | low));
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<uint32_t> bits;
+  for (int i = 0; i < 200000; ++i) values.push_back(cpu::float_from_bits(bits(rng)));
+  values.resize(values.size() / 8 * 8);
+  return values;
+}
+
+void check_wide_round_trips() {
+  float f[8] = {0.f, -0.f, 1.5f, -2.25f, 3e38f, -1e-45f, std::numeric_limits<float>::infinity(), 7.f};
+  float fo[8];
+  cpu::store_vec(fo, cpu::load_vec(f) * 1.0f);
+  for (int v = 0; v < 8; ++v)
+    if (cpu::bits_of(fo[v]) != cpu::bits_of(f[v])) fail("float round trip", v, cpu::bits_of(fo[v]), cpu::bits_of(f[v]));
+  double d[4] = {1.0, -0.0, 1e300, 5e-324};
+  double dout[4];
+  cpu::store_vec(dout, cpu::load_vec(d) + 0.0);
+  for (int v = 0; v < 4; ++v)
+    if (dout[v] != d[v]) fail("double round trip", v, 0, 0);
+  const cpu::f32x8 b = cpu::broadcast(2.5f);
+  for (int v = 0; v < 8; ++v)
+    if (b[v] != 2.5f) fail("broadcast", v, cpu::bits_of(b[v]), cpu::bits_of(2.5f));
+}
+
+}  // namespace
+
+int main() {
+  check_widen<cpu::BFloat16Bits>("bfloat16 -> float");
+  check_widen<cpu::Float16Bits>("float16 -> float");
+  const std::vector<float> values = narrowing_inputs();
+  check_narrow<cpu::BFloat16Bits>("float -> bfloat16", true, values);
+  check_narrow<cpu::Float16Bits>("float -> float16", false, values);
+  check_wide_round_trips();
+  std::printf("%s (%d failures)\n", failures ? "FAILED" : "ok", failures);
+  return failures ? 1 : 0;
+}
