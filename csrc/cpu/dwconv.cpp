@@ -3,9 +3,9 @@
 // Work is proportional to the active sites (plus the zeros of the dense outputs, written in the same
 // pass). The per-site math is csrc/common/dwconv_site.h. Two layouts (csrc/common/layout.h):
 //  * rows (channels_last): sites in parallel; weights transposed to (k*k, C) so each tap's channels are
-//    contiguous. At stride 1 (forward and backward) register-blocked tiles of adjacent active sites over
-//    channel vectors (cpu/vec.h; the "tiles" section below); at stride 2 site by site, channels in blocks
-//    of kBlock values the compiler vectorizes.
+//    contiguous. At stride 1 with kernels of 5x5 and up (kTiled), register-blocked tiles of adjacent
+//    active sites over channel vectors (cpu/vec.h; the "tiles" section below); otherwise site by site,
+//    channels in blocks of kBlock values the compiler vectorizes.
 //  * planes (NCHW): one (image, channel) plane per task, one channel per site.
 // The forward pass and the input gradient are one "gather" pass: each destination site of an index sums
 // weight x source over its table's taps. Forward: destinations are the active output sites, sources x.
@@ -159,12 +159,13 @@ inline bool backward_site_rows(const int32_t* taps, int64_t row, const T* gy, co
 // count), sized so a chunk's partials (k*k x C) stay small next to its work (chunk x k*k x C).
 int64_t rows_chunk_sites(int64_t c) { return std::clamp<int64_t>(16384 / std::max<int64_t>(c, 1), 32, 512); }
 
-// The weight and bias gradient partials of the strided conv (its input gradient is a separate gather), per
-// chunk of the fixed partition, site by site. (At stride 1 the tiled backward_rows_tiled below.)
-template <int K, typename T, typename Acc>
-void backward_rows_strided(const T* gy, const T* x, const Acc* wt, const int32_t* index, const int32_t* nbr,
-                           Acc* gw_parts, Acc* gb_parts, int64_t chunk_sites, int64_t chunks, const Geometry& g,
-                           std::atomic<bool>& valid) {
+// The weight and bias gradient partials per chunk of the fixed partition, site by site, and (kInputGrad, stride
+// 1 only) grad_x by the mirrored gather; at stride 2 the input gradient is a separate gather. (The tiled
+// backward_rows_tiled below is the stride-1 path where tiles pay, kTiled.)
+template <int K, bool kInputGrad, typename T, typename Acc>
+void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index, const int32_t* nbr, T* gx,
+                   Acc* gw_parts, Acc* gb_parts, int64_t chunk_sites, int64_t chunks, const Geometry& g,
+                   std::atomic<bool>& valid) {
   constexpr int B = kBlock<Acc>;
   const int64_t full = g.c / B * B;
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
@@ -175,8 +176,8 @@ void backward_rows_strided(const T* gy, const T* x, const Acc* wt, const int32_t
       std::fill(gw_part, gw_part + K * K * g.c, Acc(0));
       std::fill(gb_part, gb_part + g.c, Acc(0));
       const int64_t begin = chunk * chunk_sites, end = std::min(g.m, begin + chunk_sites);
-      // The filler only checks that the index ascends (it writes no rows).
-      GapFiller<T> fill{nullptr, 0, first_row(index, begin, g.out_sites()), g.out_sites()};
+      // Without the input gradient the filler only checks that the index ascends (it writes no rows).
+      GapFiller<T> fill{gx, kInputGrad ? g.c : 0, first_row(index, begin, g.out_sites()), g.out_sites()};
       for (int64_t i = begin; i < end; ++i) {
         const int32_t site = index[i];
         if (!fill.advance_to(site)) {
@@ -186,9 +187,9 @@ void backward_rows_strided(const T* gy, const T* x, const Acc* wt, const int32_t
         const int32_t* taps = nbr + i * K * K;
         const int64_t row = static_cast<int64_t>(site) * g.c;
         for (int64_t c0 = 0; c0 < full; c0 += B)
-          ok &= backward_site_rows<K, false, B>(taps, row, gy, x, wt, static_cast<T*>(nullptr), gw_part, gb_part, c0, g);
+          ok &= backward_site_rows<K, kInputGrad, B>(taps, row, gy, x, wt, gx, gw_part, gb_part, c0, g);
         for (int64_t c = full; c < g.c; ++c)
-          ok &= backward_site_rows<K, false, 1>(taps, row, gy, x, wt, static_cast<T*>(nullptr), gw_part, gb_part, c, g);
+          ok &= backward_site_rows<K, kInputGrad, 1>(taps, row, gy, x, wt, gx, gw_part, gb_part, c, g);
       }
       if (end == g.m) fill.finish();
     }
@@ -212,6 +213,11 @@ void backward_rows_strided(const T* gy, const T* x, const Acc* wt, const int32_t
 
 constexpr int kMaxTile = 8;
 constexpr int kBlockVectors = 4;
+// Tiles pay for kernels of 5x5 and up; for 3x3 the per-site path was as fast or faster at every ConvNeXt-T
+// stage (bench.ops A/B on this AVX2 machine, 2026-12-01: 2.1x vs 2.8x the reference at 768@7, 2.3x vs 2.9x
+// at 96@56), its 9 taps leaving little weight reuse to win against the tiling's bookkeeping.
+template <int K>
+constexpr bool kTiled = K >= 5;
 
 // A tile: `size` output sites from s0 (entries pos .. of the index); bit j of live[dy] is set if window
 // column j of kernel row dy, the site at offset (dy - K/2, j - K/2) from s0, is active.
@@ -610,7 +616,7 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight, const c10
   const at::Tensor w = kernel_weight(weight, g, acc);
   std::atomic<bool> valid{true};
   const Acc* bp = b.defined() ? b.const_data_ptr<Acc>() : nullptr;
-  if (g.rows && g.stride == 1)
+  if (g.rows && g.stride == 1 && kTiled<K>)
     gather_rows_tiled<K>(cpu::data_as<T>(xk), w.const_data_ptr<Acc>(), bp, idx.const_data_ptr<int32_t>(),
                          nbr.const_data_ptr<int32_t>(), cpu::mutable_data_as<T>(y), g, valid);
   else
@@ -659,12 +665,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
     gb_parts = at::empty({chunks, g.c}, x.options().dtype(acc));
     Acc* gwp = gw_parts.mutable_data_ptr<Acc>();
     Acc* gbp = gb_parts.mutable_data_ptr<Acc>();
-    if (fused) {
+    if (fused && kTiled<K>) {
       const at::Tensor w_mirrored = w.flip(0).contiguous();  // tap t holds tap k*k-1-t
       backward_rows_tiled<K>(gyp, xp, w.const_data_ptr<Acc>(), w_mirrored.const_data_ptr<Acc>(), ip, np, gxp, gwp,
                              gbp, chunk_sites, chunks, g, valid);
-    } else
-      backward_rows_strided<K>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gwp, gbp, chunk_sites, chunks, g, valid);
+    } else if (fused)
+      backward_rows<K, true>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, chunk_sites, chunks, g, valid);
+    else
+      backward_rows<K, false>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, chunk_sites, chunks, g, valid);
   } else {
     chunks = g.n;
     gw_parts = at::empty({chunks, g.c, K * K}, x.options().dtype(acc));
