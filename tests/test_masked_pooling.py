@@ -33,20 +33,22 @@ def batch() -> tuple:
     return x * mask, mask
 
 
-def mean_by_hand(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def global_by_hand(x: torch.Tensor, mask: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Per image and channel, the mean or max over the active sites (0 with none), as (N, C, 1, 1)."""
     out = torch.zeros(x.shape[0], x.shape[1], 1, 1, dtype=x.dtype)
     for i in range(x.shape[0]):
         if mask[i].any():
-            out[i, :, 0, 0] = x[i][:, mask[i, 0]].mean(1)
+            vals = x[i][:, mask[i, 0]]
+            out[i, :, 0, 0] = vals.mean(1) if reduce == "mean" else vals.amax(1)
     return out
+
+
+def mean_by_hand(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return global_by_hand(x, mask, "mean")
 
 
 def max_by_hand(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(x.shape[0], x.shape[1], 1, 1, dtype=x.dtype)
-    for i in range(x.shape[0]):
-        if mask[i].any():
-            out[i, :, 0, 0] = x[i][:, mask[i, 0]].amax(1)
-    return out
+    return global_by_hand(x, mask, "max")
 
 
 def window_by_hand(x, mask, k, stride, reduce):
