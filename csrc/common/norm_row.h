@@ -127,6 +127,11 @@ struct Moments {
       *this = b;
       return;
     }
+    merge_nonempty(b);
+  }
+
+  // merge() when both are non-empty: branch-free, so that a loop over channels vectorizes.
+  SK_HOST_DEVICE void merge_nonempty(const Moments& b) {
     const P n = count + b.count;
     const P delta = b.offset - offset;
     const P share = b.count / n;
@@ -194,22 +199,28 @@ SK_HOST_DEVICE inline Acc gn_backward_elem(Acc dy, Acc x, Acc center, Acc a, Acc
 // Sites are cut into fixed chunks (a function of the channel count only, never of the thread count);
 // each chunk's per-channel partial sums are computed by one worker, then added in chunk order.
 
+// A chunk holds about kChunkElements values, and at least kMinChunkSites sites: each chunk leaves a few float64
+// partials per channel, which at many channels would otherwise rival the input in size.
 constexpr int64_t kChunkElements = 16384;
+constexpr int64_t kMinChunkSites = 64;
 
 SK_HOST_DEVICE inline int64_t sites_per_chunk(int64_t channels) {
-  return channels >= kChunkElements ? 1 : kChunkElements / (channels > 0 ? channels : 1);
+  const int64_t by_elements = kChunkElements / (channels > 0 ? channels : 1);
+  return by_elements > kMinChunkSites ? by_elements : kMinChunkSites;
 }
 
 SK_HOST_DEVICE inline int64_t num_chunks(int64_t sites, int64_t per_chunk) {
   return (sites + per_chunk - 1) / per_chunk;
 }
 
-// Sum of column `col` of a row-major (chunks, width) table of partials, in chunk order, in double.
+// out[col] = the sum of column col of a row-major (chunks, width) table of partials, added in chunk order, in
+// double; the table is read row by row.
 template <typename P>
-SK_HOST_DEVICE inline double combine_column(const P* partials, int64_t chunks, int64_t width, int64_t col) {
-  double total = 0;
-  for (int64_t k = 0; k < chunks; ++k) total += static_cast<double>(partials[k * width + col]);
-  return total;
+SK_HOST_DEVICE inline void combine_rows(const P* partials, int64_t chunks, int64_t width, double* out) {
+  for (int64_t col = 0; col < width; ++col) out[col] = 0;
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t col = 0; col < width; ++col) out[col] += static_cast<double>(partials[k * width + col]);
+  }
 }
 
 }  // namespace spark_kernels::norm

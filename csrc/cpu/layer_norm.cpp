@@ -163,9 +163,11 @@ struct Kernels {
     }
     acc_t* gw = grad_weight.data_ptr<acc_t>();
     acc_t* gb = grad_bias.data_ptr<acc_t>();
+    std::vector<double> totals(2 * channels);
+    norm::combine_rows(partials.data(), chunks, 2 * channels, totals.data());
     for (int64_t c = 0; c < channels; ++c) {
-      gw[c] = static_cast<acc_t>(norm::combine_column(partials.data(), chunks, 2 * channels, c));
-      gb[c] = static_cast<acc_t>(norm::combine_column(partials.data(), chunks, 2 * channels, channels + c));
+      gw[c] = static_cast<acc_t>(totals[c]);
+      gb[c] = static_cast<acc_t>(totals[channels + c]);
     }
     return dx_t;
   }

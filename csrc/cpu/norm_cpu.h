@@ -45,6 +45,14 @@ inline void for_each_listed_chunk(const std::vector<int64_t>& bounds, const Fn& 
   });
 }
 
+// Runs fn(c0, c1) over blocks of the channels small enough that a chunk's per-channel float64 accumulators of a
+// block stay in the L1 cache while the chunk's rows stream past (a channel's sites are still added in order).
+template <typename Fn>
+inline void for_each_channel_block(int64_t channels, const Fn& fn) {
+  constexpr int64_t kChannelBlock = 512;
+  for (int64_t c0 = 0; c0 < channels; c0 += kChannelBlock) fn(c0, std::min(channels, c0 + kChannelBlock));
+}
+
 // Per-chunk, per-channel sums of two terms, in float64: partials (chunks, 2, C).
 // term(j, offset, c, first, second) computes the terms of active site j (index[j]) at element offset.
 template <bool kRows, typename Term>
@@ -56,15 +64,17 @@ std::vector<double> chunk_sums(const NormGeometry& g, const int32_t* index, cons
     double* __restrict first = partials.data() + k * 2 * c_count;
     double* __restrict second = first + c_count;
     if constexpr (kRows) {
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t base = static_cast<int64_t>(index[j]) * c_count;
-        for (int64_t c = 0; c < c_count; ++c) {
-          double a, b;
-          term(j, base + c, c, a, b);
-          first[c] += a;
-          second[c] += b;
+      for_each_channel_block(c_count, [&](int64_t c0, int64_t c1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t base = static_cast<int64_t>(index[j]) * c_count;
+          for (int64_t c = c0; c < c1; ++c) {
+            double a, b;
+            term(j, base + c, c, a, b);
+            first[c] += a;
+            second[c] += b;
+          }
         }
-      }
+      });
     } else {
       std::vector<int64_t> bases(j1 - j0);
       for (int64_t j = j0; j < j1; ++j) bases[j - j0] = g.base(index[j]);
@@ -87,9 +97,7 @@ std::vector<double> chunk_sums(const NormGeometry& g, const int32_t* index, cons
 // out[col] (2C columns) = the chunks [k0, k1)'s partial sums of column col, added in chunk order.
 inline void combine_chunk_sums(const std::vector<double>& partials, int64_t k0, int64_t k1, int64_t channels,
                                double* out) {
-  for (int64_t col = 0; col < 2 * channels; ++col) {
-    out[col] = norm::combine_column(partials.data() + k0 * 2 * channels, k1 - k0, 2 * channels, col);
-  }
+  norm::combine_rows(partials.data() + k0 * 2 * channels, k1 - k0, 2 * channels, out);
 }
 
 // Per-channel sums of two terms over the active sites, in float64: out[0][c], out[1][c] (fixed chunks of the
@@ -121,14 +129,16 @@ ChunkMoments chunk_moments(const NormGeometry& g, const int32_t* index, const st
     if constexpr (kRows) {
       const int64_t first = static_cast<int64_t>(index[j0]) * c_count;
       for (int64_t c = 0; c < c_count; ++c) pivot[c] = value(first + c);
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t base = static_cast<int64_t>(index[j]) * c_count;
-        for (int64_t c = 0; c < c_count; ++c) {
-          const double d = value(base + c) - pivot[c];
-          sum[c] += d;
-          sum_sq[c] += d * d;
+      for_each_channel_block(c_count, [&](int64_t c0, int64_t c1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t base = static_cast<int64_t>(index[j]) * c_count;
+          for (int64_t c = c0; c < c1; ++c) {
+            const double d = value(base + c) - pivot[c];
+            sum[c] += d;
+            sum_sq[c] += d * d;
+          }
         }
-      }
+      });
     } else {
       std::vector<int64_t> bases(j1 - j0);
       for (int64_t j = j0; j < j1; ++j) bases[j - j0] = g.base(index[j]);
@@ -145,20 +155,39 @@ ChunkMoments chunk_moments(const NormGeometry& g, const int32_t* index, const st
 }
 
 // Chan's merge of chunks [k0, k1) in order, relative to the pivot of chunk k0: out[0][c] mean, out[1][c] M2
-// (0 and 0 without chunks).
+// (0 and 0 without chunks). Chunk by chunk, all channels at a time (the tables are read in order, the loop over
+// channels vectorizes); chunks are never empty.
 inline void merge_chunk_moments(const ChunkMoments& m, const std::vector<int64_t>& bounds, int64_t k0, int64_t k1,
                                 int64_t channels, double* out) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const double reference = k1 > k0 ? m.pivots[k0 * channels + c] : 0.0;
-    norm::Moments<double> merged{};
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t i = k * channels + c;
-      const norm::ShiftedSums<double> s{m.pivots[i], m.sums[i], m.sums_sq[i], bounds[k + 1] - bounds[k]};
-      merged.merge(norm::moments_of(s, reference));
-    }
-    out[c] = reference + merged.offset;
-    out[channels + c] = merged.m2;
+  double* __restrict mean = out;  // the merged offsets from the reference until the end
+  double* __restrict m2 = out + channels;
+  if (k1 <= k0) {
+    std::fill(out, out + 2 * channels, 0.0);
+    return;
   }
+  const double* reference = m.pivots.data() + k0 * channels;
+  double count = 0;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t sites = bounds[k + 1] - bounds[k];
+    const double* pivot = m.pivots.data() + k * channels;
+    const double* sum = m.sums.data() + k * channels;
+    const double* sum_sq = m.sums_sq.data() + k * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      const norm::Moments<double> chunk = norm::moments_of(norm::ShiftedSums<double>{pivot[c], sum[c], sum_sq[c], sites},
+                                                           reference[c]);
+      if (k == k0) {
+        mean[c] = chunk.offset;
+        m2[c] = chunk.m2;
+      } else {
+        norm::Moments<double> merged{count, mean[c], m2[c]};
+        merged.merge_nonempty(chunk);
+        mean[c] = merged.offset;
+        m2[c] = merged.m2;
+      }
+    }
+    count += static_cast<double>(sites);
+  }
+  for (int64_t c = 0; c < channels; ++c) mean[c] += reference[c];
 }
 
 // Per-channel mean and M2 of value(offset) over the active sites, in double: out[0][c] mean, out[1][c] M2.

@@ -111,7 +111,7 @@ void check_terms_and_reductions() {
   // The chunking depends on the channel count only and covers every site exactly once.
   for (long long channels : {1LL, 3LL, 96LL, 97LL, 768LL, 20000LL}) {
     const long long per = norm::sites_per_chunk(channels);
-    if (per < 1 || (channels < norm::kChunkElements && per * channels > norm::kChunkElements)) {
+    if (per < norm::kMinChunkSites || (per > norm::kMinChunkSites && per * channels > norm::kChunkElements)) {
       std::printf("FAIL sites_per_chunk(%lld) = %lld\n", channels, per);
       ++failures;
     }
@@ -123,11 +123,14 @@ void check_terms_and_reductions() {
       }
     }
   }
-  // combine_column adds a column of a (chunks, width) table in chunk order.
+  // combine_rows adds each column of a (chunks, width) table in chunk order.
   const float partials[] = {1.f, 10.f, 2.f, 20.f, 3.f, 30.f};
-  expect_close(norm::combine_column(partials, 3, 2, 0), 6.0, 0, "combine_column", 0);
-  expect_close(norm::combine_column(partials, 3, 2, 1), 60.0, 0, "combine_column", 1);
-  expect_close(norm::combine_column(partials, 0, 2, 1), 0.0, 0, "combine_column empty", 1);
+  double totals[2] = {-1, -1};
+  norm::combine_rows(partials, 3, 2, totals);
+  expect_close(totals[0], 6.0, 0, "combine_rows", 0);
+  expect_close(totals[1], 60.0, 0, "combine_rows", 1);
+  norm::combine_rows(partials, 0, 2, totals);
+  expect_close(totals[1], 0.0, 0, "combine_rows empty", 1);
 }
 
 // BN statistics (ShiftedSums per partial, Moments merged across partials) in float against a two-pass
