@@ -225,6 +225,18 @@ def test_inactive_garbage_does_not_leak(backend, layout):
         assert torch.equal(dirty[key], clean[key]), key
 
 
+@pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
+@pytest.mark.parametrize("c,dtype", [(64, F32), (61, F32), (64, torch.bfloat16)], ids=str)
+def test_large_channels_last_outputs(c, dtype):
+    """Outputs of at least 4 MiB in channels_last are written with streaming stores (csrc/cpu/norm_cpu.h,
+    kStreamOutputBytes); with 61 channels the rows are not 32-byte aligned and fall back to plain writes."""
+    side = 96 if dtype == F32 else 128
+    x, weight, bias, running, grad_out = inputs(2, c, h=side, w=side)
+    assert x.numel() * dtype.itemsize >= 4 << 20
+    check_against_reference("cpu", x, make_active("spark", 2, side, side), weight, bias, running, grad_out, dtype,
+                            layout="channels_last", param_dtype=F32)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_backward_keeps_active_rows_only(backend):
     """A channels_last x is kept for backward as its active rows, not whole: the fused model must not keep

@@ -12,6 +12,7 @@
 #include "common/norm_checks.h"
 #include "common/norm_row.h"
 #include "cpu/dtypes.h"
+#include "cpu/vec.h"
 
 namespace spark_kernels::cpu {
 
@@ -204,12 +205,15 @@ void channel_moments(const NormGeometry& g, const int32_t* index, int64_t count,
 // element is written once. Planes: a gap is one short run per channel, so the whole owned range is
 // zeroed instead (one memset per channel and image) and the caller's active writes, which must come
 // after, overwrite it while it is still in cache.
+// stream: rows are zeroed with streaming stores (RowSink).
 template <typename T>
-void zero_inactive(const NormGeometry& g, const int32_t* index, int64_t count, int64_t j0, int64_t j1, T* out) {
+void zero_inactive(const NormGeometry& g, const int32_t* index, int64_t count, int64_t j0, int64_t j1, T* out,
+                   bool stream = false) {
   auto zero_range = [&](int64_t from, int64_t to) {  // sites [from, to)
     if (from >= to) return;
     if (g.rows) {
-      std::memset(out + from * g.channels, 0, sizeof(T) * (to - from) * g.channels);
+      const int64_t bytes = sizeof(T) * (to - from) * g.channels;
+      stream ? stream_zero(out + from * g.channels, bytes) : (void)std::memset(out + from * g.channels, 0, bytes);
       return;
     }
     while (from < to) {  // one image's part of the range per step
@@ -261,6 +265,36 @@ inline at::Tensor empty_dense(const NormArgs& p) {
   return at::empty(p.sizes, p.x.options().memory_format(p.g.rows ? at::MemoryFormat::ChannelsLast
                                                                    : at::MemoryFormat::Contiguous));
 }
+
+// Dense outputs of at least this size, in rows, are written with streaming stores (cpu/vec.h): the caches would not
+// keep them anyway, and streaming spares reading every line from memory before overwriting it.
+constexpr int64_t kStreamOutputBytes = int64_t(4) << 20;
+
+inline bool streams_rows(const NormArgs& p, const at::Tensor& out) {
+  return p.g.rows && static_cast<int64_t>(out.nbytes()) >= kStreamOutputBytes;
+}
+
+// Where a kernel writes the C values of an active site of a rows output: in place, or, when streaming, into a
+// one-row buffer that done() streams out. The writer of a chunk calls stream_fence() after its last row.
+template <typename T>
+class RowSink {
+ public:
+  RowSink(T* out, int64_t channels, bool stream) : out_(out), channels_(channels), stream_(stream) {
+    thread_local std::vector<T> buffer;
+    if (stream_) buffer.resize(channels_);
+    buffer_ = buffer.data();
+  }
+  T* row(int64_t base) const { return stream_ ? buffer_ : out_ + base; }
+  void done(int64_t base) const {
+    if (stream_) stream_copy(out_ + base, buffer_, channels_ * static_cast<int64_t>(sizeof(T)));
+  }
+
+ private:
+  T* out_;
+  int64_t channels_;
+  bool stream_;
+  T* buffer_;
+};
 
 // The offset in grad_out of channel 0 of each active site when grad_out is dense in the other layout than x's
 // (GradLayout::kOther); its channel stride is other_channel_stride(g). The index is ascending: the image number
@@ -335,15 +369,19 @@ at::Tensor dense_map(const NormArgs& p, const Elem& elem) {
   at::Tensor out = empty_dense(p);
   if (count == 0) return out.zero_();
   T* y = mutable_data_as<T>(out);
+  const bool stream = streams_rows(p, out);
   for_each_chunk(count, norm::sites_per_chunk(g.channels), [&](int64_t, int64_t j0, int64_t j1) {
-    zero_inactive(g, index, count, j0, j1, y);
+    zero_inactive(g, index, count, j0, j1, y, stream);
     if (g.rows) {
+      const RowSink<T> sink(y, g.channels, stream);
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t base = static_cast<int64_t>(index[j]) * g.channels;
         const int64_t image = index[j] / g.plane;
-        T* __restrict row = y + base;
+        T* __restrict row = sink.row(base);
         for (int64_t c = 0; c < g.channels; ++c) row[c] = elem(j, base + c, c, image);
+        sink.done(base);
       }
+      stream_fence();
     } else {  // channel by channel: consecutive sites of a plane are mostly adjacent in memory
       std::vector<int64_t> bases(j1 - j0), images(j1 - j0);
       for (int64_t j = j0; j < j1; ++j) {

@@ -8,6 +8,9 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "cpu/half_types.h"
 
@@ -103,6 +106,50 @@ inline void store_vec(Float16Bits* p, f32x8 v) {  // float_to_fp16, lane-wise
   out = select(reinterpret_cast<u32x8>(a >= 0x477ff000u), u32x8{} + 0x7c00u, out);
   out = select(reinterpret_cast<u32x8>(a > 0x7f800000u), u32x8{} + 0x7e00u, out);
   narrow16(p, sign | out);
+}
+
+// Non-temporal ("streaming") writes of whole 32-byte blocks: the lines go to memory without being read first and
+// without filling the cache, for outputs larger than the caches that the kernel itself never reads back. Where
+// the destination or the length is not a multiple of 32 bytes, or without AVX, they are plain copies. Call
+// stream_fence() before other threads read what a thread streamed.
+inline bool streamable(const void* dst, int64_t bytes) {
+#if defined(__AVX__)
+  return reinterpret_cast<uintptr_t>(dst) % 32 == 0 && bytes % 32 == 0;
+#else
+  (void)dst, (void)bytes;
+  return false;
+#endif
+}
+
+inline void stream_copy(void* dst, const void* src, int64_t bytes) {
+#if defined(__AVX__)
+  if (streamable(dst, bytes)) {
+    auto* out = static_cast<__m256i*>(dst);
+    const auto* in = static_cast<const char*>(src);
+    for (int64_t i = 0; i < bytes / 32; ++i) {
+      _mm256_stream_si256(out + i, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + 32 * i)));
+    }
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
+inline void stream_zero(void* dst, int64_t bytes) {
+#if defined(__AVX__)
+  if (streamable(dst, bytes)) {
+    auto* out = static_cast<__m256i*>(dst);
+    for (int64_t i = 0; i < bytes / 32; ++i) _mm256_stream_si256(out + i, _mm256_setzero_si256());
+    return;
+  }
+#endif
+  std::memset(dst, 0, bytes);
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace spark_kernels::cpu

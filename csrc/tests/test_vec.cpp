@@ -5,6 +5,7 @@
 // needs to stay a NaN). Also float and double round trips. Returns non-zero on failure.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -82,6 +83,27 @@ void check_wide_round_trips() {
     if (b[v] != 2.5f) fail("broadcast", v, cpu::bits_of(b[v]), cpu::bits_of(2.5f));
 }
 
+// Streaming copies and zeroing write exactly the bytes a plain copy would, aligned or not, whole blocks or not.
+void check_streaming() {
+  alignas(32) unsigned char src[160], dst[160];
+  for (int i = 0; i < 160; ++i) src[i] = static_cast<unsigned char>(i * 7 + 1);
+  for (int offset : {0, 4, 32}) {
+    for (int bytes : {0, 32, 64, 100, 128}) {
+      std::memset(dst, 0xAB, sizeof dst);
+      cpu::stream_copy(dst + offset, src, bytes);
+      cpu::stream_fence();
+      for (int i = 0; i < 160; ++i) {
+        const int want = i >= offset && i < offset + bytes ? src[i - offset] : 0xAB;
+        if (dst[i] != want) fail("stream_copy", i, dst[i], want);
+      }
+      cpu::stream_zero(dst + offset, bytes);
+      cpu::stream_fence();
+      for (int i = offset; i < offset + bytes; ++i)
+        if (dst[i] != 0) fail("stream_zero", i, dst[i], 0);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -91,6 +113,7 @@ int main() {
   check_narrow<cpu::BFloat16Bits>("float -> bfloat16", true, values);
   check_narrow<cpu::Float16Bits>("float -> float16", false, values);
   check_wide_round_trips();
+  check_streaming();
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "ok", failures);
   return failures ? 1 : 0;
 }
