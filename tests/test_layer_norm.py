@@ -180,6 +180,18 @@ def test_inactive_garbage_does_not_leak(backend, data_format):
         assert torch.equal(dirty[key], clean[key]), key
 
 
+@pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
+@pytest.mark.parametrize("c,dtype", [(64, torch.float32), (61, torch.float32), (64, torch.bfloat16)], ids=str)
+def test_large_channels_last_outputs(c, dtype):
+    """Outputs of at least 4 MiB in rows are written with streaming stores (csrc/cpu/norm_cpu.h, kStreamOutputBytes);
+    with 61 channels the rows are not 32-byte aligned and fall back to plain writes."""
+    side = 96 if dtype == torch.float32 else 128
+    x, weight, bias, grad_out = inputs(2, c, h=side, w=side)
+    assert x.numel() * dtype.itemsize >= 4 << 20
+    check_against_reference("cpu", x, make_active("spark", 2, side, side), weight, bias, grad_out, "channels_last",
+                            dtype, param_dtype=torch.float32)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])

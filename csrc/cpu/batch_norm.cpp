@@ -24,7 +24,7 @@ struct Kernels {
     auto value = [=](int64_t off) { return static_cast<double>(x[off]); };
     const int32_t* index = p.index.const_data_ptr<int32_t>();
     if (p.g.rows) {
-      channel_moments<true>(p.g, index, p.index.numel(), value, out.data_ptr<double>());
+      channel_moments<true>(p.g, index, p.index.numel(), value, out.data_ptr<double>(), row_prefetch(x));
     } else {
       channel_moments<false>(p.g, index, p.index.numel(), value, out.data_ptr<double>());
     }
@@ -42,7 +42,7 @@ struct Kernels {
               b);
       };
       if (p.g.rows) {
-        channel_sums<true>(p.g, index, p.index.numel(), term, out.data_ptr<double>());
+        channel_sums<true>(p.g, index, p.index.numel(), term, out.data_ptr<double>(), backward_prefetch(x, dy));
       } else {
         channel_sums<false>(p.g, index, p.index.numel(), term, out.data_ptr<double>());
       }
@@ -56,9 +56,11 @@ struct Kernels {
     const T* x = data_as<T>(p.x);
     const Acc* scale = scale_t.const_data_ptr<Acc>();
     const Acc* shift = shift_t.const_data_ptr<Acc>();
-    return dense_map<T>(p, [=](int64_t, int64_t off, int64_t c, int64_t) {
-      return static_cast<T>(norm::bn_affine<Acc>(x[off], scale[c], shift[c]));
-    });
+    return dense_map<T>(
+        p, [=](int64_t, int64_t off, int64_t c, int64_t) {
+          return static_cast<T>(norm::bn_affine<Acc>(x[off], scale[c], shift[c]));
+        },
+        row_prefetch(x));
   }
 
   template <typename scalar_t>
@@ -70,9 +72,11 @@ struct Kernels {
     const Acc* b = b_t.const_data_ptr<Acc>();
     const Acc* d = d_t.const_data_ptr<Acc>();
     return with_backward_readers<T>(p, grad_out, [&](auto x, auto dy) {
-      return dense_map<T>(p, [=](int64_t j, int64_t off, int64_t c, int64_t) {
-        return static_cast<T>(norm::bn_backward_elem<Acc>(dy(j, off, c), x(j, off, c), a[c], b[c], d[c]));
-      });
+      return dense_map<T>(
+          p, [=](int64_t j, int64_t off, int64_t c, int64_t) {
+            return static_cast<T>(norm::bn_backward_elem<Acc>(dy(j, off, c), x(j, off, c), a[c], b[c], d[c]));
+          },
+          backward_prefetch(x, dy));
     });
   }
 };

@@ -52,10 +52,19 @@ struct Kernels {
       mean[j] = s.mean;
       rstd[j] = s.rstd;
     };
+    const bool stream = streams_rows(p, y_t);
+    const RowPrefetch prefetch = row_prefetch(x);
     for_each_chunk(count, norm::sites_per_chunk(channels), [&](int64_t, int64_t j0, int64_t j1) {
-      zero_inactive(g, index, count, j0, j1, y);
+      zero_inactive(g, index, count, j0, j1, y, stream);
       if (g.rows) {
-        for (int64_t j = j0; j < j1; ++j) site(x + int64_t(index[j]) * channels, y + int64_t(index[j]) * channels, j);
+        const RowSink<T> sink(y, channels, stream);
+        for (int64_t j = j0; j < j1; ++j) {
+          prefetch.ahead(index, j, j1, channels, 0, channels);
+          const int64_t base = int64_t(index[j]) * channels;
+          site(x + base, sink.row(base), j);
+          sink.done(base);
+        }
+        stream_fence();
         return;
       }
       thread_local std::vector<int64_t> bases;
@@ -99,13 +108,16 @@ struct Kernels {
     const GradLayout layout = grad_layout(dy_t, g.rows);
     const std::vector<int64_t> other_bases =
         layout == GradLayout::kOther ? other_layout_bases(p) : std::vector<int64_t>{};
+    const bool stream = streams_rows(p, dx_t);
+    // x, and grad_out where it is read at x's offsets.
+    const RowPrefetch prefetch = layout == GradLayout::kSame ? row_prefetch(x, dy) : row_prefetch(x);
     auto run = [&](auto mode) {
       constexpr GradLayout kMode = decltype(mode)::value;
       constexpr int64_t dy_step = kMode == GradLayout::kBroadcast ? 0 : 1;
       // Whether a chunk's grad_out is gathered: planes in x's layout, or planes in the other layout (rows x).
       const bool gather_dy = kMode == GradLayout::kSame ? !g.rows : kMode == GradLayout::kOther && g.rows;
       for_each_chunk(count, per_chunk, [&](int64_t k, int64_t j0, int64_t j1) {
-        zero_inactive(g, index, count, j0, j1, dx);
+        zero_inactive(g, index, count, j0, j1, dx, stream);
         double* __restrict sum_dy_xhat = partials.data() + k * 2 * channels;
         double* __restrict sum_dy = sum_dy_xhat + channels;
         // One site, its x and dx values contiguous (rows of the tensors or of the planes path's buffers).
@@ -134,10 +146,14 @@ struct Kernels {
           return dy + base;
         };
         if (g.rows) {
+          const RowSink<T> sink(dx, channels, stream);
           for (int64_t j = j0; j < j1; ++j) {
+            prefetch.ahead(index, j, j1, channels, 0, channels);
             const int64_t base = int64_t(index[j]) * channels;
-            site(dy_row(j, base), x + base, dx + base, j);
+            site(dy_row(j, base), x + base, sink.row(base), j);
+            sink.done(base);
           }
+          stream_fence();
           return;
         }
         thread_local std::vector<int64_t> bases;

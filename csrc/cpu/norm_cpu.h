@@ -54,11 +54,37 @@ inline void for_each_channel_block(int64_t channels, const Fn& fn) {
   for (int64_t c0 = 0; c0 < channels; c0 += kChannelBlock) fn(c0, std::min(channels, c0 + kChannelBlock));
 }
 
+// Software prefetch of the rows of active sites a few sites ahead, in up to two dense rows tensors (null: none, e.g.
+// compact rows, which are read in order): the active rows lie scattered, which the hardware prefetchers do not
+// follow.
+struct RowPrefetch {
+  static constexpr int64_t kSitesAhead = 4;
+  const char* first = nullptr;
+  const char* second = nullptr;
+  int64_t element_bytes = 0;
+
+  // Lines of channels [c0, c1) of site j + kSitesAhead (if below end).
+  void ahead(const int32_t* index, int64_t j, int64_t end, int64_t channels, int64_t c0, int64_t c1) const {
+    if (first == nullptr || j + kSitesAhead >= end) return;
+    const int64_t offset = (static_cast<int64_t>(index[j + kSitesAhead]) * channels + c0) * element_bytes;
+    const int64_t bytes = (c1 - c0) * element_bytes;
+    for (int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(first + offset + b);
+      if (second != nullptr) __builtin_prefetch(second + offset + b);
+    }
+  }
+};
+
+template <typename T>
+RowPrefetch row_prefetch(const T* first, const T* second = nullptr) {
+  return {reinterpret_cast<const char*>(first), reinterpret_cast<const char*>(second), sizeof(T)};
+}
+
 // Per-chunk, per-channel sums of two terms, in float64: partials (chunks, 2, C).
 // term(j, offset, c, first, second) computes the terms of active site j (index[j]) at element offset.
 template <bool kRows, typename Term>
 std::vector<double> chunk_sums(const NormGeometry& g, const int32_t* index, const std::vector<int64_t>& bounds,
-                               const Term& term) {
+                               const Term& term, const RowPrefetch& prefetch = {}) {
   const int64_t c_count = g.channels;
   std::vector<double> partials(chunk_count(bounds) * 2 * c_count, 0.0);
   for_each_listed_chunk(bounds, [&](int64_t k, int64_t j0, int64_t j1) {
@@ -67,6 +93,7 @@ std::vector<double> chunk_sums(const NormGeometry& g, const int32_t* index, cons
     if constexpr (kRows) {
       for_each_channel_block(c_count, [&](int64_t c0, int64_t c1) {
         for (int64_t j = j0; j < j1; ++j) {
+          prefetch.ahead(index, j, j1, c_count, c0, c1);
           const int64_t base = static_cast<int64_t>(index[j]) * c_count;
           for (int64_t c = c0; c < c1; ++c) {
             double a, b;
@@ -104,10 +131,11 @@ inline void combine_chunk_sums(const std::vector<double>& partials, int64_t k0, 
 // Per-channel sums of two terms over the active sites, in float64: out[0][c], out[1][c] (fixed chunks of the
 // sites, each summed by one worker, then added in chunk order).
 template <bool kRows, typename Term>
-void channel_sums(const NormGeometry& g, const int32_t* index, int64_t count, const Term& term, double* out) {
+void channel_sums(const NormGeometry& g, const int32_t* index, int64_t count, const Term& term, double* out,
+                  const RowPrefetch& prefetch = {}) {
   std::vector<int64_t> bounds;
   append_chunks(0, count, norm::sites_per_chunk(g.channels), bounds);
-  combine_chunk_sums(chunk_sums<kRows>(g, index, bounds, term), 0, chunk_count(bounds), g.channels, out);
+  combine_chunk_sums(chunk_sums<kRows>(g, index, bounds, term, prefetch), 0, chunk_count(bounds), g.channels, out);
 }
 
 // Per-chunk, per-channel shifted sums of value(offset) (common/norm_row.h: pivot = the chunk's first site),
@@ -118,7 +146,7 @@ struct ChunkMoments {
 
 template <bool kRows, typename Value>
 ChunkMoments chunk_moments(const NormGeometry& g, const int32_t* index, const std::vector<int64_t>& bounds,
-                           const Value& value) {
+                           const Value& value, const RowPrefetch& prefetch = {}) {
   const int64_t c_count = g.channels;
   const int64_t chunks = chunk_count(bounds);
   ChunkMoments m{std::vector<double>(chunks * c_count), std::vector<double>(chunks * c_count, 0.0),
@@ -132,6 +160,7 @@ ChunkMoments chunk_moments(const NormGeometry& g, const int32_t* index, const st
       for (int64_t c = 0; c < c_count; ++c) pivot[c] = value(first + c);
       for_each_channel_block(c_count, [&](int64_t c0, int64_t c1) {
         for (int64_t j = j0; j < j1; ++j) {
+          prefetch.ahead(index, j, j1, c_count, c0, c1);
           const int64_t base = static_cast<int64_t>(index[j]) * c_count;
           for (int64_t c = c0; c < c1; ++c) {
             const double d = value(base + c) - pivot[c];
@@ -193,10 +222,12 @@ inline void merge_chunk_moments(const ChunkMoments& m, const std::vector<int64_t
 
 // Per-channel mean and M2 of value(offset) over the active sites, in double: out[0][c] mean, out[1][c] M2.
 template <bool kRows, typename Value>
-void channel_moments(const NormGeometry& g, const int32_t* index, int64_t count, const Value& value, double* out) {
+void channel_moments(const NormGeometry& g, const int32_t* index, int64_t count, const Value& value, double* out,
+                     const RowPrefetch& prefetch = {}) {
   std::vector<int64_t> bounds;
   append_chunks(0, count, norm::sites_per_chunk(g.channels), bounds);
-  merge_chunk_moments(chunk_moments<kRows>(g, index, bounds, value), bounds, 0, chunk_count(bounds), g.channels, out);
+  merge_chunk_moments(chunk_moments<kRows>(g, index, bounds, value, prefetch), bounds, 0, chunk_count(bounds),
+                      g.channels, out);
 }
 
 // Zeros the inactive sites owned by chunk [j0, j1): the sites from its first active site (0 for the
@@ -328,6 +359,8 @@ struct XReader {
     if constexpr (kCompact) return x[j * channels + c];
     return x[off];
   }
+  // The tensor read at dense row offsets (RowPrefetch), or null.
+  const T* dense_rows() const { return kCompact ? nullptr : x; }
 };
 
 template <typename T, GradLayout kLayout>
@@ -340,7 +373,14 @@ struct GradReader {
     if constexpr (kLayout == GradLayout::kOther) return dy[other_bases[j] + c * other_stride];
     return dy[off];
   }
+  const T* dense_rows() const { return kLayout == GradLayout::kSame ? dy : nullptr; }
 };
+
+// The RowPrefetch of the backward kernels' reads (rows layout).
+template <typename XR, typename GR>
+RowPrefetch backward_prefetch(const XR& x, const GR& dy) {
+  return dy.dense_rows() != nullptr ? row_prefetch(dy.dense_rows(), x.dense_rows()) : row_prefetch(x.dense_rows());
+}
 
 // fn(x_reader, grad_reader) with the readers that fit p and grad_out (one of the layouts norm_ops.h keeps).
 template <typename T, typename Fn>
@@ -362,7 +402,7 @@ auto with_backward_readers(const NormArgs& p, const at::Tensor& grad_out, const 
 // out = elem(j, offset, c, image) at the active sites (j: the site's place in the index), 0 elsewhere, in x's
 // kernel layout; T: the storage type.
 template <typename T, typename Elem>
-at::Tensor dense_map(const NormArgs& p, const Elem& elem) {
+at::Tensor dense_map(const NormArgs& p, const Elem& elem, const RowPrefetch& prefetch = {}) {
   const NormGeometry& g = p.g;
   const int32_t* index = p.index.const_data_ptr<int32_t>();
   const int64_t count = p.index.numel();
@@ -375,6 +415,7 @@ at::Tensor dense_map(const NormArgs& p, const Elem& elem) {
     if (g.rows) {
       const RowSink<T> sink(y, g.channels, stream);
       for (int64_t j = j0; j < j1; ++j) {
+        prefetch.ahead(index, j, j1, g.channels, 0, g.channels);
         const int64_t base = static_cast<int64_t>(index[j]) * g.channels;
         const int64_t image = index[j] / g.plane;
         T* __restrict row = sink.row(base);
