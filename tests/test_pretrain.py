@@ -55,21 +55,22 @@ def test_peak_lr_scaling():
 def test_presets_fill_the_options_not_given_and_the_help_names_them():
     """Without --data, the quick-start preset (batch 16, peak lr 1e-2); with --data, the paper's recipe;
     given options always win; the warm-up is left to the schedule (1/40 of the run) in both."""
-    from spark.pretrain import build_parser, fill_data_defaults
+    from spark.pretrain import QUICK_START, build_parser, fill_data_defaults
     quick = build_parser().parse_args([])
     fill_data_defaults(quick)
-    assert (quick.batch_size, quick.repeats, quick.epochs, quick.warmup_epochs) == (16, 32, 4, None)
+    assert (quick.batch_size, quick.repeats, quick.epochs, quick.warmup_epochs, quick.decoder_width) == (
+        16, 32, 4, None, QUICK_START["decoder_width"])
     assert peak_lr(quick.base_lr, quick.batch_size) == pytest.approx(1e-2)
     recipe = build_parser().parse_args(["--data", "folder"])
     fill_data_defaults(recipe)
-    assert (recipe.batch_size, recipe.repeats, recipe.epochs, recipe.base_lr, recipe.warmup_epochs) == (
-        32, 1, 1600, 2e-4, None)
+    assert (recipe.batch_size, recipe.repeats, recipe.epochs, recipe.base_lr, recipe.warmup_epochs,
+            recipe.decoder_width) == (32, 1, 1600, 2e-4, None, 768)
     given = build_parser().parse_args(["--batch-size", "4", "--base-lr", "0.5"])
     fill_data_defaults(given)
     assert (given.batch_size, given.base_lr, given.repeats) == (4, 0.5, 32)
     text = " ".join(build_parser().format_help().split())
     for phrase in ("32 with --data, 16 without", "0.0002 with --data, 0.16 without", "1 with --data, 32 without",
-                   "1600 with --data, 4 without"):
+                   "1600 with --data, 4 without", f"768, the paper's, with --data; {QUICK_START['decoder_width']} without"):
         assert phrase in text, phrase
 
 
@@ -530,6 +531,17 @@ def test_cli_resume_extends_the_run_and_keeps_the_other_options(finished_run, tm
     assert_one_line_error(shorter, 2, "--steps 4 gives 4 steps, fewer than the 6", "extended, not shortened")
     other_seed = run_main(["--resume", source, "--out", out, "--epochs", "5", "--seed", "1"], capsys)
     assert_one_line_error(other_seed, 2, "--seed 1 conflicts with the checkpoint's 0")
+    narrower = run_main(["--resume", source, "--out", out, "--epochs", "5", "--decoder-width", "256"], capsys)
+    assert_one_line_error(narrower, 2, "--decoder-width 256 conflicts with the checkpoint's 768")
+
+    # A checkpoint written before --decoder-width existed ran the paper's 768-wide decoder.
+    before = torch.load(source, weights_only=True)
+    del before["args"]["decoder_width"]
+    before_path = str(tmp_path / "before-decoder-width.pth")
+    torch.save(before, before_path)
+    proc = run_main(["--resume", before_path, "--out", str(tmp_path / "before"), "--epochs", "4", "--workers", "0"],
+                    capsys)
+    assert proc.returncode == 0 and "(decoder width 768)" in proc.stderr, proc.stderr
 
 
 def test_cli_refuses_truncated_and_incompatible_checkpoints(finished_run, tmp_path, capsys):
