@@ -41,8 +41,8 @@ PATCH = 32  # SparK's patch size: the encoder's downsample ratio
 # Defaults that depend on the data: the paper's recipe for an image folder, and a quick-start preset for the
 # embedded photographs (about 5 minutes on a 2-core CPU). A run this short needs a larger step than 1600 epochs
 # do, and batch 16 gives it twice the updates of batch 32 for the same images.
-RECIPE = {"repeats": 1, "epochs": 1600, "base_lr": 2e-4, "batch_size": 32, "decoder_width": DECODER_WIDTH}
-QUICK_START = {"repeats": 32, "epochs": 4, "base_lr": 0.16, "batch_size": 16, "decoder_width": 256}
+RECIPE = {"repeats": 1, "epochs": 1600, "base_lr": 2e-4, "batch_size": 32}
+QUICK_START = {"repeats": 32, "epochs": 4, "base_lr": 0.16, "batch_size": 16}
 # Options that define the run: taken from the checkpoint on --resume (giving a different value is an error).
 RUN_OPTIONS = ("model", "drop_path", "input_size", "batch_size", "warmup_epochs", "mask_ratio", "base_lr",
                "weight_decay", "seed", "repeats", "decoder_width")
@@ -79,10 +79,9 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter,
                                 argument_default=None if with_defaults else argparse.SUPPRESS)
     p.add_argument("--model", default=d("resnet18"), help="timm model name (ResNets, ConvNeXts, ...)")
-    p.add_argument("--decoder-width", type=int, default=d(None), metavar="CHANNELS",
-                   help=f"channels of the decoder's first step, halved at each step (default: "
-                        f"{RECIPE['decoder_width']}, the paper's, with --data; {QUICK_START['decoder_width']} without, "
-                        f"for speed: the decoder's FLOPs grow with its width squared)")
+    p.add_argument("--decoder-width", type=int, default=d(DECODER_WIDTH), metavar="CHANNELS",
+                   help="channels of the decoder's first step, halved at each step; the paper's is the default, "
+                        "a smaller one trains faster (the decoder's FLOPs grow with its width squared)")
     p.add_argument("--drop-path", type=float, default=d(None), metavar="RATE",
                    help="drop path (stochastic depth) rate of the encoder (default: the official recipe's for "
                         "the model, spark/families.py: 0.05 for resnet50 ... 0.4 for convnext_large, else 0)")

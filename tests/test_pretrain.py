@@ -55,22 +55,21 @@ def test_peak_lr_scaling():
 def test_presets_fill_the_options_not_given_and_the_help_names_them():
     """Without --data, the quick-start preset (batch 16, peak lr 1e-2); with --data, the paper's recipe;
     given options always win; the warm-up is left to the schedule (1/40 of the run) in both."""
-    from spark.pretrain import QUICK_START, build_parser, fill_data_defaults
+    from spark.pretrain import build_parser, fill_data_defaults
     quick = build_parser().parse_args([])
     fill_data_defaults(quick)
-    assert (quick.batch_size, quick.repeats, quick.epochs, quick.warmup_epochs, quick.decoder_width) == (
-        16, 32, 4, None, QUICK_START["decoder_width"])
+    assert (quick.batch_size, quick.repeats, quick.epochs, quick.warmup_epochs) == (16, 32, 4, None)
     assert peak_lr(quick.base_lr, quick.batch_size) == pytest.approx(1e-2)
     recipe = build_parser().parse_args(["--data", "folder"])
     fill_data_defaults(recipe)
-    assert (recipe.batch_size, recipe.repeats, recipe.epochs, recipe.base_lr, recipe.warmup_epochs,
-            recipe.decoder_width) == (32, 1, 1600, 2e-4, None, 768)
+    assert (recipe.batch_size, recipe.repeats, recipe.epochs, recipe.base_lr, recipe.warmup_epochs) == (
+        32, 1, 1600, 2e-4, None)
     given = build_parser().parse_args(["--batch-size", "4", "--base-lr", "0.5"])
     fill_data_defaults(given)
     assert (given.batch_size, given.base_lr, given.repeats) == (4, 0.5, 32)
     text = " ".join(build_parser().format_help().split())
     for phrase in ("32 with --data, 16 without", "0.0002 with --data, 0.16 without", "1 with --data, 32 without",
-                   "1600 with --data, 4 without", f"768, the paper's, with --data; {QUICK_START['decoder_width']} without"):
+                   "1600 with --data, 4 without"):
         assert phrase in text, phrase
 
 
