@@ -157,7 +157,7 @@ inline bool backward_site_rows(const int32_t* taps, int64_t row, const T* gy, co
 
 // Active sites per weight-gradient chunk in the rows layout: a function of C only (never of the thread
 // count), sized so a chunk's partials (k*k x C) stay small next to its work (chunk x k*k x C).
-int64_t rows_chunk_sites(int64_t c) { return std::clamp<int64_t>(16384 / std::max<int64_t>(c, 1), 32, 512); }
+int64_t rows_chunk_sites(int64_t c) { return std::clamp<int64_t>(65536 / std::max<int64_t>(c, 1), 32, 512); }
 
 // The weight and bias gradient partials per chunk of the fixed partition, site by site, and (kInputGrad, stride
 // 1 only) grad_x by the mirrored gather; at stride 2 the input gradient is a separate gather. (The tiled
@@ -563,18 +563,16 @@ void backward_planes(const T* gy, const T* x, const Acc* w, const int32_t* index
   });
 }
 
-// Sum the chunk partials in chunk order: parts (chunks, C * taps) -> out (C * taps) with out[c * taps + t]
-// = sum parts[chunk][t * C + c] (rows: tap-major partials) or parts[chunk][c * taps + t] (planes).
+// Sum the chunk partials in chunk order: out[i] = sum over the chunks of parts[chunk][i], for parts (chunks, n).
+// The order is fixed (bit-identical for any thread count); positions run innermost, so the sums vectorize.
 template <typename T>
-void reduce_chunks(const T* parts, int64_t chunks, int64_t c, int64_t taps, bool tap_major, T* out) {
-  at::parallel_for(0, c, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t ch = begin; ch < end; ++ch)
-      for (int64_t t = 0; t < taps; ++t) {
-        const int64_t pos = tap_major ? t * c + ch : ch * taps + t;
-        T sum = 0;
-        for (int64_t k = 0; k < chunks; ++k) sum += parts[k * c * taps + pos];
-        out[ch * taps + t] = sum;
-      }
+void reduce_chunks(const T* parts, int64_t chunks, int64_t n, T* out) {
+  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+    std::fill(out + begin, out + end, T(0));
+    for (int64_t k = 0; k < chunks; ++k) {
+      const T* part = parts + k * n;
+      for (int64_t i = begin; i < end; ++i) out[i] += part[i];
+    }
   });
 }
 
@@ -687,8 +685,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
       backward_planes<K, false>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, g, start, valid);
   }
   check_tables("dwconv_backward", valid);
-  reduce_chunks<Acc>(gw_parts.const_data_ptr<Acc>(), chunks, g.c, K * K, g.rows, gw.mutable_data_ptr<Acc>());
-  reduce_chunks<Acc>(gb_parts.const_data_ptr<Acc>(), chunks, g.c, 1, false, gb.mutable_data_ptr<Acc>());
+  // Partials are (k*k, C) per chunk in rows (tap-major), (C, k*k) in planes: the weight's own order.
+  at::Tensor gw_sum = at::empty(g.rows ? at::IntArrayRef{K * K, g.c} : at::IntArrayRef{g.c, K * K}, gw.options());
+  reduce_chunks<Acc>(gw_parts.const_data_ptr<Acc>(), chunks, K * K * g.c, gw_sum.mutable_data_ptr<Acc>());
+  reduce_chunks<Acc>(gb_parts.const_data_ptr<Acc>(), chunks, g.c, gb.mutable_data_ptr<Acc>());
+  gw.copy_((g.rows ? gw_sum.t() : gw_sum).reshape(gw.sizes()));
   // Weight gradients are summed in the accumulation dtype and rounded once, to the weight's dtype.
   return {gx, gw.to(weight.scalar_type()), gb.to(weight.scalar_type())};
 }
