@@ -286,6 +286,23 @@ inline int64_t window_row(const TileSpan<K>& tile, int dy, const Geometry& g, in
   return (static_cast<int64_t>(tile.s0) + (dy - K / 2) * g.w - K / 2) * g.c + c0;
 }
 
+// The walk the tile gather and the tile weight gradient share: for each active window column j of one kernel
+// row of a tile (bit j of `live`), its input vector x (`row` + j sites of `site_stride` values), and every
+// (output t, tap column dx) of the tile that reads it (t + dx = j): fn(t, dx, x). Dead columns are skipped,
+// never read.
+template <int K, int Size, typename T, typename Fn>
+__attribute__((always_inline)) inline void for_each_live_tap(uint32_t live, const T* row, int64_t site_stride,
+                                                             Fn&& fn) {
+#pragma GCC unroll 16
+  for (int j = 0; j < Size + K - 1; ++j) {
+    if (!((live >> j) & 1u)) continue;
+    const auto x = cpu::load_vec(row + j * site_stride);
+#pragma GCC unroll 7
+    for (int dx = 0; dx < K; ++dx)
+      if (j - dx >= 0 && j - dx < Size) fn(j - dx, dx, x);
+  }
+}
+
 // One channel vector (channels c0 ..) of the gather of a group of `Group` tiles of `Size` sites each:
 // dst(t) = init + sum over active taps of wt[tap] x src(tap's site), for the tiles' output sites t. Tiles of
 // 1 or 2 sites are gathered in groups so that a kernel row's K weight vectors are loaded once for up to
@@ -308,18 +325,9 @@ inline void group_gather(const TileSpan<K>* tiles, const T* __restrict src, cons
 #pragma GCC unroll 7
     for (int dx = 0; dx < K; ++dx) w[dx] = cpu::load_vec(wt + (dy * K + dx) * g.c + c0);
 #pragma GCC unroll 8
-    for (int q = 0; q < Group; ++q) {
-      const uint32_t live = tiles[q].live[dy];
-      const int64_t row = window_row(tiles[q], dy, g, c0);
-#pragma GCC unroll 16
-      for (int j = 0; j < Size + K - 1; ++j) {
-        if (!((live >> j) & 1u)) continue;
-        const V x = cpu::load_vec(src + (row + j * g.c));
-#pragma GCC unroll 7
-        for (int dx = 0; dx < K; ++dx)
-          if (j - dx >= 0 && j - dx < Size) acc[q][j - dx] += w[dx] * x;
-      }
-    }
+    for (int q = 0; q < Group; ++q)
+      for_each_live_tap<K, Size>(tiles[q].live[dy], src + window_row(tiles[q], dy, g, c0), g.c,
+                                 [&](int t, int dx, V x) { acc[q][t] += w[dx] * x; });
   }
 #pragma GCC unroll 8
   for (int q = 0; q < Group; ++q) {
@@ -368,15 +376,8 @@ inline void tile_weight_grad_row(const TileSpan<K>& tile, int dy, const T* __res
   const T* gy0 = gy + static_cast<int64_t>(tile.s0) * g.c + c0;
 #pragma GCC unroll 8
   for (int t = 0; t < Size; ++t) go[t] = cpu::load_vec(gy0 + t * g.c);
-  const int64_t row = window_row(tile, dy, g, c0);
-#pragma GCC unroll 16
-  for (int j = 0; j < Size + K - 1; ++j) {
-    if (!((live >> j) & 1u)) continue;
-    const V xv = cpu::load_vec(x + (row + j * g.c));
-#pragma GCC unroll 7
-    for (int dx = 0; dx < K; ++dx)
-      if (j - dx >= 0 && j - dx < Size) gw[dx] += go[j - dx] * xv;
-  }
+  for_each_live_tap<K, Size>(live, x + window_row(tile, dy, g, c0), g.c,
+                             [&](int t, int dx, V xv) { gw[dx] += go[t] * xv; });
 }
 
 // The tiles of index entries [begin, end), largest first, zeroing the rows of the inactive sites of dst before each
