@@ -13,7 +13,7 @@ from spark_kernels.nn import MaskedBatchNorm2d, MaskedLayerNorm
 from .decoder import LightDecoder
 from .sparse_encoder import REFERENCE, sparse_encoder_
 
-DECODER_WIDTH = 768  # LightDecoder(768, 32) of the paper
+DECODER_WIDTH = 768  # LightDecoder(768, 32) of the paper and the official code
 FINEST_LEVEL_STRIDE = 4  # densify levels sit at strides 4 .. downsample ratio; finer maps (a stem's) are not used
 # Bumped whenever the model's parameters change meaning, so that checkpoints of an older model are refused.
 # Architecture 1 (checkpoints without this stamp) had a densify level at stride 2 and Identity projections
@@ -62,6 +62,8 @@ class SparK(nn.Module):
     mask_ratio: fraction of patches masked per image, in [0, 1).
     backend: "reference" for the masked-dense model that mirrors the official code; otherwise the
         spark_kernels backend of the fused layers (None: the best available for the images' device).
+    decoder_width: channels of the decoder's first (deepest) step, halved at every step; 768, the paper's,
+        unless a smaller decoder is wanted for speed (by FLOPs the decoder costs about width squared).
 
     Densify levels, deepest first, one per encoder stride from the downsample ratio down to 4 (the last
     feature map at that stride; a finer map such as a ResNet's stride-2 stem output is not used): masked norm
@@ -75,7 +77,7 @@ class SparK(nn.Module):
     """
 
     def __init__(self, encoder: Union[str, nn.Module], input_size: int = 224, mask_ratio: float = 0.6,
-                 backend: Optional[str] = None, **timm_kwargs: Any):
+                 backend: Optional[str] = None, decoder_width: int = DECODER_WIDTH, **timm_kwargs: Any):
         super().__init__()
         if backend is not None and backend not in sk.BACKEND_NAMES:
             raise ValueError(f"backend must be one of {list(sk.BACKEND_NAMES)} or None, got {backend!r}")
@@ -103,7 +105,12 @@ class SparK(nn.Module):
         use_layer_norm = _has_layer_norm(encoder)
         self.encoder = sparse_encoder_(encoder, backend)
 
-        self.decoder = LightDecoder(DECODER_WIDTH, ratio, self.in_channels)
+        if isinstance(decoder_width, bool) or not isinstance(decoder_width, int) or decoder_width <= 0 \
+                or decoder_width % ratio:
+            raise ValueError(f"decoder_width must be a positive multiple of the encoder's downsample ratio {ratio} "
+                             f"(it is halved at each of the decoder's {ratio.bit_length() - 1} steps), "
+                             f"got {decoder_width!r}")
+        self.decoder = LightDecoder(decoder_width, ratio, self.in_channels)
         # Encoder outputs fed to the decoder, deepest first: the last feature map at each level's stride
         # (None where the encoder provides none; that decoder step then gets no skip feature).
         self.feature_indices: List[Optional[int]] = []

@@ -31,6 +31,7 @@ from . import precision as precision_mod
 from .data import (DataError, PretrainDataset, ResumableSampler, collate, default_photo_paths, find_images,
                    fixed_images, train_transform)
 from .plot import LOSS_PLOT_NAME, write_loss_plot
+from .model import DECODER_WIDTH
 from .recipe import recipe_for
 from .schedule import CLIP_GRAD_NORM, Schedule, apply_schedule, build_optimizer, default_warmup_steps, peak_lr
 from .visualize import reconstruction_grid, save_png
@@ -44,7 +45,9 @@ RECIPE = {"repeats": 1, "epochs": 1600, "base_lr": 2e-4, "batch_size": 32}
 QUICK_START = {"repeats": 32, "epochs": 4, "base_lr": 0.16, "batch_size": 16}
 # Options that define the run: taken from the checkpoint on --resume (giving a different value is an error).
 RUN_OPTIONS = ("model", "drop_path", "input_size", "batch_size", "warmup_epochs", "mask_ratio", "base_lr",
-               "weight_decay", "seed", "repeats")
+               "weight_decay", "seed", "repeats", "decoder_width")
+# Values of run options that checkpoints written before the option existed were run with.
+OPTIONS_BEFORE_THEY_EXISTED = {"decoder_width": DECODER_WIDTH}
 # The run's length: taken from the checkpoint on --resume unless given; it may grow (to train longer), not shrink.
 LENGTH_OPTIONS = ("epochs", "steps")
 # Never taken from the checkpoint. Every other option (--data, --log-every, ...) is, unless given again.
@@ -76,6 +79,9 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter,
                                 argument_default=None if with_defaults else argparse.SUPPRESS)
     p.add_argument("--model", default=d("resnet18"), help="timm model name (ResNets, ConvNeXts, ...)")
+    p.add_argument("--decoder-width", type=int, default=d(DECODER_WIDTH), metavar="CHANNELS",
+                   help="channels of the decoder's first step, halved at each step; the paper's is the default, "
+                        "a smaller one trains faster (the decoder's FLOPs grow with its width squared)")
     p.add_argument("--drop-path", type=float, default=d(None), metavar="RATE",
                    help="drop path (stochastic depth) rate of the encoder (default: the official recipe's for "
                         "the model, spark/families.py: 0.05 for resnet50 ... 0.4 for convnext_large, else 0)")
@@ -146,7 +152,7 @@ def check_options(args: argparse.Namespace, world: distributed.World) -> None:
         raise UsageError(f"--model {args.model}: not a timm model name")
     if args.input_size <= 0 or args.input_size % PATCH:
         raise UsageError(f"--input-size must be a positive multiple of {PATCH}, got {args.input_size}")
-    for name in ("batch_size", "epochs", "steps", "repeats", "save_every", "log_every"):
+    for name in ("batch_size", "epochs", "steps", "repeats", "save_every", "log_every", "decoder_width"):
         positive(name.replace("_", "-"), getattr(args, name))
     if args.warmup_epochs is not None and args.warmup_epochs < 0:
         raise UsageError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
@@ -203,6 +209,7 @@ def merge_resumed_options(args: argparse.Namespace, given: Dict, saved: Dict, pa
     """Options of the checkpoint's run: run-defining ones must not change (a different value on the command
     line is an error), the length may be given anew (checked against the checkpoint's once the steps are
     known), every other option is kept unless given."""
+    saved = {**OPTIONS_BEFORE_THEY_EXISTED, **saved}
     for name in RUN_OPTIONS + LENGTH_OPTIONS:
         if name not in saved:
             raise RunError(f"--resume {path}: checkpoint lacks the option {name}")
@@ -246,7 +253,7 @@ def build_model(args: argparse.Namespace, device: torch.device, world: distribut
     timm_kwargs = {"drop_path_rate": args.drop_path} if args.drop_path else {}
     try:
         model = SparK(args.model, input_size=args.input_size, mask_ratio=args.mask_ratio, backend=args.backend,
-                      **timm_kwargs)
+                      decoder_width=args.decoder_width, **timm_kwargs)
     except TypeError as err:
         if "drop_path_rate" not in str(err):
             raise
@@ -421,7 +428,8 @@ def startup_summary(args: argparse.Namespace, model, device: torch.device, datas
     processes = f"{world.size} process{'es' if world.size > 1 else ''}"
     lines = [
         f"model {args.model} at {args.input_size} px: {encoder / 1e6:.1f}M encoder + "
-        f"{(count_parameters(model) - encoder) / 1e6:.1f}M decoder parameters, device {device}",
+        f"{(count_parameters(model) - encoder) / 1e6:.1f}M decoder parameters (decoder width {args.decoder_width}), "
+        f"device {device}",
         f"precision {precision} ({why})",
         f"backends: {backend_summary(model, device, precision)}",
         f"data: {len(dataset.paths)} image files from {source} x {args.repeats} crops = {len(dataset)} samples per "

@@ -532,10 +532,24 @@ def test_bad_mask_ratio_raises(ratio):
     (dict(input_size=100), "input_size"),
     (dict(input_size=0), "input_size"),
     (dict(backend="gpu"), "backend"),
+    (dict(decoder_width=48), "decoder_width must be a positive multiple of the encoder's downsample ratio 32"),
+    (dict(decoder_width=0), "decoder_width"),
+    (dict(decoder_width=256.0), "decoder_width"),
 ])
 def test_bad_constructor_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SparK("resnet18", **kwargs)
+
+
+def test_decoder_width_halves_from_the_given_width_and_sizes_the_projections():
+    model = SparK("resnet18", input_size=64, backend="reference", decoder_width=64)
+    assert model.decoder.widths() == [64, 32, 16, 8, 4]
+    assert [p.out_channels for p in model.densify_projs] == [64, 32, 16, 8]
+    assert model.decoder.head.in_channels == 2
+    loss = model(torch.randn(2, 3, 64, 64))
+    loss.backward()
+    assert torch.isfinite(loss) and model.decoder.head.weight.grad is not None
+    assert SparK("resnet18", input_size=64, backend="reference").decoder.widths()[0] == 768
 
 
 class TinyEncoder(nn.Module):

@@ -530,6 +530,17 @@ def test_cli_resume_extends_the_run_and_keeps_the_other_options(finished_run, tm
     assert_one_line_error(shorter, 2, "--steps 4 gives 4 steps, fewer than the 6", "extended, not shortened")
     other_seed = run_main(["--resume", source, "--out", out, "--epochs", "5", "--seed", "1"], capsys)
     assert_one_line_error(other_seed, 2, "--seed 1 conflicts with the checkpoint's 0")
+    narrower = run_main(["--resume", source, "--out", out, "--epochs", "5", "--decoder-width", "256"], capsys)
+    assert_one_line_error(narrower, 2, "--decoder-width 256 conflicts with the checkpoint's 768")
+
+    # A checkpoint written before --decoder-width existed ran the paper's 768-wide decoder.
+    before = torch.load(source, weights_only=True)
+    del before["args"]["decoder_width"]
+    before_path = str(tmp_path / "before-decoder-width.pth")
+    torch.save(before, before_path)
+    proc = run_main(["--resume", before_path, "--out", str(tmp_path / "before"), "--epochs", "4", "--workers", "0"],
+                    capsys)
+    assert proc.returncode == 0 and "(decoder width 768)" in proc.stderr, proc.stderr
 
 
 def test_cli_refuses_truncated_and_incompatible_checkpoints(finished_run, tmp_path, capsys):
