@@ -157,7 +157,7 @@ inline bool backward_site_rows(const int32_t* taps, int64_t row, const T* gy, co
 
 // Active sites per weight-gradient chunk in the rows layout: a function of C only (never of the thread
 // count), sized so a chunk's partials (k*k x C) stay small next to its work (chunk x k*k x C).
-int64_t rows_chunk_sites(int64_t c) { return std::clamp<int64_t>(16384 / std::max<int64_t>(c, 1), 32, 512); }
+int64_t rows_chunk_sites(int64_t c) { return std::clamp<int64_t>(65536 / std::max<int64_t>(c, 1), 32, 512); }
 
 // The weight and bias gradient partials per chunk of the fixed partition, site by site, and (kInputGrad, stride
 // 1 only) grad_x by the mirrored gather; at stride 2 the input gradient is a separate gather. (The tiled
@@ -286,6 +286,23 @@ inline int64_t window_row(const TileSpan<K>& tile, int dy, const Geometry& g, in
   return (static_cast<int64_t>(tile.s0) + (dy - K / 2) * g.w - K / 2) * g.c + c0;
 }
 
+// The walk the tile gather and the tile weight gradient share: for each active window column j of one kernel
+// row of a tile (bit j of `live`), its input vector x (`row` + j sites of `site_stride` values), and every
+// (output t, tap column dx) of the tile that reads it (t + dx = j): fn(t, dx, x). Dead columns are skipped,
+// never read.
+template <int K, int Size, typename T, typename Fn>
+__attribute__((always_inline)) inline void for_each_live_tap(uint32_t live, const T* row, int64_t site_stride,
+                                                             Fn&& fn) {
+#pragma GCC unroll 16
+  for (int j = 0; j < Size + K - 1; ++j) {
+    if (!((live >> j) & 1u)) continue;
+    const auto x = cpu::load_vec(row + j * site_stride);
+#pragma GCC unroll 7
+    for (int dx = 0; dx < K; ++dx)
+      if (j - dx >= 0 && j - dx < Size) fn(j - dx, dx, x);
+  }
+}
+
 // One channel vector (channels c0 ..) of the gather of a group of `Group` tiles of `Size` sites each:
 // dst(t) = init + sum over active taps of wt[tap] x src(tap's site), for the tiles' output sites t. Tiles of
 // 1 or 2 sites are gathered in groups so that a kernel row's K weight vectors are loaded once for up to
@@ -308,18 +325,9 @@ inline void group_gather(const TileSpan<K>* tiles, const T* __restrict src, cons
 #pragma GCC unroll 7
     for (int dx = 0; dx < K; ++dx) w[dx] = cpu::load_vec(wt + (dy * K + dx) * g.c + c0);
 #pragma GCC unroll 8
-    for (int q = 0; q < Group; ++q) {
-      const uint32_t live = tiles[q].live[dy];
-      const int64_t row = window_row(tiles[q], dy, g, c0);
-#pragma GCC unroll 16
-      for (int j = 0; j < Size + K - 1; ++j) {
-        if (!((live >> j) & 1u)) continue;
-        const V x = cpu::load_vec(src + (row + j * g.c));
-#pragma GCC unroll 7
-        for (int dx = 0; dx < K; ++dx)
-          if (j - dx >= 0 && j - dx < Size) acc[q][j - dx] += w[dx] * x;
-      }
-    }
+    for (int q = 0; q < Group; ++q)
+      for_each_live_tap<K, Size>(tiles[q].live[dy], src + window_row(tiles[q], dy, g, c0), g.c,
+                                 [&](int t, int dx, V x) { acc[q][t] += w[dx] * x; });
   }
 #pragma GCC unroll 8
   for (int q = 0; q < Group; ++q) {
@@ -368,15 +376,8 @@ inline void tile_weight_grad_row(const TileSpan<K>& tile, int dy, const T* __res
   const T* gy0 = gy + static_cast<int64_t>(tile.s0) * g.c + c0;
 #pragma GCC unroll 8
   for (int t = 0; t < Size; ++t) go[t] = cpu::load_vec(gy0 + t * g.c);
-  const int64_t row = window_row(tile, dy, g, c0);
-#pragma GCC unroll 16
-  for (int j = 0; j < Size + K - 1; ++j) {
-    if (!((live >> j) & 1u)) continue;
-    const V xv = cpu::load_vec(x + (row + j * g.c));
-#pragma GCC unroll 7
-    for (int dx = 0; dx < K; ++dx)
-      if (j - dx >= 0 && j - dx < Size) gw[dx] += go[j - dx] * xv;
-  }
+  for_each_live_tap<K, Size>(live, x + window_row(tile, dy, g, c0), g.c,
+                             [&](int t, int dx, V xv) { gw[dx] += go[t] * xv; });
 }
 
 // The tiles of index entries [begin, end), largest first, zeroing the rows of the inactive sites of dst before each
@@ -563,18 +564,16 @@ void backward_planes(const T* gy, const T* x, const Acc* w, const int32_t* index
   });
 }
 
-// Sum the chunk partials in chunk order: parts (chunks, C * taps) -> out (C * taps) with out[c * taps + t]
-// = sum parts[chunk][t * C + c] (rows: tap-major partials) or parts[chunk][c * taps + t] (planes).
+// Sum the chunk partials in chunk order: out[i] = sum over the chunks of parts[chunk][i], for parts (chunks, n).
+// The order is fixed (bit-identical for any thread count); positions run innermost, so the sums vectorize.
 template <typename T>
-void reduce_chunks(const T* parts, int64_t chunks, int64_t c, int64_t taps, bool tap_major, T* out) {
-  at::parallel_for(0, c, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t ch = begin; ch < end; ++ch)
-      for (int64_t t = 0; t < taps; ++t) {
-        const int64_t pos = tap_major ? t * c + ch : ch * taps + t;
-        T sum = 0;
-        for (int64_t k = 0; k < chunks; ++k) sum += parts[k * c * taps + pos];
-        out[ch * taps + t] = sum;
-      }
+void reduce_chunks(const T* parts, int64_t chunks, int64_t n, T* out) {
+  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+    std::fill(out + begin, out + end, T(0));
+    for (int64_t k = 0; k < chunks; ++k) {
+      const T* part = parts + k * n;
+      for (int64_t i = begin; i < end; ++i) out[i] += part[i];
+    }
   });
 }
 
@@ -687,8 +686,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
       backward_planes<K, false>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, g, start, valid);
   }
   check_tables("dwconv_backward", valid);
-  reduce_chunks<Acc>(gw_parts.const_data_ptr<Acc>(), chunks, g.c, K * K, g.rows, gw.mutable_data_ptr<Acc>());
-  reduce_chunks<Acc>(gb_parts.const_data_ptr<Acc>(), chunks, g.c, 1, false, gb.mutable_data_ptr<Acc>());
+  // Partials are (k*k, C) per chunk in rows (tap-major), (C, k*k) in planes: the weight's own order.
+  at::Tensor gw_sum = at::empty(g.rows ? at::IntArrayRef{K * K, g.c} : at::IntArrayRef{g.c, K * K}, gw.options());
+  reduce_chunks<Acc>(gw_parts.const_data_ptr<Acc>(), chunks, K * K * g.c, gw_sum.mutable_data_ptr<Acc>());
+  reduce_chunks<Acc>(gb_parts.const_data_ptr<Acc>(), chunks, g.c, gb.mutable_data_ptr<Acc>());
+  gw.copy_((g.rows ? gw_sum.t() : gw_sum).reshape(gw.sizes()));
   // Weight gradients are summed in the accumulation dtype and rounded once, to the weight's dtype.
   return {gx, gw.to(weight.scalar_type()), gb.to(weight.scalar_type())};
 }
