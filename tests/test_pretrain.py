@@ -400,8 +400,8 @@ def test_cli_without_a_terminal_prints_the_summary_and_a_line_per_record(finishe
     summary = "\n".join(lines[:lines.index(next(line for line in lines if line.startswith("spark-pretrain: step ")))])
     precision, _ = resolve_precision("auto", torch.device("cpu"))
     for phrase in ("model resnet18 at 64 px", "M encoder + ", "M decoder parameters (decoder width 768)",
-                   f"precision {precision}", "masked batch norm: cpu (", "depthwise conv: not used", "5 image files from --data",
-                   "batch 2 per process x 1 process", "6 steps (3 epochs of 2)"):
+                   f"precision {precision}", "masked batch norm: cpu (", "depthwise conv: not used",
+                   "5 image files from --data", "batch 2 per process x 1 process", "6 steps (3 epochs of 2)"):
         assert phrase in summary, summary
     progress = [line for line in lines if line.startswith("spark-pretrain: step ")]
     assert [line.split()[2] for line in progress] == [f"{k}/6" for k in range(1, 7)]  # --log-every 1
