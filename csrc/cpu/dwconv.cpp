@@ -159,6 +159,26 @@ inline bool backward_site_rows(const int32_t* taps, int64_t row, const T* gy, co
 // count), sized so a chunk's partials (k*k x C) stay small next to its work (chunk x k*k x C).
 int64_t rows_chunk_sites(int64_t c) { return std::clamp<int64_t>(65536 / std::max<int64_t>(c, 1), 32, 512); }
 
+// One chunk of the backward's fixed partition: its weight and bias gradient partials, zeroed, and its active
+// sites [begin, end).
+template <typename Acc>
+struct BackwardChunk {
+  Acc* gw_part;
+  Acc* gb_part;
+  int64_t begin, end;
+};
+
+template <int K, typename Acc>
+BackwardChunk<Acc> open_backward_chunk(Acc* gw_parts, Acc* gb_parts, int64_t chunk, int64_t chunk_sites,
+                                       const Geometry& g) {
+  Acc* gw_part = gw_parts + chunk * K * K * g.c;
+  Acc* gb_part = gb_parts + chunk * g.c;
+  std::fill(gw_part, gw_part + K * K * g.c, Acc(0));
+  std::fill(gb_part, gb_part + g.c, Acc(0));
+  const int64_t begin = chunk * chunk_sites;
+  return {gw_part, gb_part, begin, std::min(g.m, begin + chunk_sites)};
+}
+
 // The weight and bias gradient partials per chunk of the fixed partition, site by site, and (kInputGrad, stride
 // 1 only) grad_x by the mirrored gather; at stride 2 the input gradient is a separate gather. (The tiled
 // backward_rows_tiled below is the stride-1 path where tiles pay, kTiled.)
@@ -171,11 +191,7 @@ void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index,
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     bool ok = true;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      Acc* gw_part = gw_parts + chunk * K * K * g.c;
-      Acc* gb_part = gb_parts + chunk * g.c;
-      std::fill(gw_part, gw_part + K * K * g.c, Acc(0));
-      std::fill(gb_part, gb_part + g.c, Acc(0));
-      const int64_t begin = chunk * chunk_sites, end = std::min(g.m, begin + chunk_sites);
+      const auto [gw_part, gb_part, begin, end] = open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g);
       // Without the input gradient the filler only checks that the index ascends (it writes no rows).
       GapFiller<T> fill{gx, kInputGrad ? g.c : 0, first_row(index, begin, g.out_sites()), g.out_sites()};
       for (int64_t i = begin; i < end; ++i) {
@@ -450,11 +466,7 @@ void backward_rows_tiled(const T* gy, const T* x, const Acc* wt, const Acc* wt_m
     bool ok = true;
     std::vector<TileSpan<K>> tiles;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      Acc* gw_part = gw_parts + chunk * K * K * g.c;
-      Acc* gb_part = gb_parts + chunk * g.c;
-      std::fill(gw_part, gw_part + K * K * g.c, Acc(0));
-      std::fill(gb_part, gb_part + g.c, Acc(0));
-      const int64_t begin = chunk * chunk_sites, end = std::min(g.m, begin + chunk_sites);
+      const auto [gw_part, gb_part, begin, end] = open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g);
       GapFiller<T> fill{gx, g.c, first_row(index, begin, g.sites()), g.sites()};
       collect_tiles<K>(index, nbr, begin, end, fill, g, tiles, ok);
       if (end == g.m) fill.finish();
