@@ -152,7 +152,9 @@ def check_options(args: argparse.Namespace, world: distributed.World) -> None:
         raise UsageError(f"--model {args.model}: not a timm model name")
     if args.input_size <= 0 or args.input_size % PATCH:
         raise UsageError(f"--input-size must be a positive multiple of {PATCH}, got {args.input_size}")
-    for name in ("batch_size", "epochs", "steps", "repeats", "save_every", "log_every", "decoder_width"):
+    if args.decoder_width <= 0 or args.decoder_width % PATCH:  # halved once per factor 2 of the patch size
+        raise UsageError(f"--decoder-width must be a positive multiple of {PATCH}, got {args.decoder_width}")
+    for name in ("batch_size", "epochs", "steps", "repeats", "save_every", "log_every"):
         positive(name.replace("_", "-"), getattr(args, name))
     if args.warmup_epochs is not None and args.warmup_epochs < 0:
         raise UsageError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")

@@ -338,6 +338,8 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys):
         (["--data", str(tmp_path / "missing")], "no such directory"),
         (["--data", str(tmp_path / "empty")], "no image files"),
         (["--input-size", "100"], "--input-size must be a positive multiple of 32"),
+        (["--decoder-width", "48"], "--decoder-width must be a positive multiple of 32, got 48"),
+        (["--decoder-width", "0"], "--decoder-width must be a positive multiple of 32, got 0"),
         (["--drop-path", "1"], "--drop-path must be in [0, 1)"),
         (["--model", "vgg11", "--drop-path", "0.1"], "vgg11' does not take the keyword arguments ['drop_path_rate']"),
         (["--model", "no_such_net"], "not a timm model name"),
