@@ -183,9 +183,11 @@ def test_two_threads_bit_identical_and_correct(backend, layout, k, stride, dtype
 
 
 def tiling_masks():
-    """Masks (N, 1, H, W) whose active runs exercise the CPU kernel's stride-1 tiles of adjacent active sites
-    (1, 2, 4 or 8 sites of one row): a run of 13 (tiles 8 + 4 + 1) and one of 21 across the row, a run at the
-    image's right edge and at its left edge, runs of length 1, a single active site, an image with none."""
+    """Masks (N, 1, H, W) whose active runs exercise the CPU kernel's stride-1 paths. "runs" (mean run 4) and
+    "full" take the tiles of adjacent active sites (1, 2, 4 or 8 sites of one row): a run of 13 (tiles 8 + 4 + 1)
+    and one of 21 across the row, a run at the image's right edge and at its left edge, runs of length 1, a
+    single active site, an image with none. "short" (runs of 1 to 3 sites, at the image edges too) takes the
+    lists of active taps that the CPU kernels use where runs are short."""
     n, h, w = 3, 7, 21
     m = torch.zeros(n, 1, h, w, dtype=torch.bool)
     m[0, 0, 1, 2:15] = True     # a run of 13: tiles 8, 4, 1
@@ -195,17 +197,24 @@ def tiling_masks():
     m[0, 0, 6, 0:2] = True      # 2 sites at the left edge, bottom row
     m[1, 0, 2, 20] = True       # a single active site, on the right edge
     # image 2: no active site
-    return {"runs": m, "full": torch.ones(1, 1, 5, 19, dtype=torch.bool)}
+    short = torch.zeros(2, 1, 7, 9, dtype=torch.bool)
+    short[0, 0, 1, 1] = True
+    short[0, 0, 1, 3:5] = True
+    short[0, 0, 2, 0:3] = True  # at the left edge
+    short[0, 0, 4, ::2] = True  # runs of length 1, at both edges
+    short[1, 0, 6, 7:] = True   # at the right edge, bottom row
+    return {"runs": m, "full": torch.ones(1, 1, 5, 19, dtype=torch.bool), "short": short}
 
 
 @needs_cpu_backend
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("k", (3, 5, 7))
-@pytest.mark.parametrize("mask_name", ("runs", "full"))
+@pytest.mark.parametrize("mask_name", ("runs", "full", "short"))
 def test_tiles_of_adjacent_sites(mask_name, k, dtype):
-    """The channels_last stride-1 path against the reference on the tiling edge cases, with channel counts below,
+    """The channels_last stride-1 paths against the reference on the tiling edge cases, with channel counts below,
     at and past the vector width (8 floats, 4 doubles), and enough channels (so few sites per weight-gradient
-    chunk) that chunks cut runs; garbage at inactive sites must not leak."""
+    chunk) that chunks cut runs; garbage at inactive sites must not leak. An NCHW or expanded (stride-0) grad_out
+    gives the gradients of the same values in channels_last, bit for bit."""
     mask = tiling_masks()[mask_name]
     n, _, h, w = mask.shape
     sites = sk.ActiveSites(mask)
@@ -219,10 +228,9 @@ def test_tiles_of_adjacent_sites(mask_name, k, dtype):
         g_dirty = g64.masked_fill(inactive, float("nan"))
         x_dirty = x64.masked_fill(inactive, float("inf"))
         leaves = [t.to(dtype).requires_grad_() for t in (x_dirty, w64, b64)]
-        y, grads = conv_and_grads(
-            lambda xx, ww, bb: sk.sparse_depthwise_conv2d(xx.contiguous(memory_format=torch.channels_last), ww, bb,
-                                                          sites, backend="cpu"),
-            *leaves, g_dirty.to(dtype).contiguous(memory_format=torch.channels_last))
+        conv = lambda xx, ww, bb: sk.sparse_depthwise_conv2d(  # noqa: E731
+            xx.contiguous(memory_format=torch.channels_last), ww, bb, sites, backend="cpu")
+        y, grads = conv_and_grads(conv, *leaves, g_dirty.to(dtype).contiguous(memory_format=torch.channels_last))
         masked_dense = lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask, 1)  # noqa: E731
         ref_lowp, ref_lowp_grads = conv_and_grads(masked_dense, *[t.to(dtype).requires_grad_() for t in
                                                                   (x64, w64, b64)], g64.to(dtype))
@@ -234,6 +242,12 @@ def test_tiles_of_adjacent_sites(mask_name, k, dtype):
                                           ref64_grads):
             assert_close_to_reference(got, lowp, exact, f"{what}: {name}")
         assert torch.all(y[inactive] == 0) and torch.all(grads[0][inactive] == 0), what
+        ones = torch.ones((), dtype=dtype).expand(g64.shape)
+        for grad_out, same_values in ((g_dirty.to(dtype).contiguous(), g_dirty.to(dtype)), (ones, ones)):
+            _, got = conv_and_grads(conv, *leaves, grad_out)
+            _, want = conv_and_grads(conv, *leaves, same_values.contiguous(memory_format=torch.channels_last))
+            for name, a, b in zip(("grad x", "grad weight", "grad bias"), got, want):
+                assert torch.equal(a, b), f"{what}: {name} with grad_out strides {grad_out.stride()}"
 
 
 @pytest.mark.parametrize("k,stride", ((3, 1), (7, 1), (5, 1), (3, 2), (5, 2), (7, 2)))

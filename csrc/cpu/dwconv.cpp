@@ -507,6 +507,265 @@ void backward_rows_tiled(const T* gy, const T* x, const Acc* wt, const Acc* wt_m
 }
 
 // ---------------------------------------------------------------------------------------------------
+// rows layout at stride 1 where runs are short: site by site, through lists of active taps.
+//
+// Where active sites come in short runs (the small late-stage maps, where a SparK patch is a site or two), tiles
+// hardly form, and a walk over all k*k taps per channel vector pays a mispredicted branch per inactive tap. So
+// each range of sites first lists its sites' active taps (tap number and source row), checking the table once;
+// then channels go in panels of kPanelVectors vectors (the panel's weights and weight-gradient partials stay in
+// L1), and for each site of the range and each block of kListVectors vectors the kernel walks the site's list
+// with the block's accumulators in registers: no branch but the loop's. Each output sums its active taps in
+// row-major order, as every other path does.
+
+constexpr int kListVectors = 4;
+constexpr int kPanelVectors = 8;
+
+// The active taps of the sites of a range, each site's in row-major tap order.
+struct TapLists {
+  std::vector<int64_t> row;     // site q's own row offset (site x C) in dst / grad_out
+  std::vector<int32_t> first;   // site q's taps are entries [first[q], first[q + 1])
+  std::vector<int32_t> tap;     // tap number t = dy * k + dx
+  std::vector<int64_t> source;  // the tap's source row offset (source site x C)
+
+  int64_t sites() const { return static_cast<int64_t>(row.size()); }
+  void clear() {
+    row.clear();
+    tap.clear();
+    source.clear();
+    first.assign(1, 0);
+  }
+  // Lists a site's taps; false if a tap is neither -1 nor a site below src_sites (such taps are left out).
+  template <int K>
+  bool add(int64_t site, const int32_t* taps, int64_t src_sites, int64_t c) {
+    bool valid = true;
+    row.push_back(site * c);
+    for (int t = 0; t < K * K; ++t) {
+      const int32_t s = taps[t];
+      if (s == -1) continue;
+      if (s < 0 || s >= src_sites) {
+        valid = false;
+        continue;
+      }
+      tap.push_back(t);
+      source.push_back(static_cast<int64_t>(s) * c);
+    }
+    first.push_back(static_cast<int32_t>(tap.size()));
+    return valid;
+  }
+};
+
+// Lists the index entries [begin, end) (destination sites), zeroing the rows of the inactive sites of dst
+// before each (fill; a filler of row length 0 only checks that the index ascends); false in ok for a corrupt
+// index or table.
+template <int K, typename T>
+void list_sites(const int32_t* index, const int32_t* nbr, int64_t begin, int64_t end, int64_t src_sites,
+                int64_t c, GapFiller<T>& fill, TapLists& lists, bool& ok) {
+  lists.clear();
+  for (int64_t i = begin; i < end; ++i) {
+    if (!fill.advance_to(index[i])) {
+      ok = false;
+      continue;
+    }
+    ok &= lists.add<K>(index[i], nbr + i * K * K, src_sites, c);
+  }
+}
+
+// Channels [c0, c0 + NV vectors) of site q: dst = init + sum over its listed taps of wt[tap] x src(tap's row).
+template <int NV, typename T, typename Acc>
+inline void listed_gather(const TapLists& l, int64_t q, const T* __restrict src, const Acc* __restrict wt,
+                          const Acc* bias, T* __restrict dst, int64_t c, int64_t c0) {
+  using V = cpu::Vec<Acc>;
+  constexpr int L = cpu::kLanes<Acc>;
+  V acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = bias ? cpu::load_vec(bias + c0 + v * L) : V{};
+  for (int32_t e = l.first[q]; e < l.first[q + 1]; ++e) {
+    const Acc* w = wt + l.tap[e] * c + c0;
+    const T* x = src + l.source[e] + c0;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] += cpu::load_vec(w + v * L) * cpu::load_vec(x + v * L);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) cpu::store_vec(dst + l.row[q] + c0 + v * L, acc[v]);
+}
+
+// The same for the single channel c (past the last full vector).
+template <typename T, typename Acc>
+inline void listed_gather_channel(const TapLists& l, int64_t q, const T* src, const Acc* wt, const Acc* bias, T* dst,
+                                  int64_t c, int64_t ch) {
+  Acc acc = bias ? bias[ch] : Acc(0);
+  for (int32_t e = l.first[q]; e < l.first[q + 1]; ++e)
+    acc += wt[l.tap[e] * c + ch] * static_cast<Acc>(src[l.source[e] + ch]);
+  dst[l.row[q] + ch] = static_cast<T>(acc);
+}
+
+// Calls fn(c0, vectors constant) over the channels [begin, end) of a panel in blocks of kListVectors vectors, then
+// single vectors; returns the first channel past the last full vector.
+template <typename Acc, typename Fn>
+inline void for_each_list_block(int64_t begin, int64_t end, Fn&& fn) {
+  constexpr int L = cpu::kLanes<Acc>;
+  int64_t c0 = begin;
+  for (; c0 + kListVectors * L <= end; c0 += kListVectors * L) fn(c0, std::integral_constant<int, kListVectors>{});
+  for (; c0 + L <= end; c0 += L) fn(c0, std::integral_constant<int, 1>{});
+}
+
+// dst (every site: computed at the index's sites, zero elsewhere) = the stride-1 forward gather over src (x), bias
+// at the active sites, by lists.
+template <int K, typename T, typename Acc>
+void gather_rows_listed(const T* src, const Acc* wt, const Acc* bias, const int32_t* index, const int32_t* nbr,
+                        T* dst, const Geometry& g, std::atomic<bool>& valid) {
+  constexpr int L = cpu::kLanes<Acc>;
+  const int64_t full = g.c / L * L;
+  at::parallel_for(0, g.m, 64, [&](int64_t begin, int64_t end) {
+    bool ok = true;
+    GapFiller<T> fill{dst, g.c, first_row(index, begin, g.sites()), g.sites()};
+    TapLists lists;
+    list_sites<K>(index, nbr, begin, end, g.sites(), g.c, fill, lists, ok);
+    if (end == g.m) fill.finish();
+    for (int64_t panel = 0; panel < full; panel += kPanelVectors * L) {
+      const int64_t panel_end = std::min(full, panel + kPanelVectors * L);
+      for (int64_t q = 0; q < lists.sites(); ++q)
+        for_each_list_block<Acc>(panel, panel_end, [&](int64_t c0, auto nv) {
+          listed_gather<decltype(nv)::value>(lists, q, src, wt, bias, dst, g.c, c0);
+        });
+    }
+    for (int64_t q = 0; q < lists.sites(); ++q)
+      for (int64_t ch = full; ch < g.c; ++ch) listed_gather_channel(lists, q, src, wt, bias, dst, g.c, ch);
+    if (!ok) valid = false;
+  });
+}
+
+// Channels [c0, c0 + NV vectors) of site q of a backward chunk: the site's weight and bias gradient contributions to
+// the chunk's partials gw_part (k*k, C) and gb_part (C,), and grad_x of the site, the gather over grad_out with
+// the mirrored weights wt_mirrored (dwconv_site.h).
+template <int NV, typename T, typename Acc>
+inline void listed_backward(const TapLists& l, int64_t q, const T* __restrict gy, const T* __restrict x,
+                            const Acc* __restrict wt_mirrored, T* __restrict gx, Acc* __restrict gw_part,
+                            Acc* __restrict gb_part, int64_t c, int64_t c0) {
+  using V = cpu::Vec<Acc>;
+  constexpr int L = cpu::kLanes<Acc>;
+  V go[NV], acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    go[v] = cpu::load_vec(gy + l.row[q] + c0 + v * L);
+    acc[v] = V{};
+    cpu::store_vec(gb_part + c0 + v * L, cpu::load_vec(gb_part + c0 + v * L) + go[v]);
+  }
+  for (int32_t e = l.first[q]; e < l.first[q + 1]; ++e) {
+    const int64_t source = l.source[e] + c0;
+    Acc* gw = gw_part + l.tap[e] * c + c0;
+    const Acc* w = wt_mirrored + l.tap[e] * c + c0;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] += cpu::load_vec(w + v * L) * cpu::load_vec(gy + source + v * L);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      cpu::store_vec(gw + v * L, cpu::load_vec(gw + v * L) + go[v] * cpu::load_vec(x + source + v * L));
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) cpu::store_vec(gx + l.row[q] + c0 + v * L, acc[v]);
+}
+
+// The same for the single channel ch (past the last full vector).
+template <typename T, typename Acc>
+inline void listed_backward_channel(const TapLists& l, int64_t q, const T* gy, const T* x, const Acc* wt_mirrored,
+                                    T* gx, Acc* gw_part, Acc* gb_part, int64_t c, int64_t ch) {
+  const Acc go = static_cast<Acc>(gy[l.row[q] + ch]);
+  Acc acc = 0;
+  gb_part[ch] += go;
+  for (int32_t e = l.first[q]; e < l.first[q + 1]; ++e) {
+    const int64_t source = l.source[e] + ch;
+    acc += wt_mirrored[l.tap[e] * c + ch] * static_cast<Acc>(gy[source]);
+    gw_part[l.tap[e] * c + ch] += go * static_cast<Acc>(x[source]);
+  }
+  gx[l.row[q] + ch] = static_cast<T>(acc);
+}
+
+// The stride-1 backward by lists: per chunk of the fixed partition (rows_chunk_sites), grad_x of its sites and its
+// weight and bias gradient partials gw_parts (chunks, k*k, C) and gb_parts (chunks, C).
+template <int K, typename T, typename Acc>
+void backward_rows_listed(const T* gy, const T* x, const Acc* wt_mirrored, const int32_t* index, const int32_t* nbr,
+                          T* gx, Acc* gw_parts, Acc* gb_parts, int64_t chunk_sites, int64_t chunks, const Geometry& g,
+                          std::atomic<bool>& valid) {
+  constexpr int L = cpu::kLanes<Acc>;
+  const int64_t full = g.c / L * L;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    bool ok = true;
+    TapLists lists;
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const auto [gw_part, gb_part, begin, end] = open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g);
+      GapFiller<T> fill{gx, g.c, first_row(index, begin, g.sites()), g.sites()};
+      list_sites<K>(index, nbr, begin, end, g.sites(), g.c, fill, lists, ok);
+      if (end == g.m) fill.finish();
+      for (int64_t panel = 0; panel < full; panel += kPanelVectors * L) {
+        const int64_t panel_end = std::min(full, panel + kPanelVectors * L);
+        for (int64_t q = 0; q < lists.sites(); ++q)
+          for_each_list_block<Acc>(panel, panel_end, [&](int64_t c0, auto nv) {
+            listed_backward<decltype(nv)::value>(lists, q, gy, x, wt_mirrored, gx, gw_part, gb_part, g.c, c0);
+          });
+      }
+      for (int64_t q = 0; q < lists.sites(); ++q)
+        for (int64_t ch = full; ch < g.c; ++ch)
+          listed_backward_channel(lists, q, gy, x, wt_mirrored, gx, gw_part, gb_part, g.c, ch);
+    }
+    if (!ok) valid = false;
+  });
+}
+
+// The kernels of a pass: at stride 1 in the rows layout, by the mean run of adjacent active sites of the index
+// (SparK's patch at this scale: 12, 6, 3 and 1.5 sites at ConvNeXt-T's four stages at ratio 0.6), listed below
+// kListedBelowRun sites, else tiled (kTiled kernel sizes) or site by site; site by site at stride 2 and in the
+// planes layout. bench.ops A/B, one thread on this AVX2 machine (2026-12-01): at 768@7 the listed forward took
+// 0.8 ms vs 2.3 (7x7) and 0.4 vs 0.6 (3x3); at 384@14 3.0 vs 4.0 (7x7) and 1.6 vs 2.0 ms (3x3); at 192@28 and
+// 96@56 tiles (7x7) and the per-site path (3x3) were faster. The path is a function of the index alone, so
+// results stay bit-identical for any thread count.
+enum class RowsPath { listed, tiled, sites };
+constexpr double kListedBelowRun = 4;
+
+template <int K>
+RowsPath rows_path(const int32_t* index, const Geometry& g) {
+  if (!g.rows || g.stride != 1) return RowsPath::sites;
+  int64_t runs = 0;
+  for (int64_t i = 0; i < g.m; ++i)
+    runs += i == 0 || index[i] != index[i - 1] + 1 || index[i] % g.w == 0;
+  if (static_cast<double>(g.m) < kListedBelowRun * static_cast<double>(runs)) return RowsPath::listed;
+  return kTiled<K> ? RowsPath::tiled : RowsPath::sites;
+}
+
+// grad_out in the rows layout. The backward reads it at the active output sites only, so an NCHW or expanded
+// (stride-0, what y.sum().backward() gives) grad_out becomes a channels_last tensor of its active rows, the
+// others zero, instead of a transposing copy of all of it; a channels_last one is used in place. The copy goes
+// kCopyChannels channels at a time over a range of sites, so that from an NCHW grad_out it reads that many
+// planes forward, cache lines shared by neighbouring sites staying in L1.
+template <typename T>
+at::Tensor rows_grad_out(const at::Tensor& grad_out, const int32_t* index, const Geometry& g) {
+  constexpr int kCopyChannels = 16;
+  if (grad_out.is_contiguous(at::MemoryFormat::ChannelsLast)) return grad_out;
+  at::Tensor gy = at::empty(g.out_shape(), grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const T* src = cpu::data_as<T>(grad_out);
+  T* dst = cpu::mutable_data_as<T>(gy);
+  const int64_t sn = grad_out.stride(0), sc = grad_out.stride(1), sh = grad_out.stride(2), sw = grad_out.stride(3);
+  at::parallel_for(0, g.m, 256, [&](int64_t begin, int64_t end) {
+    GapFiller<T> fill{dst, g.c, first_row(index, begin, g.out_sites()), g.out_sites()};
+    std::vector<std::pair<int64_t, int64_t>> rows;  // (source offset, destination row offset) per active site
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t site = index[i];
+      if (!fill.advance_to(site)) continue;  // a corrupt index: the kernel that reads gy reports it
+      const int64_t n = site / g.out_plane(), hw = site % g.out_plane();
+      rows.emplace_back(n * sn + hw / g.out_w * sh + hw % g.out_w * sw, site * g.c);
+    }
+    if (end == g.m) fill.finish();
+    int64_t c0 = 0;
+    for (; c0 + kCopyChannels <= g.c; c0 += kCopyChannels)
+      for (const auto& [in, out] : rows)
+#pragma GCC unroll 16
+        for (int ch = 0; ch < kCopyChannels; ++ch) dst[out + c0 + ch] = src[in + (c0 + ch) * sc];
+    for (const auto& [in, out] : rows)
+      for (int64_t ch = c0; ch < g.c; ++ch) dst[out + ch] = src[in + ch * sc];
+  });
+  return gy;
+}
+
+// ---------------------------------------------------------------------------------------------------
 // planes layout: task (n, c) covers the active sites of image n in channel c.
 
 template <int K, bool kMirrored, typename T, typename Acc>
@@ -627,12 +886,20 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight, const c10
   const at::Tensor w = kernel_weight(weight, g, acc);
   std::atomic<bool> valid{true};
   const Acc* bp = b.defined() ? b.const_data_ptr<Acc>() : nullptr;
-  if (g.rows && g.stride == 1 && kTiled<K>)
-    gather_rows_tiled<K>(cpu::data_as<T>(xk), w.const_data_ptr<Acc>(), bp, idx.const_data_ptr<int32_t>(),
-                         nbr.const_data_ptr<int32_t>(), cpu::mutable_data_as<T>(y), g, valid);
-  else
-    gather<K, false>(cpu::data_as<T>(xk), w.const_data_ptr<Acc>(), bp, idx, nbr, cpu::mutable_data_as<T>(y),
-                     GatherGrids{g.n, g.c, g.plane(), g.out_plane(), g.m}, g.rows, valid);
+  const int32_t* ip = idx.const_data_ptr<int32_t>();
+  switch (rows_path<K>(ip, g)) {
+    case RowsPath::listed:
+      gather_rows_listed<K>(cpu::data_as<T>(xk), w.const_data_ptr<Acc>(), bp, ip, nbr.const_data_ptr<int32_t>(),
+                            cpu::mutable_data_as<T>(y), g, valid);
+      break;
+    case RowsPath::tiled:
+      gather_rows_tiled<K>(cpu::data_as<T>(xk), w.const_data_ptr<Acc>(), bp, ip, nbr.const_data_ptr<int32_t>(),
+                           cpu::mutable_data_as<T>(y), g, valid);
+      break;
+    case RowsPath::sites:
+      gather<K, false>(cpu::data_as<T>(xk), w.const_data_ptr<Acc>(), bp, idx, nbr, cpu::mutable_data_as<T>(y),
+                       GatherGrids{g.n, g.c, g.plane(), g.out_plane(), g.m}, g.rows, valid);
+  }
   check_tables("dwconv_forward", valid);
   return y;
 }
@@ -648,12 +915,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   using Acc = acc_t<scalar_t>;
   const auto acc = c10::CppTypeToScalarType<Acc>::value;
   const at::Tensor xk = x.contiguous(g.memory_format());
-  const at::Tensor gy = grad_out.contiguous(g.memory_format());
   at::Tensor gw = at::zeros(weight.sizes(), weight.options().dtype(acc));
   at::Tensor gb = at::zeros({g.c}, weight.options().dtype(acc));
   if (g.m == 0 || g.c == 0) return {at::zeros_like(xk), gw.to(weight.scalar_type()), gb.to(weight.scalar_type())};
   at::Tensor gx = at::empty_like(xk);  // every element is written: computed or zero
   const at::Tensor idx = index.contiguous(), nbr = neighbors.contiguous();
+  const int32_t* ip = idx.const_data_ptr<int32_t>();
+  const at::Tensor gy = g.rows ? rows_grad_out<T>(grad_out, ip, g) : grad_out.contiguous(g.memory_format());
   const at::Tensor w = kernel_weight(weight, g, acc);
   const T* gyp = cpu::data_as<T>(gy);
   const T* xp = cpu::data_as<T>(xk);
@@ -667,7 +935,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   }
   int64_t chunks;
   at::Tensor gw_parts, gb_parts;
-  const int32_t* ip = idx.const_data_ptr<int32_t>();
   const int32_t* np = nbr.const_data_ptr<int32_t>();
   if (g.rows) {
     const int64_t chunk_sites = rows_chunk_sites(g.c);
@@ -676,11 +943,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
     gb_parts = at::empty({chunks, g.c}, x.options().dtype(acc));
     Acc* gwp = gw_parts.mutable_data_ptr<Acc>();
     Acc* gbp = gb_parts.mutable_data_ptr<Acc>();
-    if (fused && kTiled<K>) {
-      const at::Tensor w_mirrored = w.flip(0).contiguous();  // tap t holds tap k*k-1-t
+    const RowsPath path = rows_path<K>(ip, g);
+    // The listed and tiled paths gather grad_x with the mirrored weights: tap t holds tap k*k-1-t.
+    const at::Tensor w_mirrored = path != RowsPath::sites ? w.flip(0).contiguous() : at::Tensor();
+    if (path == RowsPath::listed)
+      backward_rows_listed<K>(gyp, xp, w_mirrored.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, chunk_sites, chunks, g,
+                              valid);
+    else if (path == RowsPath::tiled)
       backward_rows_tiled<K>(gyp, xp, w.const_data_ptr<Acc>(), w_mirrored.const_data_ptr<Acc>(), ip, np, gxp, gwp,
                              gbp, chunk_sites, chunks, g, valid);
-    } else if (fused)
+    else if (fused)
       backward_rows<K, true>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, chunk_sites, chunks, g, valid);
     else
       backward_rows<K, false>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, chunk_sites, chunks, g, valid);
