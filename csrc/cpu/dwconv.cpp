@@ -3,9 +3,12 @@
 // Work is proportional to the active sites (plus the zeros of the dense outputs, written in the same
 // pass). The per-site math is csrc/common/dwconv_site.h. Two layouts (csrc/common/layout.h):
 //  * rows (channels_last): sites in parallel; weights transposed to (k*k, C) so each tap's channels are
-//    contiguous. At stride 1 with kernels of 5x5 and up (kTiled), register-blocked tiles of adjacent
-//    active sites over channel vectors (cpu/vec.h; the "tiles" section below); otherwise site by site,
-//    channels in blocks of kBlock values the compiler vectorizes.
+//    contiguous. At stride 1 the path follows the mean run of adjacent active sites (rows_path): where runs
+//    are short, site by site through lists of each site's active taps (the "lists" section below); else, for
+//    kernels of 5x5 and up (kTiled), register-blocked tiles of adjacent active sites over channel vectors
+//    (cpu/vec.h; the "tiles" section). Otherwise site by site, channels in blocks of kBlock values the
+//    compiler vectorizes. A grad_out that is not channels_last (NCHW, or expanded from y.sum()) is copied
+//    at its active rows only (rows_grad_out).
 //  * planes (NCHW): one (image, channel) plane per task, one channel per site.
 // The forward pass and the input gradient are one "gather" pass: each destination site of an index sums
 // weight x source over its table's taps. Forward: destinations are the active output sites, sources x.
@@ -714,10 +717,11 @@ void backward_rows_listed(const T* gy, const T* x, const Acc* wt_mirrored, const
 // The kernels of a pass: at stride 1 in the rows layout, by the mean run of adjacent active sites of the index
 // (SparK's patch at this scale: 12, 6, 3 and 1.5 sites at ConvNeXt-T's four stages at ratio 0.6), listed below
 // kListedBelowRun sites, else tiled (kTiled kernel sizes) or site by site; site by site at stride 2 and in the
-// planes layout. bench.ops A/B, one thread on this AVX2 machine (2026-12-01): at 768@7 the listed forward took
-// 0.8 ms vs 2.3 (7x7) and 0.4 vs 0.6 (3x3); at 384@14 3.0 vs 4.0 (7x7) and 1.6 vs 2.0 ms (3x3); at 192@28 and
-// 96@56 tiles (7x7) and the per-site path (3x3) were faster. The path is a function of the index alone, so
-// results stay bit-identical for any thread count.
+// planes layout. A/B of the op calls at bench.ops' ConvNeXt-T shapes, one thread, minimum CPU time, on this
+// AVX2 machine under load (2026-12-01): at 768@7 the listed forward took 0.8 ms vs 2.3 (7x7) and 0.4 vs 0.6
+// (3x3); at 384@14 3.0 vs 4.0 (7x7) and 1.6 vs 2.0 ms (3x3), the backward 0-15% less; at 192@28 and 96@56 the
+// tiles (7x7: forward 5.5 vs 8.5 ms at 192@28) and the per-site path (3x3) were faster. The path is a
+// function of the index alone, so results stay bit-identical for any thread count.
 enum class RowsPath { listed, tiled, sites };
 constexpr double kListedBelowRun = 4;
 
