@@ -557,9 +557,9 @@ struct TapLists {
   }
 };
 
-// Lists the index entries [begin, end) (destination sites), zeroing the rows of the inactive sites of dst
-// before each (fill; a filler of row length 0 only checks that the index ascends); false in ok for a corrupt
-// index or table.
+// Lists the index entries [begin, end) (destination sites), zeroing the rows of the inactive sites of the
+// destination before each (fill, which also checks that the index ascends); false in ok for a corrupt index or
+// table.
 template <int K, typename T>
 void list_sites(const int32_t* index, const int32_t* nbr, int64_t begin, int64_t end, int64_t src_sites,
                 int64_t c, GapFiller<T>& fill, TapLists& lists, bool& ok) {
