@@ -737,9 +737,10 @@ RowsPath rows_path(const int32_t* index, const Geometry& g) {
 
 // grad_out in the rows layout. The backward reads it at the active output sites only, so an NCHW or expanded
 // (stride-0, what y.sum().backward() gives) grad_out becomes a channels_last tensor of its active rows, the
-// others zero, instead of a transposing copy of all of it; a channels_last one is used in place. The copy goes
-// kCopyChannels channels at a time over a range of sites, so that from an NCHW grad_out it reads that many
-// planes forward, cache lines shared by neighbouring sites staying in L1.
+// others zero, instead of a transposing copy of all of it; a channels_last one is used in place. A row whose
+// channels are contiguous or all one value (stride 1 or 0) is one copy or fill; otherwise (NCHW) the copy goes
+// kCopyChannels channels at a time over a range of sites, so that it reads that many planes forward, cache
+// lines shared by neighbouring sites staying in L1.
 template <typename T>
 at::Tensor rows_grad_out(const at::Tensor& grad_out, const int32_t* index, const Geometry& g) {
   constexpr int kCopyChannels = 16;
@@ -755,7 +756,13 @@ at::Tensor rows_grad_out(const at::Tensor& grad_out, const int32_t* index, const
       const int64_t site = index[i];
       if (!fill.advance_to(site)) continue;  // a corrupt index: the kernel that reads gy reports it
       const int64_t n = site / g.out_plane(), hw = site % g.out_plane();
-      rows.emplace_back(n * sn + hw / g.out_w * sh + hw % g.out_w * sw, site * g.c);
+      const int64_t in = n * sn + hw / g.out_w * sh + hw % g.out_w * sw;
+      if (sc == 0)
+        std::fill(dst + site * g.c, dst + (site + 1) * g.c, src[in]);
+      else if (sc == 1)
+        std::copy(src + in, src + in + g.c, dst + site * g.c);
+      else
+        rows.emplace_back(in, site * g.c);
     }
     if (end == g.m) fill.finish();
     int64_t c0 = 0;
