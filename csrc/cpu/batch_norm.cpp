@@ -36,9 +36,11 @@ struct Kernels {
     }
   }
 
+  // dy_rows (bn_backward_stats, bn_backward_elemt): grad_out's active rows when the caller gathered them
+  // (active_rows_of_planes), else null.
   template <typename scalar_t>
   static void bn_backward_stats(const NormArgs& p, const at::Tensor& grad_out, const at::Tensor& mean_t,
-                                at::Tensor& out) {
+                                at::Tensor& out, const at::Tensor* dy_rows = nullptr) {
     const acc_t<scalar_t>* mean = mean_t.const_data_ptr<acc_t<scalar_t>>();
     const int32_t* index = p.index.const_data_ptr<int32_t>();
     with_backward_readers<storage_t<scalar_t>>(p, grad_out, [&](auto x, auto dy) {
@@ -52,7 +54,7 @@ struct Kernels {
       } else {
         channel_sums<false>(p.g, index, p.index.numel(), term, out.data_ptr<double>());
       }
-    });
+    }, dy_rows);
   }
 
   template <typename scalar_t>
@@ -93,7 +95,8 @@ struct Kernels {
 
   template <typename scalar_t>
   static at::Tensor bn_backward_elemt(const NormArgs& p, const at::Tensor& grad_out, const at::Tensor& a_t,
-                                      const at::Tensor& b_t, const at::Tensor& d_t) {
+                                      const at::Tensor& b_t, const at::Tensor& d_t,
+                                      const at::Tensor* dy_rows = nullptr) {
     using T = storage_t<scalar_t>;
     using Acc = acc_t<scalar_t>;
     const Acc* a = a_t.const_data_ptr<Acc>();
@@ -105,7 +108,7 @@ struct Kernels {
             return static_cast<T>(norm::bn_backward_elem<Acc>(dy(j, off, c), x(j, off, c), a[c], b[c], d[c]));
           },
           backward_prefetch(x, dy));
-    });
+    }, dy_rows);
   }
 };
 
@@ -217,7 +220,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_bn_train_backward(
   at::Tensor grad_x = CpuBackend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
     using scalar_t = decltype(dtype);
     using Acc = acc_t<scalar_t>;
-    Kernels::bn_backward_stats<scalar_t>(p, grad_out, mean_acc, sums);
+    // A planes grad_out is read from its active rows by both passes: gathered once.
+    std::optional<at::Tensor> dy_rows;
+    if (p.g.rows && grad_layout(grad_out, true) == GradLayout::kOther) {
+      dy_rows = active_rows_of_planes<storage_t<scalar_t>>(p, grad_out);
+    }
+    const at::Tensor* dy_rows_ptr = dy_rows.has_value() ? &*dy_rows : nullptr;
+    Kernels::bn_backward_stats<scalar_t>(p, grad_out, mean_acc, sums, dy_rows_ptr);
     const double *s = sums.const_data_ptr<double>(), *mean_d = mean.const_data_ptr<double>();
     const double *invstd_d = invstd.const_data_ptr<double>(), *wd = data_or_null(w);
     const Acc* mean_a = mean_acc.const_data_ptr<Acc>();
@@ -234,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_bn_train_backward(
       b_d[c] = static_cast<Acc>(bc);
       d_d[c] = static_cast<Acc>(-ac * sum_dy / n - mean_d[c] * bc);
     }
-    return Kernels::bn_backward_elemt<scalar_t>(p, grad_out, a, b, d);
+    return Kernels::bn_backward_elemt<scalar_t>(p, grad_out, a, b, d, dy_rows_ptr);
   });
   return {grad_x, grad_weight, grad_bias};
 }
