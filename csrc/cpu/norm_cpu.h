@@ -266,14 +266,28 @@ void zero_inactive(const NormGeometry& g, const int32_t* index, int64_t count, i
 }
 
 // Planes: the chunk's sites copied into site-major rows (C contiguous values per site) and back, so the
-// per-site LayerNorm math runs on contiguous channels in both layouts. bases[s] = g.base(site s).
+// per-site LayerNorm math runs on contiguous channels in both layouts. bases[s] = g.base(site s). A block of
+// kTransposeChannels channels at a time, site by site: the planes of the block are walked side by side, each row
+// gets a contiguous run (about 2-3x faster than plane by plane, whose row accesses are all strided).
+constexpr int64_t kTransposeChannels = 16;
+
+// fn(c0, c1): the channel blocks [c0, c1) of the transposes, the last one shorter.
+template <typename Fn>
+inline void for_each_transpose_block(int64_t channels, const Fn& fn) {
+  for (int64_t c0 = 0; c0 < channels; c0 += kTransposeChannels) fn(c0, std::min(channels, c0 + kTransposeChannels));
+}
+
 template <typename T>
 void gather_rows(const T* src, const int64_t* bases, int64_t sites, int64_t channels, int64_t channel_stride,
                  T* rows) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const T* plane = src + c * channel_stride;
-    for (int64_t s = 0; s < sites; ++s) rows[s * channels + c] = plane[bases[s]];
-  }
+  for_each_transpose_block(channels, [&](int64_t c0, int64_t c1) {
+    const T* first = src + c0 * channel_stride;
+    for (int64_t s = 0; s < sites; ++s) {
+      const T* from = first + bases[s];
+      T* __restrict to = rows + s * channels + c0;
+      for (int64_t k = 0; k < c1 - c0; ++k) to[k] = from[k * channel_stride];
+    }
+  });
 }
 
 template <typename T>
@@ -284,10 +298,14 @@ void gather_rows(const NormGeometry& g, const T* src, const std::vector<int64_t>
 template <typename T>
 void scatter_rows(const NormGeometry& g, const T* rows, const std::vector<int64_t>& bases, T* dst) {
   const int64_t sites = static_cast<int64_t>(bases.size());
-  for (int64_t c = 0; c < g.channels; ++c) {
-    T* plane = dst + c * g.plane;
-    for (int64_t s = 0; s < sites; ++s) plane[bases[s]] = rows[s * g.channels + c];
-  }
+  for_each_transpose_block(g.channels, [&](int64_t c0, int64_t c1) {
+    T* first = dst + c0 * g.plane;
+    for (int64_t s = 0; s < sites; ++s) {
+      T* __restrict to = first + bases[s];
+      const T* from = rows + s * g.channels + c0;
+      for (int64_t k = 0; k < c1 - c0; ++k) to[k * g.plane] = from[k];
+    }
+  });
 }
 
 // A dense output in x's kernel layout (channels_last for compact x) whose every element is written by the caller
