@@ -23,10 +23,11 @@ BATCH = 32
 MASK_RATIO = 0.6
 THREADS = 2
 
-# docs/design.md section 6: minimum speedup of the fused op over the reference, forward + backward
-# (group_norm, which section 6 does not list, is held to the other norms' target).
-TARGETS = {"dwconv7": 3.0, "dwconv3": 2.0, "batch_norm": 2.0, "layer_norm_cf": 2.0, "layer_norm_cl": 2.0,
-           "group_norm": 2.0}
+# docs/design.md section 6: minimum speedup of the fused op over the reference, forward + backward, the
+# speedups at which the CPU kernels reach half of the machine's roofline (group_norm, which section 6 does not
+# list, is held to the other norms' target).
+TARGETS = {"dwconv7": 6.0, "dwconv3": 2.5, "batch_norm": 2.5, "layer_norm_cf": 2.5, "layer_norm_cl": 2.5,
+           "group_norm": 2.5}
 # The benchmarked ops: the op registry's test cases that have a benchmark name (op spec, variant) by that name.
 BENCH_CASES = {v.bench_name: (op, v) for op, v in VARIANTS.values() if v.bench_name}
 if not set(TARGETS) <= set(BENCH_CASES):

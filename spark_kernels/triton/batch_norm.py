@@ -11,9 +11,9 @@ import triton
 import triton.language as tl
 
 from .._layout import kernel_memory_format, to_kernel_layout
-from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, f32_table, launch, layout_name,
-                     per_channel, per_site, reduce_partials, register_op, site_programs, site_tile, spatial,
-                     sum_over_sites, zero_tile)
+from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, chunk_backward_sums, chunk_moments,
+                     f32_table, launch, layout_name, per_channel, reduce_partials, register_op, site_programs,
+                     site_tile, spatial)
 from . import config
 from .config import MERGE_CONFIG, config_for, table_entries
 
@@ -21,40 +21,17 @@ from .config import MERGE_CONFIG, config_for, table_entries
 @triton.jit
 def bn_moments_kernel(x_ptr, index_ptr, partials_ptr, M, C, HW, blocks_per_program,
                       ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """First stage of the BN statistics over this program's chunk of active sites. Each lane (one site row
-    of the tile, one channel) sums d = x - p and d^2 around its own first value p; the lanes are merged with
-    Chan's formula relative to r, the pivot of the chunk's first site. partials (P, 3, C) float32:
-    [r, mean - r, M2]."""
+    """First stage of the BN statistics over this program's chunk of active sites (chunk_moments),
+    partials (P, 3, C) float32: [r, mean - r, M2]."""
     p = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    c_off = channel_offsets(c, HW, ROWS)
-    first = p * blocks_per_program * BLOCK_M
-    lane = tl.arange(0, BLOCK_M)
-    offs, ok, _ = site_tile(index_ptr, first + lane, c_off, c_ok, M, C, HW, ROWS)
-    pivot = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    s1 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
-    s2 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
-    for b in range(1, blocks_per_program):
-        offs, ok, _ = site_tile(index_ptr, first + b * BLOCK_M + lane, c_off, c_ok, M, C, HW, ROWS)
-        xv = tl.load(x_ptr + offs, mask=ok, other=0.0)
-        d = tl.where(ok, xv.to(tl.float32) - pivot, 0.0)
-        s1 += d
-        s2 += d * d
-    # The sites of lane l: the blocks b < blocks_per_program with first + b * BLOCK_M + l < M.
-    lane_count = tl.minimum((tl.maximum(M - first - lane, 0) + BLOCK_M - 1) // BLOCK_M, blocks_per_program)
-    n = per_site(lane_count.to(tl.float32), ROWS)
-    safe_n = tl.maximum(n, 1.0)
-    reference = sum_over_sites(tl.where(per_site(lane == 0, ROWS), pivot, 0.0), ROWS)
-    lane_offset = (pivot - per_channel(reference, ROWS)) + s1 / safe_n
-    lane_m2 = s2 - s1 * s1 / safe_n
-    lane_m2 = tl.where(lane_m2 < 0, 0.0, lane_m2)  # rounding below 0; a NaN stays NaN
-    offset = sum_over_sites(n * lane_offset, ROWS) / tl.sum(lane_count.to(tl.float32), axis=0)
-    deviation = tl.where(n > 0, lane_offset - per_channel(offset, ROWS), 0.0)
+    _, reference, offset, m2 = chunk_moments(x_ptr, index_ptr, p * blocks_per_program * BLOCK_M, blocks_per_program,
+                                             M, channel_offsets(c, HW, ROWS), c_ok, C, HW, ROWS, BLOCK_M, BLOCK_C)
     out_ptrs = partials_ptr + p.to(tl.int64) * 3 * C + c
     tl.store(out_ptrs, reference, mask=c_ok)
     tl.store(out_ptrs + C, offset, mask=c_ok)
-    tl.store(out_ptrs + 2 * C, sum_over_sites(lane_m2 + n * deviation * deviation, ROWS), mask=c_ok)
+    tl.store(out_ptrs + 2 * C, m2, mask=c_ok)
 
 
 @triton.jit
@@ -93,25 +70,18 @@ def bn_merge_moments_kernel(partials_ptr, out_ptr, P, C, M, SITES_PER_PROGRAM,
 @triton.jit
 def bn_sums_kernel(x_ptr, grad_ptr, mean_ptr, index_ptr, partials_ptr, M, C, HW, blocks_per_program,
                    ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """First stage of the backward sums over this program's chunk of active sites, partials (P, 2, C)
-    float32: [sum dy, sum dy * (x - mean)] (x is centred: no cancellation to guard against)."""
+    """First stage of the backward sums over this program's chunk of active sites (chunk_backward_sums),
+    partials (P, 2, C) float32: [sum dy, sum dy * (x - mean)]."""
     p = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    c_off = channel_offsets(c, HW, ROWS)
-    first = p * blocks_per_program * BLOCK_M
     mean = per_channel(tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(tl.float32), ROWS)
-    acc0 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
-    acc1 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
-    for b in range(0, blocks_per_program):
-        offs, ok, _ = site_tile(index_ptr, first + b * BLOCK_M + tl.arange(0, BLOCK_M), c_off, c_ok, M, C, HW, ROWS)
-        xv = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        acc0 += g
-        acc1 += g * (xv - mean)
+    sum_dy, sum_dy_xmu = chunk_backward_sums(x_ptr, grad_ptr, mean, index_ptr, p * blocks_per_program * BLOCK_M,
+                                             blocks_per_program, M, channel_offsets(c, HW, ROWS), c_ok, C, HW,
+                                             ROWS, BLOCK_M, BLOCK_C)
     out_ptrs = partials_ptr + p.to(tl.int64) * 2 * C + c
-    tl.store(out_ptrs, sum_over_sites(acc0, ROWS), mask=c_ok)
-    tl.store(out_ptrs + C, sum_over_sites(acc1, ROWS), mask=c_ok)
+    tl.store(out_ptrs, sum_dy, mask=c_ok)
+    tl.store(out_ptrs + C, sum_dy_xmu, mask=c_ok)
 
 
 @triton.jit

@@ -129,6 +129,56 @@ def zero_tile(BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
     return t
 
 
+# -- first stage of the norms' reductions -------------------------------------------------------------
+@triton.jit
+def chunk_moments(x_ptr, index_ptr, first, blocks, end, c_off, c_ok, C, HW,
+                  ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Statistics of x over the active sites at index positions [first, min(end, first + blocks * BLOCK_M)),
+    per channel: (count, r, mean - r, M2). Each lane (one site row of the tile, one channel) sums d = x - p
+    and d^2 around its own first value p; the lanes are merged with Chan's formula relative to r, the pivot
+    of the chunk's first site (r and mean - r are 0 for an empty chunk)."""
+    lane = tl.arange(0, BLOCK_M)
+    offs, ok, _ = site_tile(index_ptr, first + lane, c_off, c_ok, end, C, HW, ROWS)
+    pivot = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    s1 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
+    s2 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
+    for b in range(1, blocks):
+        offs, ok, _ = site_tile(index_ptr, first + b * BLOCK_M + lane, c_off, c_ok, end, C, HW, ROWS)
+        xv = tl.load(x_ptr + offs, mask=ok, other=0.0)
+        d = tl.where(ok, xv.to(tl.float32) - pivot, 0.0)
+        s1 += d
+        s2 += d * d
+    # The sites of lane l: the blocks b < blocks with first + b * BLOCK_M + l < end.
+    lane_count = tl.minimum((tl.maximum(end - first - lane, 0) + BLOCK_M - 1) // BLOCK_M, blocks)
+    n = per_site(lane_count.to(tl.float32), ROWS)
+    safe_n = tl.maximum(n, 1.0)
+    reference = sum_over_sites(tl.where(per_site(lane == 0, ROWS), pivot, 0.0), ROWS)
+    lane_offset = (pivot - per_channel(reference, ROWS)) + s1 / safe_n
+    lane_m2 = s2 - s1 * s1 / safe_n
+    lane_m2 = tl.where(lane_m2 < 0, 0.0, lane_m2)  # rounding below 0; a NaN stays NaN
+    count = tl.sum(lane_count.to(tl.float32), axis=0)
+    offset = sum_over_sites(n * lane_offset, ROWS) / tl.maximum(count, 1.0)
+    deviation = tl.where(n > 0, lane_offset - per_channel(offset, ROWS), 0.0)
+    return count, reference, offset, sum_over_sites(lane_m2 + n * deviation * deviation, ROWS)
+
+
+@triton.jit
+def chunk_backward_sums(x_ptr, grad_ptr, center, index_ptr, first, blocks, end, c_off, c_ok, C, HW,
+                        ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(sum dy, sum dy * (x - center)) per channel over the same chunk of active sites as chunk_moments;
+    center is a per-channel tile (x is centred: no cancellation to guard against)."""
+    acc0 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
+    acc1 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
+    for b in range(0, blocks):
+        offs, ok, _ = site_tile(index_ptr, first + b * BLOCK_M + tl.arange(0, BLOCK_M), c_off, c_ok, end, C, HW,
+                                ROWS)
+        xv = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        acc0 += g
+        acc1 += g * (xv - center)
+    return sum_over_sites(acc0, ROWS), sum_over_sites(acc1, ROWS)
+
+
 # -- second stage of every reduction -------------------------------------------------------------------
 @triton.jit
 def reduce_partials_kernel(partials_ptr, out_ptr, P, L, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr):

@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 
 from .._layout import kernel_memory_format, to_kernel_layout
-from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, f32_table, launch, layout_name,
-                     per_channel,
-                     per_site, register_op, site_offsets, spatial, sum_over_sites, tile_and, tile_sum, zero_tile)
+from .common import (KERNEL_DTYPES, TRITON_TYPE, channel_offsets, check_tables, chunk_backward_sums, chunk_moments,
+                     f32_table, launch, layout_name, per_channel, register_op, site_offsets, spatial, tile_and,
+                     tile_sum)
 from . import config
 from .config import config_for, table_entries
 
@@ -37,74 +37,34 @@ def image_part(starts_ptr, PARTS, BLOCK_M: tl.constexpr):
 @triton.jit
 def gn_moments_kernel(x_ptr, index_ptr, starts_ptr, partials_ptr, C, HW, PARTS,
                       ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """First stage of the per-(image, channel) statistics over one part of an image's active sites. Each lane
-    (one site row of the tile, one channel) sums d = x - p and d^2 around its own first value p; the lanes
-    are merged with Chan's formula relative to r, the pivot of the part's first site.
-    partials (N * PARTS, 4, C) float32: [count, r, mean - r, M2] (count 0: the other rows are 0)."""
-    image, first, end, blocks = image_part(starts_ptr, PARTS, BLOCK_M)
+    """First stage of the per-(image, channel) statistics over one part of an image's active sites
+    (chunk_moments), partials (N * PARTS, 4, C) float32: [count, r, mean - r, M2]."""
+    _, first, end, blocks = image_part(starts_ptr, PARTS, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    c_off = channel_offsets(c, HW, ROWS)
-    lane = tl.arange(0, BLOCK_M)
-    m = first + lane
-    m_ok = m < end
-    sites = tl.load(index_ptr + m, mask=m_ok, other=0)
-    ok = tile_and(m_ok, c_ok, ROWS)
-    pivot = tl.load(x_ptr + tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS), mask=ok, other=0.0).to(tl.float32)
-    s1 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
-    s2 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
-    for b in range(1, blocks):
-        m = first + b * BLOCK_M + lane
-        m_ok = m < end
-        sites = tl.load(index_ptr + m, mask=m_ok, other=0)
-        ok = tile_and(m_ok, c_ok, ROWS)
-        xv = tl.load(x_ptr + tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS), mask=ok, other=0.0)
-        d = tl.where(ok, xv.to(tl.float32) - pivot, 0.0)
-        s1 += d
-        s2 += d * d
-    # The sites of lane l: the blocks b < blocks with first + b * BLOCK_M + l < end.
-    lane_count = tl.minimum((tl.maximum(end - first - lane, 0) + BLOCK_M - 1) // BLOCK_M, blocks)
-    n = per_site(lane_count.to(tl.float32), ROWS)
-    safe_n = tl.maximum(n, 1.0)
-    reference = sum_over_sites(tl.where(per_site(lane == 0, ROWS), pivot, 0.0), ROWS)
-    lane_offset = (pivot - per_channel(reference, ROWS)) + s1 / safe_n
-    lane_m2 = s2 - s1 * s1 / safe_n
-    lane_m2 = tl.where(lane_m2 < 0, 0.0, lane_m2)  # rounding below 0; a NaN stays NaN
-    total = tl.sum(lane_count.to(tl.float32), axis=0)
-    offset = sum_over_sites(n * lane_offset, ROWS) / tl.maximum(total, 1.0)
-    deviation = tl.where(n > 0, lane_offset - per_channel(offset, ROWS), 0.0)
+    count, reference, offset, m2 = chunk_moments(x_ptr, index_ptr, first, blocks, end, channel_offsets(c, HW, ROWS),
+                                                 c_ok, C, HW, ROWS, BLOCK_M, BLOCK_C)
     out_ptrs = partials_ptr + tl.program_id(0).to(tl.int64) * 4 * C + c
-    tl.store(out_ptrs, tl.zeros([BLOCK_C], dtype=tl.float32) + total, mask=c_ok)
+    tl.store(out_ptrs, tl.zeros([BLOCK_C], dtype=tl.float32) + count, mask=c_ok)
     tl.store(out_ptrs + C, reference, mask=c_ok)
     tl.store(out_ptrs + 2 * C, offset, mask=c_ok)
-    tl.store(out_ptrs + 3 * C, sum_over_sites(lane_m2 + n * deviation * deviation, ROWS), mask=c_ok)
+    tl.store(out_ptrs + 3 * C, m2, mask=c_ok)
 
 
 @triton.jit
 def gn_sums_kernel(x_ptr, grad_ptr, center_ptr, index_ptr, starts_ptr, partials_ptr, C, HW, PARTS,
                    ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """First stage of the backward sums over one part of an image's active sites, partials (N * PARTS, 2, C)
-    float32: [sum dy, sum dy * (x - center[image])] (x is centred: no cancellation to guard against)."""
+    """First stage of the backward sums over one part of an image's active sites (chunk_backward_sums),
+    partials (N * PARTS, 2, C) float32: [sum dy, sum dy * (x - center[image])]."""
     image, first, end, blocks = image_part(starts_ptr, PARTS, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    c_off = channel_offsets(c, HW, ROWS)
     center = per_channel(tl.load(center_ptr + image.to(tl.int64) * C + c, mask=c_ok, other=0.0), ROWS)
-    acc0 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
-    acc1 = zero_tile(BLOCK_M, BLOCK_C, ROWS)
-    for b in range(0, blocks):
-        m = first + b * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = m < end
-        sites = tl.load(index_ptr + m, mask=m_ok, other=0)
-        offs = tile_sum(site_offsets(sites, C, HW, ROWS), c_off, ROWS)
-        ok = tile_and(m_ok, c_ok, ROWS)
-        xv = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        acc0 += g
-        acc1 += g * (xv - center)
+    sum_dy, sum_dy_xmu = chunk_backward_sums(x_ptr, grad_ptr, center, index_ptr, first, blocks, end,
+                                             channel_offsets(c, HW, ROWS), c_ok, C, HW, ROWS, BLOCK_M, BLOCK_C)
     out_ptrs = partials_ptr + tl.program_id(0).to(tl.int64) * 2 * C + c
-    tl.store(out_ptrs, sum_over_sites(acc0, ROWS), mask=c_ok)
-    tl.store(out_ptrs + C, sum_over_sites(acc1, ROWS), mask=c_ok)
+    tl.store(out_ptrs, sum_dy, mask=c_ok)
+    tl.store(out_ptrs + C, sum_dy_xmu, mask=c_ok)
 
 
 @triton.jit
