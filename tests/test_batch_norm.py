@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import spark_kernels as sk
-from helpers import ATOL, GRADCHECK, NORM_TEST_SIZE, RTOL, assert_close_to_reference, cpu_tensor_backends, make_active
+from helpers import (ATOL, GRADCHECK, NORM_TEST_SIZE, RTOL, assert_close_to_reference, assert_index_and_dtype_checks,
+                     cpu_tensor_backends, make_active)
 
 F32, F64 = torch.float32, torch.float64
 
@@ -360,14 +361,7 @@ def test_kernel_argument_checks():
     x = torch.randn(2, 4, 3, 3)
     index = sk.ActiveSites(make_active("random", 2, 3, 3)).index
     vec = torch.zeros(4)
-    with pytest.raises(RuntimeError, match="index must be int32"):
-        ops.masked_bn_stats(x, index.long())
-    with pytest.raises(RuntimeError, match="index must hold strictly ascending"):
-        ops.masked_bn_stats(x, torch.tensor([0, 99], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="index must hold strictly ascending"):
-        ops.masked_bn_stats(x, torch.tensor([3, 1], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="unsupported dtype"):
-        ops.masked_bn_stats(x.int(), index)
+    assert_index_and_dtype_checks(ops.masked_bn_stats)
     with pytest.raises(RuntimeError, match="scale must have dtype Float"):
         ops.masked_bn_elemt(x, index, vec.double(), vec)
     with pytest.raises(RuntimeError, match=r"shift must have shape \(4\)"):
