@@ -1,10 +1,11 @@
 """Microbenchmark of the ops: fused backend vs the masked-dense reference, in one process.
 
     python -m bench.ops [--backend cpu] [--batch 32] [--repeats 7] [--ops dwconv7 dwconv3 ...] [--compile]
-                        [--net convnext_tiny|resnet50] [--grad-outs random expanded nchw] [--json FILE]
+                        [--net convnext_tiny|resnet50] [--grad-outs random expanded nchw] [--precision bf16]
+                        [--json FILE]
 
 Forward + backward per ConvNeXt-T (or ResNet-50, or EfficientNet-B0 for the 5x5 and strided depthwise convs)
-stage shape (docs/design.md section 6), fp32, channels_last inputs, SparK patch masks at ratio 0.6; prints the
+stage shape (docs/design.md section 6), fp32 unless --precision says otherwise, channels_last inputs, SparK patch masks at ratio 0.6; prints the
 median times and the speedup per shape next to the target.
 The full suite (`python -m bench`) builds on the cases defined here.
 The reference is the official SparK formulation: dense conv then mask (its best layout,
@@ -173,6 +174,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time the reference under torch.compile")
     parser.add_argument("--grad-outs", nargs="+", choices=GRAD_OUTS, default=["random"],
                         help="the grad_out variants of the backward pass (see GRAD_OUTS)")
+    parser.add_argument("--precision", choices=tuple(suite.DTYPES), default="fp32",
+                        help="the activations' dtype, the reference's too (norm parameters float32)")
     parser.add_argument("--json", help="write the results (the suite's format) to this file")
     args = parser.parse_args(argv)
     if args.backend not in sk.available_backends():
@@ -181,8 +184,10 @@ def main(argv=None) -> int:
     settings = suite.Settings(batch=args.batch, repeats=args.repeats, threads=args.threads, ops=tuple(args.ops),
                               stages={args.net: STAGES[args.net]}, passes=("forward_backward",),
                               backends=[args.backend], compile_stages=None if args.compile else (),
-                              grad_outs=tuple(args.grad_outs))
+                              grad_outs=tuple(args.grad_outs), precision=args.precision)
     results = suite.run(settings, ("ops",))
+    print(f"Precision: {args.precision} activations (norm parameters float32), batch {args.batch}, "
+          f"{args.threads} threads, allocator: {results['environment']['allocator']}")
     print("\n".join(report.ops_table(results)))
     if args.json:
         with open(args.json, "w") as f:

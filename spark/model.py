@@ -10,7 +10,7 @@ import spark_kernels as sk
 from spark_kernels.masks import patch_mask, upsample_mask
 from spark_kernels.nn import MaskedBatchNorm2d, MaskedLayerNorm
 
-from .decoder import LightDecoder
+from .decoder import LightDecoder, dense_memory_format
 from .sparse_encoder import REFERENCE, sparse_encoder_
 
 DECODER_WIDTH = 768  # LightDecoder(768, 32) of the paper and the official code
@@ -189,7 +189,7 @@ class SparK(nn.Module):
                     continue
                 f = self.densify_norms[layer](features[idx])
                 f = torch.where(sites.at(*f.shape[-2:]).mask, f, self.mask_tokens[layer].to(f.dtype))
-                to_decoder.append(self.densify_projs[layer](f))
+                to_decoder.append(self.densify_projs[layer](f.contiguous(memory_format=dense_memory_format(f.device))))
                 layer += 1
         return self.decoder(to_decoder)
 

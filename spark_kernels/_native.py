@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._backends import announced_unavailable
-from ._registry import PRIMITIVES, kernels_namespace
+from ._registry import CPU_TRAINING_OPS, PRIMITIVES, kernels_namespace
 
 _load_error: Optional[str] = None
 _warned = False
@@ -35,7 +35,7 @@ def _define_schemas() -> Optional[str]:
     """Define the native ops' schemas from the op registry (the extension registers only their kernels);
     None, or why the extension does not match the registry (an extension built from older sources)."""
     library = torch.library.Library("spark_kernels", "FRAGMENT")
-    for p in PRIMITIVES:
+    for p in PRIMITIVES + CPU_TRAINING_OPS:
         existing = getattr(torch.ops.spark_kernels, p.native, None)
         try:
             if existing is None:
@@ -71,7 +71,7 @@ def _built_with_cuda() -> bool:
 
 
 def _register_fakes() -> None:
-    for p in PRIMITIVES:
+    for p in PRIMITIVES + CPU_TRAINING_OPS:
         torch.library.register_fake(f"spark_kernels::{p.native}", p.fake)
 
 
@@ -89,7 +89,10 @@ def _kernels():
 def load_cpu() -> Tuple[object, Optional[str]]:
     if _load_error:
         return None, _load_error
-    return _kernels(), None
+    kernels = _kernels()
+    for p in CPU_TRAINING_OPS:  # the CPU-only whole-step ops (_registry.py)
+        setattr(kernels, p.name, getattr(torch.ops.spark_kernels, p.native))
+    return kernels, None
 
 
 def load_cuda() -> Tuple[object, Optional[str]]:

@@ -132,6 +132,18 @@ def _fake_bn_backward_elemt(grad_out, x, index, a, b, d):
     return _dense_grad_like(grad_out, x)
 
 
+def _fake_bn_train_forward(x, index, weight, bias, running_mean, running_var, momentum, eps):
+    c = x.shape[1]
+    return (torch.empty_like(x, memory_format=torch.channels_last), x.new_empty((index.shape[0], c)),
+            x.new_empty((c,), dtype=torch.float64), x.new_empty((c,), dtype=torch.float64))
+
+
+def _fake_bn_train_backward(grad_out, x, index, weight, mean, invstd):
+    c = grad_out.shape[1]
+    return (_dense_grad_like(grad_out, x), grad_out.new_empty((c,), dtype=torch.float64),
+            grad_out.new_empty((c,), dtype=torch.float64))
+
+
 def _fake_ln_forward(x, index, weight, bias, eps):
     acc, m = accumulation_dtype(x.dtype), index.shape[0]
     return _dense_like(x), x.new_empty((m,), dtype=acc), x.new_empty((m,), dtype=acc)
@@ -172,11 +184,12 @@ class SampleTensors:
 @dataclass(frozen=True)
 class Primitive:
     """One backend primitive: `name` on a backend's kernels object (and spark_kernels::triton_<name>), the
-    C++ op spark_kernels::<native> with its schema, the module of spark_kernels/triton that implements it."""
+    C++ op spark_kernels::<native> with its schema, the module of spark_kernels/triton that implements it
+    (None: a C++ op of one backend only, CPU_TRAINING_OPS)."""
     name: str
     native: str
     schema: str
-    triton_module: str
+    triton_module: Optional[str]
     fake: Callable
     sample: Callable[[SampleTensors], tuple]
 
@@ -347,6 +360,23 @@ BATCH_NORM = OpSpec(
              "triton": Support(_TRITON)},
     variants=(Variant("bn_train", _bn_inputs, _bn_call(True), bench_name="batch_norm"),
               Variant("bn_eval", _bn_inputs, _bn_call(False))),
+)
+
+# Masked BatchNorm's training forward and backward as one C++ op each, CPU only (csrc/cpu/batch_norm.cpp): the
+# staged primitives above plus the float64 per-channel arithmetic that spark_kernels/batch_norm.py otherwise does
+# between them, without a Python round trip per stage. The cpu backend's kernels carry them (spark_kernels/_native.py)
+# and masked_batch_norm uses them for a channels_last x without a process group. Not primitives: no other backend
+# implements them. Forward updates the running statistics in place; backward takes x as the rows forward returned.
+CPU_TRAINING_OPS: Tuple[Primitive, ...] = (
+    Primitive("bn_train_forward", "masked_bn_train_forward",
+              "(Tensor x, Tensor index, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+              "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor)", None,
+              _fake_bn_train_forward,
+              lambda t: (t.x, t.index, t.vec, t.vec + 1, t.vec.clone(), t.vec.abs() + 1, 0.1, 1e-5)),
+    Primitive("bn_train_backward", "masked_bn_train_backward",
+              "(Tensor grad_out, Tensor x, Tensor index, Tensor? weight, Tensor mean, Tensor invstd)"
+              " -> (Tensor, Tensor, Tensor)", None, _fake_bn_train_backward,
+              lambda t: (t.grad, t.x, t.index, t.vec, t.vec.double(), t.vec.double().abs() + 1)),
 )
 
 LAYER_NORM = OpSpec(

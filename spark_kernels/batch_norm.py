@@ -9,6 +9,12 @@ The statistics are never formed as E[x^2] - E[x]^2, which loses every digit in f
 ~1e4 standard deviations: every backend sums x - p and (x - p)^2 around a pivot p that is one of the
 summed values, and merges the partial (count, mean, M2) with Chan's formula (csrc/common/norm_row.h);
 processes merge theirs the same way (merge_moments below).
+
+Without a process group, a backend whose kernels have the whole-step training ops (bn_train_forward,
+bn_train_backward: the cpu backend, for a channels_last x) runs each pass as one call instead: the same
+stages and per-channel arithmetic in C++ (csrc/cpu/batch_norm.cpp), with the active rows kept for backward
+copied in the same pass that writes y. At the small late stages the Python glue between stages costs
+about as much as the kernels.
 """
 from __future__ import annotations
 
@@ -85,11 +91,21 @@ class _MaskedBatchNorm(torch.autograd.Function):
 
     A channels_last x is kept for backward as its (M, C) active rows; the backward primitives of kernels with
     ``takes_compact_rows`` (the C++ ones) read them as they are, other kernels get the dense x rebuilt.
+    Training without a process group uses the kernels' whole-step ops where they have them (_uses_training_ops).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, index, count, training, momentum, eps,
                 process_group, kernels):
+        ctx.dense_shape = x.shape
+        ctx.training, ctx.count, ctx.process_group, ctx.kernels = training, count, process_group, kernels
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.whole_step = training and process_group is None and _uses_training_ops(kernels, x)
+        if ctx.whole_step:
+            y, rows, mean, invstd = kernels.bn_train_forward(x, index, weight, bias, running_mean, running_var,
+                                                             momentum, eps)
+            ctx.save_for_backward(rows, index, mean, invstd, weight)
+            return y
         acc = accumulation_dtype(x.dtype)
         if training:
             moments = kernels.bn_stats(x, index).to(torch.float64)
@@ -110,14 +126,16 @@ class _MaskedBatchNorm(torch.autograd.Function):
         y = kernels.bn_elemt(x, index, scale.to(acc), shift.to(acc))
         saved_x = _compact_rows(x, index) if uses_rows(x) else x
         ctx.save_for_backward(saved_x, index, mean, invstd, w)
-        ctx.dense_shape = x.shape
-        ctx.training, ctx.count, ctx.process_group, ctx.kernels = training, n, process_group, kernels
-        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.count = n
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        if ctx.whole_step:
+            rows, index, mean, invstd, weight = ctx.saved_tensors
+            grad_x, grad_w, grad_b = ctx.kernels.bn_train_backward(grad_out, rows, index, weight, mean, invstd)
+            return _input_grads(ctx, grad_x, grad_w, grad_b)
         saved_x, index, mean, invstd, w = ctx.saved_tensors
         x = _saved_input(ctx.kernels, saved_x, index, ctx.dense_shape)
         acc = accumulation_dtype(x.dtype)
@@ -142,10 +160,20 @@ class _MaskedBatchNorm(torch.autograd.Function):
             layout = torch.channels_last if x.dim() == 2 else kernel_memory_format(x)
             grad_x = ctx.kernels.bn_elemt(grad_out.contiguous(memory_format=layout), index, a.to(acc),
                                           torch.zeros_like(a, dtype=acc))
-        wd, bd = ctx.param_dtypes
-        return (grad_x if ctx.needs_input_grad[0] else None,
-                grad_w.to(wd) if ctx.needs_input_grad[1] else None,
-                grad_b.to(bd) if ctx.needs_input_grad[2] else None) + (None,) * 9
+        return _input_grads(ctx, grad_x, grad_w, grad_b)
+
+
+def _uses_training_ops(kernels, x: torch.Tensor) -> bool:
+    """Whether the kernels run a training step of a channels_last x as one op per pass (the cpu backend)."""
+    return hasattr(kernels, "bn_train_forward") and uses_rows(x)
+
+
+def _input_grads(ctx, grad_x, grad_w, grad_b):
+    """backward's return value: the requested gradients, the parameters' in their dtypes (float64 before)."""
+    wd, bd = ctx.param_dtypes
+    return (grad_x if ctx.needs_input_grad[0] else None,
+            grad_w.to(wd) if ctx.needs_input_grad[1] else None,
+            grad_b.to(bd) if ctx.needs_input_grad[2] else None) + (None,) * 9
 
 
 def masked_batch_norm(x: torch.Tensor, active, running_mean: Optional[torch.Tensor],

@@ -165,3 +165,19 @@ def fused_backends(*dtypes: torch.dtype) -> list:
             if all(dtype in op.support[name].dtypes.values for op in OPS.values() if name in op.support):
                 params.append(pytest.param(name, device, dtype, id=f"{name}-{device}-{str(dtype)[6:]}"))
     return params
+
+
+def assert_index_and_dtype_checks(call) -> None:
+    """call(x, index) runs a C++ norm kernel on x (2, 4, 3, 3): a bad site index (not int32, out of range, not
+    ascending, negative) and an x of a dtype the kernels do not take must raise errors that name them."""
+    import pytest
+    x = torch.randn(2, 4, 3, 3)
+    index = torch.tensor([0, 5, 17], dtype=torch.int32)
+    bad_indices = ((index.long(), "index must be int32"),
+                   *((torch.tensor(i, dtype=torch.int32), "index must hold strictly ascending")
+                     for i in ([0, 99], [3, 1], [-1])))
+    for bad, message in bad_indices:
+        with pytest.raises(RuntimeError, match=message):
+            call(x, bad)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        call(x.int(), index)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import spark_kernels as sk
-from helpers import ATOL, GRADCHECK, NORM_TEST_SIZE, RTOL, assert_close_to_reference, cpu_tensor_backends, make_active
+from helpers import (ATOL, GRADCHECK, NORM_TEST_SIZE, RTOL, assert_close_to_reference, assert_index_and_dtype_checks,
+                     cpu_tensor_backends, make_active)
 
 F32, F64 = torch.float32, torch.float64
 
@@ -360,14 +361,7 @@ def test_kernel_argument_checks():
     x = torch.randn(2, 4, 3, 3)
     index = sk.ActiveSites(make_active("random", 2, 3, 3)).index
     vec = torch.zeros(4)
-    with pytest.raises(RuntimeError, match="index must be int32"):
-        ops.masked_bn_stats(x, index.long())
-    with pytest.raises(RuntimeError, match="index must hold strictly ascending"):
-        ops.masked_bn_stats(x, torch.tensor([0, 99], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="index must hold strictly ascending"):
-        ops.masked_bn_stats(x, torch.tensor([3, 1], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="unsupported dtype"):
-        ops.masked_bn_stats(x.int(), index)
+    assert_index_and_dtype_checks(ops.masked_bn_stats)
     with pytest.raises(RuntimeError, match="scale must have dtype Float"):
         ops.masked_bn_elemt(x, index, vec.double(), vec)
     with pytest.raises(RuntimeError, match=r"shift must have shape \(4\)"):
@@ -562,3 +556,62 @@ def test_backward_ops_take_compact_rows(dtype):
         ops.masked_bn_backward_stats(grad, rows[1:], index, mean)
     with pytest.raises(RuntimeError, match="x must have grad_out's dtype"):
         ops.masked_bn_backward_elemt(grad, rows.double(), index, a, b, d)
+
+
+def staged_cpu_kernels():
+    """The cpu backend's kernels without its whole-step training ops: the staged path every other backend and
+    SyncBatchNorm take."""
+    from types import SimpleNamespace
+    from spark_kernels._backends import get_backend
+    from spark_kernels._registry import CPU_TRAINING_OPS
+    training_ops = {p.name for p in CPU_TRAINING_OPS}
+    return SimpleNamespace(**{k: v for k, v in vars(get_backend("cpu").kernels).items() if k not in training_ops})
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["random", "expanded", "other_layout"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_training_ops_match_the_staged_path(dtype, kind, affine):
+    """A channels_last training step of the cpu backend runs as one C++ op per pass; it computes what the staged
+    primitives and the Python arithmetic between them compute (float64 coefficients, exact-centre correction)."""
+    from spark_kernels.batch_norm import _MaskedBatchNorm
+    x, weight, bias, running, grad_out = inputs(4, 9)
+    sites = sk.ActiveSites(make_active("spark", 4))
+    grad = grad_out.to(dtype).contiguous(memory_format=torch.channels_last) if kind == "random" else \
+        grad_out_variant(grad_out, kind, dtype, "channels_last")
+    param_dtype = F32 if dtype == torch.bfloat16 else dtype
+    results = []
+    for kernels in (staged_cpu_kernels(), None):
+        xd = x.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        params = [t.to(param_dtype).requires_grad_() for t in (weight, bias)] if affine else [None, None]
+        rm, rv = (t.to(param_dtype) for t in running)
+        if kernels is None:
+            y = sk.masked_batch_norm(xd, sites, rm, rv, *params, momentum=0.3, backend="cpu")
+        else:
+            y = _MaskedBatchNorm.apply(xd, *params, rm, rv, sites.index, sites.num_active, True, 0.3, 1e-5, None,
+                                       kernels)
+        y.backward(grad)
+        results.append([y, xd.grad, rm, rv] + [p.grad for p in params if p is not None])
+    for staged, whole in zip(*results):
+        assert whole.dtype == staged.dtype
+        torch.testing.assert_close(whole, staged)
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16], ids=str)
+def test_training_ops_opcheck_and_argument_checks(dtype):
+    from spark_kernels._registry import CPU_TRAINING_OPS, sample_tensors
+    t = sample_tensors(2, 5, 4, 3, 3, dtype, "cpu", rows=True, seed=3)
+    for p in CPU_TRAINING_OPS:
+        torch.library.opcheck(getattr(ops, p.native), p.sample(t))
+    y, rows, mean, invstd = ops.masked_bn_train_forward(t.x, t.index, None, None, None, None, 0.1, 1e-5)
+    assert torch.equal(rows, t.x.permute(0, 2, 3, 1).reshape(-1, 5)[t.index.long()])
+    grad_x, _, _ = ops.masked_bn_train_backward(t.grad, rows, t.index, None, mean, invstd)
+    assert torch.equal(grad_x, ops.masked_bn_train_backward(t.grad, t.x, t.index, None, mean, invstd)[0])
+    with pytest.raises(RuntimeError, match="x must be channels_last"):
+        ops.masked_bn_train_forward(t.x.contiguous(), t.index, None, None, None, None, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match=r"running_var must have shape \(5\)"):
+        ops.masked_bn_train_forward(t.x, t.index, None, None, None, t.vec[:4], 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="invstd must be a float64 CPU tensor"):
+        ops.masked_bn_train_backward(t.grad, rows, t.index, None, mean, invstd.float())

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import spark_kernels as sk
-from helpers import (ATOL, GRADCHECK, NORM_TEST_SIZE, RTOL, assert_close_to_reference, kernel_backends,
-                     make_active)
+from helpers import (ATOL, GRADCHECK, NORM_TEST_SIZE, RTOL, assert_close_to_reference, assert_index_and_dtype_checks,
+                     kernel_backends, make_active)
 from test_batch_norm import with_layout
 
 F32, F64 = torch.float32, torch.float64
@@ -300,12 +300,7 @@ def test_kernel_argument_checks():
     x = torch.randn(2, 4, 3, 3)
     index = sk.ActiveSites(make_active("random", 2, 3, 3)).index
     vec = torch.zeros(2, 4)
-    with pytest.raises(RuntimeError, match="index must be int32"):
-        ops.masked_gn_stats(x, index.long())
-    with pytest.raises(RuntimeError, match="index must hold strictly ascending"):
-        ops.masked_gn_stats(x, torch.tensor([3, 1], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="unsupported dtype"):
-        ops.masked_gn_stats(x.int(), index)
+    assert_index_and_dtype_checks(ops.masked_gn_stats)
     with pytest.raises(RuntimeError, match=r"masked_gn_elemt: scale must have shape \(2, 4\)"):
         ops.masked_gn_elemt(x, index, vec, torch.zeros(4), vec)
     with pytest.raises(RuntimeError, match="center must have dtype Float"):

@@ -552,6 +552,21 @@ def test_decoder_width_halves_from_the_given_width_and_sizes_the_projections():
     assert SparK("resnet18", input_size=64, backend="reference").decoder.widths()[0] == 768
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_dense_convs_after_the_encoder_run_in_the_devices_memory_format(backend):
+    """On a CPU the densify projections and the decoder take NCHW inputs, whatever the encoder's layout (the
+    fused encoder's is channels_last); GPUs get channels_last (spark/decoder.py: dense_memory_format)."""
+    from spark.decoder import dense_memory_format
+    assert dense_memory_format(torch.device("cuda")) == torch.channels_last
+    model = SparK("resnet18", input_size=64, backend=backend, decoder_width=64)
+    seen = []
+    for m in [*model.densify_projs, *model.decoder.modules()]:
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            m.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    model(torch.randn(2, 3, 64, 64)).backward()
+    assert len(seen) == 4 + 5 * 3 + 1 and all(seen)
+
+
 class TinyEncoder(nn.Module):
     """A user encoder in timm features_only style: two maps at reductions 16 and 32."""
 

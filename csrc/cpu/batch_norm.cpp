@@ -1,9 +1,15 @@
 // Masked BatchNorm kernels on the CPU (conventions: csrc/ops.cpp; host code: csrc/norm_ops.h). The autograd
-// function in spark_kernels/batch_norm.py composes them; per-channel arithmetic between them happens there.
+// function in spark_kernels/batch_norm.py composes the four staged primitives (every backend, SyncBatchNorm),
+// doing the per-channel arithmetic between them in Python; without a process group it calls instead the two
+// CPU-only training ops at the end of this file, which run the same primitives and do that arithmetic here.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
 
 #include "cpu/dtypes.h"
 #include "cpu/norm_cpu.h"
@@ -30,9 +36,11 @@ struct Kernels {
     }
   }
 
+  // dy_rows (bn_backward_stats, bn_backward_elemt): grad_out's active rows when the caller gathered them
+  // (active_rows_of_planes), else null.
   template <typename scalar_t>
   static void bn_backward_stats(const NormArgs& p, const at::Tensor& grad_out, const at::Tensor& mean_t,
-                                at::Tensor& out) {
+                                at::Tensor& out, const at::Tensor* dy_rows = nullptr) {
     const acc_t<scalar_t>* mean = mean_t.const_data_ptr<acc_t<scalar_t>>();
     const int32_t* index = p.index.const_data_ptr<int32_t>();
     with_backward_readers<storage_t<scalar_t>>(p, grad_out, [&](auto x, auto dy) {
@@ -46,7 +54,7 @@ struct Kernels {
       } else {
         channel_sums<false>(p.g, index, p.index.numel(), term, out.data_ptr<double>());
       }
-    });
+    }, dy_rows);
   }
 
   template <typename scalar_t>
@@ -63,9 +71,32 @@ struct Kernels {
         row_prefetch(x));
   }
 
+  // bn_elemt that also copies the active rows of x, in index order, into rows (M, C): what backward reads, taken in
+  // the same pass (x in rows layout).
+  template <typename scalar_t>
+  static at::Tensor bn_elemt_keeping_rows(const NormArgs& p, const at::Tensor& scale_t, const at::Tensor& shift_t,
+                                          at::Tensor& rows_t) {
+    using T = storage_t<scalar_t>;
+    using Acc = acc_t<scalar_t>;
+    TORCH_INTERNAL_ASSERT(p.g.rows);
+    const T* x = data_as<T>(p.x);
+    T* rows = mutable_data_as<T>(rows_t);
+    const Acc* scale = scale_t.const_data_ptr<Acc>();
+    const Acc* shift = shift_t.const_data_ptr<Acc>();
+    const int64_t channels = p.g.channels;
+    return dense_map<T>(
+        p, [=](int64_t j, int64_t off, int64_t c, int64_t) {
+          const T v = x[off];
+          rows[j * channels + c] = v;
+          return static_cast<T>(norm::bn_affine<Acc>(v, scale[c], shift[c]));
+        },
+        row_prefetch(x));
+  }
+
   template <typename scalar_t>
   static at::Tensor bn_backward_elemt(const NormArgs& p, const at::Tensor& grad_out, const at::Tensor& a_t,
-                                      const at::Tensor& b_t, const at::Tensor& d_t) {
+                                      const at::Tensor& b_t, const at::Tensor& d_t,
+                                      const at::Tensor* dy_rows = nullptr) {
     using T = storage_t<scalar_t>;
     using Acc = acc_t<scalar_t>;
     const Acc* a = a_t.const_data_ptr<Acc>();
@@ -77,12 +108,153 @@ struct Kernels {
             return static_cast<T>(norm::bn_backward_elem<Acc>(dy(j, off, c), x(j, off, c), a[c], b[c], d[c]));
           },
           backward_prefetch(x, dy));
-    });
+    }, dy_rows);
   }
 };
 
 }  // namespace
 
+// -- The training ops (CPU only; schemas: CPU_TRAINING_PRIMITIVES in spark_kernels/_registry.py). The per-channel
+// arithmetic is that of spark_kernels/batch_norm.py's staged path, in float64, on n = M active sites.
+
+namespace {
+
+// An optional (C,) parameter or running statistic: floating, on the CPU.
+void check_channel_param(const std::optional<at::Tensor>& t, const char* name, int64_t channels, const char* op) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == channels, op, ": ", name, " must have shape (", channels, "), got ",
+              t->sizes());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be floating, got ", t->scalar_type());
+  TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t->device());
+}
+
+// t as a contiguous float64 (C,) tensor, or null data when absent.
+at::Tensor as_double(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->to(at::kDouble).contiguous() : at::Tensor();
+}
+
+const double* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<double>() : nullptr; }
+
+// (y, rows, mean, invstd): y the normalized x (channels_last), rows the (M, C) active rows of x for backward, mean
+// and invstd = 1 / sqrt(biased variance + eps) per channel in float64. running_mean / running_var, when given, are
+// updated in place as nn.BatchNorm2d does (unbiased variance), unless no site is active.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_bn_train_forward(
+    const at::Tensor& x_in, const at::Tensor& index_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, double momentum, double eps) {
+  constexpr const char* op = "masked_bn_train_forward";
+  const NormArgs p = prepare_norm<CpuBackend>(x_in, index_in, op);
+  TORCH_CHECK(p.g.rows, op, ": x must be channels_last (the rows layout), got strides ", x_in.strides());
+  const int64_t channels = p.g.channels;
+  check_channel_param(weight, "weight", channels, op);
+  check_channel_param(bias, "bias", channels, op);
+  check_channel_param(running_mean, "running_mean", channels, op);
+  check_channel_param(running_var, "running_var", channels, op);
+  const auto doubles = p.x.options().dtype(at::kDouble);
+  const auto acc_options = p.x.options().dtype(accumulation_type(p.x.scalar_type()));
+  at::Tensor moments = at::empty({2, channels}, doubles);
+  at::Tensor mean = at::empty({channels}, doubles), var = at::empty({channels}, doubles);
+  at::Tensor invstd = at::empty({channels}, doubles);
+  at::Tensor scale = at::empty({channels}, acc_options), shift = at::empty({channels}, acc_options);
+  at::Tensor rows = at::empty({p.index.numel(), channels}, p.x.options());
+  const at::Tensor w = as_double(weight), b = as_double(bias);
+  const int64_t n = p.index.numel();
+  at::Tensor y = CpuBackend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
+    using scalar_t = decltype(dtype);
+    using Acc = acc_t<scalar_t>;
+    Kernels::bn_stats<scalar_t>(p, moments);
+    const double* m = moments.const_data_ptr<double>();
+    const double *wd = data_or_null(w), *bd = data_or_null(b);
+    double *mean_d = mean.data_ptr<double>(), *var_d = var.data_ptr<double>(), *invstd_d = invstd.data_ptr<double>();
+    Acc *scale_d = scale.data_ptr<Acc>(), *shift_d = shift.data_ptr<Acc>();
+    for (int64_t c = 0; c < channels; ++c) {
+      mean_d[c] = m[c];
+      var_d[c] = m[channels + c] / static_cast<double>(std::max<int64_t>(n, 1));
+      invstd_d[c] = 1.0 / std::sqrt(var_d[c] + eps);
+      const double s = (wd != nullptr ? wd[c] : 1.0) * invstd_d[c];
+      scale_d[c] = static_cast<Acc>(s);
+      shift_d[c] = static_cast<Acc>((bd != nullptr ? bd[c] : 0.0) - mean_d[c] * s);
+    }
+    return Kernels::bn_elemt_keeping_rows<scalar_t>(p, scale, shift, rows);
+  });
+  if (n > 0) {  // the running statistics' update of spark_kernels/reference.py, in their dtype
+    const at::NoGradGuard no_grad;
+    if (running_mean.has_value()) {
+      running_mean->mul_(1 - momentum).add_(mean.to(running_mean->scalar_type()), momentum);
+    }
+    if (running_var.has_value()) {
+      const at::Tensor unbiased = var.mul(static_cast<double>(n) / static_cast<double>(std::max<int64_t>(n - 1, 1)));
+      running_var->mul_(1 - momentum).add_(unbiased.to(running_var->scalar_type()), momentum);
+    }
+  }
+  return {y, rows, mean, invstd};
+}
+
+// (grad_x, grad_weight, grad_bias) of masked_bn_train_forward: x dense or as the (M, C) rows it returned, mean and
+// invstd its float64 statistics; grad_weight and grad_bias in float64.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_bn_train_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& index_in,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean_in, const at::Tensor& invstd_in) {
+  constexpr const char* op = "masked_bn_train_backward";
+  const auto prepared = prepare_backward<Kernels>(grad_out_in, x_in, index_in, op);
+  const NormArgs& p = prepared.first;
+  const at::Tensor& grad_out = prepared.second;
+  const int64_t channels = p.g.channels;
+  check_channel_param(weight, "weight", channels, op);
+  for (const auto& [t, name] : {std::pair{&mean_in, "mean"}, std::pair{&invstd_in, "invstd"}}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == channels && t->scalar_type() == at::kDouble && t->device().is_cpu(),
+                op, ": ", name, " must be a float64 CPU tensor of shape (", channels, "), got ", t->scalar_type(),
+                " ", t->sizes(), " on ", t->device());
+  }
+  const auto doubles = p.x.options().dtype(at::kDouble);
+  const auto acc_options = p.x.options().dtype(accumulation_type(p.x.scalar_type()));
+  const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous(), w = as_double(weight);
+  // The kernels centre x on the mean rounded to the accumulation dtype; sum dy (mean_acc - mean) restores the
+  // exact centre.
+  const at::Tensor mean_acc = mean.to(accumulation_type(p.x.scalar_type()));
+  at::Tensor sums = at::empty({2, channels}, doubles);
+  at::Tensor grad_weight = at::empty({channels}, doubles), grad_bias = at::empty({channels}, doubles);
+  at::Tensor a = at::empty({channels}, acc_options), b = at::empty({channels}, acc_options);
+  at::Tensor d = at::empty({channels}, acc_options);
+  const double n = static_cast<double>(std::max<int64_t>(p.index.numel(), 1));
+  at::Tensor grad_x = CpuBackend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
+    using scalar_t = decltype(dtype);
+    using Acc = acc_t<scalar_t>;
+    // A planes grad_out is read from its active rows by both passes: gathered once.
+    std::optional<at::Tensor> dy_rows;
+    if (p.g.rows && grad_layout(grad_out, true) == GradLayout::kOther) {
+      dy_rows = active_rows_of_planes<storage_t<scalar_t>>(p, grad_out);
+    }
+    const at::Tensor* dy_rows_ptr = dy_rows.has_value() ? &*dy_rows : nullptr;
+    Kernels::bn_backward_stats<scalar_t>(p, grad_out, mean_acc, sums, dy_rows_ptr);
+    const double *s = sums.const_data_ptr<double>(), *mean_d = mean.const_data_ptr<double>();
+    const double *invstd_d = invstd.const_data_ptr<double>(), *wd = data_or_null(w);
+    const Acc* mean_a = mean_acc.const_data_ptr<Acc>();
+    double *gw = grad_weight.data_ptr<double>(), *gb = grad_bias.data_ptr<double>();
+    Acc *a_d = a.data_ptr<Acc>(), *b_d = b.data_ptr<Acc>(), *d_d = d.data_ptr<Acc>();
+    for (int64_t c = 0; c < channels; ++c) {
+      const double sum_dy = s[c];
+      const double sum_dy_xmu = s[channels + c] - (mean_d[c] - static_cast<double>(mean_a[c])) * sum_dy;
+      gw[c] = sum_dy_xmu * invstd_d[c];
+      gb[c] = sum_dy;
+      const double ac = (wd != nullptr ? wd[c] : 1.0) * invstd_d[c];
+      const double bc = -ac * invstd_d[c] * invstd_d[c] * sum_dy_xmu / n;
+      a_d[c] = static_cast<Acc>(ac);
+      b_d[c] = static_cast<Acc>(bc);
+      d_d[c] = static_cast<Acc>(-ac * sum_dy / n - mean_d[c] * bc);
+    }
+    return Kernels::bn_backward_elemt<scalar_t>(p, grad_out, a, b, d, dy_rows_ptr);
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
 SK_REGISTER_BATCH_NORM(CPU, Kernels)
+
+TORCH_LIBRARY_IMPL(spark_kernels, CPU, m) {
+  m.impl("masked_bn_train_forward", &masked_bn_train_forward);
+  m.impl("masked_bn_train_backward", &masked_bn_train_backward);
+}
 
 }  // namespace spark_kernels::cpu

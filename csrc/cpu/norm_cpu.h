@@ -266,14 +266,28 @@ void zero_inactive(const NormGeometry& g, const int32_t* index, int64_t count, i
 }
 
 // Planes: the chunk's sites copied into site-major rows (C contiguous values per site) and back, so the
-// per-site LayerNorm math runs on contiguous channels in both layouts. bases[s] = g.base(site s).
+// per-site LayerNorm math runs on contiguous channels in both layouts. bases[s] = g.base(site s). A block of
+// kTransposeChannels channels at a time, site by site: the planes of the block are walked side by side, each row
+// gets a contiguous run (about 2-3x faster than plane by plane, whose row accesses are all strided).
+constexpr int64_t kTransposeChannels = 16;
+
+// fn(c0, c1): the channel blocks [c0, c1) of the transposes, the last one shorter.
+template <typename Fn>
+inline void for_each_transpose_block(int64_t channels, const Fn& fn) {
+  for (int64_t c0 = 0; c0 < channels; c0 += kTransposeChannels) fn(c0, std::min(channels, c0 + kTransposeChannels));
+}
+
 template <typename T>
 void gather_rows(const T* src, const int64_t* bases, int64_t sites, int64_t channels, int64_t channel_stride,
                  T* rows) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const T* plane = src + c * channel_stride;
-    for (int64_t s = 0; s < sites; ++s) rows[s * channels + c] = plane[bases[s]];
-  }
+  for_each_transpose_block(channels, [&](int64_t c0, int64_t c1) {
+    const T* first = src + c0 * channel_stride;
+    for (int64_t s = 0; s < sites; ++s) {
+      const T* from = first + bases[s];
+      T* __restrict to = rows + s * channels + c0;
+      for (int64_t k = 0; k < c1 - c0; ++k) to[k] = from[k * channel_stride];
+    }
+  });
 }
 
 template <typename T>
@@ -284,10 +298,14 @@ void gather_rows(const NormGeometry& g, const T* src, const std::vector<int64_t>
 template <typename T>
 void scatter_rows(const NormGeometry& g, const T* rows, const std::vector<int64_t>& bases, T* dst) {
   const int64_t sites = static_cast<int64_t>(bases.size());
-  for (int64_t c = 0; c < g.channels; ++c) {
-    T* plane = dst + c * g.plane;
-    for (int64_t s = 0; s < sites; ++s) plane[bases[s]] = rows[s * g.channels + c];
-  }
+  for_each_transpose_block(g.channels, [&](int64_t c0, int64_t c1) {
+    T* first = dst + c0 * g.plane;
+    for (int64_t s = 0; s < sites; ++s) {
+      T* __restrict to = first + bases[s];
+      const T* from = rows + s * g.channels + c0;
+      for (int64_t k = 0; k < c1 - c0; ++k) to[k * g.plane] = from[k];
+    }
+  });
 }
 
 // A dense output in x's kernel layout (channels_last for compact x) whose every element is written by the caller
@@ -376,24 +394,57 @@ struct GradReader {
   const T* dense_rows() const { return kLayout == GradLayout::kSame ? dy : nullptr; }
 };
 
+// grad_out read from the (M, C) rows of its active sites, in index order (active_rows_of_planes).
+template <typename T>
+struct CompactGradReader {
+  const T* dy;
+  int64_t channels;
+  T operator()(int64_t j, int64_t, int64_t c) const { return dy[j * channels + c]; }
+  const T* dense_rows() const { return nullptr; }
+};
+
+// The values of a planes (NCHW) grad_out at the active sites of a rows x, as (M, C) rows in index order. Read
+// plane by plane over fixed chunks of sites (runs of adjacent sites), so that the backward kernels, which visit
+// the sites row by row, read them in order instead of C strided values per site.
+template <typename T>
+at::Tensor active_rows_of_planes(const NormArgs& p, const at::Tensor& grad_out) {
+  TORCH_INTERNAL_ASSERT(p.g.rows && grad_layout(grad_out, true) == GradLayout::kOther);
+  const std::vector<int64_t> bases = other_layout_bases(p);
+  const int64_t channels = p.g.channels;
+  at::Tensor rows = at::empty({p.index.numel(), channels}, grad_out.options());
+  const T* dy = data_as<T>(grad_out);
+  T* out = mutable_data_as<T>(rows);
+  for_each_chunk(p.index.numel(), norm::sites_per_chunk(channels), [&](int64_t, int64_t j0, int64_t j1) {
+    gather_rows(dy, bases.data() + j0, j1 - j0, channels, p.g.plane, out + j0 * channels);
+  });
+  return rows;
+}
+
 // The RowPrefetch of the backward kernels' reads (rows layout).
 template <typename XR, typename GR>
 RowPrefetch backward_prefetch(const XR& x, const GR& dy) {
   return dy.dense_rows() != nullptr ? row_prefetch(dy.dense_rows(), x.dense_rows()) : row_prefetch(x.dense_rows());
 }
 
-// fn(x_reader, grad_reader) with the readers that fit p and grad_out (one of the layouts norm_ops.h keeps).
+// fn(x_reader, grad_reader) with the readers that fit p and grad_out (one of the layouts norm_ops.h keeps). A planes
+// grad_out of a rows x is read from its active rows: dy_rows when the caller gathered them already
+// (active_rows_of_planes), else gathered here.
 template <typename T, typename Fn>
-auto with_backward_readers(const NormArgs& p, const at::Tensor& grad_out, const Fn& fn) {
+auto with_backward_readers(const NormArgs& p, const at::Tensor& grad_out, const Fn& fn,
+                           const at::Tensor* dy_rows = nullptr) {
   const T* x = data_as<T>(p.x);
   const T* dy = data_as<T>(grad_out);
   const GradLayout layout = grad_layout(grad_out, p.g.rows);
-  const std::vector<int64_t> bases = layout == GradLayout::kOther ? other_layout_bases(p) : std::vector<int64_t>{};
-  const int64_t stride = other_channel_stride(p.g);
   auto with_x = [&](auto grad) {
     return p.compact ? fn(XReader<T, true>{x, p.g.channels}, grad) : fn(XReader<T, false>{x, p.g.channels}, grad);
   };
   if (layout == GradLayout::kBroadcast) return with_x(GradReader<T, GradLayout::kBroadcast>{dy, nullptr, 0});
+  if (layout == GradLayout::kOther && p.g.rows) {
+    const at::Tensor rows = dy_rows != nullptr ? *dy_rows : active_rows_of_planes<T>(p, grad_out);
+    return with_x(CompactGradReader<T>{data_as<T>(rows), p.g.channels});
+  }
+  const std::vector<int64_t> bases = layout == GradLayout::kOther ? other_layout_bases(p) : std::vector<int64_t>{};
+  const int64_t stride = other_channel_stride(p.g);
   if (layout == GradLayout::kOther) return with_x(GradReader<T, GradLayout::kOther>{dy, bases.data(), stride});
   TORCH_INTERNAL_ASSERT(layout == GradLayout::kSame || grad_out.numel() == 0);
   return with_x(GradReader<T, GradLayout::kSame>{dy, nullptr, 0});
