@@ -602,14 +602,24 @@ inline void listed_gather_channel(const TapLists& l, int64_t q, const T* src, co
   dst[l.row[q] + ch] = static_cast<T>(acc);
 }
 
-// Calls fn(c0, vectors constant) over the channels [begin, end) of a panel in blocks of kListVectors vectors, then
-// single vectors; returns the first channel past the last full vector.
-template <typename Acc, typename Fn>
-inline void for_each_list_block(int64_t begin, int64_t end, Fn&& fn) {
+// The order in which a chunk's listed sites are computed: channels in panels of kPanelVectors vectors, and within a
+// panel every site q, its channels in blocks of kListVectors vectors, then single vectors (block(q, c0, vectors
+// constant)); the channels past the last full vector site by site last (channel(q, ch)).
+template <typename Acc, typename Block, typename Channel>
+inline void for_each_listed_block(int64_t sites, int64_t c, Block&& block, Channel&& channel) {
   constexpr int L = cpu::kLanes<Acc>;
-  int64_t c0 = begin;
-  for (; c0 + kListVectors * L <= end; c0 += kListVectors * L) fn(c0, std::integral_constant<int, kListVectors>{});
-  for (; c0 + L <= end; c0 += L) fn(c0, std::integral_constant<int, 1>{});
+  const int64_t full = c / L * L;
+  for (int64_t panel = 0; panel < full; panel += kPanelVectors * L) {
+    const int64_t panel_end = std::min(full, panel + kPanelVectors * L);
+    for (int64_t q = 0; q < sites; ++q) {
+      int64_t c0 = panel;
+      for (; c0 + kListVectors * L <= panel_end; c0 += kListVectors * L)
+        block(q, c0, std::integral_constant<int, kListVectors>{});
+      for (; c0 + L <= panel_end; c0 += L) block(q, c0, std::integral_constant<int, 1>{});
+    }
+  }
+  for (int64_t q = 0; q < sites; ++q)
+    for (int64_t ch = full; ch < c; ++ch) channel(q, ch);
 }
 
 // dst (every site: computed at the index's sites, zero elsewhere) = the stride-1 forward gather over src (x), bias
@@ -617,23 +627,18 @@ inline void for_each_list_block(int64_t begin, int64_t end, Fn&& fn) {
 template <int K, typename T, typename Acc>
 void gather_rows_listed(const T* src, const Acc* wt, const Acc* bias, const int32_t* index, const int32_t* nbr,
                         T* dst, const Geometry& g, std::atomic<bool>& valid) {
-  constexpr int L = cpu::kLanes<Acc>;
-  const int64_t full = g.c / L * L;
   at::parallel_for(0, g.m, 64, [&](int64_t begin, int64_t end) {
     bool ok = true;
     GapFiller<T> fill{dst, g.c, first_row(index, begin, g.sites()), g.sites()};
     TapLists lists;
     list_sites<K>(index, nbr, begin, end, g.sites(), g.c, fill, lists, ok);
     if (end == g.m) fill.finish();
-    for (int64_t panel = 0; panel < full; panel += kPanelVectors * L) {
-      const int64_t panel_end = std::min(full, panel + kPanelVectors * L);
-      for (int64_t q = 0; q < lists.sites(); ++q)
-        for_each_list_block<Acc>(panel, panel_end, [&](int64_t c0, auto nv) {
+    for_each_listed_block<Acc>(
+        lists.sites(), g.c,
+        [&](int64_t q, int64_t c0, auto nv) {
           listed_gather<decltype(nv)::value>(lists, q, src, wt, bias, dst, g.c, c0);
-        });
-    }
-    for (int64_t q = 0; q < lists.sites(); ++q)
-      for (int64_t ch = full; ch < g.c; ++ch) listed_gather_channel(lists, q, src, wt, bias, dst, g.c, ch);
+        },
+        [&](int64_t q, int64_t ch) { listed_gather_channel(lists, q, src, wt, bias, dst, g.c, ch); });
     if (!ok) valid = false;
   });
 }
@@ -689,8 +694,6 @@ template <int K, typename T, typename Acc>
 void backward_rows_listed(const T* gy, const T* x, const Acc* wt_mirrored, const int32_t* index, const int32_t* nbr,
                           T* gx, Acc* gw_parts, Acc* gb_parts, int64_t chunk_sites, int64_t chunks, const Geometry& g,
                           std::atomic<bool>& valid) {
-  constexpr int L = cpu::kLanes<Acc>;
-  const int64_t full = g.c / L * L;
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     bool ok = true;
     TapLists lists;
@@ -699,16 +702,14 @@ void backward_rows_listed(const T* gy, const T* x, const Acc* wt_mirrored, const
       GapFiller<T> fill{gx, g.c, first_row(index, begin, g.sites()), g.sites()};
       list_sites<K>(index, nbr, begin, end, g.sites(), g.c, fill, lists, ok);
       if (end == g.m) fill.finish();
-      for (int64_t panel = 0; panel < full; panel += kPanelVectors * L) {
-        const int64_t panel_end = std::min(full, panel + kPanelVectors * L);
-        for (int64_t q = 0; q < lists.sites(); ++q)
-          for_each_list_block<Acc>(panel, panel_end, [&](int64_t c0, auto nv) {
+      for_each_listed_block<Acc>(
+          lists.sites(), g.c,
+          [&](int64_t q, int64_t c0, auto nv) {
             listed_backward<decltype(nv)::value>(lists, q, gy, x, wt_mirrored, gx, gw_part, gb_part, g.c, c0);
+          },
+          [&](int64_t q, int64_t ch) {
+            listed_backward_channel(lists, q, gy, x, wt_mirrored, gx, gw_part, gb_part, g.c, ch);
           });
-      }
-      for (int64_t q = 0; q < lists.sites(); ++q)
-        for (int64_t ch = full; ch < g.c; ++ch)
-          listed_backward_channel(lists, q, gy, x, wt_mirrored, gx, gw_part, gb_part, g.c, ch);
     }
     if (!ok) valid = false;
   });
