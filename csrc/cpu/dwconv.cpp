@@ -736,43 +736,72 @@ RowsPath rows_path(const int32_t* index, const Geometry& g) {
   return kTiled<K> ? RowsPath::tiled : RowsPath::sites;
 }
 
-// grad_out in the rows layout. The backward reads it at the active output sites only, so an NCHW or expanded
+// grad_out in the rows layout. The backward reads it at the active output sites only (the tables name no
+// other site, as a channels_last grad_out with garbage at its inactive sites shows), so an NCHW or expanded
 // (stride-0, what y.sum().backward() gives) grad_out becomes a channels_last tensor of its active rows, the
-// others zero, instead of a transposing copy of all of it; a channels_last one is used in place. A row whose
-// channels are contiguous or all one value (stride 1 or 0) is one copy or fill; otherwise (NCHW) the copy goes
-// kCopyChannels channels at a time over a range of sites, so that it reads that many planes forward, cache
-// lines shared by neighbouring sites staying in L1.
+// other rows left unwritten (writing them cost more memory traffic than the copy itself), instead of a
+// transposing copy of all of it; a channels_last one is used in place. A row whose
+// channels are contiguous or all one value (stride 1 or 0) is one copy or fill. Otherwise (NCHW) the copy goes
+// image by image, by runs of adjacent active sites of one image row; within a run (at unit site stride), 8 sites
+// x 8 channels at a time by a register transpose (cpu::transpose8x8), for 4- and 2-byte types.
 template <typename T>
 at::Tensor rows_grad_out(const at::Tensor& grad_out, const int32_t* index, const Geometry& g) {
-  constexpr int kCopyChannels = 16;
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
+  constexpr bool kTransposable = sizeof(T) == 4 || sizeof(T) == 2;
   if (grad_out.is_contiguous(at::MemoryFormat::ChannelsLast)) return grad_out;
   at::Tensor gy = at::empty(g.out_shape(), grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
   const T* src = cpu::data_as<T>(grad_out);
   T* dst = cpu::mutable_data_as<T>(gy);
   const int64_t sn = grad_out.stride(0), sc = grad_out.stride(1), sh = grad_out.stride(2), sw = grad_out.stride(3);
-  at::parallel_for(0, g.m, 256, [&](int64_t begin, int64_t end) {
-    GapFiller<T> fill{dst, g.c, first_row(index, begin, g.out_sites()), g.out_sites()};
-    std::vector<std::pair<int64_t, int64_t>> rows;  // (source offset, destination row offset) per active site
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t site = index[i];
-      if (!fill.advance_to(site)) continue;  // a corrupt index: the kernel that reads gy reports it
-      const int64_t n = site / g.out_plane(), hw = site % g.out_plane();
-      const int64_t in = n * sn + hw / g.out_w * sh + hw % g.out_w * sw;
-      if (sc == 0)
-        std::fill(dst + site * g.c, dst + (site + 1) * g.c, src[in]);
-      else if (sc == 1)
-        std::copy(src + in, src + in + g.c, dst + site * g.c);
-      else
-        rows.emplace_back(in, site * g.c);
+  // Image by image: the image's entries of the (ascending) index.
+  const std::vector<int64_t> start = image_starts(index, g.m, g.n, g.out_plane());
+  at::parallel_for(0, g.n, 1, [&](int64_t image_begin, int64_t image_end) {
+    struct Run {
+      int64_t in, out, sites;  // source offset, destination row offset, adjacent sites (one if not sw == 1)
+    };
+    std::vector<Run> runs;
+    for (int64_t image = image_begin; image < image_end; ++image) {
+      runs.clear();
+      for (int64_t i = start[image]; i < start[image + 1]; ++i) {
+        const int64_t site = index[i];
+        if (site < 0 || site >= g.out_sites()) continue;  // a corrupt index: the kernel that reads gy reports it
+        const int64_t n = site / g.out_plane(), hw = site % g.out_plane();
+        const int64_t in = n * sn + hw / g.out_w * sh + hw % g.out_w * sw;
+        if (sc == 0)
+          std::fill(dst + site * g.c, dst + (site + 1) * g.c, src[in]);
+        else if (sc == 1)
+          std::copy(src + in, src + in + g.c, dst + site * g.c);
+        else if (sw == 1 && !runs.empty() && hw % g.out_w != 0 &&
+                 runs.back().out + runs.back().sites * g.c == site * g.c)
+          ++runs.back().sites;
+        else
+          runs.push_back({in, site * g.c, 1});
+      }
+      // kCopyChannels channels (a 64-byte line of floats) at a time over all the image's runs: a pass reads that
+      // many planes forward, which the hardware prefetches (a walk site by site would miss in cache at every
+      // new line of every plane), and writes a whole line of each active row. Planes of a few KB are too short
+      // for the hardware to catch on: each pass prefetches the next pass's planes.
+      constexpr int64_t kCopyChannels = 16, kShortPlaneBytes = 4096, kLine = 64 / sizeof(T);
+      const int64_t plane_span = (g.out_h - 1) * sh + (g.out_w - 1) * sw + 1;
+      const bool prefetch = plane_span * static_cast<int64_t>(sizeof(T)) <= kShortPlaneBytes;
+      for (int64_t c0 = 0; c0 < g.c; c0 += kCopyChannels) {
+        const int64_t c1 = std::min(g.c, c0 + kCopyChannels);
+        if (prefetch)
+          for (int64_t ch = c1; ch < std::min(g.c, c1 + kCopyChannels); ++ch)
+            for (int64_t e = 0; e < plane_span; e += kLine) __builtin_prefetch(src + image * sn + ch * sc + e);
+        for (const Run& run : runs) {
+          int64_t j = 0;
+          if constexpr (kTransposable)
+            if (c1 - c0 == kCopyChannels)
+              for (; j + 8 <= run.sites; j += 8)
+                for (int64_t c8 = c0; c8 < c1; c8 += 8)
+                  cpu::transpose8x8(reinterpret_cast<const Bits*>(src + run.in + j + c8 * sc), sc,
+                                    reinterpret_cast<Bits*>(dst + run.out + j * g.c + c8), g.c);
+          for (; j < run.sites; ++j)
+            for (int64_t ch = c0; ch < c1; ++ch) dst[run.out + j * g.c + ch] = src[run.in + j * sw + ch * sc];
+        }
+      }
     }
-    if (end == g.m) fill.finish();
-    int64_t c0 = 0;
-    for (; c0 + kCopyChannels <= g.c; c0 += kCopyChannels)
-      for (const auto& [in, out] : rows)
-#pragma GCC unroll 16
-        for (int ch = 0; ch < kCopyChannels; ++ch) dst[out + c0 + ch] = src[in + (c0 + ch) * sc];
-    for (const auto& [in, out] : rows)
-      for (int64_t ch = c0; ch < g.c; ++ch) dst[out + ch] = src[in + ch * sc];
   });
   return gy;
 }

@@ -104,6 +104,22 @@ void check_streaming() {
   }
 }
 
+// transpose8x8 between strided blocks, for both element sizes; the elements around the block stay untouched.
+template <typename E>
+void check_transpose(const char* what) {
+  constexpr int kSrcStride = 11, kDstStride = 13;
+  E in[8 * kSrcStride], out[8 * kDstStride + 2];
+  for (int i = 0; i < 8 * kSrcStride; ++i) in[i] = static_cast<E>(i * 7 + 3);
+  for (E& e : out) e = static_cast<E>(0xAB);
+  cpu::transpose8x8(in + 1, kSrcStride, out + 2, kDstStride);
+  for (int i = 0; i < 8 * kDstStride + 2; ++i) {
+    const int row = (i - 2) / kDstStride, lane = (i - 2) % kDstStride;
+    const bool in_block = i >= 2 && lane < 8;
+    const E want = in_block ? in[1 + lane * kSrcStride + row] : static_cast<E>(0xAB);
+    if (out[i] != want) fail(what, i, out[i], want);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -114,6 +130,8 @@ int main() {
   check_narrow<cpu::Float16Bits>("float -> float16", false, values);
   check_wide_round_trips();
   check_streaming();
+  check_transpose<uint32_t>("transpose8x8 32-bit");
+  check_transpose<uint16_t>("transpose8x8 16-bit");
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "ok", failures);
   return failures ? 1 : 0;
 }
