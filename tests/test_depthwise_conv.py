@@ -495,3 +495,30 @@ def test_module_defaults_are_those_of_a_depthwise_conv2d(k):
     with sk.active(torch.ones(2, 1, 6, 5, dtype=torch.bool)):
         y = module(x)
     torch.testing.assert_close(y, torch.nn.functional.conv2d(x, module.weight, module.bias, padding=k // 2, groups=4))
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("k", (3, 7))
+def test_large_output_streams_zeros(k):
+    """Outputs of 4 MiB and more have their inactive rows zeroed by streaming stores: those rows are exact
+    zeros and the active ones match the reference, forward and backward, NCHW grad_out included."""
+    n, c, h, w = 1, 256, 64, 64  # 4 MiB of float32
+    mask = make_mask("spark", n, h, w, 0.6, seed=3)
+    g = torch.Generator().manual_seed(3)
+    x64 = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    w64 = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
+    g64 = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    conv = lambda xx, ww, bb: sk.sparse_depthwise_conv2d(  # noqa: E731
+        xx.contiguous(memory_format=torch.channels_last), ww, bb, mask, backend="cpu")
+    masked_dense = lambda xx, ww, bb: reference.sparse_depthwise_conv2d(xx, ww, bb, mask, 1)  # noqa: E731
+    leaves = lambda dtype: [t.to(dtype).requires_grad_() for t in (x64, w64)] + [None]  # noqa: E731
+    for _ in range(3):  # freed NaN blocks of the outputs' size that the allocator may reuse: zeros are written
+        torch.full((n, c, h, w), float("nan"))
+    y, grads = conv_and_grads(conv, *leaves(torch.float32), g64.float().contiguous())
+    ref32, ref32_grads = conv_and_grads(masked_dense, *leaves(torch.float32), g64.float())
+    ref64, ref64_grads = conv_and_grads(masked_dense, *leaves(torch.float64), g64)
+    inactive = ~mask.expand_as(y)
+    assert torch.all(y[inactive] == 0) and torch.all(grads[0][inactive] == 0)
+    assert_close_to_reference(y, ref32, ref64, f"k={k}: output")
+    for name, got, lowp, exact in zip(("grad x", "grad weight"), grads, ref32_grads, ref64_grads):
+        assert_close_to_reference(got, lowp, exact, f"k={k}: {name}")

@@ -70,8 +70,14 @@ std::vector<int64_t> image_starts(const int32_t* index, int64_t m, int64_t image
   return start;
 }
 
+// Outputs of at least this size have their inactive rows zeroed by streaming stores (cpu/vec.h): the caches would
+// not keep them anyway, and streaming spares reading every line from memory before overwriting it.
+constexpr int64_t kStreamZerosBytes = int64_t(4) << 20;
+
 // Writes a dense output in one pass along ascending active sites: the rows of the inactive sites before
-// each active site are zeroed when the pass reaches it, so no separate memset touches the output first.
+// each active site are zeroed when the pass reaches it, so no separate memset touches the output first. Its
+// scope is one thread's part of a pass: it ends with the fence that streamed zeros need before other threads
+// read them.
 template <typename T>
 struct GapFiller {
   T* out;
@@ -83,13 +89,24 @@ struct GapFiller {
   // after the previous one or is past the end: an unsorted or corrupt index.
   bool advance_to(int64_t site) {
     if (site < next || site >= limit) return false;
-    std::fill(out + next * row_len, out + site * row_len, T(0));
+    zero_rows(next, site);
     next = site + 1;
     return true;
   }
   void finish() {
-    std::fill(out + next * row_len, out + limit * row_len, T(0));
+    zero_rows(next, limit);
     next = limit;
+  }
+  ~GapFiller() { cpu::stream_fence(); }
+
+ private:
+  void zero_rows(int64_t from, int64_t to) {
+    const int64_t bytes = (to - from) * row_len * static_cast<int64_t>(sizeof(T));
+    if (bytes <= 0) return;
+    if (limit * row_len * static_cast<int64_t>(sizeof(T)) >= kStreamZerosBytes)
+      cpu::stream_zero(out + from * row_len, bytes);
+    else
+      std::fill(out + from * row_len, out + to * row_len, T(0));
   }
 };
 
