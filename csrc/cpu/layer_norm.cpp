@@ -1,6 +1,8 @@
 // Masked LayerNorm kernels on the CPU (conventions: csrc/ops.cpp; host code: csrc/norm_ops.h): normalization over the
-// C channels of each active site, with the row math of csrc/common/norm_row.h, in the accumulation type
-// (float for float32, float16 and bfloat16 inputs; double for float64).
+// C channels of each active site, with the row math of csrc/common/norm_row.h (the backward's, fused with the
+// parameter-gradient terms, in site_backward below), in the accumulation type (float for float32, float16 and
+// bfloat16 inputs; double for float64). The parameter gradients are summed per chunk of sites in the accumulation
+// type, and the chunks' sums added in float64.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +22,38 @@ namespace {
 template <typename acc_t>
 const acc_t* optional_param(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<acc_t>() : nullptr;
+}
+
+// One site's input gradient (common/norm_row.h's row_backward) with its terms of the parameter gradients added
+// to a chunk's per-channel sums, dy * xhat and dy, in the accumulation type: the terms ride on the first of the
+// two passes over the row, which reads dy and x already. kDyStep 0: one grad_out value for the whole row.
+template <int64_t kDyStep, typename acc_t, typename T>
+inline void site_backward(const T* __restrict dy, const T* __restrict x, T* __restrict dx,
+                          int64_t channels, norm::RowStats<acc_t> s, const acc_t* __restrict weight,
+                          acc_t* __restrict sum_dy_xhat, acc_t* __restrict sum_dy) {
+  auto pass = [&](auto weighted) {
+    constexpr bool kWeighted = decltype(weighted)::value;
+    acc_t sum_g = 0, sum_g_xhat = 0;
+    SK_SIMD_SUM(sum_g, sum_g_xhat)
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t d = static_cast<acc_t>(dy[c * kDyStep]);
+      const acc_t xhat = (static_cast<acc_t>(x[c]) - s.mean) * s.rstd;
+      const acc_t g = kWeighted ? d * weight[c] : d;
+      sum_g += g;
+      sum_g_xhat += g * xhat;
+      sum_dy_xhat[c] += d * xhat;
+      sum_dy[c] += d;
+    }
+    const acc_t mean_g = sum_g / static_cast<acc_t>(channels);
+    const acc_t mean_g_xhat = sum_g_xhat / static_cast<acc_t>(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t d = static_cast<acc_t>(dy[c * kDyStep]);
+      const acc_t xhat = (static_cast<acc_t>(x[c]) - s.mean) * s.rstd;
+      const acc_t g = kWeighted ? d * weight[c] : d;
+      dx[c] = static_cast<T>(norm::input_grad(g, xhat, mean_g, mean_g_xhat, s.rstd));
+    }
+  };
+  weight != nullptr ? pass(std::true_type{}) : pass(std::false_type{});
 }
 
 // The kernels the shared host code (csrc/norm_ops.h) dispatches to.
@@ -93,15 +127,15 @@ struct Kernels {
     at::Tensor dx_t = empty_dense(p);
     const int64_t per_chunk = norm::sites_per_chunk(channels);
     const int64_t chunks = norm::num_chunks(count, per_chunk);
-    // Per-chunk partial sums of (dy * xhat, dy) per channel, added in chunk order below.
-    std::vector<double> partials(chunks * 2 * channels, 0.0);
+    // Per-chunk partial sums of (dy * xhat, dy) per channel, summed over the chunk's sites in the accumulation type,
+    // then added in chunk order below in float64.
+    std::vector<double> partials(chunks * 2 * channels);
     const T* x = data_as<T>(p.x);
     const T* dy = data_as<T>(dy_t);
     T* dx = mutable_data_as<T>(dx_t);
     const acc_t* mean = mean_c.const_data_ptr<acc_t>();
     const acc_t* rstd = rstd_c.const_data_ptr<acc_t>();
     const acc_t* weight = optional_param<acc_t>(weight_t);
-    const norm::LnParamGradTerms<double> terms;
     // grad_out in x's layout, in the other layout, or one value (every stride 0): norm_ops.h keeps these three.
     // A site's grad_out values are read contiguously (gathered into a chunk buffer where they are not), so that
     // every layout gives the same bits.
@@ -118,18 +152,18 @@ struct Kernels {
       const bool gather_dy = kMode == GradLayout::kSame ? !g.rows : kMode == GradLayout::kOther && g.rows;
       for_each_chunk(count, per_chunk, [&](int64_t k, int64_t j0, int64_t j1) {
         zero_inactive(g, index, count, j0, j1, dx, stream);
-        double* __restrict sum_dy_xhat = partials.data() + k * 2 * channels;
-        double* __restrict sum_dy = sum_dy_xhat + channels;
+        thread_local std::vector<acc_t> sums;
+        sums.assign(2 * channels, acc_t(0));
+        acc_t* sum_dy_xhat = sums.data();
+        acc_t* sum_dy = sum_dy_xhat + channels;
         // One site, its x and dx values contiguous (rows of the tensors or of the planes path's buffers).
         auto site = [&](const T* dyr, const T* xr, T* dxr, int64_t j) {
-          const norm::RowStats<acc_t> s{mean[j], rstd[j]};
-          norm::row_backward<acc_t>(dyr, dy_step, xr, 1, dxr, 1, channels, s, weight);
-          for (int64_t c = 0; c < channels; ++c) {
-            double a, b;
-            terms(dyr[c * dy_step], xr[c], s.mean, s.rstd, a, b);
-            sum_dy_xhat[c] += a;
-            sum_dy[c] += b;
-          }
+          site_backward<dy_step, acc_t>(dyr, xr, dxr, channels, norm::RowStats<acc_t>{mean[j], rstd[j]}, weight,
+                               sum_dy_xhat, sum_dy);
+        };
+        auto keep_sums = [&] {
+          double* partial = partials.data() + k * 2 * channels;
+          for (int64_t c = 0; c < 2 * channels; ++c) partial[c] = static_cast<double>(sums[c]);
         };
         thread_local std::vector<T> dy_rows;
         if (gather_dy) {
@@ -154,6 +188,7 @@ struct Kernels {
             sink.done(base);
           }
           stream_fence();
+          keep_sums();
           return;
         }
         thread_local std::vector<int64_t> bases;
@@ -168,6 +203,7 @@ struct Kernels {
           site(dy_row(j, 0), x_rows.data() + r, dx_rows.data() + r, j);
         }
         scatter_rows(g, dx_rows.data(), bases, dx);
+        keep_sums();
       });
     };
     if (layout == GradLayout::kBroadcast) {
