@@ -56,6 +56,25 @@ inline void site_backward(const T* __restrict dy, const T* __restrict x, T* __re
   weight != nullptr ? pass(std::true_type{}) : pass(std::false_type{});
 }
 
+// grad_out's values of a chunk's sites gathered from (N, C, H, W)-contiguous planes into rows of C values (for a rows x):
+// bases[s] = the offset of site s in channel 0's plane. Plane by plane, each plane's part for the sites of one image
+// read in ascending order: the reads walk the tensor forward as the hardware prefetchers expect, where a block of
+// planes walked side by side (gather_rows) starts as many short streams at once and waits on each (with it, the
+// backward took 1.1-1.4x as long at ConvNeXt-T's 384@14 and 768@7, where a plane is a few cache lines).
+template <typename T>
+void gather_plane_rows(const T* src, const int64_t* bases, int64_t sites, int64_t channels, int64_t plane, T* rows) {
+  for (int64_t s0 = 0; s0 < sites;) {
+    int64_t s1 = s0 + 1;  // [s0, s1): the sites of one image (planes of other images lie a C * H * W stride away)
+    while (s1 < sites && bases[s1] - bases[s0] < plane) ++s1;
+    for (int64_t c = 0; c < channels; ++c) {
+      const T* from = src + c * plane;
+      T* to = rows + c;
+      for (int64_t s = s0; s < s1; ++s) to[s * channels] = from[bases[s]];
+    }
+    s0 = s1;
+  }
+}
+
 // The kernels the shared host code (csrc/norm_ops.h) dispatches to.
 struct Kernels {
   using Backend = CpuBackend;
@@ -169,7 +188,7 @@ struct Kernels {
         if (gather_dy) {
           dy_rows.resize((j1 - j0) * channels);
           if (kMode == GradLayout::kOther) {
-            gather_rows(dy, other_bases.data() + j0, j1 - j0, channels, other_channel_stride(g), dy_rows.data());
+            gather_plane_rows(dy, other_bases.data() + j0, j1 - j0, channels, g.plane, dy_rows.data());
           }
         }
         // Where grad_out's values of site j (the chunk's r-th value) start.
