@@ -1,18 +1,20 @@
 // Masked LayerNorm kernels on the CPU (conventions: csrc/ops.cpp; host code: csrc/norm_ops.h): normalization over the
-// C channels of each active site, with the row math of csrc/common/norm_row.h (the backward's, fused with the
-// parameter-gradient terms, in site_backward below), in the accumulation type (float for float32, float16 and
-// bfloat16 inputs; double for float64). The parameter gradients are summed per chunk of sites in the accumulation
+// C channels of each active site, with the row math of csrc/common/norm_row.h (its statistics and input gradient
+// written on vectors below, the latter fused with the parameter-gradient terms), in the accumulation type (float for
+// float32, float16 and bfloat16 inputs; double for float64). The parameter gradients are summed per chunk of sites in the accumulation
 // type, and the chunks' sums added in float64.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <optional>
 #include <type_traits>
 
 #include "cpu/dtypes.h"
 #include "cpu/norm_cpu.h"
+#include "cpu/vec.h"
 #include "norm_ops.h"
 
 namespace spark_kernels::cpu {
@@ -24,36 +26,112 @@ const acc_t* optional_param(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<acc_t>() : nullptr;
 }
 
+// The per-site math on vectors of the accumulation type (cpu/vec.h), with each row sum kept in vector lanes and added
+// across them once per row, in a fixed order: an `omp simd` reduction of a row of C values would spill its lanes and
+// add them one after another, a chain of dependent additions per row sum that costs about as much as the row itself
+// at C = 96.
+
+template <typename Acc>
+inline Acc lane_sum(Vec<Acc> v) {
+  Acc l[kLanes<Acc>];
+  std::memcpy(l, &v, sizeof v);
+  if constexpr (kLanes<Acc> == 8) {
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+  } else {
+    return (l[0] + l[2]) + (l[1] + l[3]);
+  }
+}
+
+// common/norm_row.h's row_stats of a row of C contiguous values (two passes: the mean, then the squared deviations).
+template <typename Acc, typename T>
+inline norm::RowStats<Acc> site_stats(const T* __restrict x, int64_t channels, Acc eps) {
+  constexpr int64_t kL = kLanes<Acc>;
+  const int64_t body = channels - channels % kL;
+  Vec<Acc> a{}, b{};  // two chains of vector additions
+  int64_t c = 0;
+  for (; c + 2 * kL <= body; c += 2 * kL) {
+    a += load_vec(x + c);
+    b += load_vec(x + c + kL);
+  }
+  if (c < body) a += load_vec(x + c);
+  Acc sum = lane_sum<Acc>(a + b);
+  for (c = body; c < channels; ++c) sum += static_cast<Acc>(x[c]);
+  const Acc mean = sum / static_cast<Acc>(channels);
+  const Vec<Acc> m = broadcast(mean);
+  a = Vec<Acc>{};
+  b = Vec<Acc>{};
+  for (c = 0; c + 2 * kL <= body; c += 2 * kL) {
+    const Vec<Acc> d0 = load_vec(x + c) - m, d1 = load_vec(x + c + kL) - m;
+    a += d0 * d0;
+    b += d1 * d1;
+  }
+  if (c < body) {
+    const Vec<Acc> d = load_vec(x + c) - m;
+    a += d * d;
+  }
+  Acc squares = lane_sum<Acc>(a + b);
+  for (c = body; c < channels; ++c) {
+    const Acc d = static_cast<Acc>(x[c]) - mean;
+    squares += d * d;
+  }
+  return {mean, norm::inv_sqrt(squares / static_cast<Acc>(channels) + eps)};
+}
+
 // One site's input gradient (common/norm_row.h's row_backward) with its terms of the parameter gradients added
 // to a chunk's per-channel sums, dy * xhat and dy, in the accumulation type: the terms ride on the first of the
 // two passes over the row, which reads dy and x already. kDyStep 0: one grad_out value for the whole row.
-template <int64_t kDyStep, typename acc_t, typename T>
-inline void site_backward(const T* __restrict dy, const T* __restrict x, T* __restrict dx,
-                          int64_t channels, norm::RowStats<acc_t> s, const acc_t* __restrict weight,
-                          acc_t* __restrict sum_dy_xhat, acc_t* __restrict sum_dy) {
-  auto pass = [&](auto weighted) {
-    constexpr bool kWeighted = decltype(weighted)::value;
-    acc_t sum_g = 0, sum_g_xhat = 0;
-    SK_SIMD_SUM(sum_g, sum_g_xhat)
-    for (int64_t c = 0; c < channels; ++c) {
-      const acc_t d = static_cast<acc_t>(dy[c * kDyStep]);
-      const acc_t xhat = (static_cast<acc_t>(x[c]) - s.mean) * s.rstd;
-      const acc_t g = kWeighted ? d * weight[c] : d;
-      sum_g += g;
-      sum_g_xhat += g * xhat;
-      sum_dy_xhat[c] += d * xhat;
-      sum_dy[c] += d;
-    }
-    const acc_t mean_g = sum_g / static_cast<acc_t>(channels);
-    const acc_t mean_g_xhat = sum_g_xhat / static_cast<acc_t>(channels);
-    for (int64_t c = 0; c < channels; ++c) {
-      const acc_t d = static_cast<acc_t>(dy[c * kDyStep]);
-      const acc_t xhat = (static_cast<acc_t>(x[c]) - s.mean) * s.rstd;
-      const acc_t g = kWeighted ? d * weight[c] : d;
-      dx[c] = static_cast<T>(norm::input_grad(g, xhat, mean_g, mean_g_xhat, s.rstd));
-    }
+template <int64_t kDyStep, bool kWeighted, typename Acc, typename T>
+inline void site_backward(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t channels,
+                          norm::RowStats<Acc> s, const Acc* __restrict weight, Acc* __restrict sum_dy_xhat,
+                          Acc* __restrict sum_dy) {
+  using V = Vec<Acc>;
+  constexpr int64_t kL = kLanes<Acc>;
+  const int64_t body = channels - channels % kL;
+  auto dy_at = [&](int64_t c) -> V {
+    if constexpr (kDyStep == 0) return broadcast(static_cast<Acc>(dy[0]));
+    return load_vec(dy + c);
   };
-  weight != nullptr ? pass(std::true_type{}) : pass(std::false_type{});
+  auto weighted = [&](V d, int64_t c) -> V {
+    if constexpr (kWeighted) return d * load_vec(weight + c);
+    return d;
+  };
+  auto dy_of = [&](int64_t c) { return static_cast<Acc>(dy[c * kDyStep]); };
+  auto g_of = [&](Acc d, int64_t c) {
+    if constexpr (kWeighted) return d * weight[c];
+    return d;
+  };
+  const V mean = broadcast(s.mean), rstd = broadcast(s.rstd);
+  V g_sum{}, g_xhat_sum{};
+  for (int64_t c = 0; c < body; c += kL) {
+    const V d = dy_at(c);
+    const V xhat = (load_vec(x + c) - mean) * rstd;
+    const V g = weighted(d, c);
+    g_sum += g;
+    g_xhat_sum += g * xhat;
+    store_vec(sum_dy_xhat + c, load_vec(sum_dy_xhat + c) + d * xhat);
+    store_vec(sum_dy + c, load_vec(sum_dy + c) + d);
+  }
+  Acc sum_g = lane_sum<Acc>(g_sum), sum_g_xhat = lane_sum<Acc>(g_xhat_sum);
+  for (int64_t c = body; c < channels; ++c) {
+    const Acc d = dy_of(c);
+    const Acc xhat = (static_cast<Acc>(x[c]) - s.mean) * s.rstd;
+    const Acc g = g_of(d, c);
+    sum_g += g;
+    sum_g_xhat += g * xhat;
+    sum_dy_xhat[c] += d * xhat;
+    sum_dy[c] += d;
+  }
+  const Acc mean_g = sum_g / static_cast<Acc>(channels);
+  const Acc mean_g_xhat = sum_g_xhat / static_cast<Acc>(channels);
+  const V mean_g_v = broadcast(mean_g), mean_g_xhat_v = broadcast(mean_g_xhat);
+  for (int64_t c = 0; c < body; c += kL) {  // norm::input_grad, lane-wise
+    const V xhat = (load_vec(x + c) - mean) * rstd;
+    store_vec(dx + c, rstd * (weighted(dy_at(c), c) - mean_g_v - xhat * mean_g_xhat_v));
+  }
+  for (int64_t c = body; c < channels; ++c) {
+    const Acc xhat = (static_cast<Acc>(x[c]) - s.mean) * s.rstd;
+    dx[c] = static_cast<T>(norm::input_grad(g_of(dy_of(c), c), xhat, mean_g, mean_g_xhat, s.rstd));
+  }
 }
 
 // grad_out's values of a chunk's sites gathered from (N, C, H, W)-contiguous planes into rows of C values (for a rows x):
@@ -100,7 +178,7 @@ struct Kernels {
     const int64_t channels = g.channels;
     // One site, its C values contiguous (x, y rows of the tensor or of the planes path's buffers).
     auto site = [&](const T* xr, T* yr, int64_t j) {
-      const auto s = norm::row_stats<acc_t>(xr, 1, channels, eps_acc);
+      const auto s = site_stats<acc_t>(xr, channels, eps_acc);
       norm::row_forward<acc_t>(xr, 1, yr, 1, channels, s, weight, bias);
       mean[j] = s.mean;
       rstd[j] = s.rstd;
@@ -177,8 +255,12 @@ struct Kernels {
         acc_t* sum_dy = sum_dy_xhat + channels;
         // One site, its x and dx values contiguous (rows of the tensors or of the planes path's buffers).
         auto site = [&](const T* dyr, const T* xr, T* dxr, int64_t j) {
-          site_backward<dy_step, acc_t>(dyr, xr, dxr, channels, norm::RowStats<acc_t>{mean[j], rstd[j]}, weight,
-                               sum_dy_xhat, sum_dy);
+          const norm::RowStats<acc_t> s{mean[j], rstd[j]};
+          if (weight != nullptr) {
+            site_backward<dy_step, true>(dyr, xr, dxr, channels, s, weight, sum_dy_xhat, sum_dy);
+          } else {
+            site_backward<dy_step, false>(dyr, xr, dxr, channels, s, weight, sum_dy_xhat, sum_dy);
+          }
         };
         auto keep_sums = [&] {
           double* partial = partials.data() + k * 2 * channels;
