@@ -14,21 +14,27 @@ from ._validation import check_input, check_param, check_param_dtypes
 DATA_FORMATS = ("channels_first", "channels_last")
 
 
+def _as_dtype(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 class _MaskedLayerNorm(torch.autograd.Function):
     """Autograd over a backend's primitives ``ln_forward`` and ``ln_backward``.
 
-    x is logically (N, C, H, W) (a channels_last input arrives as a permuted view); weight and bias
-    are passed to the kernels in the accumulation dtype.
+    x is (N, C, H, W), or (N, H, W, C) with channels_last, which the kernels see as its (N, C, H, W)
+    permuted view (permuted here rather than by autograd: a graph node less per call, which counts at
+    the small late-stage shapes); y is (N, C, H, W) either way. Weight and bias are passed to the kernels
+    in the accumulation dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, index, eps, kernels):
+    def forward(ctx, x, weight, bias, index, eps, kernels, channels_last):
         acc = accumulation_dtype(x.dtype)
-        w = None if weight is None else weight.to(acc)
-        b = None if bias is None else bias.to(acc)
-        y, mean, rstd = kernels.ln_forward(x, index, w, b, eps)
+        w, b = _as_dtype(weight, acc), _as_dtype(bias, acc)
+        y, mean, rstd = kernels.ln_forward(x.permute(0, 3, 1, 2) if channels_last else x, index, w, b, eps)
         ctx.save_for_backward(x, w, index, mean, rstd)
         ctx.kernels = kernels
+        ctx.channels_last = channels_last
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return y
 
@@ -36,11 +42,14 @@ class _MaskedLayerNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, w, index, mean, rstd = ctx.saved_tensors
-        grad_x, grad_w, grad_b = ctx.kernels.ln_backward(grad_out, x, index, w, mean, rstd)
+        channels_last = ctx.channels_last
+        grad_x, grad_w, grad_b = ctx.kernels.ln_backward(grad_out, x.permute(0, 3, 1, 2) if channels_last else x,
+                                                         index, w, mean, rstd)
         wd, bd = ctx.param_dtypes
-        return (grad_x if ctx.needs_input_grad[0] else None,
-                grad_w.to(wd) if ctx.needs_input_grad[1] else None,
-                grad_b.to(bd) if ctx.needs_input_grad[2] else None, None, None, None)
+        needs = ctx.needs_input_grad
+        return ((grad_x.permute(0, 2, 3, 1) if channels_last else grad_x) if needs[0] else None,
+                _as_dtype(grad_w, wd) if needs[1] else None,
+                _as_dtype(grad_b, bd) if needs[2] else None, None, None, None, None)
 
 
 def _sites_for_layer_norm(active, x: torch.Tensor, channels_last: bool) -> ActiveSites:
@@ -73,9 +82,8 @@ def masked_layer_norm(x: torch.Tensor, active, weight: Optional[torch.Tensor], b
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     sites = _sites_for_layer_norm(active, x, channels_last)
-    x_nchw = x.permute(0, 3, 1, 2) if channels_last else x
-    chosen = select_backend(backend, x_nchw, "masked_layer_norm")
+    chosen = select_backend(backend, x.permute(0, 3, 1, 2) if channels_last else x, "masked_layer_norm")
     if chosen.name == "reference" or x.numel() == 0:  # an empty x: nothing for a kernel to do
         return reference.masked_layer_norm(x, sites.mask, weight, bias, float(eps), channels_last)
-    y = _MaskedLayerNorm.apply(x_nchw, weight, bias, sites.index, float(eps), chosen.kernels)
+    y = _MaskedLayerNorm.apply(x, weight, bias, sites.index, float(eps), chosen.kernels, channels_last)
     return y.permute(0, 2, 3, 1) if channels_last else y
