@@ -111,16 +111,28 @@ inline void store_vec(Float16Bits* p, f32x8 v) {  // float_to_fp16, lane-wise
 
 // Transposes an 8 x 8 block of 32-bit or 16-bit elements (E: uint32_t or uint16_t, any same-sized type's bits):
 // element i of row j of dst is element j of row i of src; rows are 8 contiguous elements, src_stride and
-// dst_stride apart (in elements). Three rounds of pairwise interleaves, which the compiler maps to unpack,
-// shuffle and lane-permute instructions.
+// dst_stride apart (in elements).
 template <typename E>
 inline void transpose8x8(const E* src, int64_t src_stride, E* dst, int64_t dst_stride) {
   static_assert(sizeof(E) == 4 || sizeof(E) == 2);
   using R = std::conditional_t<sizeof(E) == 4, u32x8, u16x8>;
-  R r[8], t[8], u[8];
+  R r[8], t[8];
   for (int i = 0; i < 8; ++i) std::memcpy(&r[i], src + i * src_stride, sizeof(R));
-  if constexpr (sizeof(E) == 4) {
-    // t: pairs of rows interleaved per 128-bit lane; u: quads; then the lanes swapped across.
+  if constexpr (sizeof(E) == 2) {
+    // Three rounds of interleaving row i with row i + 4: each rotates an element's (row, column) bits by one place,
+    // so three transpose the block. On 128-bit rows every round is unpack instructions only.
+    for (int round = 0; round < 3; ++round) {
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = __builtin_shufflevector(r[i], r[i + 4], 0, 8, 1, 9, 2, 10, 3, 11);
+        t[2 * i + 1] = __builtin_shufflevector(r[i], r[i + 4], 4, 12, 5, 13, 6, 14, 7, 15);
+      }
+      for (int i = 0; i < 8; ++i) r[i] = t[i];
+    }
+    for (int j = 0; j < 8; ++j) std::memcpy(dst + j * dst_stride, &r[j], sizeof(R));
+  } else {
+    // On 256-bit rows, interleaves within the 128-bit lanes (pairs of rows, then quads), then the lanes swapped
+    // across: AVX2 has no single cross-lane unpack.
+    R u[8];
     for (int i = 0; i < 8; i += 2) {
       t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
       t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
@@ -135,22 +147,6 @@ inline void transpose8x8(const E* src, int64_t src_stride, E* dst, int64_t dst_s
       const R high = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
       std::memcpy(dst + j * dst_stride, &low, sizeof(R));
       std::memcpy(dst + (j + 4) * dst_stride, &high, sizeof(R));
-    }
-  } else {
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 2, 10, 3, 11);
-      t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 4, 12, 5, 13, 6, 14, 7, 15);
-    }
-    for (int i = 0; i < 8; i += 4)
-      for (int h = 0; h < 2; ++h) {
-        u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 2, 3, 10, 11);
-        u[i + 2 * h + 1] = __builtin_shufflevector(t[i + h], t[i + h + 2], 4, 5, 12, 13, 6, 7, 14, 15);
-      }
-    for (int j = 0; j < 4; ++j) {
-      const R low = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-      const R high = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-      std::memcpy(dst + 2 * j * dst_stride, &low, sizeof(R));
-      std::memcpy(dst + (2 * j + 1) * dst_stride, &high, sizeof(R));
     }
   }
 }
