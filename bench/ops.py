@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--net", choices=sorted(STAGES), default="convnext_tiny", help="whose stage shapes")
+    parser.add_argument("--stages", nargs="+", metavar="C@H",
+                        help="only these of the network's stages, e.g. 384@14 768@7 (default: every stage)")
     parser.add_argument("--compile", action="store_true", help="also time the reference under torch.compile")
     parser.add_argument("--grad-outs", nargs="+", choices=GRAD_OUTS, default=["random"],
                         help="the grad_out variants of the backward pass (see GRAD_OUTS)")
@@ -178,11 +180,18 @@ def main(argv=None) -> int:
                         help="the activations' dtype, the reference's too (norm parameters float32)")
     parser.add_argument("--json", help="write the results (the suite's format) to this file")
     args = parser.parse_args(argv)
+    stages = STAGES[args.net]
+    if args.stages:
+        names = {f"{channels}@{size}": (channels, size, patch) for channels, size, patch in stages}
+        unknown = [name for name in args.stages if name not in names]
+        if unknown:
+            parser.error(f"--stages: {', '.join(unknown)} not among {args.net}'s stages {', '.join(names)}")
+        stages = [stage for name, stage in names.items() if name in args.stages]
     if args.backend not in sk.available_backends():
         print(f"backend {args.backend!r} unavailable: {sk.unavailable_reasons().get(args.backend)}", file=sys.stderr)
         return 1
     settings = suite.Settings(batch=args.batch, repeats=args.repeats, threads=args.threads, ops=tuple(args.ops),
-                              stages={args.net: STAGES[args.net]}, passes=("forward_backward",),
+                              stages={args.net: stages}, passes=("forward_backward",),
                               backends=[args.backend], compile_stages=None if args.compile else (),
                               grad_outs=tuple(args.grad_outs), precision=args.precision)
     results = suite.run(settings, ("ops",))

@@ -195,6 +195,19 @@ def test_model_step_rejects_bad_sizes():
         model_step.main(["--separate", "--no-memory"])
 
 
+def test_ops_runs_the_chosen_stages_only(tmp_path, capsys):
+    from bench import ops
+    out = tmp_path / "ops.json"
+    assert ops.main(["--ops", "dwconv3", "--stages", "768@7", "--batch", "1", "--repeats", "1",
+                     "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["ops"]
+    assert [(r["channels"], r["size"]) for r in rows] == [(768, 7)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        ops.main(["--stages", "768@7", "96@14"])
+    assert "--stages: 96@14 not among convnext_tiny's stages 96@56, 192@28, 384@14, 768@7" in capsys.readouterr().err
+
+
 def test_roofline_bytes_follow_the_dtype_and_the_grad_out():
     """An element moves its dtype's bytes; an expanded grad_out (one value) is not read as a tensor."""
     from bench.roofline import op_cost
