@@ -315,10 +315,7 @@ inline at::Tensor empty_dense(const NormArgs& p) {
                                                                    : at::MemoryFormat::Contiguous));
 }
 
-// Dense outputs of at least this size, in rows, are written with streaming stores (cpu/vec.h): the caches would not
-// keep them anyway, and streaming spares reading every line from memory before overwriting it.
-constexpr int64_t kStreamOutputBytes = int64_t(4) << 20;
-
+// Dense outputs of at least kStreamOutputBytes (cpu/vec.h), in rows, are written with streaming stores.
 inline bool streams_rows(const NormArgs& p, const at::Tensor& out) {
   return p.g.rows && static_cast<int64_t>(out.nbytes()) >= kStreamOutputBytes;
 }
@@ -404,7 +401,7 @@ struct CompactGradReader {
 };
 
 // The values of a planes (NCHW) grad_out at the active sites of a rows x, as (M, C) rows in index order. Read
-// plane by plane over fixed chunks of sites (runs of adjacent sites), so that the backward kernels, which visit
+// kTransposeChannels planes side by side over fixed chunks of sites (gather_rows), so that the backward kernels, which visit
 // the sites row by row, read them in order instead of C strided values per site.
 template <typename T>
 at::Tensor active_rows_of_planes(const NormArgs& p, const at::Tensor& grad_out) {

@@ -155,6 +155,10 @@ inline void transpose8x8(const E* src, int64_t src_stride, E* dst, int64_t dst_s
 // without filling the cache, for outputs larger than the caches that the kernel itself never reads back. Where
 // the destination or the length is not a multiple of 32 bytes, or without AVX, they are plain copies. Call
 // stream_fence() before other threads read what a thread streamed.
+// Outputs of at least this size are written with them: the caches would not keep them anyway, and streaming spares
+// reading every line from memory before overwriting it.
+constexpr int64_t kStreamOutputBytes = int64_t(4) << 20;
+
 inline bool streamable(const void* dst, int64_t bytes) {
 #if defined(__AVX__)
   return reinterpret_cast<uintptr_t>(dst) % 32 == 0 && bytes % 32 == 0;
