@@ -114,7 +114,7 @@ struct Kernels {
 
 }  // namespace
 
-// -- The training ops (CPU only; schemas: CPU_TRAINING_PRIMITIVES in spark_kernels/_registry.py). The per-channel
+// -- The training ops (CPU only; schemas: CPU_TRAINING_OPS in spark_kernels/_registry.py). The per-channel
 // arithmetic is that of spark_kernels/batch_norm.py's staged path, in float64, on n = M active sites.
 
 namespace {
