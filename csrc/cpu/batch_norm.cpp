@@ -129,8 +129,8 @@ constexpr int64_t kGatheredElements = 65536;
 // order of the sites (the same bits as for a rows grad_out), that also leaves grad_out's active rows in dy_rows
 // (M, C) for bn_backward_elemt. Each block of a chunk's sites is gathered (gather_rows) into a per-thread buffer that
 // the sums read while it is cached, then copied out: one pass less over the M * C values than gathering all of them
-// first (active_rows_of_planes). The buffer's rows are a cache line longer than C values: rows C * 4 KiB apart
-// would all fall in the same L1 sets.
+// first (active_rows_of_planes). The buffer's rows are a cache line longer than C values: rows of 1024 or 2048
+// float values (a multiple of 4 KiB) would all fall in the same L1 sets.
 template <typename T, typename Acc>
 void planes_grad_sums_keeping_rows(const NormArgs& p, const at::Tensor& grad_out, const Acc* mean, double* out,
                                    at::Tensor& dy_rows) {
