@@ -1,10 +1,14 @@
 // 32-byte SIMD vectors of the accumulation type (8 floats or 4 doubles) through the GCC/Clang vector
 // extensions, for kernels that keep a tile of vectors in registers: the compiler maps them to one AVX
 // register each under -march=native on an AVX2 CPU, to two SSE registers in a portable (SSE2) build,
-// with no intrinsics and no run-time dispatch. load_vec / store_vec read and write one vector of a
-// storage type (csrc/cpu/dtypes.h), converting 16-bit floats with the same branch-free integer and float
-// arithmetic as cpu/half_types.h, lane for lane, so they round identically (checked against the scalar
-// conversions by csrc/tests/test_vec.cpp). No torch includes, so the C++ tests build without torch.
+// with no run-time dispatch. load_vec / store_vec read and write one vector of a storage type
+// (csrc/cpu/dtypes.h), converting 16-bit floats exactly as the scalar conversions of cpu/half_types.h do,
+// lane for lane, NaN included (checked by csrc/tests/test_vec.cpp): with the branch-free integer and
+// float arithmetic of half_types.h in general; where the compiler targets them, with AVX2 shuffles for the
+// same bfloat16 rounding (fewer instructions than the compiler makes of the generic code), with F16C's
+// conversion instructions for float16 (IEEE round to nearest even, as half_types.h), and with AVX512-BF16's
+// vcvtneps2bf16 for bfloat16 (its rounding is half_types.h's except that it flushes float32 subnormals to
+// zero: vectors holding one take the AVX2 path). No torch includes, so the C++ tests build without torch.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -60,10 +64,16 @@ inline f64x4 load_vec(const double* p) {
   return v;
 }
 
+// The 8 16-bit values at p zero-extended to 32 bits, and the low 16 bits of 8 lanes (each below 2^16) stored at p
+// (unaligned: rows of 16-bit values start anywhere).
 inline u32x8 widen16(const void* p) {
+#if defined(__AVX2__)
+  return reinterpret_cast<u32x8>(_mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+#else
   u16x8 h;
   std::memcpy(&h, p, sizeof h);
   return __builtin_convertvector(h, u32x8);
+#endif
 }
 
 inline void narrow16(void* p, u32x8 u) {
@@ -77,6 +87,9 @@ inline u32x8 select(u32x8 when, u32x8 a, u32x8 b) { return (a & when) | (b & ~wh
 inline f32x8 load_vec(const BFloat16Bits* p) { return reinterpret_cast<f32x8>(widen16(p) << 16); }
 
 inline f32x8 load_vec(const Float16Bits* p) {  // fp16_to_float, lane-wise
+#if defined(__F16C__)
+  return reinterpret_cast<f32x8>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
   const u32x8 h = widen16(p);
   const u32x8 sign = (h & 0x8000u) << 16;
   const u32x8 magnitude = (h & 0x7fffu) << 13;
@@ -84,6 +97,7 @@ inline f32x8 load_vec(const Float16Bits* p) {  // fp16_to_float, lane-wise
   const u32x8 special = magnitude | 0x7f800000u;
   const u32x8 is_special = reinterpret_cast<u32x8>((h & 0x7c00u) == 0x7c00u);
   return reinterpret_cast<f32x8>(sign | select(is_special, special, finite));
+#endif
 }
 
 inline void store_vec(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
@@ -91,13 +105,46 @@ inline void store_vec(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
 inline void store_vec(double* p, f64x4 v) { std::memcpy(p, &v, sizeof v); }
 
 inline void store_vec(BFloat16Bits* p, f32x8 v) {  // float_to_bf16, lane-wise
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+  const __m256 f = reinterpret_cast<__m256>(v);
+  if (_mm256_fpclass_ps_mask(f, 0x20) == 0) {  // no subnormal lane (class bit 5), which the instruction flushes
+    const __m256 quieted = _mm256_mask_blend_ps(_mm256_fpclass_ps_mask(f, 0x81), f,  // NaNs (bits 0, 7) -> 0x7fc0
+                                                _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<__m128i>(_mm256_cvtneps_pbh(quieted)));
+    return;
+  }
+#endif
+#if defined(__AVX2__)
+  const __m256i u = reinterpret_cast<__m256i>(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+  const __m256 nan = _mm256_cmp_ps(reinterpret_cast<__m256>(v), reinterpret_cast<__m256>(v), _CMP_UNORD_Q);
+  const __m256i bits = _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)), nan));
+  // The upper 16 bits of each lane: gathered into the low 8 bytes of each 128-bit half, then the halves' low
+  // quadwords side by side.
+  const __m256i upper = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,  //
+                                         2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(bits, upper), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#else
   const u32x8 u = reinterpret_cast<u32x8>(v);
   const u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const u32x8 nan = reinterpret_cast<u32x8>((u & 0x7fffffffu) > 0x7f800000u);
   narrow16(p, select(nan, u32x8{} + 0x7fc0u, rounded));
+#endif
 }
 
 inline void store_vec(Float16Bits* p, f32x8 v) {  // float_to_fp16, lane-wise
+#if defined(__F16C__)
+  // NaNs first made what float_to_fp16 writes for them (their sign, quiet, no payload); the instruction keeps the
+  // top of a payload.
+  const __m256 f = reinterpret_cast<__m256>(v);
+  const __m256 quiet_nan = _mm256_or_ps(_mm256_and_ps(f, _mm256_set1_ps(-0.0f)),
+                                        _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)));
+  const __m256 quieted = _mm256_blendv_ps(f, quiet_nan, _mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(quieted, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
   const u32x8 u = reinterpret_cast<u32x8>(v);
   const u32x8 sign = (u >> 16) & 0x8000u;
   const u32x8 a = u & 0x7fffffffu;
@@ -107,6 +154,7 @@ inline void store_vec(Float16Bits* p, f32x8 v) {  // float_to_fp16, lane-wise
   out = select(reinterpret_cast<u32x8>(a >= 0x477ff000u), u32x8{} + 0x7c00u, out);
   out = select(reinterpret_cast<u32x8>(a > 0x7f800000u), u32x8{} + 0x7e00u, out);
   narrow16(p, sign | out);
+#endif
 }
 
 // Transposes an 8 x 8 block of 32-bit or 16-bit elements (E: uint32_t or uint16_t, any same-sized type's bits):
