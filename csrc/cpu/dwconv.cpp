@@ -528,34 +528,45 @@ void backward_rows_tiled(const T* gy, const T* x, const Acc* wt, const Acc* wt_m
 //
 // Where active sites come in short runs (the small late-stage maps, where a SparK patch is a site or two), tiles
 // hardly form, and a walk over all k*k taps per channel vector pays a mispredicted branch per inactive tap. So
-// each range of sites first lists its sites' active taps (tap number and source row), checking the table once;
+// each range of sites first lists its sites' active taps (weight row and source row), checking the table once;
 // then channels go in panels of kPanelVectors vectors (the panel's weights and weight-gradient partials stay in
-// L1), and for each site of the range and each block of kListVectors vectors the kernel walks the site's list
-// with the block's accumulators in registers: no branch but the loop's. Each output sums its active taps in
-// row-major order, as every other path does.
+// L1), and for each site of the range and each block of vectors the kernel walks the site's list with the
+// block's accumulators in registers: no branch but the loop's. Each output sums its active taps in row-major
+// order, as every other path does.
+//
+// The walks are cheap per tap (two list loads, then two or four loads per vector), so their cost is in the
+// loads: a panel's walk is compiled as its own function (noinline), where the walk's pointers stay in
+// registers (inlined into the pass's loop nest, GCC kept them on the stack: 15 loads per 4 FMAs of the
+// forward walk), and the forward walks a whole panel per site, amortizing the list loads over 8 vectors.
 
-constexpr int kListVectors = 4;
 constexpr int kPanelVectors = 8;
+constexpr int kGatherVectors = 8;    // forward: 8 accumulators
+constexpr int kBackwardVectors = 4;  // backward: 4 grad_x accumulators and 4 grad_out vectors
 
 // The active taps of the sites of a range, each site's in row-major tap order.
 struct TapLists {
   std::vector<int64_t> row;     // site q's own row offset (site x C) in dst / grad_out
   std::vector<int32_t> first;   // site q's taps are entries [first[q], first[q + 1])
-  std::vector<int32_t> tap;     // tap number t = dy * k + dx
+  std::vector<int64_t> weight;  // the tap's weight row offset (tap number x C) in the (k*k, C) weights
   std::vector<int64_t> source;  // the tap's source row offset (source site x C)
+  std::vector<int32_t> fresh;   // site q's entries [fresh[q], first[q + 1]) read rows no earlier site reads
+  int64_t reach = -1;           // the largest source row offset listed so far
 
   int64_t sites() const { return static_cast<int64_t>(row.size()); }
   void clear() {
     row.clear();
-    tap.clear();
+    weight.clear();
     source.clear();
+    fresh.clear();
     first.assign(1, 0);
+    reach = -1;
   }
   // Lists a site's taps; false if a tap is neither -1 nor a site below src_sites (such taps are left out).
   template <int K>
   bool add(int64_t site, const int32_t* taps, int64_t src_sites, int64_t c) {
     bool valid = true;
     row.push_back(site * c);
+    int32_t fresh_from = -1;
     for (int t = 0; t < K * K; ++t) {
       const int32_t s = taps[t];
       if (s == -1) continue;
@@ -563,10 +574,15 @@ struct TapLists {
         valid = false;
         continue;
       }
-      tap.push_back(t);
-      source.push_back(static_cast<int64_t>(s) * c);
+      const int64_t offset = static_cast<int64_t>(s) * c;
+      if (fresh_from < 0 && offset > reach) fresh_from = static_cast<int32_t>(source.size());
+      weight.push_back(t * c);
+      source.push_back(offset);
     }
-    first.push_back(static_cast<int32_t>(tap.size()));
+    const int32_t end = static_cast<int32_t>(source.size());
+    fresh.push_back(fresh_from < 0 ? end : fresh_from);
+    if (end > first.back()) reach = std::max(reach, source.back());
+    first.push_back(end);
     return valid;
   }
 };
@@ -587,18 +603,65 @@ void list_sites(const int32_t* index, const int32_t* nbr, int64_t begin, int64_t
   }
 }
 
+// Channels [c0, c1) of the rows that site q reads first in its range (its fresh taps), in the sources a and b (b
+// null: a only). The walks go site by site, so a source row misses in cache at a site's fresh taps, mostly those of
+// its last kernel row, and hits at every later tap that reads it; those rows lie KBs apart and scattered, which the
+// hardware prefetchers do not follow, so the walks prefetch them kListAhead sites ahead.
+constexpr int64_t kListAhead = 4;
+
+template <typename T>
+inline void prefetch_fresh_rows(const TapLists& l, int64_t q, const T* a, const T* b, int64_t c0, int64_t c1) {
+  constexpr int64_t kLine = 64;
+  const auto lines = [](const T* from, const T* to) {
+    const char* line = reinterpret_cast<const char*>(from);
+    line -= reinterpret_cast<uintptr_t>(line) % kLine;
+    for (; line < reinterpret_cast<const char*>(to); line += kLine) __builtin_prefetch(line);
+  };
+  for (int32_t e = l.fresh[q]; e < l.first[q + 1]; ++e) {
+    lines(a + l.source[e] + c0, a + l.source[e] + c1);
+    if (b) lines(b + l.source[e] + c0, b + l.source[e] + c1);
+  }
+}
+
+// The blocks of a panel [p0, p1) of whole vectors: fn(c0, vectors constant) in blocks of kMax vectors, then of 4,
+// then single vectors.
+template <int kMax, typename Acc, typename Fn>
+__attribute__((always_inline)) inline void for_each_panel_block(int64_t p0, int64_t p1, Fn&& fn) {
+  constexpr int L = cpu::kLanes<Acc>;
+  int64_t c0 = p0;
+  for (; c0 + kMax * L <= p1; c0 += kMax * L) fn(c0, std::integral_constant<int, kMax>{});
+  if constexpr (kMax > 4)
+    for (; c0 + 4 * L <= p1; c0 += 4 * L) fn(c0, std::integral_constant<int, 4>{});
+  for (; c0 + L <= p1; c0 += L) fn(c0, std::integral_constant<int, 1>{});
+}
+
+// Every panel [p0, p1) of the whole vectors of C, then every channel past the last full vector: panel(p0, p1),
+// channel(ch).
+template <typename Acc, typename Panel, typename Channel>
+inline void for_each_panel(int64_t c, Panel&& panel, Channel&& channel) {
+  constexpr int L = cpu::kLanes<Acc>;
+  const int64_t full = c / L * L;
+  for (int64_t p0 = 0; p0 < full; p0 += kPanelVectors * L) panel(p0, std::min(full, p0 + kPanelVectors * L));
+  for (int64_t ch = full; ch < c; ++ch) channel(ch);
+}
+
 // Channels [c0, c0 + NV vectors) of site q: dst = init + sum over its listed taps of wt[tap] x src(tap's row).
 template <int NV, typename T, typename Acc>
-inline void listed_gather(const TapLists& l, int64_t q, const T* __restrict src, const Acc* __restrict wt,
-                          const Acc* bias, T* __restrict dst, int64_t c, int64_t c0) {
+__attribute__((always_inline)) inline void listed_gather(const TapLists& l, int64_t q, const T* __restrict src,
+                                                         const Acc* __restrict wt, const Acc* bias,
+                                                         T* __restrict dst, int64_t c0) {
   using V = cpu::Vec<Acc>;
   constexpr int L = cpu::kLanes<Acc>;
+  const int64_t* __restrict weight = l.weight.data();
+  const int64_t* __restrict source = l.source.data();
+  const Acc* w0 = wt + c0;
+  const T* x0 = src + c0;
   V acc[NV];
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) acc[v] = bias ? cpu::load_vec(bias + c0 + v * L) : V{};
-  for (int32_t e = l.first[q]; e < l.first[q + 1]; ++e) {
-    const Acc* w = wt + l.tap[e] * c + c0;
-    const T* x = src + l.source[e] + c0;
+  for (int32_t e = l.first[q], end = l.first[q + 1]; e < end; ++e) {
+    const Acc* w = w0 + weight[e];
+    const T* x = x0 + source[e];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[v] += cpu::load_vec(w + v * L) * cpu::load_vec(x + v * L);
   }
@@ -606,34 +669,28 @@ inline void listed_gather(const TapLists& l, int64_t q, const T* __restrict src,
   for (int v = 0; v < NV; ++v) cpu::store_vec(dst + l.row[q] + c0 + v * L, acc[v]);
 }
 
-// The same for the single channel c (past the last full vector).
+// The forward gather of channel panel [p0, p1) of every listed site (see the section's comment for the noinline).
 template <typename T, typename Acc>
-inline void listed_gather_channel(const TapLists& l, int64_t q, const T* src, const Acc* wt, const Acc* bias, T* dst,
-                                  int64_t c, int64_t ch) {
-  Acc acc = bias ? bias[ch] : Acc(0);
-  for (int32_t e = l.first[q]; e < l.first[q + 1]; ++e)
-    acc += wt[l.tap[e] * c + ch] * static_cast<Acc>(src[l.source[e] + ch]);
-  dst[l.row[q] + ch] = static_cast<T>(acc);
+__attribute__((noinline)) void gather_listed_panel(const TapLists& l, const T* src, const Acc* wt, const Acc* bias,
+                                                   T* dst, int64_t p0, int64_t p1) {
+  const int64_t sites = l.sites();
+  for (int64_t q = 0; q < std::min(sites, kListAhead); ++q) prefetch_fresh_rows<T>(l, q, src, nullptr, p0, p1);
+  for (int64_t q = 0; q < sites; ++q) {
+    if (q + kListAhead < sites) prefetch_fresh_rows<T>(l, q + kListAhead, src, nullptr, p0, p1);
+    for_each_panel_block<kGatherVectors, Acc>(
+        p0, p1, [&](int64_t c0, auto nv) { listed_gather<decltype(nv)::value>(l, q, src, wt, bias, dst, c0); });
+  }
 }
 
-// The order in which a chunk's listed sites are computed: channels in panels of kPanelVectors vectors, and within a
-// panel every site q, its channels in blocks of kListVectors vectors, then single vectors (block(q, c0, vectors
-// constant)); the channels past the last full vector site by site last (channel(q, ch)).
-template <typename Acc, typename Block, typename Channel>
-inline void for_each_listed_block(int64_t sites, int64_t c, Block&& block, Channel&& channel) {
-  constexpr int L = cpu::kLanes<Acc>;
-  const int64_t full = c / L * L;
-  for (int64_t panel = 0; panel < full; panel += kPanelVectors * L) {
-    const int64_t panel_end = std::min(full, panel + kPanelVectors * L);
-    for (int64_t q = 0; q < sites; ++q) {
-      int64_t c0 = panel;
-      for (; c0 + kListVectors * L <= panel_end; c0 += kListVectors * L)
-        block(q, c0, std::integral_constant<int, kListVectors>{});
-      for (; c0 + L <= panel_end; c0 += L) block(q, c0, std::integral_constant<int, 1>{});
-    }
+// The same for the single channel ch (past the last full vector), every listed site.
+template <typename T, typename Acc>
+void gather_listed_channel(const TapLists& l, const T* src, const Acc* wt, const Acc* bias, T* dst, int64_t ch) {
+  for (int64_t q = 0; q < l.sites(); ++q) {
+    Acc acc = bias ? bias[ch] : Acc(0);
+    for (int32_t e = l.first[q]; e < l.first[q + 1]; ++e)
+      acc += wt[l.weight[e] + ch] * static_cast<Acc>(src[l.source[e] + ch]);
+    dst[l.row[q] + ch] = static_cast<T>(acc);
   }
-  for (int64_t q = 0; q < sites; ++q)
-    for (int64_t ch = full; ch < c; ++ch) channel(q, ch);
 }
 
 // dst (every site: computed at the index's sites, zero elsewhere) = the stride-1 forward gather over src (x), bias
@@ -647,12 +704,9 @@ void gather_rows_listed(const T* src, const Acc* wt, const Acc* bias, const int3
     TapLists lists;
     list_sites<K>(index, nbr, begin, end, g.sites(), g.c, fill, lists, ok);
     if (end == g.m) fill.finish();
-    for_each_listed_block<Acc>(
-        lists.sites(), g.c,
-        [&](int64_t q, int64_t c0, auto nv) {
-          listed_gather<decltype(nv)::value>(lists, q, src, wt, bias, dst, g.c, c0);
-        },
-        [&](int64_t q, int64_t ch) { listed_gather_channel(lists, q, src, wt, bias, dst, g.c, ch); });
+    for_each_panel<Acc>(
+        g.c, [&](int64_t p0, int64_t p1) { gather_listed_panel(lists, src, wt, bias, dst, p0, p1); },
+        [&](int64_t ch) { gather_listed_channel(lists, src, wt, bias, dst, ch); });
     if (!ok) valid = false;
   });
 }
@@ -661,45 +715,70 @@ void gather_rows_listed(const T* src, const Acc* wt, const Acc* bias, const int3
 // the chunk's partials gw_part (k*k, C) and gb_part (C,), and grad_x of the site, the gather over grad_out with
 // the mirrored weights wt_mirrored (dwconv_site.h).
 template <int NV, typename T, typename Acc>
-inline void listed_backward(const TapLists& l, int64_t q, const T* __restrict gy, const T* __restrict x,
-                            const Acc* __restrict wt_mirrored, T* __restrict gx, Acc* __restrict gw_part,
-                            Acc* __restrict gb_part, int64_t c, int64_t c0) {
+__attribute__((always_inline)) inline void listed_backward(const TapLists& l, int64_t q, const T* __restrict gy,
+                                                           const T* __restrict x, const Acc* __restrict wt_mirrored,
+                                                           T* __restrict gx, Acc* __restrict gw_part,
+                                                           Acc* __restrict gb_part, int64_t c0) {
   using V = cpu::Vec<Acc>;
   constexpr int L = cpu::kLanes<Acc>;
+  const int64_t* __restrict weight = l.weight.data();
+  const int64_t* __restrict source = l.source.data();
+  const Acc* w0 = wt_mirrored + c0;
+  Acc* gw0 = gw_part + c0;
+  const T* gy0 = gy + c0;
+  const T* x0 = x + c0;
   V go[NV], acc[NV];
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
-    go[v] = cpu::load_vec(gy + l.row[q] + c0 + v * L);
+    go[v] = cpu::load_vec(gy0 + l.row[q] + v * L);
     acc[v] = V{};
     cpu::store_vec(gb_part + c0 + v * L, cpu::load_vec(gb_part + c0 + v * L) + go[v]);
   }
-  for (int32_t e = l.first[q]; e < l.first[q + 1]; ++e) {
-    const int64_t source = l.source[e] + c0;
-    Acc* gw = gw_part + l.tap[e] * c + c0;
-    const Acc* w = wt_mirrored + l.tap[e] * c + c0;
+  for (int32_t e = l.first[q], end = l.first[q + 1]; e < end; ++e) {
+    const int64_t s = source[e];
+    Acc* gw = gw0 + weight[e];
+    const Acc* w = w0 + weight[e];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[v] += cpu::load_vec(w + v * L) * cpu::load_vec(gy + source + v * L);
+    for (int v = 0; v < NV; ++v) acc[v] += cpu::load_vec(w + v * L) * cpu::load_vec(gy0 + s + v * L);
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
-      cpu::store_vec(gw + v * L, cpu::load_vec(gw + v * L) + go[v] * cpu::load_vec(x + source + v * L));
+      cpu::store_vec(gw + v * L, cpu::load_vec(gw + v * L) + go[v] * cpu::load_vec(x0 + s + v * L));
   }
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) cpu::store_vec(gx + l.row[q] + c0 + v * L, acc[v]);
 }
 
-// The same for the single channel ch (past the last full vector).
+// The backward of channel panel [p0, p1) of every listed site of a chunk (see the section's comment for the
+// noinline).
 template <typename T, typename Acc>
-inline void listed_backward_channel(const TapLists& l, int64_t q, const T* gy, const T* x, const Acc* wt_mirrored,
-                                    T* gx, Acc* gw_part, Acc* gb_part, int64_t c, int64_t ch) {
-  const Acc go = static_cast<Acc>(gy[l.row[q] + ch]);
-  Acc acc = 0;
-  gb_part[ch] += go;
-  for (int32_t e = l.first[q]; e < l.first[q + 1]; ++e) {
-    const int64_t source = l.source[e] + ch;
-    acc += wt_mirrored[l.tap[e] * c + ch] * static_cast<Acc>(gy[source]);
-    gw_part[l.tap[e] * c + ch] += go * static_cast<Acc>(x[source]);
+__attribute__((noinline)) void backward_listed_panel(const TapLists& l, const T* gy, const T* x,
+                                                     const Acc* wt_mirrored, T* gx, Acc* gw_part, Acc* gb_part,
+                                                     int64_t p0, int64_t p1) {
+  const int64_t sites = l.sites();
+  for (int64_t q = 0; q < std::min(sites, kListAhead); ++q) prefetch_fresh_rows(l, q, x, gy, p0, p1);
+  for (int64_t q = 0; q < sites; ++q) {
+    if (q + kListAhead < sites) prefetch_fresh_rows(l, q + kListAhead, x, gy, p0, p1);
+    for_each_panel_block<kBackwardVectors, Acc>(p0, p1, [&](int64_t c0, auto nv) {
+      listed_backward<decltype(nv)::value>(l, q, gy, x, wt_mirrored, gx, gw_part, gb_part, c0);
+    });
   }
-  gx[l.row[q] + ch] = static_cast<T>(acc);
+}
+
+// The same for the single channel ch (past the last full vector), every listed site of a chunk.
+template <typename T, typename Acc>
+void backward_listed_channel(const TapLists& l, const T* gy, const T* x, const Acc* wt_mirrored, T* gx, Acc* gw_part,
+                             Acc* gb_part, int64_t ch) {
+  for (int64_t q = 0; q < l.sites(); ++q) {
+    const Acc go = static_cast<Acc>(gy[l.row[q] + ch]);
+    Acc acc = 0;
+    gb_part[ch] += go;
+    for (int32_t e = l.first[q]; e < l.first[q + 1]; ++e) {
+      const int64_t source = l.source[e] + ch;
+      acc += wt_mirrored[l.weight[e] + ch] * static_cast<Acc>(gy[source]);
+      gw_part[l.weight[e] + ch] += go * static_cast<Acc>(x[source]);
+    }
+    gx[l.row[q] + ch] = static_cast<T>(acc);
+  }
 }
 
 // The stride-1 backward by lists: per chunk of the fixed partition (rows_chunk_sites), grad_x of its sites and its
@@ -716,14 +795,10 @@ void backward_rows_listed(const T* gy, const T* x, const Acc* wt_mirrored, const
       GapFiller<T> fill{gx, g.c, first_row(index, begin, g.sites()), g.sites()};
       list_sites<K>(index, nbr, begin, end, g.sites(), g.c, fill, lists, ok);
       if (end == g.m) fill.finish();
-      for_each_listed_block<Acc>(
-          lists.sites(), g.c,
-          [&](int64_t q, int64_t c0, auto nv) {
-            listed_backward<decltype(nv)::value>(lists, q, gy, x, wt_mirrored, gx, gw_part, gb_part, g.c, c0);
-          },
-          [&](int64_t q, int64_t ch) {
-            listed_backward_channel(lists, q, gy, x, wt_mirrored, gx, gw_part, gb_part, g.c, ch);
-          });
+      for_each_panel<Acc>(
+          g.c,
+          [&](int64_t p0, int64_t p1) { backward_listed_panel(lists, gy, x, wt_mirrored, gx, gw_part, gb_part, p0, p1); },
+          [&](int64_t ch) { backward_listed_channel(lists, gy, x, wt_mirrored, gx, gw_part, gb_part, ch); });
     }
     if (!ok) valid = false;
   });
