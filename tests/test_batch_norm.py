@@ -599,6 +599,27 @@ def test_training_ops_match_the_staged_path(dtype, kind, affine):
 
 
 @pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c", [13, 2048])
+def test_training_backward_same_bits_for_nchw_grad_out(dtype, c):
+    """An NCHW grad_out of a channels_last x is gathered into rows a block of sites at a time (several blocks per
+    reduction chunk at 2048 channels; 13 channels are not a multiple of the gather's 8-wide vectors): the training
+    backward gives the same bits as for the same values in channels_last, with x as the kept rows or dense."""
+    x, weight, _, _, grad_out = inputs(2, c, h=12, w=12)
+    sites = sk.ActiveSites(make_active("spark", 2, 12, 12))
+    xd = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    w = weight.to(F32 if dtype == torch.bfloat16 else dtype)
+    _, rows, mean, invstd = ops.masked_bn_train_forward(xd, sites.index, w, None, None, None, 0.1, 1e-5)
+    grad = grad_out.to(dtype)
+    want = ops.masked_bn_train_backward(grad.contiguous(memory_format=torch.channels_last), rows, sites.index, w,
+                                        mean, invstd)
+    for x_kept in (rows, xd):
+        got = ops.masked_bn_train_backward(grad.contiguous(), x_kept, sites.index, w, mean, invstd)
+        for name, a, b in zip(("grad_x", "grad_weight", "grad_bias"), got, want):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16], ids=str)
 def test_training_ops_opcheck_and_argument_checks(dtype):
     from spark_kernels._registry import CPU_TRAINING_OPS, sample_tensors

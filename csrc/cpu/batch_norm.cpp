@@ -7,9 +7,12 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "cpu/dtypes.h"
 #include "cpu/norm_cpu.h"
@@ -36,11 +39,9 @@ struct Kernels {
     }
   }
 
-  // dy_rows (bn_backward_stats, bn_backward_elemt): grad_out's active rows when the caller gathered them
-  // (active_rows_of_planes), else null.
   template <typename scalar_t>
   static void bn_backward_stats(const NormArgs& p, const at::Tensor& grad_out, const at::Tensor& mean_t,
-                                at::Tensor& out, const at::Tensor* dy_rows = nullptr) {
+                                at::Tensor& out) {
     const acc_t<scalar_t>* mean = mean_t.const_data_ptr<acc_t<scalar_t>>();
     const int32_t* index = p.index.const_data_ptr<int32_t>();
     with_backward_readers<storage_t<scalar_t>>(p, grad_out, [&](auto x, auto dy) {
@@ -54,7 +55,7 @@ struct Kernels {
       } else {
         channel_sums<false>(p.g, index, p.index.numel(), term, out.data_ptr<double>());
       }
-    }, dy_rows);
+    });
   }
 
   template <typename scalar_t>
@@ -93,6 +94,7 @@ struct Kernels {
         row_prefetch(x));
   }
 
+  // dy_rows: grad_out's active rows when the caller gathered them (planes_grad_sums_keeping_rows), else null.
   template <typename scalar_t>
   static at::Tensor bn_backward_elemt(const NormArgs& p, const at::Tensor& grad_out, const at::Tensor& a_t,
                                       const at::Tensor& b_t, const at::Tensor& d_t,
@@ -118,6 +120,63 @@ struct Kernels {
 // arithmetic is that of spark_kernels/batch_norm.py's staged path, in float64, on n = M active sites.
 
 namespace {
+
+// Sites of a planes grad_out gathered at a time by planes_grad_sums_keeping_rows: about kGatheredElements values
+// (a buffer that stays in the L2 cache).
+constexpr int64_t kGatheredElements = 65536;
+
+// Kernels::bn_backward_stats of a planes (NCHW) grad_out of a rows x, with channel_sums<true>'s chunks and per-channel
+// order of the sites (the same bits as for a rows grad_out), that also leaves grad_out's active rows in dy_rows
+// (M, C) for bn_backward_elemt. Each block of a chunk's sites is gathered (gather_rows) into a per-thread buffer that
+// the sums read while it is cached, then copied out: one pass less over the M * C values than gathering all of them
+// first (active_rows_of_planes). The buffer's rows are a cache line longer than C values: rows of 1024 or 2048
+// float values (a multiple of 4 KiB) would all fall in the same L1 sets.
+template <typename T, typename Acc>
+void planes_grad_sums_keeping_rows(const NormArgs& p, const at::Tensor& grad_out, const Acc* mean, double* out,
+                                   at::Tensor& dy_rows) {
+  const NormGeometry& g = p.g;
+  const int64_t channels = g.channels;
+  const int32_t* index = p.index.const_data_ptr<int32_t>();
+  const std::vector<int64_t> bases = other_layout_bases(p);
+  const T* dy = data_as<T>(grad_out);
+  T* kept = mutable_data_as<T>(dy_rows);
+  std::vector<int64_t> bounds;
+  append_chunks(0, p.index.numel(), norm::sites_per_chunk(channels), bounds);
+  std::vector<double> partials(chunk_count(bounds) * 2 * channels, 0.0);
+  const int64_t block = std::max<int64_t>(1, kGatheredElements / channels);
+  const int64_t row_stride = channels + 64 / static_cast<int64_t>(sizeof(T));
+  auto sums = [&](auto x) {
+    const RowPrefetch prefetch = row_prefetch(x.dense_rows());
+    const norm::BnBackwardTerms<double> terms;
+    for_each_listed_chunk(bounds, [&](int64_t k, int64_t first, int64_t end) {
+      thread_local std::vector<T> buffer;
+      buffer.resize(std::max<size_t>(buffer.size(), block * row_stride));
+      T* rows = buffer.data();
+      double* __restrict sum_dy = partials.data() + k * 2 * channels;
+      double* __restrict sum_dy_xmu = sum_dy + channels;
+      for (int64_t j0 = first; j0 < end; j0 += block) {
+        const int64_t j1 = std::min(end, j0 + block);
+        gather_rows(dy, bases.data() + j0, j1 - j0, channels, g.plane, rows, row_stride);
+        for (int64_t j = j0; j < j1; ++j) {
+          prefetch.ahead(index, j, end, channels, 0, channels);
+          const int64_t base = static_cast<int64_t>(index[j]) * channels;
+          const T* row = rows + (j - j0) * row_stride;
+          for (int64_t c = 0; c < channels; ++c) {
+            double a, b;
+            terms(static_cast<double>(row[c]), static_cast<double>(x(j, base + c, c)), static_cast<double>(mean[c]),
+                  a, b);
+            sum_dy[c] += a;
+            sum_dy_xmu[c] += b;
+          }
+          std::memcpy(kept + j * channels, row, channels * sizeof(T));
+        }
+      }
+    });
+  };
+  const T* x = data_as<T>(p.x);
+  p.compact ? sums(XReader<T, true>{x, channels}) : sums(XReader<T, false>{x, channels});
+  combine_chunk_sums(partials, 0, chunk_count(bounds), channels, out);
+}
 
 // An optional (C,) parameter or running statistic: floating, on the CPU.
 void check_channel_param(const std::optional<at::Tensor>& t, const char* name, int64_t channels, const char* op) {
@@ -220,13 +279,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_bn_train_backward(
   at::Tensor grad_x = CpuBackend::Dtypes::dispatch(p.x.scalar_type(), op, [&](auto dtype) {
     using scalar_t = decltype(dtype);
     using Acc = acc_t<scalar_t>;
-    // A planes grad_out is read from its active rows by both passes: gathered once.
+    // A planes grad_out is read from its active rows by both passes: gathered once, by the first.
     std::optional<at::Tensor> dy_rows;
     if (p.g.rows && grad_layout(grad_out, true) == GradLayout::kOther) {
-      dy_rows = active_rows_of_planes<storage_t<scalar_t>>(p, grad_out);
+      dy_rows = at::empty({p.index.numel(), channels}, grad_out.options());
+      planes_grad_sums_keeping_rows<storage_t<scalar_t>>(p, grad_out, mean_acc.const_data_ptr<Acc>(),
+                                                         sums.data_ptr<double>(), *dy_rows);
+    } else {
+      Kernels::bn_backward_stats<scalar_t>(p, grad_out, mean_acc, sums);
     }
     const at::Tensor* dy_rows_ptr = dy_rows.has_value() ? &*dy_rows : nullptr;
-    Kernels::bn_backward_stats<scalar_t>(p, grad_out, mean_acc, sums, dy_rows_ptr);
     const double *s = sums.const_data_ptr<double>(), *mean_d = mean.const_data_ptr<double>();
     const double *invstd_d = invstd.const_data_ptr<double>(), *wd = data_or_null(w);
     const Acc* mean_a = mean_acc.const_data_ptr<Acc>();

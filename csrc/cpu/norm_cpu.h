@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/norm_checks.h"
@@ -267,7 +268,7 @@ void zero_inactive(const NormGeometry& g, const int32_t* index, int64_t count, i
 
 // Planes: the chunk's sites copied into site-major rows (C contiguous values per site) and back, so the
 // per-site LayerNorm math runs on contiguous channels in both layouts. bases[s] = g.base(site s). A block of
-// kTransposeChannels channels at a time, site by site: the planes of the block are walked side by side, each row
+// kTransposeChannels channels (gather_rows: 8) at a time, site by site: the planes of the block are walked side by side, each row
 // gets a contiguous run (about 2-3x faster than plane by plane, whose row accesses are all strided).
 constexpr int64_t kTransposeChannels = 16;
 
@@ -277,17 +278,47 @@ inline void for_each_transpose_block(int64_t channels, const Fn& fn) {
   for (int64_t c0 = 0; c0 < channels; c0 += kTransposeChannels) fn(c0, std::min(channels, c0 + kTransposeChannels));
 }
 
+// rows: row_stride apart (channels unless given). 32-bit and 16-bit values are moved 8 channels of a site at a time,
+// loaded into one vector and stored at once (about 1.3-2x faster than a plain copy loop, whose values the compiler
+// stores one by one), and the lines of the planes kPrefetchChannels further are prefetched as the sites enter a new
+// line: each plane is walked for a few lines only, too short a stream for the hardware prefetchers (another 1.1-1.5x
+// at the ResNet-50 and ConvNeXt-T stages). The channels left over, and other types, value by value.
 template <typename T>
 void gather_rows(const T* src, const int64_t* bases, int64_t sites, int64_t channels, int64_t channel_stride,
-                 T* rows) {
-  for_each_transpose_block(channels, [&](int64_t c0, int64_t c1) {
+                 T* rows, int64_t row_stride = -1) {
+  if (row_stride < 0) row_stride = channels;
+  int64_t vector_channels = 0;
+  if constexpr (sizeof(T) == 4 || sizeof(T) == 2) {
+    using Bits [[gnu::may_alias]] = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
+    using Vector = std::conditional_t<sizeof(T) == 4, u32x8, u16x8>;
+    constexpr int64_t kWidth = 8, kPrefetchChannels = 16, kLineShift = sizeof(T) == 4 ? 4 : 5;
+    vector_channels = channels / kWidth * kWidth;
+    const int64_t cs = channel_stride;
+    for (int64_t c0 = 0; c0 < vector_channels; c0 += kWidth) {
+      const Bits* first = reinterpret_cast<const Bits*>(src + c0 * cs);
+      const bool prefetch = c0 + kPrefetchChannels + kWidth <= channels;
+      int64_t line = -1;
+      for (int64_t s = 0; s < sites; ++s) {
+        const Bits* from = first + bases[s];
+        if (prefetch && (bases[s] >> kLineShift) != line) {
+          line = bases[s] >> kLineShift;
+          for (int64_t k = 0; k < kWidth; ++k) __builtin_prefetch(from + (kPrefetchChannels + k) * cs);
+        }
+        const Vector v = {from[0], from[cs], from[2 * cs], from[3 * cs], from[4 * cs], from[5 * cs], from[6 * cs],
+                          from[7 * cs]};
+        std::memcpy(rows + s * row_stride + c0, &v, sizeof(v));
+      }
+    }
+  }
+  for (int64_t c0 = vector_channels; c0 < channels; c0 += kTransposeChannels) {
+    const int64_t c1 = std::min(channels, c0 + kTransposeChannels);
     const T* first = src + c0 * channel_stride;
     for (int64_t s = 0; s < sites; ++s) {
       const T* from = first + bases[s];
-      T* __restrict to = rows + s * channels + c0;
+      T* __restrict to = rows + s * row_stride + c0;
       for (int64_t k = 0; k < c1 - c0; ++k) to[k] = from[k * channel_stride];
     }
-  });
+  }
 }
 
 template <typename T>
