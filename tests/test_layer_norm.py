@@ -184,8 +184,9 @@ def test_inactive_garbage_does_not_leak(backend, data_format):
 @pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
 @pytest.mark.parametrize("c,dtype", [(64, torch.float32), (61, torch.float32), (64, torch.bfloat16)], ids=str)
 def test_large_channels_last_outputs(c, dtype):
-    """Outputs of at least 4 MiB in rows are written with streaming stores (kStreamOutputBytes in csrc/cpu/vec.h);
-    with 61 channels the rows are not 32-byte aligned and fall back to plain writes."""
+    """Outputs of at least 4 MiB in rows (kStreamOutputBytes in csrc/cpu/vec.h; 16-bit ones counted as float32, from
+    2 MiB: streams_rows in csrc/cpu/norm_cpu.h) are written with streaming stores; with 61 channels the rows are not
+    32-byte aligned and fall back to plain writes."""
     side = 96 if dtype == torch.float32 else 128
     x, weight, bias, grad_out = inputs(2, c, h=side, w=side)
     assert x.numel() * dtype.itemsize >= 4 << 20

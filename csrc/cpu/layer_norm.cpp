@@ -1,6 +1,6 @@
 // Masked LayerNorm kernels on the CPU (conventions: csrc/ops.cpp; host code: csrc/norm_ops.h): normalization over the
-// C channels of each active site, with the row math of csrc/common/norm_row.h (its statistics and input gradient
-// written on vectors below, the latter fused with the parameter-gradient terms), in the accumulation type (float for
+// C channels of each active site, with the row math of csrc/common/norm_row.h (its statistics, output and input
+// gradient written on vectors below, the last fused with the parameter-gradient terms), in the accumulation type (float for
 // float32, float16 and bfloat16 inputs; double for float64). The parameter gradients are summed per chunk of sites in the accumulation
 // type, and the chunks' sums added in float64.
 #include <ATen/Dispatch.h>
@@ -77,15 +77,49 @@ inline norm::RowStats<Acc> site_stats(const T* __restrict x, int64_t channels, A
   return {mean, norm::inv_sqrt(squares / static_cast<Acc>(channels) + eps)};
 }
 
+// common/norm_row.h's row_forward of a row of C contiguous values, lane-wise (norm::normalize's operations in its
+// order): the compiler vectorizes row_forward's loop poorly for 16-bit storage (float16 took 10x as long as float32).
+template <bool kWeighted, bool kBiased, typename Acc, typename X, typename T>
+inline void site_forward(const X* __restrict x, T* __restrict y, int64_t channels, norm::RowStats<Acc> s,
+                         const Acc* __restrict weight, const Acc* __restrict bias) {
+  using V = Vec<Acc>;
+  constexpr int64_t kL = kLanes<Acc>;
+  const int64_t body = channels - channels % kL;
+  const V mean = broadcast(s.mean), rstd = broadcast(s.rstd);
+  for (int64_t c = 0; c < body; c += kL) {
+    V v = (load_vec(x + c) - mean) * rstd;
+    if constexpr (kWeighted) v *= load_vec(weight + c);
+    if constexpr (kBiased) v += load_vec(bias + c);
+    store_vec(y + c, v);
+  }
+  for (int64_t c = body; c < channels; ++c) {
+    y[c] = static_cast<T>(norm::normalize(static_cast<Acc>(x[c]), s, weight, bias, c));
+  }
+}
+
+// The C values of a row converted to the accumulation type (exactly).
+template <typename Acc, typename T>
+inline void widen_row(const T* __restrict x, int64_t channels, Acc* __restrict out) {
+  constexpr int64_t kL = kLanes<Acc>;
+  const int64_t body = channels - channels % kL;
+  for (int64_t c = 0; c < body; c += kL) store_vec(out + c, load_vec(x + c));
+  for (int64_t c = body; c < channels; ++c) out[c] = static_cast<Acc>(x[c]);
+}
+
 // One site's input gradient (common/norm_row.h's row_backward) with its terms of the parameter gradients added
 // to a chunk's per-channel sums, dy * xhat and dy, in the accumulation type: the terms ride on the first of the
 // two passes over the row, which reads dy and x already. kDyStep 0: one grad_out value for the whole row.
+// 16-bit storage: the first pass keeps g and xhat in `kept` (2 C values of scratch) for the second, which then
+// reads them instead of converting dy and x again (the same values, so the same bits).
 template <int64_t kDyStep, bool kWeighted, typename Acc, typename T>
 inline void site_backward(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t channels,
                           norm::RowStats<Acc> s, const Acc* __restrict weight, Acc* __restrict sum_dy_xhat,
-                          Acc* __restrict sum_dy) {
+                          Acc* __restrict sum_dy, Acc* __restrict kept) {
   using V = Vec<Acc>;
   constexpr int64_t kL = kLanes<Acc>;
+  constexpr bool kKeep = sizeof(T) < sizeof(Acc);
+  Acc* __restrict kept_g = kept;
+  Acc* __restrict kept_xhat = kept + channels;
   const int64_t body = channels - channels % kL;
   auto dy_at = [&](int64_t c) -> V {
     if constexpr (kDyStep == 0) return broadcast(static_cast<Acc>(dy[0]));
@@ -108,6 +142,10 @@ inline void site_backward(const T* __restrict dy, const T* __restrict x, T* __re
     const V g = weighted(d, c);
     g_sum += g;
     g_xhat_sum += g * xhat;
+    if constexpr (kKeep) {
+      store_vec(kept_g + c, g);
+      store_vec(kept_xhat + c, xhat);
+    }
     store_vec(sum_dy_xhat + c, load_vec(sum_dy_xhat + c) + d * xhat);
     store_vec(sum_dy + c, load_vec(sum_dy + c) + d);
   }
@@ -125,8 +163,9 @@ inline void site_backward(const T* __restrict dy, const T* __restrict x, T* __re
   const Acc mean_g_xhat = sum_g_xhat / static_cast<Acc>(channels);
   const V mean_g_v = broadcast(mean_g), mean_g_xhat_v = broadcast(mean_g_xhat);
   for (int64_t c = 0; c < body; c += kL) {  // norm::input_grad, lane-wise
-    const V xhat = (load_vec(x + c) - mean) * rstd;
-    store_vec(dx + c, rstd * (weighted(dy_at(c), c) - mean_g_v - xhat * mean_g_xhat_v));
+    const V xhat = kKeep ? load_vec(kept_xhat + c) : (load_vec(x + c) - mean) * rstd;
+    const V g = kKeep ? load_vec(kept_g + c) : weighted(dy_at(c), c);
+    store_vec(dx + c, rstd * (g - mean_g_v - xhat * mean_g_xhat_v));
   }
   for (int64_t c = body; c < channels; ++c) {
     const Acc xhat = (static_cast<Acc>(x[c]) - s.mean) * s.rstd;
@@ -176,23 +215,43 @@ struct Kernels {
     const acc_t* bias = optional_param<acc_t>(bias_t);
     const acc_t eps_acc = static_cast<acc_t>(eps);
     const int64_t channels = g.channels;
-    // One site, its C values contiguous (x, y rows of the tensor or of the planes path's buffers).
-    auto site = [&](const T* xr, T* yr, int64_t j) {
-      const auto s = site_stats<acc_t>(xr, channels, eps_acc);
-      norm::row_forward<acc_t>(xr, 1, yr, 1, channels, s, weight, bias);
-      mean[j] = s.mean;
-      rstd[j] = s.rstd;
+    // 16-bit storage: each row converted to the accumulation type once, for the three passes over it.
+    constexpr bool kWiden = sizeof(T) < sizeof(acc_t);
+    // One site, its C values contiguous (x, y rows of the tensor or of the planes path's buffers); wide: C values of
+    // scratch for the converted row.
+    auto site = [&](const T* xr, T* yr, int64_t j, acc_t* wide) {
+      auto normalize_row = [&](const auto* row) {
+        const auto s = site_stats<acc_t>(row, channels, eps_acc);
+        if (weight != nullptr) {
+          bias != nullptr ? site_forward<true, true>(row, yr, channels, s, weight, bias)
+                          : site_forward<true, false>(row, yr, channels, s, weight, bias);
+        } else {
+          bias != nullptr ? site_forward<false, true>(row, yr, channels, s, weight, bias)
+                          : site_forward<false, false>(row, yr, channels, s, weight, bias);
+        }
+        mean[j] = s.mean;
+        rstd[j] = s.rstd;
+      };
+      if constexpr (kWiden) {
+        widen_row(xr, channels, wide);
+        normalize_row(static_cast<const acc_t*>(wide));
+      } else {
+        normalize_row(xr);
+      }
     };
     const bool stream = streams_rows(p, y_t);
     const RowPrefetch prefetch = row_prefetch(x);
     for_each_chunk(count, norm::sites_per_chunk(channels), [&](int64_t, int64_t j0, int64_t j1) {
       zero_inactive(g, index, count, j0, j1, y, stream);
+      thread_local std::vector<acc_t> wide_row;
+      if (kWiden) wide_row.resize(channels);
+      acc_t* wide = wide_row.data();
       if (g.rows) {
         const RowSink<T> sink(y, channels, stream);
         for (int64_t j = j0; j < j1; ++j) {
           prefetch.ahead(index, j, j1, channels, 0, channels);
           const int64_t base = int64_t(index[j]) * channels;
-          site(x + base, sink.row(base), j);
+          site(x + base, sink.row(base), j, wide);
           sink.done(base);
         }
         stream_fence();
@@ -205,7 +264,9 @@ struct Kernels {
       y_rows.resize((j1 - j0) * channels);
       for (int64_t j = j0; j < j1; ++j) bases[j - j0] = g.base(index[j]);
       gather_rows(g, x, bases, x_rows.data());
-      for (int64_t j = j0; j < j1; ++j) site(x_rows.data() + (j - j0) * channels, y_rows.data() + (j - j0) * channels, j);
+      for (int64_t j = j0; j < j1; ++j) {
+        site(x_rows.data() + (j - j0) * channels, y_rows.data() + (j - j0) * channels, j, wide);
+      }
       scatter_rows(g, y_rows.data(), bases, y);
     });
     return y_t;
@@ -249,17 +310,18 @@ struct Kernels {
       const bool gather_dy = kMode == GradLayout::kSame ? !g.rows : kMode == GradLayout::kOther && g.rows;
       for_each_chunk(count, per_chunk, [&](int64_t k, int64_t j0, int64_t j1) {
         zero_inactive(g, index, count, j0, j1, dx, stream);
-        thread_local std::vector<acc_t> sums;
+        thread_local std::vector<acc_t> sums, kept;
         sums.assign(2 * channels, acc_t(0));
+        kept.resize(2 * channels);
         acc_t* sum_dy_xhat = sums.data();
         acc_t* sum_dy = sum_dy_xhat + channels;
         // One site, its x and dx values contiguous (rows of the tensors or of the planes path's buffers).
         auto site = [&](const T* dyr, const T* xr, T* dxr, int64_t j) {
           const norm::RowStats<acc_t> s{mean[j], rstd[j]};
           if (weight != nullptr) {
-            site_backward<dy_step, true>(dyr, xr, dxr, channels, s, weight, sum_dy_xhat, sum_dy);
+            site_backward<dy_step, true>(dyr, xr, dxr, channels, s, weight, sum_dy_xhat, sum_dy, kept.data());
           } else {
-            site_backward<dy_step, false>(dyr, xr, dxr, channels, s, weight, sum_dy_xhat, sum_dy);
+            site_backward<dy_step, false>(dyr, xr, dxr, channels, s, weight, sum_dy_xhat, sum_dy, kept.data());
           }
         };
         auto keep_sums = [&] {
