@@ -98,7 +98,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, index, count, training, momentum, eps,
                 process_group, kernels):
         ctx.dense_shape = x.shape
-        ctx.training, ctx.count, ctx.process_group, ctx.kernels = training, count, process_group, kernels
+        ctx.training, ctx.process_group, ctx.kernels = training, process_group, kernels
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.whole_step = training and process_group is None and _uses_training_ops(kernels, x)
         if ctx.whole_step:
@@ -126,7 +126,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
         y = kernels.bn_elemt(x, index, scale.to(acc), shift.to(acc))
         saved_x = _compact_rows(x, index) if uses_rows(x) else x
         ctx.save_for_backward(saved_x, index, mean, invstd, w)
-        ctx.count = n
+        ctx.count = n  # the active sites over every process: what the staged backward divides by
         return y
 
     @staticmethod
