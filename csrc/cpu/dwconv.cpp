@@ -797,7 +797,9 @@ void backward_rows_listed(const T* gy, const T* x, const Acc* wt_mirrored, const
       if (end == g.m) fill.finish();
       for_each_panel<Acc>(
           g.c,
-          [&](int64_t p0, int64_t p1) { backward_listed_panel(lists, gy, x, wt_mirrored, gx, gw_part, gb_part, p0, p1); },
+          [&](int64_t p0, int64_t p1) {
+            backward_listed_panel(lists, gy, x, wt_mirrored, gx, gw_part, gb_part, p0, p1);
+          },
           [&](int64_t ch) { backward_listed_channel(lists, gy, x, wt_mirrored, gx, gw_part, gb_part, ch); });
     }
     if (!ok) valid = false;

@@ -1,8 +1,8 @@
 // Masked LayerNorm kernels on the CPU (conventions: csrc/ops.cpp; host code: csrc/norm_ops.h): normalization over the
 // C channels of each active site, with the row math of csrc/common/norm_row.h (its statistics, output and input
-// gradient written on vectors below, the last fused with the parameter-gradient terms), in the accumulation type (float for
-// float32, float16 and bfloat16 inputs; double for float64). The parameter gradients are summed per chunk of sites in the accumulation
-// type, and the chunks' sums added in float64.
+// gradient written on vectors below, the last fused with the parameter-gradient terms), in the accumulation type
+// (float for float32, float16 and bfloat16 inputs; double for float64). The parameter gradients are summed per chunk
+// of sites in the accumulation type, and the chunks' sums added in float64.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>

@@ -268,8 +268,8 @@ void zero_inactive(const NormGeometry& g, const int32_t* index, int64_t count, i
 
 // Planes: the chunk's sites copied into site-major rows (C contiguous values per site) and back, so the
 // per-site LayerNorm math runs on contiguous channels in both layouts. bases[s] = g.base(site s). A block of
-// kTransposeChannels channels (gather_rows: 8) at a time, site by site: the planes of the block are walked side by side, each row
-// gets a contiguous run (about 2-3x faster than plane by plane, whose row accesses are all strided).
+// kTransposeChannels channels (gather_rows: 8) at a time, site by site: the planes of the block are walked side by
+// side, each row gets a contiguous run (about 2-3x faster than plane by plane, whose row accesses are all strided).
 constexpr int64_t kTransposeChannels = 16;
 
 // fn(c0, c1): the channel blocks [c0, c1) of the transposes, the last one shorter.

@@ -143,7 +143,8 @@ inline void store_vec(Float16Bits* p, f32x8 v) {  // float_to_fp16, lane-wise
   const __m256 quiet_nan = _mm256_or_ps(_mm256_and_ps(f, _mm256_set1_ps(-0.0f)),
                                         _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)));
   const __m256 quieted = _mm256_blendv_ps(f, quiet_nan, _mm256_cmp_ps(f, f, _CMP_UNORD_Q));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(quieted, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(quieted, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
   const u32x8 u = reinterpret_cast<u32x8>(v);
   const u32x8 sign = (u >> 16) & 0x8000u;
