@@ -18,6 +18,11 @@ def _as_dtype(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Option
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _as_nchw(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """x as the kernels see it: (N, C, H, W), a permuted view of a channels_last (N, H, W, C) x."""
+    return x.permute(0, 3, 1, 2) if channels_last else x
+
+
 class _MaskedLayerNorm(torch.autograd.Function):
     """Autograd over a backend's primitives ``ln_forward`` and ``ln_backward``.
 
@@ -31,7 +36,7 @@ class _MaskedLayerNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, index, eps, kernels, channels_last):
         acc = accumulation_dtype(x.dtype)
         w, b = _as_dtype(weight, acc), _as_dtype(bias, acc)
-        y, mean, rstd = kernels.ln_forward(x.permute(0, 3, 1, 2) if channels_last else x, index, w, b, eps)
+        y, mean, rstd = kernels.ln_forward(_as_nchw(x, channels_last), index, w, b, eps)
         ctx.save_for_backward(x, w, index, mean, rstd)
         ctx.kernels = kernels
         ctx.channels_last = channels_last
@@ -43,8 +48,7 @@ class _MaskedLayerNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, w, index, mean, rstd = ctx.saved_tensors
         channels_last = ctx.channels_last
-        grad_x, grad_w, grad_b = ctx.kernels.ln_backward(grad_out, x.permute(0, 3, 1, 2) if channels_last else x,
-                                                         index, w, mean, rstd)
+        grad_x, grad_w, grad_b = ctx.kernels.ln_backward(grad_out, _as_nchw(x, channels_last), index, w, mean, rstd)
         wd, bd = ctx.param_dtypes
         needs = ctx.needs_input_grad
         return ((grad_x.permute(0, 2, 3, 1) if channels_last else grad_x) if needs[0] else None,
@@ -82,7 +86,7 @@ def masked_layer_norm(x: torch.Tensor, active, weight: Optional[torch.Tensor], b
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     sites = _sites_for_layer_norm(active, x, channels_last)
-    chosen = select_backend(backend, x.permute(0, 3, 1, 2) if channels_last else x, "masked_layer_norm")
+    chosen = select_backend(backend, _as_nchw(x, channels_last), "masked_layer_norm")
     if chosen.name == "reference" or x.numel() == 0:  # an empty x: nothing for a kernel to do
         return reference.masked_layer_norm(x, sites.mask, weight, bias, float(eps), channels_last)
     y = _MaskedLayerNorm.apply(x, weight, bias, sites.index, float(eps), chosen.kernels, channels_last)

@@ -72,9 +72,8 @@ std::vector<int64_t> image_starts(const int32_t* index, int64_t m, int64_t image
 
 // Writes a dense output in one pass along ascending active sites: the rows of the inactive sites before
 // each active site are zeroed when the pass reaches it (by streaming stores in outputs of cpu::kStreamOutputBytes
-// and more), so no separate memset touches the output first. Its
-// scope is one thread's part of a pass: it ends with the fence that streamed zeros need before other threads
-// read them.
+// and more), so no separate memset touches the output first. Its scope is one thread's part of a pass: it ends
+// with the fence that streamed zeros need before other threads read them.
 template <typename T>
 struct GapFiller {
   T* out;

@@ -173,11 +173,11 @@ inline void site_backward(const T* __restrict dy, const T* __restrict x, T* __re
   }
 }
 
-// grad_out's values of a chunk's sites gathered from (N, C, H, W)-contiguous planes into rows of C values (for a rows x):
-// bases[s] = the offset of site s in channel 0's plane. Plane by plane, each plane's part for the sites of one image
-// read in ascending order: the reads walk the tensor forward as the hardware prefetchers expect, where a block of
-// planes walked side by side (gather_rows) starts as many short streams at once and waits on each (with it, the
-// backward took 1.1-1.4x as long at ConvNeXt-T's 384@14 and 768@7, where a plane is a few cache lines).
+// grad_out's values of a chunk's sites gathered from (N, C, H, W)-contiguous planes into rows of C values (for a
+// rows x): bases[s] = the offset of site s in channel 0's plane. Plane by plane, each plane's part for the sites of
+// one image read in ascending order: the reads walk the tensor forward as the hardware prefetchers expect, where a
+// block of planes walked side by side (gather_rows) starts as many short streams at once and waits on each (with
+// it, the backward took 1.1-1.4x as long at ConvNeXt-T's 384@14 and 768@7, where a plane is a few cache lines).
 template <typename T>
 void gather_plane_rows(const T* src, const int64_t* bases, int64_t sites, int64_t channels, int64_t plane, T* rows) {
   for (int64_t s0 = 0; s0 < sites;) {

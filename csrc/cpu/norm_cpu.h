@@ -435,8 +435,8 @@ struct CompactGradReader {
 };
 
 // The values of a planes (NCHW) grad_out at the active sites of a rows x, as (M, C) rows in index order. Read
-// kTransposeChannels planes side by side over fixed chunks of sites (gather_rows), so that the backward kernels, which visit
-// the sites row by row, read them in order instead of C strided values per site.
+// kTransposeChannels planes side by side over fixed chunks of sites (gather_rows), so that the backward kernels,
+// which visit the sites row by row, read them in order instead of C strided values per site.
 template <typename T>
 at::Tensor active_rows_of_planes(const NormArgs& p, const at::Tensor& grad_out) {
   TORCH_INTERNAL_ASSERT(p.g.rows && grad_layout(grad_out, true) == GradLayout::kOther);
