@@ -538,8 +538,10 @@ void backward_rows_tiled(const T* gy, const T* x, const Acc* wt, const Acc* wt_m
 // into the pass's loop nest, GCC kept them on the stack: 15 loads per 4 FMAs of the forward walk), and each walk
 // goes 8 vectors wide per site, amortizing the list loads. The backward walks each site twice, grad_x (the
 // forward's gather over grad_out) then the weight gradient, rather than once for both 4 vectors wide: A/B of the
-// op call, one thread, CPU time relative to the forward's in the same process (this AVX2 machine under load,
-// 2026-12-02), the backward went from 2.3x to 2.0-2.15x the forward at 384@14, from 2.5x to 1.7-2.2x at 768@7.
+// op call, one thread, median over 6-10 alternating runs of CPU time relative to the forward's in the same process
+// (this AVX2 machine under load, 2026-12-02), the fp32 backward went from 2.2x to 2.05x the forward at 384@14 and
+// from 2.15-2.5x to 1.9-2.1x at 768@7; bf16 from 2.1x to 1.9x at 384@14, unchanged within the noise at 768@7.
+// (Weight-gradient walks 4 vectors wide measured the same, within the noise.)
 
 constexpr int kPanelVectors = 8;
 constexpr int kGatherVectors = 8;      // forward and grad_x: 8 accumulators
@@ -882,8 +884,8 @@ at::Tensor rows_grad_out(const at::Tensor& grad_out, const int32_t* index, const
       for (int64_t c0 = 0; c0 < g.c; c0 += kCopyChannels) {
         const int64_t c1 = std::min(g.c, c0 + kCopyChannels);
         // The next pass's lines, spread over this pass's runs: a burst of them at the pass's start filled the
-        // queue of outstanding misses and stalled the copy (copy A/B, one thread, this AVX2 machine: 384@14 in
-        // 1.3-1.5 ms vs 1.7-1.9 ms).
+        // queue of outstanding misses and stalled the copy (this copy alone, one thread, caches flushed, this AVX2
+        // machine under load: 384@14 in 1.3-1.5 ms vs 1.7-1.9 ms, best of 40; 192@28 and 768@7 within the noise).
         const int64_t next_lines = prefetch ? (std::min(g.c, c1 + kCopyChannels) - c1) * plane_lines : 0;
         int64_t prefetched = 0;
         const auto prefetch_until = [&](int64_t line) {
