@@ -140,8 +140,9 @@ def _fake_bn_train_forward(x, index, weight, bias, running_mean, running_var, mo
 
 def _fake_bn_train_backward(grad_out, x, index, weight, mean, invstd):
     c = grad_out.shape[1]
-    return (_dense_grad_like(grad_out, x), grad_out.new_empty((c,), dtype=torch.float64),
-            grad_out.new_empty((c,), dtype=torch.float64))
+    param_dtype = torch.float64 if weight is None else weight.dtype
+    return (_dense_grad_like(grad_out, x), grad_out.new_empty((c,), dtype=param_dtype),
+            grad_out.new_empty((c,), dtype=param_dtype))
 
 
 def _fake_ln_forward(x, index, weight, bias, eps):
@@ -366,7 +367,8 @@ BATCH_NORM = OpSpec(
 # staged primitives above plus the float64 per-channel arithmetic that spark_kernels/batch_norm.py otherwise does
 # between them, without a Python round trip per stage. The cpu backend's kernels carry them (spark_kernels/_native.py)
 # and masked_batch_norm uses them for a channels_last x without a process group. Not primitives: no other backend
-# implements them. Forward updates the running statistics in place; backward takes x as the rows forward returned.
+# implements them. Forward updates the running statistics in place; backward takes x as the rows forward returned
+# and gives the parameter gradients in weight's dtype (float64 without a weight).
 CPU_TRAINING_OPS: Tuple[Primitive, ...] = (
     Primitive("bn_train_forward", "masked_bn_train_forward",
               "(Tensor x, Tensor index, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "

@@ -169,7 +169,8 @@ def _uses_training_ops(kernels, x: torch.Tensor) -> bool:
 
 
 def _input_grads(ctx, grad_x, grad_w, grad_b):
-    """backward's return value: the requested gradients, the parameters' in their dtypes (float64 before)."""
+    """backward's return value: the requested gradients, the parameters' in their dtypes (float64, or weight's from
+    bn_train_backward, before)."""
     wd, bd = ctx.param_dtypes
     return (grad_x if ctx.needs_input_grad[0] else None,
             grad_w.to(wd) if ctx.needs_input_grad[1] else None,

@@ -184,12 +184,11 @@ def test_inactive_garbage_does_not_leak(backend, data_format):
 @pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
 @pytest.mark.parametrize("c,dtype", [(64, torch.float32), (61, torch.float32), (64, torch.bfloat16)], ids=str)
 def test_large_channels_last_outputs(c, dtype):
-    """Outputs of at least 4 MiB in rows (kStreamOutputBytes in csrc/cpu/vec.h; 16-bit ones counted as float32, from
-    2 MiB: streams_rows in csrc/cpu/norm_cpu.h) are written with streaming stores; with 61 channels the rows are not
-    32-byte aligned and fall back to plain writes."""
-    side = 96 if dtype == torch.float32 else 128
+    """Outputs in rows of at least 2 MiB (streams_output in csrc/cpu/vec.h) are written with streaming stores; with 61
+    channels the rows are not 32-byte aligned and fall back to plain writes."""
+    side = 72 if dtype == torch.float32 else 96
     x, weight, bias, grad_out = inputs(2, c, h=side, w=side)
-    assert x.numel() * dtype.itemsize >= 4 << 20
+    assert x.numel() * dtype.itemsize >= 2 << 20
     check_against_reference("cpu", x, make_active("spark", 2, side, side), weight, bias, grad_out, "channels_last",
                             dtype, param_dtype=torch.float32)
 
@@ -329,20 +328,25 @@ def test_module(backend, data_format):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("kind", ["expanded", "other_layout"])
 @pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_grad_out_read_in_place_equals_materialized(backend, kind, data_format, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("size", [NORM_TEST_SIZE, (24, 40)], ids=str)
+def test_grad_out_read_in_place_equals_materialized(backend, kind, data_format, dtype, size):
     """A stride-0 grad_out (y.sum().backward()) or one in the other memory order than x's is read in place by the
-    C++ kernels, with the results of a dense copy in x's memory order."""
-    x, weight, bias, grad_out = inputs(2, 12)
-    active = make_active("spark", 2)
+    C++ kernels, with the results of a dense copy in x's memory order. At 24 x 40, an (N, C, H, W) grad_out of a
+    channels_last x has planes large enough that the cpu backend gathers them 8 at a time (gather_plane_rows in
+    csrc/cpu/layer_norm.cpp): runs of 8 adjacent active sites (two adjacent SparK patches), shorter runs, and the
+    channels past the last multiple of 8."""
+    x, weight, bias, grad_out = inputs(2, 12, h=size[0], w=size[1])
+    active = make_active("spark", 2, *size)
     if kind == "expanded":
         grad = torch.full((), 0.5, dtype=dtype).expand(x.shape)
     else:  # x's memory order is that of its format: (N, C, H, W) for channels_first, (N, H, W, C) for channels_last
         other = torch.channels_last if data_format == "channels_first" else torch.contiguous_format
         grad = grad_out.to(dtype).contiguous(memory_format=other)
     same = torch.contiguous_format if data_format == "channels_first" else torch.channels_last
-    got = run(backend, x, active, weight, bias, grad, data_format, dtype=dtype, param_dtype=torch.float32)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    got = run(backend, x, active, weight, bias, grad, data_format, dtype=dtype, param_dtype=param_dtype)
     want = run(backend, x, active, weight, bias, grad.contiguous(memory_format=same), data_format, dtype=dtype,
-               param_dtype=torch.float32)
+               param_dtype=param_dtype)
     for key in want:
         assert torch.equal(got[key], want[key]), key

@@ -99,7 +99,7 @@ struct GapFiller {
   void zero_rows(int64_t from, int64_t to) {
     const int64_t bytes = (to - from) * row_len * static_cast<int64_t>(sizeof(T));
     if (bytes <= 0) return;
-    if (limit * row_len * static_cast<int64_t>(sizeof(T)) >= cpu::kStreamOutputBytes)
+    if (cpu::streams_output(limit * row_len * static_cast<int64_t>(sizeof(T))))
       cpu::stream_zero(out + from * row_len, bytes);
     else
       std::fill(out + from * row_len, out + to * row_len, T(0));

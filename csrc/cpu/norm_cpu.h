@@ -346,12 +346,9 @@ inline at::Tensor empty_dense(const NormArgs& p) {
                                                                    : at::MemoryFormat::Contiguous));
 }
 
-// Dense outputs in rows of at least kStreamOutputBytes (cpu/vec.h) are written with streaming stores, a 16-bit output
-// counted as float32: it streams where its float32 twin does (measured faster for LayerNorm at ConvNeXt-T's 768@7,
-// 2.4 MB in bfloat16, than writing it through the caches, as float32's 4.8 MB are).
+// Dense outputs in rows are written with streaming stores where cpu/vec.h's streams_output says.
 inline bool streams_rows(const NormArgs& p, const at::Tensor& out) {
-  const int64_t bytes = std::max(static_cast<int64_t>(out.nbytes()), out.numel() * static_cast<int64_t>(sizeof(float)));
-  return p.g.rows && bytes >= kStreamOutputBytes;
+  return p.g.rows && streams_output(static_cast<int64_t>(out.nbytes()));
 }
 
 // Where a kernel writes the C values of an active site of a rows output: in place, or, when streaming, into a
