@@ -229,8 +229,8 @@ def test_inactive_garbage_does_not_leak(backend, layout):
 @pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
 @pytest.mark.parametrize("c,dtype", [(64, F32), (61, F32), (64, torch.bfloat16)], ids=str)
 def test_large_channels_last_outputs(c, dtype):
-    """Outputs of at least 4 MiB in channels_last are written with streaming stores (kStreamOutputBytes in
-    csrc/cpu/vec.h); with 61 channels the rows are not 32-byte aligned and fall back to plain writes."""
+    """Channels_last outputs of at least kStreamOutputBytes (2 MiB, csrc/cpu/vec.h) are written with streaming
+    stores, these of 4 MiB too; with 61 channels the rows are not 32-byte aligned and fall back to plain writes."""
     side = 96 if dtype == F32 else 128
     x, weight, bias, running, grad_out = inputs(2, c, h=side, w=side)
     assert x.numel() * dtype.itemsize >= 4 << 20
