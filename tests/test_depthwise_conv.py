@@ -500,7 +500,7 @@ def test_module_defaults_are_those_of_a_depthwise_conv2d(k):
 @needs_cpu_backend
 @pytest.mark.parametrize("k", (3, 7))
 def test_large_output_streams_zeros(k):
-    """Outputs of at least kStreamOutputBytes (2 MiB, csrc/cpu/vec.h; this one is 4 MiB) have their inactive rows
+    """Outputs of at least kStreamZeroRowsBytes (4 MiB, csrc/cpu/vec.h), as this one, have their inactive rows
     zeroed by streaming stores: those rows are exact zeros and the active ones match the reference, forward and
     backward, NCHW grad_out included."""
     n, c, h, w = 1, 256, 64, 64  # 4 MiB of float32

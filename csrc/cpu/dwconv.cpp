@@ -71,8 +71,8 @@ std::vector<int64_t> image_starts(const int32_t* index, int64_t m, int64_t image
 }
 
 // Writes a dense output in one pass along ascending active sites: the rows of the inactive sites before
-// each active site are zeroed when the pass reaches it (by streaming stores in outputs of cpu::kStreamOutputBytes
-// and more), so no separate memset touches the output first. Its scope is one thread's part of a pass: it ends
+// each active site are zeroed when the pass reaches it (by streaming stores where cpu::streams_zero_rows
+// says), so no separate memset touches the output first. Its scope is one thread's part of a pass: it ends
 // with the fence that streamed zeros need before other threads read them.
 template <typename T>
 struct GapFiller {
@@ -99,7 +99,7 @@ struct GapFiller {
   void zero_rows(int64_t from, int64_t to) {
     const int64_t bytes = (to - from) * row_len * static_cast<int64_t>(sizeof(T));
     if (bytes <= 0) return;
-    if (cpu::streams_output(limit * row_len * static_cast<int64_t>(sizeof(T))))
+    if (cpu::streams_zero_rows(limit * row_len * static_cast<int64_t>(sizeof(T))))
       cpu::stream_zero(out + from * row_len, bytes);
     else
       std::fill(out + from * row_len, out + to * row_len, T(0));

@@ -204,16 +204,21 @@ inline void transpose8x8(const E* src, int64_t src_stride, E* dst, int64_t dst_s
 // without filling the cache, for outputs larger than the caches that the kernel itself never reads back. Where
 // the destination or the length is not a multiple of 32 bytes, or without AVX, they are plain copies. Call
 // stream_fence() before other threads read what a thread streamed.
-// streams_output says which outputs every kernel writes with them (the norms' rows outputs, the zeroed rows of the
-// depthwise conv's): those of at least kStreamOutputBytes, by their actual size in any dtype. Streaming spares reading
-// each line from memory before overwriting it, but leaves the output out of the caches for whoever reads it next.
-// Measured on this project's 2-core EPYC (AVX2, 32 MiB L3; LayerNorm, BatchNorm and the 3x3 depthwise conv, fp32 and
-// bf16 outputs of 0.6-16 MB, 1 and 2 threads), forward + backward with each output read right after, as the next
-// layer does, streaming against plain stores: 0.8-1.0x the time at 0.6-1.2 MB, 0.96-1.06x at 2.4 MB, faster from
-// 3.6 MB (1.03-1.1x; 1.1-1.3x at 9.6-16 MB); with nothing reading the outputs it wins from 1.2 MB (1.1-1.3x).
+// streams_output says which outputs a kernel writes whole with them (the norms' rows outputs): those of at least
+// kStreamOutputBytes, by their actual size in any dtype. Streaming spares reading each line from memory before
+// overwriting it, but leaves the output out of the caches for whoever reads it next. Measured on this project's
+// 2-core EPYC (AVX2, 32 MiB L3; LayerNorm, BatchNorm and the 3x3 depthwise conv, fp32 and bf16 outputs of 0.6-16 MB,
+// 1 and 2 threads), forward + backward with each output read right after, as the next layer does, streaming against
+// plain stores: 0.8-1.0x the time at 0.6-1.2 MB, 0.96-1.06x at 2.4 MB, faster from 3.6 MB (1.03-1.1x; 1.1-1.3x at
+// 9.6-16 MB); with nothing reading the outputs it wins from 1.2 MB (1.1-1.3x).
+// streams_zero_rows says where the depthwise conv streams the zeros of its inactive rows (its active rows go through
+// the caches): from kStreamZeroRowsBytes, since at 2.4 MB (bf16, ConvNeXt-T's 768@7) streaming them took 1.1-1.2x
+// the time of plain stores for the 3x3 conv (the 7x7 conv even; `python -m bench.ops`, 3 alternating runs, idle).
 constexpr int64_t kStreamOutputBytes = int64_t(2) << 20;
+constexpr int64_t kStreamZeroRowsBytes = int64_t(4) << 20;
 
 inline bool streams_output(int64_t bytes) { return bytes >= kStreamOutputBytes; }
+inline bool streams_zero_rows(int64_t bytes) { return bytes >= kStreamZeroRowsBytes; }
 
 inline bool streamable(const void* dst, int64_t bytes) {
 #if defined(__AVX__)
