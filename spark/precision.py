@@ -47,9 +47,14 @@ def resolve(requested: str, device: torch.device, flags: Optional[set] = None) -
         raise ValueError(f"--precision must be one of {CHOICES}, got {requested!r}")
     if requested == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device (on CPUs use bf16 or fp32)")
-    if requested != "auto":
+    if requested in ("fp32", "fp16"):
         return requested, "requested"
     native, evidence = native_bf16(device, flags)
+    if requested == "bf16":
+        # Said at start, since nothing else would tell: PyTorch's convolutions take a generic bf16 kernel there.
+        return "bf16", "requested" if native else (
+            f"requested, though bf16 is not native here ({evidence}): convolutions fall back to slow generic "
+            f"kernels, steps may take many times as long as in fp32")
     return ("bf16", f"auto: bf16 is native here ({evidence})") if native else \
         ("fp32", f"auto: bf16 is not native here ({evidence})")
 

@@ -24,7 +24,9 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
 
 
 def test_explicit_choices_and_errors():
-    assert precision.resolve("bf16", CPU) == ("bf16", "requested")
+    assert precision.resolve("bf16", CPU, {"avx512_bf16"}) == ("bf16", "requested")
+    chosen, why = precision.resolve("bf16", CPU, {"avx2"})
+    assert chosen == "bf16" and why.startswith("requested") and "not native" in why and "avx512_bf16" in why
     assert precision.resolve("fp32", CPU) == ("fp32", "requested")
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         precision.resolve("fp16", CPU)
