@@ -141,7 +141,7 @@ def run_ops(settings: Settings, backends: List[str], bounds) -> List[Dict[str, o
                                    target=TARGETS.get(op) if pass_ == "forward_backward" else None)
                         rows.append(row)
                         t = row["times"]
-                        _log(f"{net:<14}{op:<14}{channels:>5}@{size:<3}{pass_:<17}{row['grad_out'] or '':<9}" +
+                        _log(f"{net:<15} {op:<14}{channels:>5}@{size:<3} {pass_:<17}{row['grad_out'] or '':<9}" +
                              "".join(f" {impl}{_ms(t[impl])}" for impl in contenders) +
                              "".join(f"  {impl} x{s:.2f}" for impl, s in row["speedup"].items() if s))
     return rows
