@@ -81,32 +81,6 @@ constexpr bool kReadsRows = true;
 template <typename T>
 constexpr bool kReadsRows<GradReader<T, GradLayout::kOther>> = false;
 
-// dense_map of a rows x with a row writer: row(j, base, out) writes the C values of active site j (dense row offset
-// base) at out; the zeroing, chunks, prefetch and streaming of dense_map.
-template <typename T, typename Row>
-at::Tensor dense_rows_map(const NormArgs& p, const Row& row, const RowPrefetch& prefetch) {
-  const NormGeometry& g = p.g;
-  TORCH_INTERNAL_ASSERT(g.rows);
-  const int32_t* index = p.index.const_data_ptr<int32_t>();
-  const int64_t count = p.index.numel();
-  at::Tensor out = empty_dense(p);
-  if (count == 0) return out.zero_();
-  T* y = mutable_data_as<T>(out);
-  const bool stream = streams_rows(p, out);
-  for_each_chunk(count, norm::sites_per_chunk(g.channels), [&](int64_t, int64_t j0, int64_t j1) {
-    zero_inactive(g, index, count, j0, j1, y, stream);
-    const RowSink<T> sink(y, g.channels, stream);
-    for (int64_t j = j0; j < j1; ++j) {
-      prefetch.ahead(index, j, j1, g.channels, 0, g.channels);
-      const int64_t base = static_cast<int64_t>(index[j]) * g.channels;
-      row(j, base, sink.row(base));
-      sink.done(base);
-    }
-    stream_fence();
-  });
-  return out;
-}
-
 // The kernels the shared host code (csrc/norm_ops.h) dispatches to.
 struct Kernels {
   using Backend = CpuBackend;

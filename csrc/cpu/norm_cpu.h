@@ -478,11 +478,13 @@ auto with_backward_readers(const NormArgs& p, const at::Tensor& grad_out, const 
   return with_x(GradReader<T, GradLayout::kSame>{dy, nullptr, 0});
 }
 
-// out = elem(j, offset, c, image) at the active sites (j: the site's place in the index), 0 elsewhere, in x's
-// kernel layout; T: the storage type.
-template <typename T, typename Elem>
-at::Tensor dense_map(const NormArgs& p, const Elem& elem, const RowPrefetch& prefetch = {}) {
+// out = row(j, base, out's row) at the active sites of a rows output, 0 elsewhere: row writes the C values of active
+// site j (j: the site's place in the index; base: its dense row offset) at out's row; the zeroing, chunks, prefetch
+// and streaming of every norm's element-wise map.
+template <typename T, typename Row>
+at::Tensor dense_rows_map(const NormArgs& p, const Row& row, const RowPrefetch& prefetch = {}) {
   const NormGeometry& g = p.g;
+  TORCH_INTERNAL_ASSERT(g.rows);
   const int32_t* index = p.index.const_data_ptr<int32_t>();
   const int64_t count = p.index.numel();
   at::Tensor out = empty_dense(p);
@@ -491,27 +493,48 @@ at::Tensor dense_map(const NormArgs& p, const Elem& elem, const RowPrefetch& pre
   const bool stream = streams_rows(p, out);
   for_each_chunk(count, norm::sites_per_chunk(g.channels), [&](int64_t, int64_t j0, int64_t j1) {
     zero_inactive(g, index, count, j0, j1, y, stream);
-    if (g.rows) {
-      const RowSink<T> sink(y, g.channels, stream);
-      for (int64_t j = j0; j < j1; ++j) {
-        prefetch.ahead(index, j, j1, g.channels, 0, g.channels);
-        const int64_t base = static_cast<int64_t>(index[j]) * g.channels;
-        const int64_t image = index[j] / g.plane;
-        T* __restrict row = sink.row(base);
-        for (int64_t c = 0; c < g.channels; ++c) row[c] = elem(j, base + c, c, image);
-        sink.done(base);
-      }
-      stream_fence();
-    } else {  // channel by channel: consecutive sites of a plane are mostly adjacent in memory
-      std::vector<int64_t> bases(j1 - j0), images(j1 - j0);
-      for (int64_t j = j0; j < j1; ++j) {
-        bases[j - j0] = g.base(index[j]);
-        images[j - j0] = index[j] / g.plane;
-      }
-      for (int64_t c = 0; c < g.channels; ++c) {
-        for (int64_t s = 0; s < j1 - j0; ++s) {
-          y[bases[s] + c * g.plane] = elem(j0 + s, bases[s] + c * g.plane, c, images[s]);
-        }
+    const RowSink<T> sink(y, g.channels, stream);
+    for (int64_t j = j0; j < j1; ++j) {
+      prefetch.ahead(index, j, j1, g.channels, 0, g.channels);
+      const int64_t base = static_cast<int64_t>(index[j]) * g.channels;
+      row(j, base, sink.row(base));
+      sink.done(base);
+    }
+    stream_fence();
+  });
+  return out;
+}
+
+// out = elem(j, offset, c, image) at the active sites (j: the site's place in the index), 0 elsewhere, in x's
+// kernel layout; T: the storage type.
+template <typename T, typename Elem>
+at::Tensor dense_map(const NormArgs& p, const Elem& elem, const RowPrefetch& prefetch = {}) {
+  const NormGeometry& g = p.g;
+  const int32_t* index = p.index.const_data_ptr<int32_t>();
+  if (g.rows) {
+    return dense_rows_map<T>(
+        p,
+        [&](int64_t j, int64_t base, T* __restrict row) {
+          const int64_t image = index[j] / g.plane;
+          for (int64_t c = 0; c < g.channels; ++c) row[c] = elem(j, base + c, c, image);
+        },
+        prefetch);
+  }
+  const int64_t count = p.index.numel();
+  at::Tensor out = empty_dense(p);
+  if (count == 0) return out.zero_();
+  T* y = mutable_data_as<T>(out);
+  for_each_chunk(count, norm::sites_per_chunk(g.channels), [&](int64_t, int64_t j0, int64_t j1) {
+    zero_inactive(g, index, count, j0, j1, y);
+    // channel by channel: consecutive sites of a plane are mostly adjacent in memory
+    std::vector<int64_t> bases(j1 - j0), images(j1 - j0);
+    for (int64_t j = j0; j < j1; ++j) {
+      bases[j - j0] = g.base(index[j]);
+      images[j - j0] = index[j] / g.plane;
+    }
+    for (int64_t c = 0; c < g.channels; ++c) {
+      for (int64_t s = 0; s < j1 - j0; ++s) {
+        y[bases[s] + c * g.plane] = elem(j0 + s, bases[s] + c * g.plane, c, images[s]);
       }
     }
   });
