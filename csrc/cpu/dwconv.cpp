@@ -184,12 +184,13 @@ struct BackwardChunk {
   int64_t begin, end;
 };
 
+// weight_stride: the partials' row stride (C, or listed_weight_stride in the listed path).
 template <int K, typename Acc>
 BackwardChunk<Acc> open_backward_chunk(Acc* gw_parts, Acc* gb_parts, int64_t chunk, int64_t chunk_sites,
-                                       const Geometry& g) {
-  Acc* gw_part = gw_parts + chunk * K * K * g.c;
+                                       const Geometry& g, int64_t weight_stride) {
+  Acc* gw_part = gw_parts + chunk * K * K * weight_stride;
   Acc* gb_part = gb_parts + chunk * g.c;
-  std::fill(gw_part, gw_part + K * K * g.c, Acc(0));
+  std::fill(gw_part, gw_part + K * K * weight_stride, Acc(0));
   std::fill(gb_part, gb_part + g.c, Acc(0));
   const int64_t begin = chunk * chunk_sites;
   return {gw_part, gb_part, begin, std::min(g.m, begin + chunk_sites)};
@@ -207,7 +208,7 @@ void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index,
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     bool ok = true;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const auto [gw_part, gb_part, begin, end] = open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g);
+      const auto [gw_part, gb_part, begin, end] = open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g, g.c);
       // Without the input gradient the filler only checks that the index ascends (it writes no rows).
       GapFiller<T> fill{gx, kInputGrad ? g.c : 0, first_row(index, begin, g.out_sites()), g.out_sites()};
       for (int64_t i = begin; i < end; ++i) {
@@ -482,7 +483,7 @@ void backward_rows_tiled(const T* gy, const T* x, const Acc* wt, const Acc* wt_m
     bool ok = true;
     std::vector<TileSpan<K>> tiles;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const auto [gw_part, gb_part, begin, end] = open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g);
+      const auto [gw_part, gb_part, begin, end] = open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g, g.c);
       GapFiller<T> fill{gx, g.c, first_row(index, begin, g.sites()), g.sites()};
       collect_tiles<K>(index, nbr, begin, end, fill, g, tiles, ok);
       if (end == g.m) fill.finish();
@@ -542,16 +543,26 @@ void backward_rows_tiled(const T* gy, const T* x, const Acc* wt, const Acc* wt_m
 // (this AVX2 machine under load, 2026-12-02), the fp32 backward went from 2.2x to 2.05x the forward at 384@14 and
 // from 2.15-2.5x to 1.9-2.1x at 768@7; bf16 from 2.1x to 1.9x at 384@14, unchanged within the noise at 768@7.
 // (Weight-gradient walks 4 vectors wide measured the same, within the noise.)
+//
+// Two things keep a walk's rows in cache. The pass goes in blocks of sites (listed_block_sites), each listed and then
+// walked panel by panel, so a block's rows stay in L2 from one panel to the next; and the weights and weight-gradient
+// partials, the kernel's own buffers, get a row stride of an odd number of cache lines (listed_weight_stride), so
+// their panels spread over all of L1's sets. Both together, A/B of the op call, one thread, fp32, batch 32, third
+// best of 40 calls, 3 alternating rounds on the idle machine (2026-12-02): forward + backward of the 7x7 conv 9.9-10.5
+// -> 8.0-9.0 ms at 384@14 and 3.6-4.5 -> 2.6-3.3 ms at 768@7, of the 3x3 conv 4.9-6.0 -> 4.0-4.8 ms and 1.4-1.7 ->
+// 1.2-1.4 ms; two threads, 7x7 at 384@14, 5.1-5.4 -> 4.4 ms; bf16 7x7 7.2-7.9 -> 6.6 ms at 384@14. Blocks of 48,
+// 128 or 256 KB measured alike; the padding alone gave the forward a third of the gain.
 
 constexpr int kPanelVectors = 8;
 constexpr int kGatherVectors = 8;      // forward and grad_x: 8 accumulators
 constexpr int kWeightGradVectors = 8;  // weight gradient: 8 grad_out vectors
+constexpr int64_t kListedBlockBytes = int64_t(128) << 10;  // of a block's own rows (listed_block_sites)
 
 // The active taps of the sites of a range, each site's in row-major tap order.
 struct TapLists {
   std::vector<int64_t> row;     // site q's own row offset (site x C) in dst / grad_out
   std::vector<int32_t> first;   // site q's taps are entries [first[q], first[q + 1])
-  std::vector<int64_t> weight;  // the tap's weight row offset (tap number x C) in the (k*k, C) weights
+  std::vector<int64_t> weight;  // the tap's weight row offset (tap number x weight row stride, listed_weight_stride)
   std::vector<int64_t> source;  // the tap's source row offset (source site x C)
   std::vector<int32_t> fresh;   // site q's entries [fresh[q], first[q + 1]) read rows no earlier site reads
   int64_t reach = -1;           // the largest source row offset listed so far
@@ -567,7 +578,7 @@ struct TapLists {
   }
   // Lists a site's taps; false if a tap is neither -1 nor a site below src_sites (such taps are left out).
   template <int K>
-  bool add(int64_t site, const int32_t* taps, int64_t src_sites, int64_t c) {
+  bool add(int64_t site, const int32_t* taps, int64_t src_sites, int64_t c, int64_t weight_stride) {
     bool valid = true;
     row.push_back(site * c);
     int32_t fresh_from = -1;
@@ -580,7 +591,7 @@ struct TapLists {
       }
       const int64_t offset = static_cast<int64_t>(s) * c;
       if (fresh_from < 0 && offset > reach) fresh_from = static_cast<int32_t>(source.size());
-      weight.push_back(t * c);
+      weight.push_back(t * weight_stride);
       source.push_back(offset);
     }
     const int32_t end = static_cast<int32_t>(source.size());
@@ -596,14 +607,14 @@ struct TapLists {
 // table.
 template <int K, typename T>
 void list_sites(const int32_t* index, const int32_t* nbr, int64_t begin, int64_t end, int64_t src_sites,
-                int64_t c, GapFiller<T>& fill, TapLists& lists, bool& ok) {
+                int64_t c, int64_t weight_stride, GapFiller<T>& fill, TapLists& lists, bool& ok) {
   lists.clear();
   for (int64_t i = begin; i < end; ++i) {
     if (!fill.advance_to(index[i])) {
       ok = false;
       continue;
     }
-    ok &= lists.add<K>(index[i], nbr + i * K * K, src_sites, c);
+    ok &= lists.add<K>(index[i], nbr + i * K * K, src_sites, c, weight_stride);
   }
 }
 
@@ -662,6 +673,30 @@ inline void for_each_panel(int64_t c, Panel&& panel, Channel&& channel) {
   for (int64_t ch = full; ch < c; ++ch) channel(ch);
 }
 
+// Row stride (in values) of the listed path's own (k*k, C) buffers: the weights and the weight-gradient partials.
+// A walk reads a panel of each tap's weight row; rows a multiple of 128 bytes long (every ConvNeXt width) would put
+// all those panels into a half or a quarter of L1's 64 sets, where they evict each other and the panels of the
+// source rows, whose stride (x's) the kernel cannot choose. An odd number of 64-byte lines per row spreads the taps
+// over all the sets. (With C = 768 the forward took 1.2x the time per FMA that C = 784 took.)
+template <typename Acc>
+int64_t listed_weight_stride(int64_t c) {
+  constexpr int64_t kLine = 64 / sizeof(Acc);
+  const int64_t lines = (c + kLine - 1) / kLine;
+  return (lines % 2 == 1 ? lines : lines + 1) * kLine;
+}
+
+// Sites per block of a listed pass: a block's sites are listed, then walked panel by panel, so the rows its walks
+// read (its own and their taps' sources) stay in L2 across the panels rather than coming from L3 for each.
+int64_t listed_block_sites(int64_t c, size_t element) {
+  return std::max<int64_t>(16, kListedBlockBytes / (c * static_cast<int64_t>(element)));
+}
+
+// fn(b0, b1) for consecutive blocks [b0, b1) of `block` sites covering [begin, end).
+template <typename Fn>
+void for_each_site_block(int64_t begin, int64_t end, int64_t block, Fn&& fn) {
+  for (int64_t b0 = begin; b0 < end; b0 += block) fn(b0, std::min(end, b0 + block));
+}
+
 // Channels [c0, c0 + NV vectors) of site q: dst = init + sum over its listed taps of wt[tap] x src(tap's row).
 template <int NV, typename T, typename Acc>
 __attribute__((always_inline)) inline void listed_gather(const TapLists& l, int64_t q, const T* __restrict src,
@@ -712,15 +747,18 @@ void gather_listed_channel(const TapLists& l, const T* src, const Acc* wt, const
 template <int K, typename T, typename Acc>
 void gather_rows_listed(const T* src, const Acc* wt, const Acc* bias, const int32_t* index, const int32_t* nbr,
                         T* dst, const Geometry& g, std::atomic<bool>& valid) {
+  const int64_t ws = listed_weight_stride<Acc>(g.c);
   at::parallel_for(0, g.m, 64, [&](int64_t begin, int64_t end) {
     bool ok = true;
     GapFiller<T> fill{dst, g.c, first_row(index, begin, g.sites()), g.sites()};
     TapLists lists;
-    list_sites<K>(index, nbr, begin, end, g.sites(), g.c, fill, lists, ok);
-    if (end == g.m) fill.finish();
-    for_each_panel<Acc>(
-        g.c, [&](int64_t p0, int64_t p1) { gather_listed_panel(lists, src, wt, bias, dst, p0, p1); },
-        [&](int64_t ch) { gather_listed_channel(lists, src, wt, bias, dst, ch); });
+    for_each_site_block(begin, end, listed_block_sites(g.c, sizeof(T)), [&](int64_t b0, int64_t b1) {
+      list_sites<K>(index, nbr, b0, b1, g.sites(), g.c, ws, fill, lists, ok);
+      if (b1 == g.m) fill.finish();
+      for_each_panel<Acc>(
+          g.c, [&](int64_t p0, int64_t p1) { gather_listed_panel(lists, src, wt, bias, dst, p0, p1); },
+          [&](int64_t ch) { gather_listed_channel(lists, src, wt, bias, dst, ch); });
+    });
     if (!ok) valid = false;
   });
 }
@@ -792,20 +830,23 @@ template <int K, typename T, typename Acc>
 void backward_rows_listed(const T* gy, const T* x, const Acc* wt_mirrored, const int32_t* index, const int32_t* nbr,
                           T* gx, Acc* gw_parts, Acc* gb_parts, int64_t chunk_sites, int64_t chunks, const Geometry& g,
                           std::atomic<bool>& valid) {
+  const int64_t ws = listed_weight_stride<Acc>(g.c);
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     bool ok = true;
     TapLists lists;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const auto [gw_part, gb_part, begin, end] = open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g);
+      const auto [gw_part, gb_part, begin, end] = open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g, ws);
       GapFiller<T> fill{gx, g.c, first_row(index, begin, g.sites()), g.sites()};
-      list_sites<K>(index, nbr, begin, end, g.sites(), g.c, fill, lists, ok);
-      if (end == g.m) fill.finish();
-      for_each_panel<Acc>(
-          g.c,
-          [&](int64_t p0, int64_t p1) {
-            backward_listed_panel(lists, gy, x, wt_mirrored, gx, gw_part, gb_part, p0, p1);
-          },
-          [&](int64_t ch) { backward_listed_channel(lists, gy, x, wt_mirrored, gx, gw_part, gb_part, ch); });
+      for_each_site_block(begin, end, listed_block_sites(g.c, sizeof(T)), [&](int64_t b0, int64_t b1) {
+        list_sites<K>(index, nbr, b0, b1, g.sites(), g.c, ws, fill, lists, ok);
+        if (b1 == g.m) fill.finish();
+        for_each_panel<Acc>(
+            g.c,
+            [&](int64_t p0, int64_t p1) {
+              backward_listed_panel(lists, gy, x, wt_mirrored, gx, gw_part, gb_part, p0, p1);
+            },
+            [&](int64_t ch) { backward_listed_channel(lists, gy, x, wt_mirrored, gx, gw_part, gb_part, ch); });
+      });
     }
     if (!ok) valid = false;
   });
@@ -1005,6 +1046,14 @@ at::Tensor kernel_weight(const at::Tensor& weight, const Geometry& g, at::Scalar
   return g.rows ? w.reshape({g.c, g.k * g.k}).t().contiguous() : w.contiguous();
 }
 
+// The (k*k, C) weight w in rows of `stride` >= C values, zero past C.
+at::Tensor with_row_stride(const at::Tensor& w, int64_t stride) {
+  if (stride == w.size(1)) return w;
+  at::Tensor out = at::zeros({w.size(0), stride}, w.options());
+  out.narrow(1, 0, w.size(1)).copy_(w);
+  return out;
+}
+
 // dst = the gather over src of the index's sites (either layout); false in `valid` for a corrupt table.
 template <int K, bool kMirrored, typename T, typename Acc>
 void gather(const T* src, const Acc* w, const Acc* bias, const at::Tensor& index, const at::Tensor& nbr, T* dst,
@@ -1036,10 +1085,12 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight, const c10
   const Acc* bp = b.defined() ? b.const_data_ptr<Acc>() : nullptr;
   const int32_t* ip = idx.const_data_ptr<int32_t>();
   switch (rows_path<K>(ip, g)) {
-    case RowsPath::listed:
-      gather_rows_listed<K>(cpu::data_as<T>(xk), w.const_data_ptr<Acc>(), bp, ip, nbr.const_data_ptr<int32_t>(),
-                            cpu::mutable_data_as<T>(y), g, valid);
+    case RowsPath::listed: {
+      const at::Tensor w_listed = with_row_stride(w, listed_weight_stride<Acc>(g.c));
+      gather_rows_listed<K>(cpu::data_as<T>(xk), w_listed.const_data_ptr<Acc>(), bp, ip,
+                            nbr.const_data_ptr<int32_t>(), cpu::mutable_data_as<T>(y), g, valid);
       break;
+    }
     case RowsPath::tiled:
       gather_rows_tiled<K>(cpu::data_as<T>(xk), w.const_data_ptr<Acc>(), bp, ip, nbr.const_data_ptr<int32_t>(),
                            cpu::mutable_data_as<T>(y), g, valid);
@@ -1081,19 +1132,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
     gather<K, false>(gyp, w.const_data_ptr<Acc>(), static_cast<const Acc*>(nullptr), in_idx, in_taps, gxp,
                      GatherGrids{g.n, g.c, g.out_plane(), g.plane(), in_idx.size(0)}, g.rows, valid);
   }
-  int64_t chunks;
+  int64_t chunks, weight_stride = g.c;  // the row stride of the rows layout's weight-gradient partials
   at::Tensor gw_parts, gb_parts;
   const int32_t* np = nbr.const_data_ptr<int32_t>();
   if (g.rows) {
     const int64_t chunk_sites = rows_chunk_sites(g.c);
     chunks = (g.m + chunk_sites - 1) / chunk_sites;
-    gw_parts = at::empty({chunks, K * K, g.c}, x.options().dtype(acc));
+    const RowsPath path = rows_path<K>(ip, g);
+    if (path == RowsPath::listed) weight_stride = listed_weight_stride<Acc>(g.c);
+    gw_parts = at::empty({chunks, K * K, weight_stride}, x.options().dtype(acc));
     gb_parts = at::empty({chunks, g.c}, x.options().dtype(acc));
     Acc* gwp = gw_parts.mutable_data_ptr<Acc>();
     Acc* gbp = gb_parts.mutable_data_ptr<Acc>();
-    const RowsPath path = rows_path<K>(ip, g);
     // The listed and tiled paths gather grad_x with the mirrored weights: tap t holds tap k*k-1-t.
-    const at::Tensor w_mirrored = path != RowsPath::sites ? w.flip(0).contiguous() : at::Tensor();
+    const at::Tensor w_mirrored =
+        path != RowsPath::sites ? with_row_stride(w.flip(0).contiguous(), weight_stride) : at::Tensor();
     if (path == RowsPath::listed)
       backward_rows_listed<K>(gyp, xp, w_mirrored.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, chunk_sites, chunks, g,
                               valid);
@@ -1118,11 +1171,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
       backward_planes<K, false>(gyp, xp, w.const_data_ptr<Acc>(), ip, np, gxp, gwp, gbp, g, start, valid);
   }
   check_tables("dwconv_backward", valid);
-  // Partials are (k*k, C) per chunk in rows (tap-major), (C, k*k) in planes: the weight's own order.
-  at::Tensor gw_sum = at::empty(g.rows ? at::IntArrayRef{K * K, g.c} : at::IntArrayRef{g.c, K * K}, gw.options());
-  reduce_chunks<Acc>(gw_parts.const_data_ptr<Acc>(), chunks, K * K * g.c, gw_sum.mutable_data_ptr<Acc>());
+  // Partials are (k*k, weight_stride) per chunk in rows (tap-major), (C, k*k) in planes: the weight's own order.
+  at::Tensor gw_sum = at::empty(
+      g.rows ? at::IntArrayRef{K * K, weight_stride} : at::IntArrayRef{g.c, K * K}, gw.options());
+  reduce_chunks<Acc>(gw_parts.const_data_ptr<Acc>(), chunks, gw_sum.numel(), gw_sum.mutable_data_ptr<Acc>());
   reduce_chunks<Acc>(gb_parts.const_data_ptr<Acc>(), chunks, g.c, gb.mutable_data_ptr<Acc>());
-  gw.copy_((g.rows ? gw_sum.t() : gw_sum).reshape(gw.sizes()));
+  gw.copy_((g.rows ? gw_sum.narrow(1, 0, g.c).t() : gw_sum).reshape(gw.sizes()));
   // Weight gradients are summed in the accumulation dtype and rounded once, to the weight's dtype.
   return {gx, gw.to(weight.scalar_type()), gb.to(weight.scalar_type())};
 }
