@@ -142,7 +142,8 @@ void gather_rows(const T* src, const Acc* wt, const Acc* bias, const int32_t* in
       }
       const int32_t* taps = nbr + i * K * K;
       T* row = dst + static_cast<int64_t>(site) * gr.c;
-      for (int64_t c0 = 0; c0 < full; c0 += B) ok &= gather_site_rows<K, kMirrored, B>(taps, src, wt, bias, row, c0, gr);
+      for (int64_t c0 = 0; c0 < full; c0 += B)
+        ok &= gather_site_rows<K, kMirrored, B>(taps, src, wt, bias, row, c0, gr);
       for (int64_t c = full; c < gr.c; ++c) ok &= gather_site_rows<K, kMirrored, 1>(taps, src, wt, bias, row, c, gr);
     }
     if (end == gr.m) fill.finish();
@@ -208,7 +209,8 @@ void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index,
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     bool ok = true;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const auto [gw_part, gb_part, begin, end] = open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g, g.c);
+      const auto [gw_part, gb_part, begin, end] =
+          open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g, g.c);
       // Without the input gradient the filler only checks that the index ascends (it writes no rows).
       GapFiller<T> fill{gx, kInputGrad ? g.c : 0, first_row(index, begin, g.out_sites()), g.out_sites()};
       for (int64_t i = begin; i < end; ++i) {
@@ -483,7 +485,8 @@ void backward_rows_tiled(const T* gy, const T* x, const Acc* wt, const Acc* wt_m
     bool ok = true;
     std::vector<TileSpan<K>> tiles;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const auto [gw_part, gb_part, begin, end] = open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g, g.c);
+      const auto [gw_part, gb_part, begin, end] =
+          open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g, g.c);
       GapFiller<T> fill{gx, g.c, first_row(index, begin, g.sites()), g.sites()};
       collect_tiles<K>(index, nbr, begin, end, fill, g, tiles, ok);
       if (end == g.m) fill.finish();
