@@ -239,6 +239,22 @@ void backward_rows(const T* gy, const T* x, const Acc* wt, const int32_t* index,
   });
 }
 
+// Sites per block of a pass that goes over its sites once per channel panel (the listed and tiled paths): a block's
+// sites are prepared (listed, tiled), then walked panel by panel, so the rows the walks read (their own and their
+// taps' sources) stay in L2 from one panel to the next rather than coming from L3 for each (the tiled forward, one
+// thread, fp32, 3 alternating rounds: 5.7-5.9 -> 4.5-5.1 ms at 192@28, unchanged at 96@56; the listed path below).
+constexpr int64_t kBlockBytes = int64_t(128) << 10;  // of a block's own rows
+
+int64_t block_sites(int64_t c, size_t element) {
+  return std::max<int64_t>(16, kBlockBytes / (c * static_cast<int64_t>(element)));
+}
+
+// fn(b0, b1) for consecutive blocks [b0, b1) of `block` sites covering [begin, end).
+template <typename Fn>
+void for_each_site_block(int64_t begin, int64_t end, int64_t block, Fn&& fn) {
+  for (int64_t b0 = begin; b0 < end; b0 += block) fn(b0, std::min(end, b0 + block));
+}
+
 // ---------------------------------------------------------------------------------------------------
 // rows layout at stride 1: tiles of adjacent active sites, register-blocked.
 //
@@ -459,20 +475,22 @@ void gather_rows_tiled(const T* src, const Acc* wt, const Acc* bias, const int32
     bool ok = true;
     GapFiller<T> fill{dst, g.c, first_row(index, begin, g.sites()), g.sites()};
     std::vector<TileSpan<K>> tiles;
-    collect_tiles<K>(index, nbr, begin, end, fill, g, tiles, ok);
-    for (int64_t block = 0; block < full; block += kBlockVectors * L) {
-      const int64_t block_end = std::min(full, block + kBlockVectors * L);
-      for_each_group(tiles, [&](const TileSpan<K>* first, auto size, auto group) {
-        for (int64_t c0 = block; c0 < block_end; c0 += L)
-          group_gather<K, decltype(size)::value, decltype(group)::value>(
-              first, src, wt, bias ? cpu::load_vec(bias + c0) : cpu::Vec<Acc>{}, dst, g, c0);
-      });
-    }
-    for (const TileSpan<K>& tile : tiles)
-      for (int t = 0; t < tile.size; ++t)
-        for (int64_t c = full; c < g.c; ++c)
-          ok &= gather_site_rows<K, false, 1>(nbr + (tile.pos + t) * K * K, src, wt, bias,
-                                              dst + static_cast<int64_t>(tile.s0 + t) * g.c, c, gr);
+    for_each_site_block(begin, end, block_sites(g.c, sizeof(T)), [&](int64_t b0, int64_t b1) {
+      collect_tiles<K>(index, nbr, b0, b1, fill, g, tiles, ok);
+      for (int64_t block = 0; block < full; block += kBlockVectors * L) {
+        const int64_t block_end = std::min(full, block + kBlockVectors * L);
+        for_each_group(tiles, [&](const TileSpan<K>* first, auto size, auto group) {
+          for (int64_t c0 = block; c0 < block_end; c0 += L)
+            group_gather<K, decltype(size)::value, decltype(group)::value>(
+                first, src, wt, bias ? cpu::load_vec(bias + c0) : cpu::Vec<Acc>{}, dst, g, c0);
+        });
+      }
+      for (const TileSpan<K>& tile : tiles)
+        for (int t = 0; t < tile.size; ++t)
+          for (int64_t c = full; c < g.c; ++c)
+            ok &= gather_site_rows<K, false, 1>(nbr + (tile.pos + t) * K * K, src, wt, bias,
+                                                dst + static_cast<int64_t>(tile.s0 + t) * g.c, c, gr);
+    });
     if (end == g.m) fill.finish();
     if (!ok) valid = false;
   });
@@ -554,7 +572,7 @@ void backward_rows_tiled(const T* gy, const T* x, const Acc* wt, const Acc* wt_m
 // from 2.15-2.5x to 1.9-2.1x at 768@7; bf16 from 2.1x to 1.9x at 384@14, unchanged within the noise at 768@7.
 // (Weight-gradient walks 4 vectors wide measured the same, within the noise.)
 //
-// Two things keep a walk's rows in cache. The pass goes in blocks of sites (listed_block_sites), each listed and then
+// Two things keep a walk's rows in cache. The pass goes in blocks of sites (block_sites), each listed and then
 // walked panel by panel, so a block's rows stay in L2 from one panel to the next; and the weights and weight-gradient
 // partials, the kernel's own buffers, get a row stride of an odd number of cache lines (listed_weight_stride), so
 // their panels spread over all of L1's sets. Both together, A/B of the op call, one thread, fp32, batch 32, third
@@ -566,7 +584,6 @@ void backward_rows_tiled(const T* gy, const T* x, const Acc* wt, const Acc* wt_m
 constexpr int kPanelVectors = 8;
 constexpr int kGatherVectors = 8;      // forward and grad_x: 8 accumulators
 constexpr int kWeightGradVectors = 8;  // weight gradient: 8 grad_out vectors
-constexpr int64_t kListedBlockBytes = int64_t(128) << 10;  // of a block's own rows (listed_block_sites)
 
 // The active taps of the sites of a range, each site's in row-major tap order.
 struct TapLists {
@@ -695,18 +712,6 @@ int64_t listed_weight_stride(int64_t c) {
   return (lines % 2 == 1 ? lines : lines + 1) * kLine;
 }
 
-// Sites per block of a listed pass: a block's sites are listed, then walked panel by panel, so the rows its walks
-// read (its own and their taps' sources) stay in L2 across the panels rather than coming from L3 for each.
-int64_t listed_block_sites(int64_t c, size_t element) {
-  return std::max<int64_t>(16, kListedBlockBytes / (c * static_cast<int64_t>(element)));
-}
-
-// fn(b0, b1) for consecutive blocks [b0, b1) of `block` sites covering [begin, end).
-template <typename Fn>
-void for_each_site_block(int64_t begin, int64_t end, int64_t block, Fn&& fn) {
-  for (int64_t b0 = begin; b0 < end; b0 += block) fn(b0, std::min(end, b0 + block));
-}
-
 // Channels [c0, c0 + NV vectors) of site q: dst = init + sum over its listed taps of wt[tap] x src(tap's row).
 template <int NV, typename T, typename Acc>
 __attribute__((always_inline)) inline void listed_gather(const TapLists& l, int64_t q, const T* __restrict src,
@@ -762,7 +767,7 @@ void gather_rows_listed(const T* src, const Acc* wt, const Acc* bias, const int3
     bool ok = true;
     GapFiller<T> fill{dst, g.c, first_row(index, begin, g.sites()), g.sites()};
     TapLists lists;
-    for_each_site_block(begin, end, listed_block_sites(g.c, sizeof(T)), [&](int64_t b0, int64_t b1) {
+    for_each_site_block(begin, end, block_sites(g.c, sizeof(T)), [&](int64_t b0, int64_t b1) {
       list_sites<K>(index, nbr, b0, b1, g.sites(), g.c, ws, fill, lists, ok);
       if (b1 == g.m) fill.finish();
       for_each_panel<Acc>(
@@ -847,7 +852,7 @@ void backward_rows_listed(const T* gy, const T* x, const Acc* wt_mirrored, const
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       const auto [gw_part, gb_part, begin, end] = open_backward_chunk<K>(gw_parts, gb_parts, chunk, chunk_sites, g, ws);
       GapFiller<T> fill{gx, g.c, first_row(index, begin, g.sites()), g.sites()};
-      for_each_site_block(begin, end, listed_block_sites(g.c, sizeof(T)), [&](int64_t b0, int64_t b1) {
+      for_each_site_block(begin, end, block_sites(g.c, sizeof(T)), [&](int64_t b0, int64_t b1) {
         list_sites<K>(index, nbr, b0, b1, g.sites(), g.c, ws, fill, lists, ok);
         if (b1 == g.m) fill.finish();
         for_each_panel<Acc>(
