@@ -160,6 +160,19 @@ def make_case(op: str, channels: int, size: int, patch: int, batch: int, seed: i
     return Case(op, channels, size, patch, batch, mask_ratio, seed, dtype, grad_out)
 
 
+def chosen_stages(parser: argparse.ArgumentParser, net: str, names=None) -> list:
+    """The (channels, size, patch) stages of net named "C@H" in names (all without names); a parser error names
+    the unknown ones."""
+    stages = STAGES[net]
+    if not names:
+        return stages
+    by_name = {f"{channels}@{size}": (channels, size, patch) for channels, size, patch in stages}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        parser.error(f"--stages: {', '.join(unknown)} not among {net}'s stages {', '.join(by_name)}")
+    return [stage for name, stage in by_name.items() if name in names]
+
+
 def main(argv=None) -> int:
     """The op table alone: `python -m bench --sections ops` at the ConvNeXt-T stages, forward + backward."""
     from . import report, suite  # the suite builds on this module
@@ -180,13 +193,7 @@ def main(argv=None) -> int:
                         help="the activations' dtype, the reference's too (norm parameters float32)")
     parser.add_argument("--json", help="write the results (the suite's format) to this file")
     args = parser.parse_args(argv)
-    stages = STAGES[args.net]
-    if args.stages:
-        names = {f"{channels}@{size}": (channels, size, patch) for channels, size, patch in stages}
-        unknown = [name for name in args.stages if name not in names]
-        if unknown:
-            parser.error(f"--stages: {', '.join(unknown)} not among {args.net}'s stages {', '.join(names)}")
-        stages = [stage for name, stage in names.items() if name in args.stages]
+    stages = chosen_stages(parser, args.net, args.stages)
     if args.backend not in sk.available_backends():
         print(f"backend {args.backend!r} unavailable: {sk.unavailable_reasons().get(args.backend)}", file=sys.stderr)
         return 1

@@ -245,3 +245,19 @@ def test_grad_out_variants_have_their_layouts():
         nchw_memory = nchw.permute(0, 3, 1, 2) if op == "layer_norm_cl" else nchw
         assert nchw_memory.is_contiguous() and torch.equal(nchw, random)
         assert random.is_contiguous(memory_format=torch.channels_last) == rows_layout, op
+
+
+def test_precisions_time_both_precisions_of_the_fused_op(tmp_path, capsys):
+    """bench.precisions: a row per op and stage with the fused op's medians in fp32 and bf16 and their ratio."""
+    from bench import precisions
+    out = tmp_path / "precisions.json"
+    assert precisions.main(["--ops", "batch_norm", "dwconv3", "--stages", "768@7", "--batch", "1", "--repeats", "1",
+                            "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["op"], r["channels"], r["size"]) for r in rows] == [("batch_norm", 768, 7), ("dwconv3", 768, 7)]
+    for r in rows:
+        fp32, bf16 = r["times"]["fp32"]["median"], r["times"]["bf16"]["median"]
+        assert fp32 > 0 and bf16 > 0 and r["bf16_vs_fp32"] == fp32 / bf16
+    assert "| convnext_tiny | dwconv3 | 768@7 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        precisions.main(["--precision", "fp32"])
