@@ -160,17 +160,21 @@ def make_case(op: str, channels: int, size: int, patch: int, batch: int, seed: i
     return Case(op, channels, size, patch, batch, mask_ratio, seed, dtype, grad_out)
 
 
-def chosen_stages(parser: argparse.ArgumentParser, net: str, names=None) -> list:
-    """The (channels, size, patch) stages of net named "C@H" in names (all without names); a parser error names
-    the unknown ones."""
-    stages = STAGES[net]
-    if not names:
-        return stages
+def parse_with_stages(parser: argparse.ArgumentParser, argv) -> tuple:
+    """The parsed arguments of a command with --backend, --net and --stages "C@H ..." (all of the net's stages
+    without it), and those (channels, size, patch) stages; a parser error for an unknown stage or an unavailable
+    backend."""
+    args = parser.parse_args(argv)
+    if args.backend not in sk.available_backends():
+        parser.error(f"--backend {args.backend!r} unavailable: {sk.unavailable_reasons().get(args.backend)}")
+    stages = STAGES[args.net]
+    if not args.stages:
+        return args, stages
     by_name = {f"{channels}@{size}": (channels, size, patch) for channels, size, patch in stages}
-    unknown = [name for name in names if name not in by_name]
+    unknown = [name for name in args.stages if name not in by_name]
     if unknown:
-        parser.error(f"--stages: {', '.join(unknown)} not among {net}'s stages {', '.join(by_name)}")
-    return [stage for name, stage in by_name.items() if name in names]
+        parser.error(f"--stages: {', '.join(unknown)} not among {args.net}'s stages {', '.join(by_name)}")
+    return args, [stage for name, stage in by_name.items() if name in args.stages]
 
 
 def main(argv=None) -> int:
@@ -192,11 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=tuple(suite.DTYPES), default="fp32",
                         help="the activations' dtype, the reference's too (norm parameters float32)")
     parser.add_argument("--json", help="write the results (the suite's format) to this file")
-    args = parser.parse_args(argv)
-    stages = chosen_stages(parser, args.net, args.stages)
-    if args.backend not in sk.available_backends():
-        print(f"backend {args.backend!r} unavailable: {sk.unavailable_reasons().get(args.backend)}", file=sys.stderr)
-        return 1
+    args, stages = parse_with_stages(parser, argv)
     settings = suite.Settings(batch=args.batch, repeats=args.repeats, threads=args.threads, ops=tuple(args.ops),
                               stages={args.net: stages}, passes=("forward_backward",),
                               backends=[args.backend], compile_stages=None if args.compile else (),

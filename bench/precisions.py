@@ -19,11 +19,10 @@ import sys
 
 import torch
 
-import spark_kernels as sk
 from spark.precision import DTYPES
 
 from .common import BATCH, NET_OPS, STAGES, THREADS, environment, interleaved_times
-from .ops import OPS, chosen_stages, make_case
+from .ops import OPS, make_case, parse_with_stages
 
 REFERENCE_PRECISION = "fp32"
 
@@ -50,11 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--json", help="write the rows to this file")
-    args = parser.parse_args(argv)
-    stages = chosen_stages(parser, args.net, args.stages)
-    if args.backend not in sk.available_backends():
-        print(f"backend {args.backend!r} unavailable: {sk.unavailable_reasons().get(args.backend)}", file=sys.stderr)
-        return 1
+    args, stages = parse_with_stages(parser, argv)
     torch.set_num_threads(args.threads)
     ratio = f"{args.precision}_vs_{REFERENCE_PRECISION}"
     rows = [measure(op, stage, args.precision, args.batch, args.repeats, args.backend)
