@@ -106,6 +106,14 @@ struct GapFiller {
   }
 };
 
+// The least row stride >= c values of type E that is an odd number of 64-byte lines: rows that far apart spread
+// over all of L1's sets (a stride of an even number of lines uses half of them or fewer).
+template <typename E>
+int64_t odd_lines_stride(int64_t c) {
+  constexpr int64_t kLine = 64 / sizeof(E);
+  return ((c + kLine - 1) / kLine | 1) * kLine;
+}
+
 // The first row a run of active sites starting at position `begin` of the index owns.
 inline int64_t first_row(const int32_t* index, int64_t begin, int64_t limit) {
   return begin == 0 ? 0 : std::clamp<int64_t>(static_cast<int64_t>(index[begin - 1]) + 1, 0, limit);
@@ -703,13 +711,11 @@ inline void for_each_panel(int64_t c, Panel&& panel, Channel&& channel) {
 // Row stride (in values) of the listed path's own (k*k, C) buffers: the weights and the weight-gradient partials.
 // A walk reads a panel of each tap's weight row; rows a multiple of 128 bytes long (every ConvNeXt width) would put
 // all those panels into a half or a quarter of L1's 64 sets, where they evict each other and the panels of the
-// source rows, whose stride (x's) the kernel cannot choose. An odd number of 64-byte lines per row spreads the taps
-// over all the sets. (With C = 768 the forward took 1.2x the time per FMA that C = 784 took.)
+// source rows, whose stride (x's) the kernel cannot choose. (With C = 768 the forward took 1.2x the time per FMA
+// that C = 784 took.)
 template <typename Acc>
 int64_t listed_weight_stride(int64_t c) {
-  constexpr int64_t kLine = 64 / sizeof(Acc);
-  const int64_t lines = (c + kLine - 1) / kLine;
-  return (lines % 2 == 1 ? lines : lines + 1) * kLine;
+  return odd_lines_stride<Acc>(c);
 }
 
 // Channels [c0, c0 + NV vectors) of site q: dst = init + sum over its listed taps of wt[tap] x src(tap's row).
@@ -945,8 +951,7 @@ at::Tensor rows_grad_out(const at::Tensor& grad_out, const int32_t* index, const
   const T* src = cpu::data_as<T>(grad_out);
   T* dst = cpu::mutable_data_as<T>(gy);
   const int64_t sn = grad_out.stride(0), sc = grad_out.stride(1), sh = grad_out.stride(2), sw = grad_out.stride(3);
-  constexpr int64_t kLine = 64 / sizeof(T);
-  const int64_t plane = g.out_plane(), ld = ((g.c + kLine - 1) / kLine | 1) * kLine;  // scratch row stride
+  const int64_t plane = g.out_plane(), ld = odd_lines_stride<T>(g.c);  // scratch row stride
   const bool by_image = kTransposable && sw == 1 && sh == g.out_w && sc > 1 && g.c >= 8 && plane >= 8 &&
                         plane * ld * static_cast<int64_t>(sizeof(T)) <= kByImageBytes &&
                         runs_below(index, g.m, g.out_w, kByImageBelowRun);
@@ -995,7 +1000,7 @@ at::Tensor rows_grad_out(const at::Tensor& grad_out, const int32_t* index, const
       // many planes forward, which the hardware prefetches (a walk site by site would miss in cache at every
       // new line of every plane), and writes a whole line of each active row. Planes of a few KB are too short
       // for the hardware to catch on: each pass prefetches the next pass's planes.
-      constexpr int64_t kCopyChannels = 16, kShortPlaneBytes = 4096;
+      constexpr int64_t kCopyChannels = 16, kShortPlaneBytes = 4096, kLine = 64 / sizeof(T);
       const int64_t plane_span = (g.out_h - 1) * sh + (g.out_w - 1) * sw + 1;
       const bool prefetch = plane_span * static_cast<int64_t>(sizeof(T)) <= kShortPlaneBytes;
       const int64_t plane_lines = (plane_span + kLine - 1) / kLine, image_runs = static_cast<int64_t>(runs.size());
