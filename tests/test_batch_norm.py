@@ -619,6 +619,40 @@ def test_training_backward_same_bits_for_nchw_grad_out(dtype, c):
             assert torch.equal(a, b), name
 
 
+def gather_patterns_mask() -> torch.Tensor:
+    """Active sites that take each of the ways the cpu backend gathers an NCHW grad_out's values into rows
+    (gather_rows in csrc/cpu/norm_cpu.h), on 12 x 24 planes: image 0 a whole image row (runs of 8 that line up with
+    their span, transposed straight into the rows) and an unaligned run of 7 (transposed, then copied out); image 1
+    sites too far apart for a span (gathered one by one), two adjacent sites (a span under 8 values) and the last
+    site of the image; image 2 all active (spans cut at kSpanSites, the last block overlapping the one before)."""
+    m = torch.zeros(3, 1, 12, 24, dtype=torch.bool)
+    m[0, 0, 3, :] = True
+    m[0, 0, 5, 3:10] = True
+    for h, w in ((0, 0), (4, 17), (7, 5), (7, 6), (11, 23)):
+        m[1, 0, h, w] = True
+    m[2] = True
+    return m
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("c", [13, 16])
+def test_nchw_grad_out_gathered_in_every_pattern(dtype, c):
+    """Each way of gathering an NCHW grad_out (gather_patterns_mask) gives the same bits as the same values in
+    channels_last, for a width of whole 8-channel vectors and one with a remainder."""
+    x, weight, _, _, grad_out = inputs(3, c, h=12, w=24)
+    sites = sk.ActiveSites(gather_patterns_mask())
+    xd = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    w = weight.to(F64 if dtype == F64 else F32)
+    _, rows, mean, invstd = ops.masked_bn_train_forward(xd, sites.index, w, None, None, None, 0.1, 1e-5)
+    grad = grad_out.to(dtype)
+    want = ops.masked_bn_train_backward(grad.contiguous(memory_format=torch.channels_last), rows, sites.index, w,
+                                        mean, invstd)
+    got = ops.masked_bn_train_backward(grad.contiguous(), rows, sites.index, w, mean, invstd)
+    for name, a, b in zip(("grad_x", "grad_weight", "grad_bias"), got, want):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.skipif("cpu" not in FUSED, reason="the cpu backend is not built")
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16], ids=str)
 def test_training_ops_opcheck_and_argument_checks(dtype):

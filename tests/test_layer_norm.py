@@ -333,9 +333,9 @@ def test_module(backend, data_format):
 def test_grad_out_read_in_place_equals_materialized(backend, kind, data_format, dtype, size):
     """A stride-0 grad_out (y.sum().backward()) or one in the other memory order than x's is read in place by the
     C++ kernels, with the results of a dense copy in x's memory order. At 24 x 40, an (N, C, H, W) grad_out of a
-    channels_last x has planes large enough that the cpu backend gathers them 8 at a time (gather_plane_rows in
-    csrc/cpu/layer_norm.cpp): runs of 8 adjacent active sites (two adjacent SparK patches), shorter runs, and the
-    channels past the last multiple of 8."""
+    channels_last x is gathered into rows 8 channels at a time (gather_rows in csrc/cpu/norm_cpu.h; its every way
+    is tested in test_batch_norm.py): at 24 x 40, runs of 8 adjacent active sites (two adjacent SparK patches),
+    shorter runs, and the channels past the last multiple of 8."""
     x, weight, bias, grad_out = inputs(2, 12, h=size[0], w=size[1])
     active = make_active("spark", 2, *size)
     if kind == "expanded":

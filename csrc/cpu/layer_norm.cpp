@@ -173,54 +173,6 @@ inline void site_backward(const T* __restrict dy, const T* __restrict x, T* __re
   }
 }
 
-// grad_out's values of a chunk's sites gathered from (N, C, H, W)-contiguous planes into rows of C values (for a
-// rows x): bases[s] = the offset of site s in channel 0's plane. Each image's sites (planes of other images lie a
-// C * H * W stride away) are read in ascending order, in one of two walks, by the size of a plane:
-// - planes of at least kBlockWalkPlaneBytes: 8 planes side by side (32-bit and 16-bit values), a run of 8 adjacent
-//   sites (a SparK patch row at ConvNeXt-T's 96@56, two at 192@28) moved by one register transpose of 8 x 8 values,
-//   any other site by one 8-value vector: the backward with this grad_out took 0.76-0.83x the time of the plane by
-//   plane walk at 96@56 and 192@28, fp32 and bf16;
-// - smaller planes, plane by plane: there a plane is a few cache lines, and 8 planes walked side by side start as
-//   many short streams at once and wait on each (1.05-1.1x the time at 384@14 and 768@7, fp32).
-template <typename T>
-void gather_plane_rows(const T* src, const int64_t* bases, int64_t sites, int64_t channels, int64_t plane, T* rows) {
-  constexpr int64_t kBlockWalkPlaneBytes = 1024, kWidth = 8;
-  int64_t block_channels = 0;  // channels [0, block_channels) walked 8 planes at a time
-  if constexpr (sizeof(T) == 4 || sizeof(T) == 2) {
-    if (plane * static_cast<int64_t>(sizeof(T)) >= kBlockWalkPlaneBytes) block_channels = channels / kWidth * kWidth;
-  }
-  for (int64_t s0 = 0; s0 < sites;) {
-    int64_t s1 = s0 + 1;  // [s0, s1): the sites of one image
-    while (s1 < sites && bases[s1] - bases[s0] < plane) ++s1;
-    if constexpr (sizeof(T) == 4 || sizeof(T) == 2) {
-      using Bits [[gnu::may_alias]] = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
-      using Vector = std::conditional_t<sizeof(T) == 4, u32x8, u16x8>;
-      const int64_t cs = plane;
-      for (int64_t c0 = 0; c0 < block_channels; c0 += kWidth) {
-        const Bits* from = reinterpret_cast<const Bits*>(src + c0 * plane);
-        Bits* to = reinterpret_cast<Bits*>(rows + c0);
-        for (int64_t s = s0; s < s1;) {
-          if (s + kWidth <= s1 && bases[s + kWidth - 1] - bases[s] == kWidth - 1) {  // ascending: adjacent sites
-            transpose8x8(from + bases[s], plane, to + s * channels, channels);
-            s += kWidth;
-            continue;
-          }
-          const Bits* f = from + bases[s];
-          const Vector v = {f[0], f[cs], f[2 * cs], f[3 * cs], f[4 * cs], f[5 * cs], f[6 * cs], f[7 * cs]};
-          std::memcpy(to + s * channels, &v, sizeof(v));
-          ++s;
-        }
-      }
-    }
-    for (int64_t c = block_channels; c < channels; ++c) {
-      const T* from = src + c * plane;
-      T* to = rows + c;
-      for (int64_t s = s0; s < s1; ++s) to[s * channels] = from[bases[s]];
-    }
-    s0 = s1;
-  }
-}
-
 // The kernels the shared host code (csrc/norm_ops.h) dispatches to.
 struct Kernels {
   using Backend = CpuBackend;
@@ -361,7 +313,7 @@ struct Kernels {
         if (gather_dy) {
           dy_rows.resize((j1 - j0) * channels);
           if (kMode == GradLayout::kOther) {
-            gather_plane_rows(dy, other_bases.data() + j0, j1 - j0, channels, g.plane, dy_rows.data());
+            gather_rows(dy, other_bases.data() + j0, j1 - j0, channels, g.plane, dy_rows.data());
           }
         }
         // Where grad_out's values of site j (the chunk's r-th value) start.
