@@ -6,7 +6,8 @@
 
 A step is forward + backward + LAMB step (timm.optim.Lamb, the recipe's betas and global clipping at 5)
 on fixed images and a fixed sequence of random patch masks (ratio 0.6), the forward pass in fp32 or under
-autocast to bf16 / fp16 (--precision; parameters and optimizer stay float32). Both models of a network get the
+autocast to bf16 / fp16 (--precision; spark.precision.autocast, as in spark-pretrain; parameters and optimizer
+stay float32). Both models of a network get the
 same weights and run in one process, their steps interleaved so that machine load hits both alike;
 the figure is the median step time after warm-up. ``--models matrix`` runs every model of the support
 matrix (spark/families.py); each result lists which layers of the fused encoder run fused and which
@@ -15,7 +16,7 @@ subprocess that builds only that configuration and runs warm-up + 1 steps; its R
 model, before the first step, is reported too. The allocator is glibc malloc unless LD_PRELOAD names
 another (reported). With --separate, each configuration runs only in its own fresh process (warm-up, then
 --steps timed steps), which gives its time and its peak memory at once: half the steps of the default, for
-configurations too slow to run twice (bf16 on a CPU without native bf16 convs), at the price of timings
+configurations too slow to run twice, at the price of timings
 that are not interleaved. A markdown table of every network x precision x model is printed at the end.
 """
 from __future__ import annotations

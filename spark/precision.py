@@ -4,13 +4,23 @@
 with AVX512-BF16 or AMX-BF16), else fp32. fp16 is for CUDA only and runs with a gradient scaler (its
 state is checkpointed). Under autocast, convs and linears run in the low precision, the masked norms
 keep float32 statistics and parameters, and the loss is float32.
+
+On a CPU where oneDNN takes no bf16 at all (AVX2 without AVX512-BW: `torch.ops.mkldnn._is_mkldnn_bf16_supported()`
+is false), PyTorch runs bf16 convolutions through generic kernels (`slow_conv2d`: im2col + GEMM, with column
+buffers of the whole batch) and bf16 linears through an unvectorized GEMM, many times slower than in float32.
+There the bf16 context also computes convs and linears in float32 on their bf16-rounded inputs and weights
+(Float32Compute): the values are those of bf16 autocast (bf16 operands, float32 accumulation, a bf16 output),
+the tensors kept for backward the same bf16 ones, only the arithmetic is done by oneDNN's float32 kernels.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+from torch.overrides import TorchFunctionMode
 
 CHOICES = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,19 +61,138 @@ def resolve(requested: str, device: torch.device, flags: Optional[set] = None) -
         return requested, "requested"
     native, evidence = native_bf16(device, flags)
     if requested == "bf16":
-        # Said at start, since nothing else would tell: PyTorch's convolutions take a generic bf16 kernel there.
-        return "bf16", "requested" if native else (
-            f"requested, though bf16 is not native here ({evidence}): convolutions fall back to slow generic "
-            f"kernels, steps may take many times as long as in fp32")
+        # Said at start, since nothing else would tell: bf16 saves memory here, not time.
+        if native:
+            return "bf16", "requested"
+        if device.type == "cuda":
+            how = "bf16 kernels without bf16 tensor cores"
+        elif onednn_takes_bf16():
+            how = "oneDNN's bf16 kernels without native bf16 instructions"
+        else:
+            how = "convolutions and linears compute in float32 on bf16 values (Float32Compute)"
+        return "bf16", f"requested, though bf16 is not native here ({evidence}): {how}, no faster than fp32"
     return ("bf16", f"auto: bf16 is native here ({evidence})") if native else \
         ("fp32", f"auto: bf16 is not native here ({evidence})")
+
+
+def onednn_takes_bf16() -> bool:
+    """Whether PyTorch's CPU convolutions and linears have bf16 kernels here (oneDNN's: native bf16, or AVX512)."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without the query
+        return False
 
 
 def autocast(precision: str, device: torch.device):
     """The context a training step's forward pass runs in."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
+    context = contextlib.ExitStack()
+    context.enter_context(torch.autocast(device.type, dtype=DTYPES[precision]))
+    if device.type == "cpu" and precision == "bf16" and not onednn_takes_bf16():
+        context.enter_context(Float32Compute())
+    return context
+
+
+_BF16 = torch.bfloat16
+
+
+def _cpu_bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == _BF16
+
+
+def _rounded(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t rounded to bf16, as autocast casts an operand (None stays None)."""
+    return None if t is None else t.to(_BF16)
+
+
+class _ConvolutionInFloat32(torch.autograd.Function):
+    """aten.convolution under bf16 autocast, computed in float32 on the bf16-rounded operands; keeps the bf16 input
+    and weight for backward, as autocast's bf16 convolution does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+        xb, wb, bb = _rounded(x), _rounded(weight), _rounded(bias)
+        with torch.autocast("cpu", enabled=False):
+            y = torch.ops.aten.convolution(xb.float(), wb.float(), None if bb is None else bb.float(), stride, padding,
+                                           dilation, transposed, output_padding, groups)
+        ctx.save_for_backward(xb, wb)
+        ctx.args = (stride, padding, dilation, transposed, output_padding, groups)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y.to(_BF16)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        xb, wb = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], b_dtype is not None and ctx.needs_input_grad[2]]
+        bias_sizes = [grad.shape[1]] if b_dtype is not None else None
+        gx, gw, gb = torch.ops.aten.convolution_backward(grad.float(), xb.float(), wb.float(), bias_sizes, *ctx.args,
+                                                         mask)
+        return (None if gx is None else gx.to(x_dtype), None if gw is None else gw.to(w_dtype),
+                None if gb is None else gb.to(b_dtype), None, None, None, None, None, None)
+
+
+class _LinearInFloat32(torch.autograd.Function):
+    """F.linear under bf16 autocast, computed in float32 on the bf16-rounded operands (see _ConvolutionInFloat32)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        xb, wb, bb = _rounded(x), _rounded(weight), _rounded(bias)
+        with torch.autocast("cpu", enabled=False):
+            y = F.linear(xb.float(), wb.float(), None if bb is None else bb.float())
+        ctx.save_for_backward(xb, wb)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y.to(_BF16)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        xb, wb = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        g = grad.float()
+        gx = (g @ wb.float()).to(x_dtype) if ctx.needs_input_grad[0] else None
+        rows = g.reshape(-1, g.shape[-1])
+        gw = (rows.t() @ xb.float().reshape(-1, xb.shape[-1])).to(w_dtype) if ctx.needs_input_grad[1] else None
+        gb = rows.sum(0).to(b_dtype) if b_dtype is not None and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def _bound(args: Sequence, kwargs: dict, names: Sequence[str], defaults: dict) -> dict:
+    """The call's arguments by name (a functional's positional order in `names`)."""
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+_CONV2D = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_TRANSPOSE2D = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "dilation": 1, "groups": 1}
+
+
+class Float32Compute(TorchFunctionMode):
+    """Under CPU bf16 autocast, 2-d convolutions, transposed convolutions and linears on CPU tensors computed in
+    float32 on their bf16-rounded operands (the module docstring says why and where). Anything else, and a conv with
+    string padding ("same"), goes to PyTorch unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.conv2d, torch.conv_transpose2d, F.linear) and _cpu_bf16_autocast():
+            transposed = func is torch.conv_transpose2d
+            names = _CONV_TRANSPOSE2D if transposed else _CONV2D if func is torch.conv2d else _CONV2D[:3]
+            a = _bound(args, kwargs, names, _CONV_DEFAULTS)
+            x, weight, bias = a["input"], a["weight"], a["bias"]
+            operands = [t for t in (x, weight, bias) if t is not None]
+            if all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_floating_point() for t in operands):
+                if func is F.linear:
+                    return _LinearInFloat32.apply(x, weight, bias)
+                if x.dim() == 4 and not isinstance(a["padding"], str):
+                    pairs = [list(_pair(a[name])) for name in ("stride", "padding", "dilation")]
+                    output_padding = list(_pair(a["output_padding"] if transposed else 0))
+                    return _ConvolutionInFloat32.apply(x, weight, bias, *pairs, transposed, output_padding, a["groups"])
+        return func(*args, **kwargs)
 
 
 def grad_scaler(precision: str, device: torch.device) -> Optional["torch.amp.GradScaler"]:

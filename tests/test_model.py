@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import spark_kernels as sk
-from spark import SparK, UnsupportedLayerError, sparse_encoder_
+from spark import SparK, UnsupportedLayerError, precision, sparse_encoder_
 from spark_kernels.masks import upsample_mask
 
 from helpers import AUTOCAST_FLOOR, ERROR_MULTIPLE, MODEL_GRAD_RTOL, RTOL, ATOL, patch_mask_with_both
@@ -149,10 +149,11 @@ def small_float32_pair(family: str):
     return fused, reference
 
 
-def loss_and_grads(model: nn.Module, images, mask, dtype):
-    """Loss and flattened parameter gradients of one step under CPU autocast to dtype (none for float32)."""
+def loss_and_grads(model: nn.Module, images, mask, dtype, context=None):
+    """Loss and flattened parameter gradients of one step under CPU autocast to dtype (none for float32), or under
+    `context`."""
     model.zero_grad()
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    with context or torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         loss = model(images, mask)
     loss.backward()
     assert loss.dtype == torch.float32, "the loss must be computed in float32"
@@ -194,6 +195,30 @@ def test_autocast_fused_matches_reference(family, dtype, no_fallback, monkeypatc
     within((loss - exact_loss).abs().item(), (ref_loss - exact_loss).abs().item(), exact_loss.abs().item(), "loss")
     within((grads - exact_grads).norm().item(), (ref_grads - exact_grads).norm().item(), exact_grads.norm().item(),
            "gradients")
+
+
+@NEEDS_CPU
+@pytest.mark.parametrize("family", ["convnext", "resnet"])
+def test_bf16_step_computing_in_float32_matches_autocast(family, no_fallback, monkeypatch):
+    """spark.precision's bf16 context where oneDNN takes no bf16 (Float32Compute, forced here): the fused model's
+    loss and gradients are as close to float32's as under plain bf16 autocast, its forward and backward run no
+    generic slow convolution, and the masked ops stay fused."""
+    monkeypatch.delenv("SPARK_KERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(precision, "onednn_takes_bf16", lambda: False)
+    fused, _ = small_float32_pair(family)
+    images, mask = images_for(64, 64).float(), patch_mask_for(64, 64)
+    exact_loss, exact_grads = loss_and_grads(fused, images, mask, torch.float32)
+    own_loss, own_grads = loss_and_grads(fused, images, mask, torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        loss, grads = loss_and_grads(fused, images, mask, torch.bfloat16,
+                                     precision.autocast("bf16", torch.device("cpu")))
+    ops = {event.name for event in profile.events()}
+    assert "aten::convolution_backward" in ops and not [op for op in ops if "slow_conv" in op], sorted(ops)
+    for what, err, own, exact in (("loss", (loss - exact_loss).abs(), (own_loss - exact_loss).abs(), exact_loss),
+                                  ("gradients", (grads - exact_grads).norm(), (own_grads - exact_grads).norm(),
+                                   exact_grads.norm())):
+        bound = ERROR_MULTIPLE * own.item() + AUTOCAST_FLOOR * exact.abs().item()
+        assert err.item() <= bound, f"{what}: error {err.item():.3g} exceeds {bound:.3g} (autocast's {own.item():.3g})"
 
 
 @NEEDS_CPU

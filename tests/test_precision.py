@@ -1,4 +1,6 @@
 """spark.precision: what --precision auto picks and why, the fp16 restrictions, the step's autocast."""
+import contextlib
+
 import pytest
 import torch
 
@@ -41,3 +43,88 @@ def test_autocast_context_and_scaler():
     with precision.autocast("fp32", CPU):
         assert layer(torch.randn(2, 4)).dtype == torch.float32
     assert precision.grad_scaler("bf16", CPU) is None and precision.grad_scaler("fp32", CPU) is None
+
+
+# -- Float32Compute: convs and linears under CPU bf16 autocast computed in float32 on bf16 operands ----------------
+def float32_compute_cases():
+    """(name, fn(x, weight, bias), x, weight, bias): each functional Float32Compute takes, with arguments passed
+    positionally and by keyword."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).float()
+
+    F = torch.nn.functional
+    return [
+        ("conv2d", lambda x, w, b: F.conv2d(x, w, b, 2, 1, 1, 2), rand(2, 4, 9, 9), rand(6, 2, 3, 3), rand(6)),
+        ("conv2d_keywords", lambda x, w, b: F.conv2d(x, w, bias=b, padding=(2, 1), dilation=(2, 1)),
+         rand(2, 3, 8, 7), rand(5, 3, 3, 3), None),
+        ("conv_transpose2d", lambda x, w, b: F.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1),
+         rand(2, 4, 5, 6), rand(4, 3, 3, 3), rand(3)),
+        ("linear", lambda x, w, b: F.linear(x, w, b), rand(2, 3, 8), rand(5, 8), rand(5)),
+    ]
+
+
+def run_under(context, fn, x, weight, bias, saved=None):
+    """Output and gradients (input, weight, bias) of fn under context, with a fixed upstream gradient; the dtypes of
+    the tensors its forward keeps for backward appended to `saved`."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+
+    def keep(t):
+        if saved is not None:
+            saved.append(t.dtype)
+        return t
+
+    with context, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        y = fn(*leaves)
+    upstream = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    (y.double() * upstream).sum().backward()
+    return [y] + [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("case", float32_compute_cases(), ids=lambda c: c[0])
+def test_float32_compute_is_bf16_autocast_computed_in_float32(case):
+    """Under bf16 autocast with Float32Compute each op gives bf16 outputs and float32 gradients, within a small
+    multiple of native autocast's own error of the exact (float64) result on the same bf16-rounded operands,
+    and keeps for backward the bf16-rounded input and weight only, as autocast does."""
+    _, fn, x, weight, bias = case
+    bf16 = [t.to(torch.bfloat16).double() if t is not None else None for t in (x, weight, bias)]
+    exact = run_under(contextlib.nullcontext(), fn, *bf16)
+    native = run_under(torch.autocast("cpu", dtype=torch.bfloat16), fn, x, weight, bias)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    stack.enter_context(precision.Float32Compute())
+    saved = []
+    got = run_under(stack, fn, x, weight, bias, saved)
+    assert got[0].dtype == torch.bfloat16 and "InFloat32" in type(got[0].grad_fn).__name__
+    assert saved == [torch.bfloat16, torch.bfloat16]
+    for what, out, own, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, native, exact):
+        assert out.dtype == own.dtype, what
+        err, own_err = (out.double() - want).abs().max().item(), (own.double() - want).abs().max().item()
+        assert err <= 2 * own_err + 1e-6 * want.abs().max().item(), f"{what}: {err:.3g} vs autocast's {own_err:.3g}"
+
+
+def test_float32_compute_leaves_other_calls_alone():
+    """Outside bf16 autocast (or with it disabled inside), and for a conv with string padding, PyTorch runs as
+    it would without the mode."""
+    conv = torch.nn.Conv2d(3, 4, 3, padding="same")
+    x = torch.randn(1, 3, 6, 6)
+    with precision.Float32Compute():
+        assert conv(x).dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+            assert y.dtype == torch.bfloat16 and "InFloat32" not in type(y.grad_fn).__name__
+            with torch.autocast("cpu", enabled=False):
+                assert torch.nn.functional.linear(x, torch.randn(4, 6)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("takes_bf16", [True, False])
+def test_bf16_context_computes_in_float32_only_where_onednn_takes_no_bf16(takes_bf16, monkeypatch):
+    monkeypatch.setattr(precision, "onednn_takes_bf16", lambda: takes_bf16)
+    layer = torch.nn.Linear(4, 4)
+    with precision.autocast("bf16", CPU):
+        y = layer(torch.randn(2, 4))
+    assert y.dtype == torch.bfloat16
+    assert ("InFloat32" in type(y.grad_fn).__name__) == (not takes_bf16)
+    chosen, why = precision.resolve("bf16", CPU, {"avx2"})
+    assert chosen == "bf16" and ("Float32Compute" in why) == (not takes_bf16)
