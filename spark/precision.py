@@ -15,7 +15,7 @@ the tensors kept for backward the same bf16 ones, only the arithmetic is done by
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -106,20 +106,46 @@ def _rounded(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.to(_BF16)
 
 
+# A convolution's float32 copies are made a slice of the batch at a time, each at most this large: a whole-batch
+# float32 copy of the decoder's last activations (48 x 224² at batch 16) is 154 MB, several of them live at once
+# in its backward.
+FLOAT32_SLICE_BYTES = 32 << 20
+
+
+def _batch_slices(t: torch.Tensor) -> List[slice]:
+    per_slice = max(1, FLOAT32_SLICE_BYTES // (4 * max(1, t[0].numel()))) if len(t) else 1
+    return [slice(i, i + per_slice) for i in range(0, len(t), per_slice)]
+
+
+def _empty_batch(part: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized (n, ...) tensor of part's item shape and memory layout."""
+    channels_last = part.dim() == 4 and not part.is_contiguous() and part.is_contiguous(
+        memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((n, *part.shape[1:]), dtype=dtype, memory_format=layout)
+
+
 class _ConvolutionInFloat32(torch.autograd.Function):
-    """aten.convolution under bf16 autocast, computed in float32 on the bf16-rounded operands; keeps the bf16 input
-    and weight for backward, as autocast's bf16 convolution does."""
+    """aten.convolution under bf16 autocast, computed in float32 on the bf16-rounded operands, a slice of the batch
+    at a time (FLOAT32_SLICE_BYTES); keeps the bf16 input and weight for backward, as autocast's bf16 convolution
+    does."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
         xb, wb, bb = _rounded(x), _rounded(weight), _rounded(bias)
+        args = (stride, padding, dilation, transposed, output_padding, groups)
+        w32, b32 = wb.float(), None if bb is None else bb.float()
+        y = None
         with torch.autocast("cpu", enabled=False):
-            y = torch.ops.aten.convolution(xb.float(), wb.float(), None if bb is None else bb.float(), stride, padding,
-                                           dilation, transposed, output_padding, groups)
+            for part_slice in _batch_slices(xb):
+                part = torch.ops.aten.convolution(xb[part_slice].float(), w32, b32, *args)
+                if y is None:
+                    y = _empty_batch(part, len(xb), _BF16)
+                y[part_slice] = part
         ctx.save_for_backward(xb, wb)
-        ctx.args = (stride, padding, dilation, transposed, output_padding, groups)
+        ctx.args = args
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return y.to(_BF16)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -128,10 +154,21 @@ class _ConvolutionInFloat32(torch.autograd.Function):
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], b_dtype is not None and ctx.needs_input_grad[2]]
         bias_sizes = [grad.shape[1]] if b_dtype is not None else None
-        gx, gw, gb = torch.ops.aten.convolution_backward(grad.float(), xb.float(), wb.float(), bias_sizes, *ctx.args,
-                                                         mask)
-        return (None if gx is None else gx.to(x_dtype), None if gw is None else gw.to(w_dtype),
-                None if gb is None else gb.to(b_dtype), None, None, None, None, None, None)
+        w32 = wb.float()
+        gx = _empty_batch(xb, len(xb), x_dtype) if mask[0] else None
+        gw = torch.zeros(wb.shape) if mask[1] else None
+        gb = torch.zeros(grad.shape[1]) if mask[2] else None
+        for part_slice in _batch_slices(xb):
+            part_gx, part_gw, part_gb = torch.ops.aten.convolution_backward(
+                grad[part_slice].float(), xb[part_slice].float(), w32, bias_sizes, *ctx.args, mask)
+            if gx is not None:
+                gx[part_slice] = part_gx
+            if gw is not None:
+                gw += part_gw
+            if gb is not None:
+                gb += part_gb
+        return (gx, None if gw is None else gw.to(w_dtype), None if gb is None else gb.to(b_dtype),
+                None, None, None, None, None, None)
 
 
 class _LinearInFloat32(torch.autograd.Function):

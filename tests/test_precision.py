@@ -61,6 +61,8 @@ def float32_compute_cases():
          rand(2, 3, 8, 7), rand(5, 3, 3, 3), None),
         ("conv_transpose2d", lambda x, w, b: F.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1),
          rand(2, 4, 5, 6), rand(4, 3, 3, 3), rand(3)),
+        ("conv2d_channels_last", lambda x, w, b: F.conv2d(x, w, b, padding=1),
+         rand(3, 8, 6, 5).contiguous(memory_format=torch.channels_last), rand(4, 8, 3, 3), rand(4)),
         ("linear", lambda x, w, b: F.linear(x, w, b), rand(2, 3, 8), rand(5, 8), rand(5)),
     ]
 
@@ -82,12 +84,16 @@ def run_under(context, fn, x, weight, bias, saved=None):
     return [y] + [t.grad for t in leaves if t is not None]
 
 
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
 @pytest.mark.parametrize("case", float32_compute_cases(), ids=lambda c: c[0])
-def test_float32_compute_is_bf16_autocast_computed_in_float32(case):
-    """Under bf16 autocast with Float32Compute each op gives bf16 outputs and float32 gradients, within a small
-    multiple of native autocast's own error of the exact (float64) result on the same bf16-rounded operands,
-    and keeps for backward the bf16-rounded input and weight only, as autocast does."""
+def test_float32_compute_is_bf16_autocast_computed_in_float32(case, sliced, monkeypatch):
+    """Under bf16 autocast with Float32Compute each op gives bf16 outputs (in autocast's memory layout) and
+    gradients of the operands' dtypes, within a small multiple of native autocast's own error of the exact
+    (float64) result on the same bf16-rounded operands, and keeps for backward the bf16-rounded input and weight
+    only, as autocast does; a convolution alike in one piece and one image at a time (FLOAT32_SLICE_BYTES)."""
     _, fn, x, weight, bias = case
+    if sliced:
+        monkeypatch.setattr(precision, "FLOAT32_SLICE_BYTES", 1)
     bf16 = [t.to(torch.bfloat16).double() if t is not None else None for t in (x, weight, bias)]
     exact = run_under(contextlib.nullcontext(), fn, *bf16)
     native = run_under(torch.autocast("cpu", dtype=torch.bfloat16), fn, x, weight, bias)
@@ -99,7 +105,7 @@ def test_float32_compute_is_bf16_autocast_computed_in_float32(case):
     assert got[0].dtype == torch.bfloat16 and "InFloat32" in type(got[0].grad_fn).__name__
     assert saved == [torch.bfloat16, torch.bfloat16]
     for what, out, own, want in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, native, exact):
-        assert out.dtype == own.dtype, what
+        assert out.dtype == own.dtype and out.stride() == own.stride(), what
         err, own_err = (out.double() - want).abs().max().item(), (own.double() - want).abs().max().item()
         assert err <= 2 * own_err + 1e-6 * want.abs().max().item(), f"{what}: {err:.3g} vs autocast's {own_err:.3g}"
 
