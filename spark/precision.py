@@ -115,8 +115,10 @@ FLOAT32_SLICE_BYTES = 8 << 20
 
 
 def _batch_slices(t: torch.Tensor) -> List[slice]:
+    """Slices of t's batch of at most FLOAT32_SLICE_BYTES of float32 each (at least one item; one empty slice for
+    an empty batch)."""
     per_slice = max(1, FLOAT32_SLICE_BYTES // (4 * max(1, t[0].numel()))) if len(t) else 1
-    return [slice(i, i + per_slice) for i in range(0, len(t), per_slice)]
+    return [slice(i, i + per_slice) for i in range(0, len(t), per_slice)] or [slice(0, 0)]
 
 
 def _empty_batch(part: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:

@@ -134,3 +134,13 @@ def test_bf16_context_computes_in_float32_only_where_onednn_takes_no_bf16(takes_
     assert ("InFloat32" in type(y.grad_fn).__name__) == (not takes_bf16)
     chosen, why = precision.resolve("bf16", CPU, {"avx2"})
     assert chosen == "bf16" and ("Float32Compute" in why) == (not takes_bf16)
+
+
+def test_float32_compute_of_an_empty_batch():
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(0, 3, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), precision.Float32Compute():
+        y = conv(x)
+    assert y.shape == (0, 4, 5, 5) and y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(conv.weight.grad, torch.zeros_like(conv.weight))
