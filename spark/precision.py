@@ -208,9 +208,13 @@ def _bound(args: Sequence, kwargs: dict, names: Sequence[str], defaults: dict) -
     return bound
 
 
-_CONV2D = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV_TRANSPOSE2D = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
-_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "dilation": 1, "groups": 1}
+# The functionals Float32Compute takes: their parameters in positional order, and the defaults.
+_SIGNATURES = {
+    torch.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    torch.conv_transpose2d: ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+    F.linear: ("input", "weight", "bias"),
+}
+_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "dilation": 1, "groups": 1}
 
 
 class Float32Compute(TorchFunctionMode):
@@ -220,19 +224,19 @@ class Float32Compute(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (torch.conv2d, torch.conv_transpose2d, F.linear) and _cpu_bf16_autocast():
-            transposed = func is torch.conv_transpose2d
-            names = _CONV_TRANSPOSE2D if transposed else _CONV2D if func is torch.conv2d else _CONV2D[:3]
-            a = _bound(args, kwargs, names, _CONV_DEFAULTS)
+        names = _SIGNATURES.get(func)
+        # A call with arguments the functional does not take goes to PyTorch, which says so.
+        if names and len(args) <= len(names) and set(kwargs) <= set(names) and _cpu_bf16_autocast():
+            a = _bound(args, kwargs, names, _DEFAULTS)
             x, weight, bias = a["input"], a["weight"], a["bias"]
             operands = [t for t in (x, weight, bias) if t is not None]
             if all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_floating_point() for t in operands):
                 if func is F.linear:
                     return _LinearInFloat32.apply(x, weight, bias)
                 if x.dim() == 4 and not isinstance(a["padding"], str):
-                    pairs = [list(_pair(a[name])) for name in ("stride", "padding", "dilation")]
-                    output_padding = list(_pair(a["output_padding"] if transposed else 0))
-                    return _ConvolutionInFloat32.apply(x, weight, bias, *pairs, transposed, output_padding, a["groups"])
+                    pairs = [list(_pair(a[name])) for name in ("stride", "padding", "dilation", "output_padding")]
+                    return _ConvolutionInFloat32.apply(x, weight, bias, *pairs[:3], func is torch.conv_transpose2d,
+                                                       pairs[3], a["groups"])
         return func(*args, **kwargs)
 
 

@@ -111,8 +111,8 @@ def test_float32_compute_is_bf16_autocast_computed_in_float32(case, sliced, monk
 
 
 def test_float32_compute_leaves_other_calls_alone():
-    """Outside bf16 autocast (or with it disabled inside), and for a conv with string padding, PyTorch runs as
-    it would without the mode."""
+    """Outside bf16 autocast (or with it disabled inside), for a conv with string padding, and for a call with an
+    argument the functional does not take, PyTorch runs as it would without the mode."""
     conv = torch.nn.Conv2d(3, 4, 3, padding="same")
     x = torch.randn(1, 3, 6, 6)
     with precision.Float32Compute():
@@ -122,6 +122,8 @@ def test_float32_compute_leaves_other_calls_alone():
             assert y.dtype == torch.bfloat16 and "InFloat32" not in type(y.grad_fn).__name__
             with torch.autocast("cpu", enabled=False):
                 assert torch.nn.functional.linear(x, torch.randn(4, 6)).dtype == torch.float32
+            with pytest.raises(TypeError):  # an argument conv2d does not take: PyTorch's own error
+                torch.nn.functional.conv2d(x, conv.weight, output_padding=1)
 
 
 @pytest.mark.parametrize("takes_bf16", [True, False])
